@@ -1,0 +1,1 @@
+"""Algorithms, one file each (CleanRL style), plus the parts they share."""

@@ -1,0 +1,123 @@
+"""Plumbing shared by every algorithm script: flags, run names, logging, seeding, bad-input handling.
+
+Every hyperparameter is a dataclass field declared with `flag(default, help)`; `parse_args` turns the dataclass
+into an argparse parser (``--snake-case`` names, booleans as ``--x/--no-x``), so ``--help`` lists every default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import random
+import sys
+import time
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+import torch
+
+from wrappers import InvalidEnvError
+
+T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line on stderr with exit status 2, never a traceback."""
+
+
+def flag(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
+    """Declare a command-line flag on an Args dataclass."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (naming the flag) and exit status 2, without the usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser(args_cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(args_cls):
+        name = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if isinstance(f.default, bool):
+            parser.add_argument(name, dest=f.name, default=f.default, help=help_text, action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(
+                name, dest=f.name, default=f.default, help=help_text, type=_flag_type(f.default),
+                choices=f.metadata.get("choices"),
+            )
+    return parser
+
+
+def _flag_type(default: Any) -> Callable[[str], Any]:
+    if isinstance(default, int):
+        # Accept 1e6-style integers, which is how RL budgets are usually written.
+        def to_int(text: str) -> int:
+            value = float(text)
+            if not value.is_integer():
+                raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+            return int(value)
+
+        return to_int
+    if isinstance(default, float):
+        return float
+    return str
+
+
+def parse_args(args_cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
+    """Parse argv into an `args_cls` instance; argparse itself exits with status 2 on unknown flags."""
+    namespace = build_parser(args_cls, description).parse_args(argv)
+    return args_cls(**vars(namespace))
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a UsageError with `message` (which names the flag or value) unless `condition` holds."""
+    if not condition:
+        raise UsageError(message)
+
+
+def require_positive(args: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        require(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """Call `main(argv)`; bad input becomes `error: <message>` on stderr and exit status 2."""
+    try:
+        main(argv)
+    except (UsageError, InvalidEnvError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def make_run_name(env_id: str, exp_name: str, seed: int) -> str:
+    return f"{env_id}__{exp_name}__{seed}__{int(time.time())}"
+
+
+def hyperparameter_table(args: Any) -> str:
+    rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    return "|param|value|\n|-|-|\n" + rows
+
+
+def seed_everything(seed: int, torch_deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+    if torch_deterministic:
+        torch.backends.cudnn.benchmark = False
+
+
+def pick_device(cuda: bool) -> torch.device:
+    return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+
+
+def limit_cpu_threads() -> None:
+    """Use every core the process may run on (CI machines have 2), unless the user already set OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))

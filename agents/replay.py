@@ -1,0 +1,181 @@
+"""Replay buffer that stores each observation frame once and rebuilds frame stacks at sample time.
+
+A 4-stack observation and its successor share three frames, so storing (obs, next_obs) stacks keeps each 84x84
+frame eight times. Here every agent step stores only the newest frame of its observation (7,056 bytes for Atari)
+plus action, reward and flags: 1M transitions take about 7 GB instead of 56 GB. Storage and sampling live on the
+training device, so a sampled batch never crosses the host-device boundary.
+
+Layout: one ring of `slots = capacity // num_envs` steps per sub-env, all written together (the vector env steps
+all sub-envs at once). Slot t of env e holds the newest frame of obs_t, a_t, r_t, terminated_t and whether obs_t
+is the first observation of a game. The stack of obs_t is rebuilt from frames t-stack+1..t with the frames before
+the game's first observation zeroed, exactly as the environment zero-pads its stack at a game start;
+next_obs_t is the stack at slot t+1. Transition t is sampleable once slot t+1 is written, when it is real (not the
+NEXT_STEP autoreset step from a game's terminal observation into the next game), and while its frames have not
+been overwritten by the write head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Batch:
+    obs: torch.Tensor  # uint8 (B, *obs_shape)
+    actions: torch.Tensor  # int64 (B,)
+    rewards: torch.Tensor  # float32 (B,), the environment's (clipped) reward
+    next_obs: torch.Tensor  # uint8 (B, *obs_shape)
+    terminated: torch.Tensor  # float32 (B,), 1 where the transition ends an episode (a life, for Atari)
+
+
+class FrameReplayBuffer:
+    """Ring buffer of single frames for `num_envs` parallel environments.
+
+    `obs_shape` is one observation's shape; with `stack > 1` its first axis is the frame stack and only the newest
+    frame is stored, with `stack == 1` the whole observation is the stored frame.
+    """
+
+    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple[int, ...], stack: int, device: torch.device | str):
+        if stack < 1:
+            raise ValueError(f"stack must be at least 1, got {stack}")
+        if stack > 1 and obs_shape[0] != stack:
+            raise ValueError(f"observation shape {obs_shape} does not start with the frame stack {stack}")
+        self.slots = capacity // num_envs
+        if self.slots < stack + 2:
+            raise ValueError(
+                f"buffer of {capacity} transitions leaves {self.slots} per env for {num_envs} envs; need at least {stack + 2}"
+            )
+        self.num_envs = num_envs
+        self.obs_shape = tuple(obs_shape)
+        self.stack = stack
+        self.frame_shape = self.obs_shape[1:] if stack > 1 else self.obs_shape
+        self.device = torch.device(device)
+        shape = (self.slots, num_envs)
+        self.frames = torch.zeros(shape + self.frame_shape, dtype=torch.uint8, device=self.device)
+        self.actions = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        self.rewards = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self.terminated = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        self.first = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        self.real = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        self.sampleable = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        self.pos = 0  # next slot to write
+        self.written = 0  # slots written so far, capped at self.slots
+        self._next_first = torch.ones(num_envs, dtype=torch.bool, device=self.device)
+
+    def __len__(self) -> int:
+        """Number of transitions that can be sampled now (all envs)."""
+        return int(self.sampleable.sum())
+
+    @property
+    def bytes_per_transition(self) -> float:
+        tensors = (self.frames, self.actions, self.rewards, self.terminated, self.first, self.real, self.sampleable)
+        return sum(t.element_size() * t.numel() for t in tensors) / (self.slots * self.num_envs)
+
+    def add(self, obs, actions, rewards, terminated, autoreset) -> None:
+        """Store one vector step taken from `obs`.
+
+        `autoreset[e]` is true when env e's previous step ended its game, so this step only reset it (NEXT_STEP
+        autoreset): `obs[e]` is that game's terminal observation and the transition out of it is not real.
+        """
+        as_tensor = lambda x, dtype: torch.as_tensor(np.asarray(x), dtype=dtype).to(self.device, non_blocking=True)
+        obs = as_tensor(obs, torch.uint8)
+        autoreset = as_tensor(autoreset, torch.bool)
+        p = self.pos
+        self.frames[p] = obs[:, -1] if self.stack > 1 else obs
+        self.actions[p] = as_tensor(actions, torch.int64)
+        self.rewards[p] = as_tensor(rewards, torch.float32)
+        self.terminated[p] = as_tensor(terminated, torch.bool)
+        self.first[p] = self._next_first
+        self.real[p] = ~autoreset
+        self._next_first = autoreset
+        self.sampleable[p] = False  # its next observation is not stored yet
+        if self.written > 0:
+            previous = (p - 1) % self.slots
+            self.sampleable[previous] = self.real[previous]
+        if self.written == self.slots:
+            # The slots just after the write head lost the older frames their stacks are built from.
+            self.sampleable[(p + torch.arange(1, self.stack, device=self.device)) % self.slots] = False
+        self.pos = (p + 1) % self.slots
+        self.written = min(self.written + 1, self.slots)
+
+    def stacks(self, slot: torch.Tensor, env: torch.Tensor) -> torch.Tensor:
+        """Observations (B, *obs_shape) at the given slots, rebuilt from single frames."""
+        if self.stack == 1:
+            return self.frames[slot, env]
+        back = torch.arange(self.stack, device=self.device)  # 0 = newest frame
+        slots = (slot[:, None] - back) % self.slots
+        frames = self.frames[slots, env[:, None]]  # (B, stack, *frame_shape), newest first
+        # Frame t-o belongs to an earlier game if a game started at any of t-o+1..t.
+        started = self.first[slots[:, :-1], env[:, None]].cumsum(1) > 0
+        keep = torch.cat([torch.ones_like(started[:, :1]), ~started], dim=1)
+        frames = frames * keep.view(*keep.shape, *([1] * len(self.frame_shape)))
+        return frames.flip(1)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
+        """A uniform batch of sampleable transitions (with replacement)."""
+        if not bool(self.sampleable.any()):
+            raise RuntimeError("the replay buffer holds no complete transition yet")
+        slot = torch.empty(0, dtype=torch.int64, device=self.device)
+        env = torch.empty(0, dtype=torch.int64, device=self.device)
+        while slot.numel() < batch_size:
+            # Rejection sampling: invalid slots are a handful per game plus `stack - 1` near the write head.
+            s = torch.randint(0, self.written, (2 * batch_size,), device=self.device, generator=generator)
+            e = torch.randint(0, self.num_envs, (2 * batch_size,), device=self.device, generator=generator)
+            ok = self.sampleable[s, e]
+            slot, env = torch.cat([slot, s[ok]]), torch.cat([env, e[ok]])
+        slot, env = slot[:batch_size], env[:batch_size]
+        return Batch(
+            obs=self.stacks(slot, env),
+            actions=self.actions[slot, env],
+            rewards=self.rewards[slot, env],
+            next_obs=self.stacks((slot + 1) % self.slots, env),
+            terminated=self.terminated[slot, env].float(),
+        )
+
+    def recent_fragments(self, length: int, count: int, recent_steps: int, generator: torch.Generator | None = None):
+        """`count` random fragments of `length` consecutive real transitions from each env's latest steps.
+
+        A fragment never crosses an episode end: only its last transition may be terminal. Returns frames
+        (count, length + stack - 1, *frame_shape) uint8 with frames before the episode start zeroed (the
+        observation at step h is frames[h : h + stack]), actions (count, length) and rewards (count, length).
+        """
+        recent = min(recent_steps, self.written - 1)
+        if recent < length:
+            raise ValueError(f"fragments of {length} steps need at least {length} stored steps per env, have {recent}")
+        # Chronological window of the newest complete transitions: slots pos-1-recent .. pos-2.
+        window = (self.pos - 1 - recent + torch.arange(recent, device=self.device)) % self.slots
+        ok = self.sampleable[window]  # (recent, num_envs)
+        ends_episode = self.terminated[window]
+        starts = _fragment_starts(ok, ends_episode, length)  # (recent - length + 1, num_envs)
+        candidates = starts.nonzero()
+        if candidates.numel() == 0:
+            raise RuntimeError(f"no {length}-step fragment inside one episode among the latest {recent} steps")
+        pick = candidates[torch.randint(0, len(candidates), (count,), device=self.device, generator=generator)]
+        start_slot, env = window[pick[:, 0]], pick[:, 1]
+        offsets = torch.arange(length, device=self.device)
+        steps = (start_slot[:, None] + offsets) % self.slots  # (count, length)
+        env_rows = env[:, None].expand_as(steps)
+        if self.stack == 1:
+            frames = self.frames[steps, env_rows]
+        else:
+            history = self.stacks(start_slot, env)  # (count, stack, *frame_shape) with pre-episode frames zeroed
+            frames = torch.cat([history, self.frames[steps[:, 1:], env_rows[:, 1:]]], dim=1)
+        return frames, self.actions[steps, env_rows], self.rewards[steps, env_rows]
+
+
+def _fragment_starts(ok: torch.Tensor, ends_episode: torch.Tensor, length: int) -> torch.Tensor:
+    """Mask of window positions where `length` consecutive transitions are all sampleable and none but the last is
+    terminal; inputs are (T, N) in chronological order, output (T - length + 1, N)."""
+
+    def window_sum(x: torch.Tensor, width: int) -> torch.Tensor:
+        padded = torch.cat([torch.zeros_like(x[:1]), x.cumsum(0)])
+        return padded[width:] - padded[:-width]
+
+    all_ok = window_sum(ok.long(), length) == length
+    if length == 1:
+        return all_ok
+    no_early_end = window_sum(ends_episode.long(), length - 1)[: all_ok.shape[0]] == 0
+    return all_ok & no_early_end

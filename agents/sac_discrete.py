@@ -1,0 +1,373 @@
+"""SAC-discrete (Christodoulou 2019) on Atari: the lower level of SoBiRL and its ground-truth-reward baseline.
+
+Defaults are the SoBiRL paper's settings (its code adapted CleanRL's sac_atari). The reward in the critic target
+is pluggable: `SACTrainer.reward_fn = None` uses the environment's clipped reward; the preference algorithms set
+it to a learned r_phi(s, a) evaluated on every sampled batch (clamped to [-1, 1]), which relabels the whole replay
+buffer for free.
+
+    python agents/sac_discrete.py --env-id BeamRiderNoFrameskip-v4 --total-timesteps 5000000
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from agents.common import (
+    UsageError, flag, hyperparameter_table, limit_cpu_threads, make_run_name, parse_args, pick_device, require,
+    require_positive, run_cli, seed_everything,
+)
+from agents.networks import Actor, SoftQNetwork, encoder_for
+from agents.replay import Batch, FrameReplayBuffer
+from wrappers import make_envs
+
+RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Args:
+    exp_name: str = flag("sac_discrete", "name of this experiment (part of the run name)")
+    seed: int = flag(1, "seed of the experiment (environments, networks, sampling)")
+    torch_deterministic: bool = flag(True, "set torch.backends.cudnn.deterministic")
+    cuda: bool = flag(True, "use CUDA when available")
+    track: bool = flag(False, "mirror the TensorBoard logs to Weights & Biases")
+    wandb_project_name: str = flag("sobirl", "W&B project name (with --track)")
+    wandb_entity: str = flag("", "W&B entity (team), empty for the default")
+    capture_video: bool = flag(False, "record videos of greedy episodes to videos/{run_name} at the end of training")
+    runs_dir: str = flag("runs", "directory for TensorBoard runs")
+    progress: bool = flag(True, "show a progress bar")
+
+    # Algorithm specific arguments
+    env_id: str = flag("BeamRiderNoFrameskip-v4", "environment id")
+    num_envs: int = flag(1, "number of parallel environments")
+    total_timesteps: int = flag(5_000_000, "total environment steps, over all environments")
+    buffer_size: int = flag(1_000_000, "replay capacity in transitions, over all environments")
+    gamma: float = flag(0.99, "discount factor")
+    batch_size: int = flag(64, "minibatch size of an update")
+    learning_starts: int = flag(20_000, "environment steps of uniform random actions before learning starts")
+    policy_lr: float = flag(1e-4, "actor learning rate")
+    q_lr: float = flag(1e-4, "critic and temperature learning rate")
+    adam_eps: float = flag(1e-4, "Adam epsilon of all optimizers")
+    anneal_steps: int = flag(8_000_000, "learning rates decay linearly to 0 at this env step (0 disables annealing)")
+    update_frequency: int = flag(4, "environment steps (over all envs) per gradient update")
+    target_network_frequency: int = flag(8_000, "environment steps between hard target-network copies")
+    alpha: float = flag(1.0, "initial entropy temperature (fixed when --no-autotune)")
+    autotune: bool = flag(True, "tune the temperature towards the target entropy")
+    target_entropy_scale: float = flag(0.89, "target entropy = scale * ln(number of actions)")
+    max_episode_frames: int = flag(108_000, "emulator frames after which a game is truncated (ALE's default)")
+    log_every: int = flag(100, "gradient updates between loss logs")
+
+
+def validate(args: Args) -> None:
+    require_positive(
+        args, "num_envs", "total_timesteps", "buffer_size", "batch_size", "update_frequency",
+        "target_network_frequency", "policy_lr", "q_lr", "adam_eps", "alpha", "log_every", "max_episode_frames",
+    )
+    require(args.learning_starts >= 0, f"--learning-starts must be non-negative, got {args.learning_starts}")
+    require(args.anneal_steps >= 0, f"--anneal-steps must be non-negative, got {args.anneal_steps}")
+    require(0.0 <= args.gamma < 1.0, f"--gamma must be in [0, 1), got {args.gamma}")
+    require(
+        args.batch_size <= args.buffer_size,
+        f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}",
+    )
+    require(0.0 < args.target_entropy_scale <= 1.0, f"--target-entropy-scale must be in (0, 1], got {args.target_entropy_scale}")
+
+
+# ALGO LOGIC: the losses, as pure functions of tensors.
+
+
+def target_entropy(num_actions: int, scale: float) -> float:
+    """Christodoulou's target: a fraction of the maximum entropy ln|A|."""
+    return scale * float(np.log(num_actions))
+
+
+def soft_state_value(probs: torch.Tensor, log_probs: torch.Tensor, q: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """V(s) = sum_a pi(a|s) (Q(s, a) - alpha log pi(a|s)), exact for discrete actions."""
+    return (probs * (q - alpha * log_probs)).sum(-1)
+
+
+def critic_target(rewards: torch.Tensor, terminated: torch.Tensor, next_value: torch.Tensor, gamma: float) -> torch.Tensor:
+    """y = r + gamma (1 - terminated) V(s'); a truncated episode still bootstraps."""
+    return rewards + gamma * (1.0 - terminated) * next_value
+
+
+def critic_losses(q1_taken: torch.Tensor, q2_taken: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return F.mse_loss(q1_taken, target), F.mse_loss(q2_taken, target)
+
+
+def actor_loss(probs: torch.Tensor, log_probs: torch.Tensor, q: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """E_s sum_a pi(a|s)(alpha log pi(a|s) - Q(s, a)), averaged over batch x actions as the paper's code does."""
+    return (probs * (alpha * log_probs - q)).mean()
+
+
+def alpha_loss(probs: torch.Tensor, log_probs: torch.Tensor, log_alpha: torch.Tensor, entropy_target: float) -> torch.Tensor:
+    """Raises alpha while the policy entropy is below the target, lowers it above (batch x actions mean)."""
+    return (probs.detach() * (-log_alpha.exp() * (log_probs.detach() + entropy_target))).mean()
+
+
+def annealed_lr(base_lr: float, global_step: int, anneal_steps: int) -> float:
+    """Linear decay from base_lr at step 1 to 0 at `anneal_steps` (the paper's code: 1 - (step - 1) / 8e6)."""
+    if anneal_steps <= 0:
+        return base_lr
+    return base_lr * max(0.0, 1.0 - (global_step - 1.0) / anneal_steps)
+
+
+def check_env_spaces(env_id: str, action_space: gym.Space, observation_space: gym.Space) -> tuple[int, tuple[int, ...]]:
+    """(number of actions, observation shape), or a UsageError naming the env when the networks cannot take it."""
+    require(
+        isinstance(action_space, gym.spaces.Discrete),
+        f"--env-id {env_id}: SAC-discrete needs a discrete action space, got {action_space}",
+    )
+    obs_shape = tuple(observation_space.shape or ())
+    try:
+        encoder_for(obs_shape)
+    except ValueError as err:
+        raise UsageError(f"--env-id {env_id}: {err}") from None
+    return int(action_space.n), obs_shape
+
+
+class SACDiscrete:
+    """Networks, optimizers and the update rule; knows nothing about environments."""
+
+    def __init__(self, obs_shape: tuple[int, ...], num_actions: int, args: Args, device: torch.device):
+        self.args = args
+        self.device = device
+        self.actor = Actor(obs_shape, num_actions).to(device)
+        self.qf1 = SoftQNetwork(obs_shape, num_actions).to(device)
+        self.qf2 = SoftQNetwork(obs_shape, num_actions).to(device)
+        self.qf1_target = copy.deepcopy(self.qf1)
+        self.qf2_target = copy.deepcopy(self.qf2)
+        self.q_optimizer = torch.optim.Adam(
+            list(self.qf1.parameters()) + list(self.qf2.parameters()), lr=args.q_lr, eps=args.adam_eps
+        )
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, eps=args.adam_eps)
+        self.entropy_target = target_entropy(num_actions, args.target_entropy_scale)
+        self.log_alpha = torch.tensor(float(np.log(args.alpha)), device=device, requires_grad=True)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, eps=args.adam_eps)
+
+    @property
+    def alpha(self) -> float:
+        return float(self.log_alpha.detach().exp())
+
+    def set_learning_rates(self, global_step: int) -> None:
+        a = self.args
+        for optimizer, base in (
+            (self.q_optimizer, a.q_lr), (self.actor_optimizer, a.policy_lr), (self.alpha_optimizer, a.q_lr)
+        ):
+            optimizer.param_groups[0]["lr"] = annealed_lr(base, global_step, a.anneal_steps)
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """Sample actions from the current policy."""
+        probs, _ = self.actor.probs(obs)
+        return torch.multinomial(probs, 1).squeeze(-1)
+
+    def update(self, batch: Batch, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One critic, actor and temperature step on `batch` with the given (already clamped) rewards."""
+        alpha = self.log_alpha.exp().detach()
+        with torch.no_grad():
+            next_probs, next_log_probs = self.actor.probs(batch.next_obs)
+            next_q = torch.min(self.qf1_target(batch.next_obs), self.qf2_target(batch.next_obs))
+            target = critic_target(
+                rewards, batch.terminated, soft_state_value(next_probs, next_log_probs, next_q, alpha), self.args.gamma
+            )
+        actions = batch.actions[:, None]
+        q1 = self.qf1(batch.obs)
+        q2 = self.qf2(batch.obs)
+        qf1_loss, qf2_loss = critic_losses(q1.gather(1, actions).squeeze(1), q2.gather(1, actions).squeeze(1), target)
+        self.q_optimizer.zero_grad(set_to_none=True)
+        (qf1_loss + qf2_loss).backward()
+        self.q_optimizer.step()
+
+        probs, log_probs = self.actor.probs(batch.obs)
+        with torch.no_grad():
+            q = torch.min(self.qf1(batch.obs), self.qf2(batch.obs))
+        policy_loss = actor_loss(probs, log_probs, q, alpha)
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        policy_loss.backward()
+        self.actor_optimizer.step()
+
+        temperature_loss = torch.zeros((), device=self.device)
+        if self.args.autotune:
+            temperature_loss = alpha_loss(probs, log_probs, self.log_alpha, self.entropy_target)
+            self.alpha_optimizer.zero_grad(set_to_none=True)
+            temperature_loss.backward()
+            self.alpha_optimizer.step()
+        return {
+            "losses/qf1_values": q1.gather(1, actions).mean().detach(),
+            "losses/qf2_values": q2.gather(1, actions).mean().detach(),
+            "losses/qf1_loss": qf1_loss.detach(),
+            "losses/qf2_loss": qf2_loss.detach(),
+            "losses/qf_loss": ((qf1_loss + qf2_loss) / 2.0).detach(),
+            "losses/actor_loss": policy_loss.detach(),
+            "losses/alpha": alpha,
+            "losses/alpha_loss": temperature_loss.detach(),
+            "losses/entropy": -(probs * log_probs).sum(-1).mean().detach(),
+        }
+
+    def copy_targets(self) -> None:
+        self.qf1_target.load_state_dict(self.qf1.state_dict())
+        self.qf2_target.load_state_dict(self.qf2.state_dict())
+
+
+class SACTrainer:
+    """Runs SAC-discrete on a vector env; `run(n)` continues the same environments for n more env steps, so an
+    outer loop (the preference algorithms) can interleave its own phases without resetting games."""
+
+    def __init__(self, args: Args, device: torch.device, writer: SummaryWriter | None = None):
+        """Builds environments, networks and replay (raising UsageError for bad settings) before any run directory
+        exists; attach the TensorBoard writer afterwards."""
+        self.args = args
+        self.writer = writer
+        self.device = device
+        self.envs = make_envs(args.env_id, args.num_envs, args.seed, max_episode_frames=args.max_episode_frames)
+        self.num_actions, self.obs_shape = check_env_spaces(
+            args.env_id, self.envs.single_action_space, self.envs.single_observation_space
+        )
+        self.agent = SACDiscrete(self.obs_shape, self.num_actions, args, device)
+        try:
+            self.buffer = FrameReplayBuffer(args.buffer_size, args.num_envs, self.obs_shape, self.envs.frame_stack, device)
+        except ValueError as err:
+            require(False, f"--buffer-size: {err}")
+        self.reward_fn: RewardFn | None = None
+        self.global_step = 0
+        self.num_updates = 0
+        self.rng = np.random.default_rng(args.seed)
+        self.sample_generator = torch.Generator(device=device)
+        self.sample_generator.manual_seed(args.seed)
+        self.obs, _ = self.envs.reset()
+        self.autoreset = np.zeros(args.num_envs, dtype=bool)
+        self.last_score: float | None = None
+        self.phase = "sac"
+        self._progress = tqdm(total=args.total_timesteps, disable=not args.progress, unit="step", dynamic_ncols=True)
+        self._start_time = time.time()
+        self._start_step = 0
+
+    @property
+    def alpha(self) -> float:
+        return self.agent.alpha
+
+    @torch.no_grad()
+    def policy_probs(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.agent.actor.probs(obs.to(self.device))[0]
+
+    def _batch_rewards(self, batch: Batch) -> torch.Tensor:
+        if self.reward_fn is None:
+            return batch.rewards
+        with torch.no_grad():
+            return self.reward_fn(batch.obs, batch.actions).float().clamp(-1.0, 1.0)
+
+    def _choose_actions(self) -> np.ndarray:
+        if self.global_step < self.args.learning_starts:
+            return self.rng.integers(0, self.num_actions, size=self.args.num_envs)
+        obs = torch.as_tensor(self.obs, device=self.device)
+        return self.agent.act(obs).cpu().numpy()
+
+    def run(self, num_steps: int) -> None:
+        """Continue for `num_steps` environment steps (rounded up to whole vector steps)."""
+        a = self.args
+        end = self.global_step + num_steps
+        while self.global_step < end:
+            actions = self._choose_actions()
+            next_obs, rewards, terminated, truncated, info = self.envs.step(actions)
+            self.buffer.add(self.obs, actions, rewards, terminated, self.autoreset)
+            self.obs, self.autoreset = next_obs, info["game_over"]
+            previous_step = self.global_step
+            self.global_step += a.num_envs
+            self._log_games(info)
+            if self.global_step > a.learning_starts:
+                self.agent.set_learning_rates(self.global_step)
+                for _ in range(self.global_step // a.update_frequency - previous_step // a.update_frequency):
+                    self._update()
+                if self.global_step // a.target_network_frequency > previous_step // a.target_network_frequency:
+                    self.agent.copy_targets()
+            self._progress.update(a.num_envs)
+            if self.global_step % 1000 < a.num_envs:
+                self._log_speed()
+        self._log_speed()
+
+    def _update(self) -> None:
+        if len(self.buffer) == 0:
+            return
+        batch = self.buffer.sample(self.args.batch_size, self.sample_generator)
+        metrics = self.agent.update(batch, self._batch_rewards(batch))
+        self.num_updates += 1
+        if self.num_updates % self.args.log_every == 0:
+            for tag, value in metrics.items():
+                self.writer.add_scalar(tag, float(value), self.global_step)
+
+    def _log_games(self, info: dict) -> None:
+        if "_episode" not in info:
+            return
+        for env in np.nonzero(info["_episode"])[0]:
+            self.last_score = float(info["episode"]["r"][env])
+            self.writer.add_scalar("charts/episodic_return", self.last_score, self.global_step)
+            self.writer.add_scalar("charts/episodic_length", int(info["episode"]["l"][env]), self.global_step)
+
+    @property
+    def sps(self) -> float:
+        return (self.global_step - self._start_step) / max(time.time() - self._start_time, 1e-9)
+
+    def _log_speed(self) -> None:
+        self.writer.add_scalar("charts/SPS", self.sps, self.global_step)
+        score = "-" if self.last_score is None else f"{self.last_score:.0f}"
+        self._progress.set_postfix_str(f"phase={self.phase} SPS={self.sps:.0f} score={score} alpha={self.alpha:.3f}", refresh=False)
+
+    def close(self) -> None:
+        self._progress.close()
+        self.envs.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def prepare(args: Args) -> torch.device:
+    """Threads, seeds and device."""
+    limit_cpu_threads()
+    seed_everything(args.seed, args.torch_deterministic)
+    return pick_device(args.cuda)
+
+
+def open_run(args: Args) -> tuple[str, SummaryWriter]:
+    """Run name and TensorBoard writer (mirrored to W&B with --track); call once the inputs are validated."""
+    run_name = make_run_name(args.env_id, args.exp_name, args.seed)
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name, entity=args.wandb_entity or None, sync_tensorboard=True,
+            config=vars(args), name=run_name, save_code=True,
+        )
+    writer = SummaryWriter(f"{args.runs_dir}/{run_name}")
+    writer.add_text("hyperparameters", hyperparameter_table(args))
+    return run_name, writer
+
+
+def main(argv: Sequence[str] | None = None) -> SACTrainer:
+    args = parse_args(Args, argv, __doc__)
+    validate(args)
+    device = prepare(args)
+    trainer = SACTrainer(args, device)
+    run_name, trainer.writer = open_run(args)
+    print(f"run {run_name} on {device}: logs in {args.runs_dir}/{run_name}")
+    try:
+        trainer.run(args.total_timesteps)
+    finally:
+        trainer.close()
+    if args.capture_video:
+        from wrappers.video import record_greedy_episode
+
+        record_greedy_episode(args.env_id, trainer.agent.actor, device, f"videos/{run_name}", args.seed)
+    return trainer
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,458 @@
+"""Draw the paper's Figure 1 from the TensorBoard logs under runs/, and print a summary table.
+
+Panels: true episodic return, episodic length and preference accuracy against env steps, one curve per
+algorithm. Each curve is the mean over seeds (the interquartile mean once there are 5 or more) with a 95%
+percentile-bootstrap interval over seeds, the rliable recipe for a single game.
+
+    python sobirl/plot.py --runs-dir runs --env-id BeamRiderNoFrameskip-v4 --output figure1.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from agents.common import flag, parse_args, require, run_cli
+
+RETURN_TAG = "charts/episodic_return"
+LENGTH_TAG = "charts/episodic_length"
+ACC_FRESH_TAG = "reward/accuracy_fresh"
+ACC_TRAIN_TAG = "reward/accuracy_train"
+# Below this many seeds the IQM trims away too much of the sample to mean anything (rliable uses it from 5 runs).
+IQM_MIN_SEEDS = 5
+CONFIDENCE = 0.95
+
+# Fixed colours and order so that figures from different sweeps can be compared side by side.
+ALGO_STYLE = {
+    "sobirl": ("SoBiRL", "C3"),
+    "drlhf": ("DRLHF", "C0"),
+    "sac_discrete": ("SAC-discrete (true reward)", "C2"),
+    "random": ("Random policy", "C7"),
+}
+# The entry point's --algo name differs from the exp_name it writes, so accept both in --algos.
+ALGO_ALIASES = {"sac": "sac_discrete"}
+
+
+@dataclasses.dataclass
+class Args:
+    runs_dir: str = flag("runs", "folder holding one sub-folder of TensorBoard event files per run")
+    env_id: str = flag("", "only plot runs of this env id; empty: every env found, one row of panels each")
+    algos: str = flag("", "comma-separated exp_names to plot, e.g. sobirl,drlhf,sac_discrete; empty: all")
+    output: str = flag("figure1.png", "where to save the figure (format from the extension)")
+    json: str = flag("", "also write the summary table as JSON to this path")
+    num_points: int = flag(100, "points of the common env-step grid each run's curve is resampled onto")
+    smooth: int = flag(20, "rolling-mean window, in episodes, for the return and length curves (1 = raw)")
+    bootstrap_reps: int = flag(2000, "bootstrap resamples for the 95%% intervals")
+    final_fraction: float = flag(0.1, "final return = mean over each run's last this-fraction of episodes")
+    return_tag: str = flag(RETURN_TAG, "scalar tag for the return panel (eval/episodic_return for eval scores)")
+    seed: int = flag(0, "seed of the bootstrap, so the printed intervals are reproducible")
+
+
+@dataclasses.dataclass
+class Run:
+    env_id: str
+    algo: str
+    seed: int
+    start_time: int
+    path: Path
+    scalars: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Curve:
+    grid: np.ndarray
+    point: np.ndarray
+    low: np.ndarray | None  # None with a single seed: there is nothing to resample
+    high: np.ndarray | None
+    num_runs: int
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def parse_run_name(name: str) -> tuple[str, str, int, int] | None:
+    """Split `{env_id}__{exp_name}__{seed}__{unix_time}` (env_id may hold '/', as in ALE/BeamRider-v5)."""
+    parts = name.rsplit("__", 3)
+    if len(parts) != 4 or not parts[0] or not parts[1]:
+        return None
+    env_id, exp_name, seed, start_time = parts
+    try:
+        return env_id, exp_name, int(seed), int(start_time)
+    except ValueError:
+        return None
+
+
+def _event_files(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.iterdir() if p.is_file() and "tfevents" in p.name)
+
+
+def _read_event_file(path: Path) -> dict[str, list[tuple[float, int, float]]]:
+    """All scalars of one event file as tag -> [(wall_time, step, value)], in the order written."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    # size_guidance 0 keeps every scalar (the default reservoir samples 10k); purging is done by load_run, which
+    # sees all the files of a run at once.
+    acc = ea.EventAccumulator(
+        str(path),
+        size_guidance={ea.SCALARS: 0, ea.TENSORS: 0, ea.HISTOGRAMS: 1, ea.IMAGES: 1, ea.AUDIO: 1,
+                       ea.COMPRESSED_HISTOGRAMS: 1},
+        purge_orphaned_data=False,
+    )
+    acc.Reload()
+    tags = acc.Tags()
+    out = {tag: [(e.wall_time, e.step, float(e.value)) for e in acc.Scalars(tag)] for tag in tags.get(ea.SCALARS, [])}
+    # Writers other than torch's SummaryWriter (tf.summary v2, tensorboard's own) store scalars as 0-d tensors.
+    if tags.get(ea.TENSORS):
+        from tensorboard.util import tensor_util
+
+        for tag in tags[ea.TENSORS]:
+            rows = []
+            for e in acc.Tensors(tag):
+                array = tensor_util.make_ndarray(e.tensor_proto)
+                if array.size == 1 and np.issubdtype(array.dtype, np.number):
+                    rows.append((e.wall_time, e.step, float(array.reshape(()))))
+            if rows:
+                out.setdefault(tag, []).extend(rows)
+    return out
+
+
+def load_run(run_dir: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every scalar of a run as tag -> (steps, values), sorted by step, merged over the run's event files.
+
+    A resumed run appends a new event file whose steps restart at the checkpoint, below where the first process
+    had got to before it stopped. Files are applied oldest first; each one replaces the earlier points of its
+    tags from its own first step on (its start is taken over the tags it shares with earlier files), so the
+    abandoned stretch is dropped and the later run wins. Several episodes ending at the same step of a vector
+    env are all kept, which plain dedupe-by-step would not do.
+    """
+    run_dir = Path(run_dir)
+    files = [_read_event_file(p) for p in _event_files(run_dir)]
+    files = [f for f in files if f]
+
+    def first_wall_time(content: dict[str, list[tuple[float, int, float]]]) -> float:
+        return min(rows[0][0] for rows in content.values() if rows)
+
+    files.sort(key=first_wall_time)
+    merged: dict[str, list[tuple[int, float]]] = {}
+    for content in files:
+        shared = [tag for tag in content if tag in merged and content[tag]]
+        if shared:
+            cut = min(min(step for _, step, _ in content[tag]) for tag in shared)
+            for tag in content:
+                if tag in merged:
+                    merged[tag] = [(s, v) for s, v in merged[tag] if s < cut]
+        for tag, rows in content.items():
+            merged.setdefault(tag, []).extend((step, value) for _, step, value in rows)
+    out = {}
+    for tag, rows in merged.items():
+        if not rows:
+            continue
+        steps = np.array([s for s, _ in rows], dtype=np.int64)
+        values = np.array([v for _, v in rows], dtype=np.float64)
+        order = np.argsort(steps, kind="stable")
+        out[tag] = (steps[order], values[order])
+    return out
+
+
+def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last `window` values (fewer at the start), so early points are not dropped."""
+    values = np.asarray(values, dtype=np.float64)
+    if window <= 1 or values.size == 0:
+        return values.copy()
+    csum = np.concatenate([[0.0], np.cumsum(values)])
+    idx = np.arange(1, values.size + 1)
+    lo = np.maximum(0, idx - window)
+    return (csum[idx] - csum[lo]) / (idx - lo)
+
+
+def common_grid(step_arrays: Sequence[np.ndarray], num_points: int) -> np.ndarray:
+    """Evenly spaced steps over the range every run covers, so each grid point averages all seeds."""
+    start = max(float(s[0]) for s in step_arrays)
+    end = min(float(s[-1]) for s in step_arrays)
+    if end <= start:
+        return np.array([end])
+    return np.linspace(start, end, num_points)
+
+
+def resample(steps: np.ndarray, values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Linear interpolation of one run's curve onto `grid`; NaN outside the steps the run logged."""
+    steps = np.asarray(steps, dtype=np.float64)
+    grid = np.asarray(grid, dtype=np.float64)
+    out = np.interp(grid, steps, np.asarray(values, dtype=np.float64))
+    out[(grid < steps[0]) | (grid > steps[-1])] = np.nan
+    return out
+
+
+def iqm(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Interquartile mean: drop floor(n/4) values at each end along `axis`, average the rest (scipy trim_mean 0.25)."""
+    x = np.sort(np.asarray(x, dtype=np.float64), axis=axis)
+    n = x.shape[axis]
+    cut = int(0.25 * n)
+    return np.take(x, np.arange(cut, n - cut), axis=axis).mean(axis=axis)
+
+
+def mean(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64).mean(axis=axis)
+
+
+def estimator_for(num_runs: int) -> tuple[str, Callable[..., np.ndarray]]:
+    return ("IQM", iqm) if num_runs >= IQM_MIN_SEEDS else ("mean", mean)
+
+
+def bootstrap_ci(
+    samples: np.ndarray,
+    statistic: Callable[..., np.ndarray] = mean,
+    reps: int = 2000,
+    confidence: float = CONFIDENCE,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap over axis 0 (the runs); any further axes (grid points) are handled in one go."""
+    samples = np.asarray(samples, dtype=np.float64)
+    rng = np.random.default_rng() if rng is None else rng
+    n = samples.shape[0]
+    idx = rng.integers(0, n, size=(reps, n))
+    stats = statistic(samples[idx], axis=1)  # (reps, *rest)
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = np.percentile(stats, [tail, 100.0 - tail], axis=0)
+    return low, high
+
+
+def final_value(values: np.ndarray, fraction: float) -> float:
+    """Mean of the last `fraction` of a run's logged values (at least one)."""
+    values = np.asarray(values, dtype=np.float64)
+    k = max(1, math.ceil(fraction * values.size))
+    return float(values[-k:].mean())
+
+
+def aggregate_curve(per_run: Sequence[tuple[np.ndarray, np.ndarray]], num_points: int, smooth: int, reps: int,
+                    rng: np.random.Generator) -> Curve:
+    grid = common_grid([steps for steps, _ in per_run], num_points)
+    matrix = np.stack([resample(steps, rolling_mean(values, smooth), grid) for steps, values in per_run])
+    _, stat = estimator_for(len(per_run))
+    point = stat(matrix, axis=0)
+    if len(per_run) == 1:
+        return Curve(grid, point, None, None, 1)
+    low, high = bootstrap_ci(matrix, stat, reps, rng=rng)
+    return Curve(grid, point, low, high, len(per_run))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding and grouping runs
+
+
+def discover_runs(runs_dir: Path) -> tuple[list[Run], list[str]]:
+    """Run folders under `runs_dir` (nested when env_id holds '/'), without loading them; plus notes to print."""
+    runs, notes = [], []
+    for root, dirs, files in os.walk(runs_dir):
+        root_path = Path(root)
+        # --runs-dir may name a single run folder instead of the folder above it.
+        rel = runs_dir.resolve().name if root_path == runs_dir else root_path.relative_to(runs_dir).as_posix()
+        parsed = parse_run_name(rel)
+        if parsed is not None and any("tfevents" in f for f in files):
+            runs.append(Run(*parsed, path=root_path))
+            dirs[:] = []  # add_hparams writes a sub-folder inside the run: it is not a run of its own
+        elif parsed is None and any("tfevents" in f for f in files) and root_path != runs_dir:
+            notes.append(f"note: skipping {root_path}: not a {{env_id}}__{{exp_name}}__{{seed}}__{{time}} folder")
+        dirs.sort()
+    return runs, notes
+
+
+def keep_newest_per_seed(runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """A seed restarted from scratch gets a new folder; counting both would weigh that seed twice."""
+    newest: dict[tuple[str, str, int], Run] = {}
+    notes = []
+    for run in sorted(runs, key=lambda r: r.start_time):
+        key = (run.env_id, run.algo, run.seed)
+        if key in newest:
+            notes.append(f"note: {run.algo} seed {run.seed} on {run.env_id} has several runs; "
+                         f"using the newest, {run.path.name}, not {newest[key].path.name}")
+        newest[key] = run
+    return list(newest.values()), notes
+
+
+def algo_order(algo: str) -> tuple[int, str]:
+    order = list(ALGO_STYLE)
+    return (order.index(algo) if algo in order else len(order), algo)
+
+
+def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in sorted(runs, key=lambda r: (r.env_id, algo_order(r.algo), r.seed)):
+        groups.setdefault((run.env_id, run.algo), []).append(run)
+    return groups
+
+
+def select_runs(args: Args) -> list[Run]:
+    runs_dir = Path(args.runs_dir)
+    require(runs_dir.is_dir(), f"--runs-dir {args.runs_dir} is not a folder")
+    runs, notes = discover_runs(runs_dir)
+    require(bool(runs), f"no run folders with TensorBoard event files under {args.runs_dir}")
+    found = sorted({f"{r.env_id}:{r.algo}" for r in runs})
+    if args.env_id:
+        runs = [r for r in runs if r.env_id == args.env_id]
+    if args.algos:
+        wanted = {ALGO_ALIASES.get(a.strip(), a.strip()) for a in args.algos.split(",") if a.strip()}
+        runs = [r for r in runs if r.algo in wanted]
+    require(bool(runs), f"no runs match --env-id {args.env_id!r} --algos {args.algos!r}; found {', '.join(found)}")
+    runs, dup_notes = keep_newest_per_seed(runs)
+    for note in notes + dup_notes:
+        print(note, file=sys.stderr)
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Summary and figure
+
+
+def summarize(groups: dict[tuple[str, str], list[Run]], args: Args, rng: np.random.Generator) -> list[dict]:
+    rows = []
+    for (env_id, algo), runs in groups.items():
+        with_return = [r for r in runs if args.return_tag in r.scalars]
+        row: dict = {"env_id": env_id, "algo": algo, "seeds": [r.seed for r in with_return],
+                     "num_seeds": len(with_return)}
+        if with_return:
+            finals = np.array([final_value(r.scalars[args.return_tag][1], args.final_fraction) for r in with_return])
+            name, stat = estimator_for(len(finals))
+            row.update(
+                estimator=name,
+                final_return=float(stat(finals)),
+                per_seed_final_return=[float(v) for v in finals],
+                min_last_step=int(min(r.scalars[args.return_tag][0][-1] for r in with_return)),
+            )
+            if len(finals) > 1:
+                low, high = bootstrap_ci(finals, stat, args.bootstrap_reps, rng=rng)
+                row.update(ci_low=float(low), ci_high=float(high))
+            else:
+                row.update(ci_low=None, ci_high=None)
+        for key, tag in (("final_accuracy_fresh", ACC_FRESH_TAG), ("final_accuracy_train", ACC_TRAIN_TAG)):
+            accs = [final_value(r.scalars[tag][1], args.final_fraction) for r in runs if tag in r.scalars]
+            row[key] = float(estimator_for(len(accs))[1](np.array(accs))) if accs else None
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| env | algorithm | seeds | steps | final return | estimator | 95% CI "
+        "| final acc (fresh) | final acc (train) |",
+        "|-|-|-|-|-|-|-|-|-|",
+    ]
+    for row in rows:
+        ci = "—" if row.get("ci_low") is None else f"[{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
+        lines.append(
+            f"| {row['env_id']} | {row['algo']} | {row['num_seeds']} | {row.get('min_last_step', '—')} "
+            f"| {_fmt(row.get('final_return'))} | {row.get('estimator', '—')} | {ci} "
+            f"| {_fmt(row['final_accuracy_fresh'], 3)} | {_fmt(row['final_accuracy_train'], 3)} |"
+        )
+    return "\n".join(lines)
+
+
+def _style(algo: str, fallback_index: int) -> tuple[str, str]:
+    return ALGO_STYLE.get(algo, (algo, f"C{4 + fallback_index % 6}"))
+
+
+def _curve_for(runs: list[Run], tag: str, args: Args, smooth: int, rng: np.random.Generator) -> Curve | None:
+    per_run = [r.scalars[tag] for r in runs if tag in r.scalars]
+    if not per_run:
+        return None
+    curve = aggregate_curve(per_run, args.num_points, smooth, args.bootstrap_reps, rng)
+    longest = max(int(steps[-1]) for steps, _ in per_run)
+    if len(per_run) > 1 and curve.grid[-1] < 0.95 * longest:
+        print(f"note: {runs[0].algo} {tag} stops at step {int(curve.grid[-1])}, where the shortest of "
+              f"{len(per_run)} runs ends (longest: {longest})", file=sys.stderr)
+    return curve
+
+
+def _draw(ax, curve: Curve, label: str, color: str, linestyle: str = "-", band: bool = True) -> None:
+    ax.plot(curve.grid, curve.point, color=color, linestyle=linestyle, label=label, linewidth=1.6)
+    if band and curve.low is not None:
+        ax.fill_between(curve.grid, curve.low, curve.high, color=color, alpha=0.2, linewidth=0)
+
+
+def draw_figure(groups: dict[tuple[str, str], list[Run]], args: Args, rng: np.random.Generator) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env_ids = sorted({env for env, _ in groups})
+    has_accuracy = any(tag in r.scalars for runs in groups.values() for r in runs
+                       for tag in (ACC_FRESH_TAG, ACC_TRAIN_TAG))
+    panels = [(args.return_tag, "true episodic return"), (LENGTH_TAG, "episodic length")]
+    if has_accuracy:
+        panels.append((None, "preference accuracy"))
+    fig, axes = plt.subplots(len(env_ids), len(panels), figsize=(5.0 * len(panels), 3.6 * len(env_ids)),
+                             squeeze=False)
+    for row, env_id in enumerate(env_ids):
+        for i, ((env, algo), runs) in enumerate(item for item in groups.items() if item[0][0] == env_id):
+            label, color = _style(algo, i)
+            for col, (tag, _) in enumerate(panels[:2]):
+                curve = _curve_for(runs, tag, args, args.smooth, rng)
+                if curve is not None:
+                    _draw(axes[row][col], curve, f"{label} ({curve.num_runs} seed{'s' * (curve.num_runs != 1)})",
+                          color)
+            if has_accuracy:
+                ax = axes[row][2]
+                fresh = _curve_for(runs, ACC_FRESH_TAG, args, 1, rng)
+                train = _curve_for(runs, ACC_TRAIN_TAG, args, 1, rng)
+                if fresh is not None:
+                    _draw(ax, fresh, f"{label}, fresh pairs", color)
+                if train is not None:
+                    # Train accuracy drawn without a band: it is there to show the gap to fresh pairs (overfitting).
+                    _draw(ax, train, f"{label}, training pairs", color, linestyle="--", band=fresh is None)
+        for col, (_, title) in enumerate(panels):
+            ax = axes[row][col]
+            ax.set_title(f"{env_id}: {title}", fontsize=10)
+            ax.set_xlabel("environment steps")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig.suptitle("Mean over seeds (IQM from 5 seeds), shaded: 95% bootstrap interval", fontsize=9)
+    fig.tight_layout()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = parse_args(Args, argv, description=__doc__.splitlines()[0])
+    require(args.num_points >= 2, f"--num-points must be at least 2, got {args.num_points}")
+    require(args.smooth >= 1, f"--smooth must be at least 1, got {args.smooth}")
+    require(args.bootstrap_reps >= 1, f"--bootstrap-reps must be positive, got {args.bootstrap_reps}")
+    require(0.0 < args.final_fraction <= 1.0, f"--final-fraction must be in (0, 1], got {args.final_fraction}")
+    runs = select_runs(args)
+    for run in runs:
+        run.scalars = load_run(run.path)
+    empty = [r for r in runs if args.return_tag not in r.scalars]
+    for run in empty:
+        print(f"note: {run.path} has no {args.return_tag} yet; left out of the return panel and the table",
+              file=sys.stderr)
+    require(len(empty) < len(runs), f"none of the selected runs has logged {args.return_tag}")
+    groups = group_runs(runs)
+    rng = np.random.default_rng(args.seed)
+    rows = summarize(groups, args, rng)
+    draw_figure(groups, args, rng)
+    print(format_table(rows))
+    print(f"\nfigure written to {args.output}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"return_tag": args.return_tag, "final_fraction": args.final_fraction,
+                                               "confidence": CONFIDENCE, "groups": rows}, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main)

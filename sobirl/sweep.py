@@ -1,0 +1,357 @@
+"""Run algorithms x seeds (x any flag values) of the entry point, as local worker processes or a Slurm job array.
+
+    python sobirl/sweep.py --algos sobirl,drlhf,sac --num-seeds 3 --workers 3 -- --total-timesteps 1e6
+    python sobirl/sweep.py --grid "learning-rate=1e-4,3e-4" --seeds 1,2 --dry-run
+    python sobirl/sweep.py --backend slurm --slurm-partition gpu --workers 16 -- --env-id BeamRiderNoFrameskip-v4
+
+Everything after `--` is passed unchanged to every job. Each job is one process of the entry point, so the
+script stays the only way to train and a sweep job is reproduced by copying its command line.
+Slurm goes through submitit (`pip install -e ".[sweep]"`), imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from agents.common import UsageError, build_parser, flag, require, run_cli
+
+# Flags the sweep itself sets on every job; a second copy in --grid or after `--` would silently win in argparse.
+RESERVED_FLAGS = ("algo", "seed")
+
+
+@dataclasses.dataclass
+class Args:
+    algos: str = flag("sobirl,drlhf,sac", "comma-separated --algo values of the entry point")
+    seeds: str = flag("", "comma-separated seeds, e.g. 1,2,3; empty: --num-seeds seeds counted from --start-seed")
+    num_seeds: int = flag(3, "number of consecutive seeds, used when --seeds is not given")
+    start_seed: int = flag(1, "first of the --num-seeds consecutive seeds")
+    script: str = flag("sobirl/beamrider.py", "entry point run by every job")
+    backend: str = flag("local", "local: worker processes on this machine; slurm: a submitit job array",
+                        choices=["local", "slurm"])
+    workers: int = flag(1, "jobs running at once (local processes, or the Slurm array's parallelism cap)")
+    gpus: str = flag("", "local: comma-separated GPU ids dealt round-robin to jobs through CUDA_VISIBLE_DEVICES "
+                         "(empty: leave it alone, so all workers share the visible GPU)")
+    log_dir: str = flag("runs/sweep_logs", "one <job>.log per local job; submitit's folder for Slurm")
+    dry_run: bool = flag(False, "print the commands and exit without running anything")
+    slurm_partition: str = flag("", "Slurm partition; empty: the cluster's default")
+    slurm_gpus_per_task: int = flag(1, "GPUs per Slurm task (0 for CPU-only jobs)")
+    slurm_cpus_per_task: int = flag(8, "CPUs per Slurm task; jobs get OMP_NUM_THREADS to match")
+    slurm_mem_gb: float = flag(0.0, "memory per Slurm task in GB; 0: the cluster's default")
+    slurm_time_min: int = flag(24 * 60, "Slurm time limit per task, in minutes")
+    slurm_wait: bool = flag(False, "block until the Slurm array ends and report each task's outcome")
+
+
+@dataclasses.dataclass
+class Job:
+    name: str
+    cmd: list[str]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Expanding the grid
+
+
+def _flag_name(name: str) -> str:
+    # Entry-point flags are --kebab-case (agents.common), so learning_rate and --learning-rate both work.
+    return name.strip().lstrip("-").replace("_", "-")
+
+
+def parse_grid(specs: Sequence[str]) -> dict[str, list[str]]:
+    """["flag=v1,v2", ...] -> {"flag": ["v1", "v2"], ...}, in the order given."""
+    grid: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = _flag_name(name)
+        require(bool(sep) and bool(name), f"--grid {spec!r}: expected FLAG=V1,V2,...")
+        require(name not in RESERVED_FLAGS, f"--grid {spec!r}: use --algos / --seeds for {name}")
+        require(name not in grid, f"--grid {name} is given twice")
+        items = [v.strip() for v in values.split(",")]
+        require(all(items), f"--grid {spec!r}: empty value")
+        grid[name] = items
+    return grid
+
+
+def flag_args(name: str, value: str) -> list[str]:
+    """One flag setting as argv. true/false become --x / --no-x, the BooleanOptionalAction spelling."""
+    name = _flag_name(name)
+    if value.lower() == "true":
+        return [f"--{name}"]
+    if value.lower() == "false":
+        return [f"--no-{name}"]
+    return [f"--{name}", value]
+
+
+def expand_grid(algos: Sequence[str], seeds: Sequence[int], grid: Mapping[str, Sequence[str]] | None = None
+                ) -> list[list[str]]:
+    """Every (seed, algo, grid point) as the entry point's arguments, without interpreter, script or passthrough.
+
+    Seeds vary slowest, so a sweep stopped half-way has every algorithm on the first seeds rather than every seed
+    of the first algorithm.
+    """
+    grid = dict(grid or {})
+    names = list(grid)
+    out = []
+    for seed in seeds:
+        for algo in algos:
+            for values in itertools.product(*(grid[n] for n in names)):
+                tail = ["--algo", algo, "--seed", str(seed)]
+                for name, value in zip(names, values):
+                    tail += flag_args(name, value)
+                out.append(tail)
+    return out
+
+
+def job_name(tail: Sequence[str]) -> str:
+    """Readable, file-name-safe name from the job's own arguments: sobirl__seed1__learning-rate=1e-4."""
+    parts, i = [], 0
+    while i < len(tail):
+        token = tail[i].lstrip("-")
+        has_value = i + 1 < len(tail) and not tail[i + 1].startswith("--")
+        value = tail[i + 1] if has_value else None
+        if token == "algo":
+            parts.append(value)
+        elif token == "seed":
+            parts.append(f"seed{value}")
+        else:
+            parts.append(token if value is None else f"{token}={value}")
+        i += 2 if has_value else 1
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", "__".join(parts))
+
+
+def build_jobs(script: str, algos: Sequence[str], seeds: Sequence[int], grid: Mapping[str, Sequence[str]],
+               passthrough: Sequence[str], python: str = sys.executable) -> list[Job]:
+    jobs, seen = [], set()
+    for i, tail in enumerate(expand_grid(algos, seeds, grid)):
+        name = job_name(tail)
+        if name in seen:  # two values that differ only in characters a file name cannot hold
+            name = f"{name}__{i}"
+        seen.add(name)
+        jobs.append(Job(name, [python, script, *tail, *passthrough]))
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local backend
+
+
+def local_env(workers: int, gpu: str | None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    # Without a cap every torch process starts one thread per core and the workers thrash each other.
+    cores = len(os.sched_getaffinity(0))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // max(1, workers))))
+    env.setdefault("PYTHONUNBUFFERED", "1")  # so `tail -f` on a job log shows progress as it happens
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def run_local(jobs: Sequence[Job], workers: int, log_dir: Path, gpus: Sequence[str]) -> list[tuple[Job, int, float]]:
+    """Run the jobs `workers` at a time; returns (job, exit code, seconds) in the jobs' order."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    workers = max(1, min(workers, len(jobs)))
+    stopping = threading.Event()
+    running: set[subprocess.Popen] = set()
+    lock = threading.Lock()
+    done_count = itertools.count(1)
+
+    def run_one(index: int, job: Job) -> tuple[Job, int, float]:
+        if stopping.is_set():
+            return job, -1, 0.0
+        gpu = gpus[index % len(gpus)] if gpus else None
+        env = local_env(workers, gpu)
+        log_path = log_dir / f"{job.name}.log"
+        start = time.monotonic()
+        with open(log_path, "w") as log:
+            prefix = f"CUDA_VISIBLE_DEVICES={gpu} " if gpu is not None else ""
+            log.write(f"# OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {prefix}{shlex.join(job.cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            with lock:
+                running.add(proc)
+            rc = proc.wait()
+            with lock:
+                running.discard(proc)
+        seconds = time.monotonic() - start
+        status = "ok" if rc == 0 else f"FAILED (exit {rc}), log: {log_path}"
+        print(f"[{next(done_count)}/{len(jobs)}] {job.name}: {status} ({seconds:.1f} s)", flush=True)
+        return job, rc, seconds
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures = [pool.submit(run_one, i, job) for i, job in enumerate(jobs)]
+    try:
+        for _ in as_completed(futures):
+            pass
+    except KeyboardInterrupt:
+        # Queued jobs must not start after Ctrl-C, and running ones must not outlive the sweep.
+        stopping.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        with lock:
+            for proc in running:
+                proc.terminate()
+        raise
+    pool.shutdown()
+    return [f.result() for f in futures]
+
+
+def report(results: Sequence[tuple[Job, int, float]]) -> None:
+    failed = [(job, rc) for job, rc, _ in results if rc != 0]
+    print(f"\n{len(results) - len(failed)} of {len(results)} jobs succeeded")
+    if failed:
+        for job, rc in failed:
+            print(f"  failed: {job.name} (exit {rc})", file=sys.stderr)
+        raise SystemExit(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Slurm backend (submitit)
+
+
+def run_job(cmd: list[str], cwd: str) -> int:
+    """What each array task executes: the job's command, in the folder the sweep was started from."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env and "SLURM_CPUS_PER_TASK" in env:
+        env["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]
+    rc = subprocess.run(cmd, cwd=cwd, env=env).returncode
+    if rc != 0:
+        # Raising marks the task as failed in submitit (and in sacct), instead of a "successful" rc != 0.
+        raise RuntimeError(f"{shlex.join(cmd)} exited with {rc}")
+    return rc
+
+
+def make_executor(args: Args, num_jobs: int, cluster: str = "slurm"):
+    try:
+        import submitit
+    except ImportError:
+        raise UsageError('--backend slurm needs submitit: pip install -e ".[sweep]"') from None
+    folder = Path(args.log_dir) / "slurm" / "%j"
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    except RuntimeError as err:  # submitit's own check that srun exists
+        raise UsageError(f"--backend slurm: {err} (use --backend local off the cluster)") from None
+    executor.update_parameters(
+        name="sobirl-sweep",
+        timeout_min=args.slurm_time_min,
+        cpus_per_task=args.slurm_cpus_per_task,
+        mem_gb=args.slurm_mem_gb or None,
+        slurm_partition=args.slurm_partition or None,
+        slurm_gpus_per_task=args.slurm_gpus_per_task or None,
+        slurm_array_parallelism=min(args.workers, num_jobs),
+    )
+    return executor
+
+
+def submit_slurm(jobs: Sequence[Job], args: Args, cluster: str = "slurm") -> list:
+    """Submit all jobs as one array; `cluster="local"` runs the same path through submitit's local executor."""
+    executor = make_executor(args, len(jobs), cluster)
+    cwd = os.getcwd()
+    submitted = executor.map_array(run_job, [job.cmd for job in jobs], [cwd] * len(jobs))
+    print(f"submitted {len(submitted)} tasks as array {submitted[0].job_id.split('_')[0]} "
+          f"({executor.cluster}); submitit logs in {Path(args.log_dir) / 'slurm'}")
+    for job, task in zip(jobs, submitted):
+        print(f"  {task.job_id}: {job.name}")
+    return submitted
+
+
+def wait_slurm(jobs: Sequence[Job], submitted: Sequence) -> list[tuple[Job, int, float]]:
+    results = []
+    for job, task in zip(jobs, submitted):
+        try:
+            task.result()
+            rc = 0
+        except Exception as err:  # submitit re-raises the task's error, or reports a cancelled/killed task
+            lines = str(err).strip().splitlines() or [repr(err)]
+            reason = next((line for line in lines if "exited with" in line), lines[0]).strip()
+            print(f"{job.name} ({task.job_id}): {reason}; log: {task.paths.stdout}", file=sys.stderr)
+            rc = 1
+        results.append((job, rc, 0.0))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_seeds(args: Args) -> list[int]:
+    if args.seeds.strip():
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    else:
+        require(args.num_seeds > 0, f"--num-seeds must be positive, got {args.num_seeds}")
+        seeds = list(range(args.start_seed, args.start_seed + args.num_seeds))
+    require(bool(seeds), "--seeds is empty")
+    require(len(set(seeds)) == len(seeds), f"--seeds has duplicates: {args.seeds}")
+    return seeds
+
+
+def parse_sweep_args(argv: Sequence[str] | None) -> tuple[Args, dict[str, list[str]], list[str]]:
+    """Split off everything after `--` for the jobs, then parse the sweep's own flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
+    parser = build_parser(Args, description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", action="append", default=[], metavar="FLAG=V1,V2",
+                        help="values of one entry-point flag to sweep; repeat for a cartesian product")
+    namespace = vars(parser.parse_args(argv))
+    grid = parse_grid(namespace.pop("grid"))
+    return Args(**namespace), grid, passthrough
+
+
+def main(argv: Sequence[str] | None = None) -> list[tuple[Job, int, float]]:
+    args, grid, passthrough = parse_sweep_args(argv)
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    require(bool(algos), "--algos is empty")
+    require(len(set(algos)) == len(algos), f"--algos has duplicates: {args.algos}")
+    seeds = parse_seeds(args)
+    require(args.workers > 0, f"--workers must be positive, got {args.workers}")
+    require(Path(args.script).is_file(), f"--script {args.script} does not exist (run from the repository root)")
+    for token in passthrough:
+        if token.startswith("--") and _flag_name(token.split("=", 1)[0]) in RESERVED_FLAGS:
+            raise UsageError(f"{token} after `--` would override the sweep's own; use --algos / --seeds")
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    jobs = build_jobs(args.script, algos, seeds, grid, passthrough)
+
+    if args.dry_run:
+        points = len(jobs) // (len(algos) * len(seeds))
+        print(f"# {len(jobs)} jobs: {len(algos)} algos x {len(seeds)} seeds x {points} grid points "
+              f"({args.backend} backend)")
+        workers = min(args.workers, len(jobs))
+        for i, job in enumerate(jobs):
+            if args.backend == "local":
+                env = local_env(workers, gpus[i % len(gpus)] if gpus else None)
+                prefix = f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} "
+                prefix += f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} " if gpus else ""
+                print(prefix + shlex.join(job.cmd))
+            else:
+                print(shlex.join(job.cmd))
+        return []
+
+    if args.backend == "slurm":
+        submitted = submit_slurm(jobs, args)
+        if not args.slurm_wait:
+            return []
+        results = wait_slurm(jobs, submitted)
+    else:
+        workers = min(args.workers, len(jobs))
+        print(f"running {len(jobs)} jobs, {workers} at a time, "
+              f"OMP_NUM_THREADS={local_env(workers, None)['OMP_NUM_THREADS']}, logs in {args.log_dir}/", flush=True)
+        results = run_local(jobs, args.workers, Path(args.log_dir), gpus)
+    report(results)
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,196 @@
+"""sobirl/plot.py on synthetic TensorBoard event files with known values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from agents.common import UsageError, run_cli
+from sobirl import plot
+
+ENV = "BeamRiderNoFrameskip-v4"
+EPISODE_STEPS = np.arange(100, 2001, 100)  # 20 episodes per run
+
+
+def write_run(runs_dir: Path, algo: str, seed: int, scalars: dict[str, tuple], start_time: int = 1_700_000_000,
+              env_id: str = ENV, walltime: float = 1000.0) -> Path:
+    """scalars: tag -> (steps, values). Returns the run folder."""
+    run_dir = runs_dir / f"{env_id}__{algo}__{seed}__{start_time}"
+    writer = SummaryWriter(str(run_dir))
+    for tag, (steps, values) in scalars.items():
+        for i, (step, value) in enumerate(zip(steps, values)):
+            writer.add_scalar(tag, float(value), int(step), walltime=walltime + i)
+    writer.close()
+    return run_dir
+
+
+def returns(value_per_episode) -> tuple:
+    return EPISODE_STEPS, np.broadcast_to(np.asarray(value_per_episode, dtype=float), EPISODE_STEPS.shape)
+
+
+ACC_STEPS = np.arange(500, 2001, 500)
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    """sobirl returns 10*seed, drlhf returns 5 everywhere; lengths 50; constant accuracies."""
+    root = tmp_path_factory.mktemp("runs")
+    for seed in (1, 2, 3):
+        write_run(root, "sobirl", seed, {
+            plot.RETURN_TAG: returns(10.0 * seed),
+            plot.LENGTH_TAG: returns(50.0),
+            plot.ACC_FRESH_TAG: (ACC_STEPS, np.full(ACC_STEPS.shape, 0.8)),
+            plot.ACC_TRAIN_TAG: (ACC_STEPS, np.full(ACC_STEPS.shape, 0.9)),
+        })
+        write_run(root, "drlhf", seed, {
+            plot.RETURN_TAG: returns(5.0),
+            plot.LENGTH_TAG: returns(50.0),
+            plot.ACC_FRESH_TAG: (ACC_STEPS, np.full(ACC_STEPS.shape, 0.7)),
+            plot.ACC_TRAIN_TAG: (ACC_STEPS, np.full(ACC_STEPS.shape, 0.95)),
+        })
+    # A folder that is not a run: must be skipped, not crash.
+    SummaryWriter(str(root / "scratch")).close()
+    return root
+
+
+# --- pure functions -----------------------------------------------------------------------------------------
+
+
+def test_parse_run_name():
+    assert plot.parse_run_name(f"{ENV}__sobirl__3__1700000000") == (ENV, "sobirl", 3, 1700000000)
+    assert plot.parse_run_name("ALE/BeamRider-v5__sac_discrete__1__17") == ("ALE/BeamRider-v5", "sac_discrete", 1, 17)
+    assert plot.parse_run_name("scratch") is None
+    assert plot.parse_run_name(f"{ENV}__sobirl__x__1700000000") is None
+
+
+def test_iqm_known_values():
+    assert plot.iqm(np.arange(1, 9)) == pytest.approx(4.5)  # drops 1,2 and 7,8
+    assert plot.iqm(np.array([1.0, 2.0, 3.0, 4.0, 100.0])) == pytest.approx(3.0)  # outlier trimmed
+    columns = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]])
+    assert plot.iqm(columns, axis=0) == pytest.approx([2.5, 25.0])
+
+
+def test_bootstrap_ci_constant_and_spread():
+    low, high = plot.bootstrap_ci(np.full(3, 5.0), reps=500, rng=np.random.default_rng(0))
+    assert low <= 5.0 <= high and high - low < 1e-12
+    sample = np.random.default_rng(1).normal(3.0, 1.0, size=20)
+    low, high = plot.bootstrap_ci(sample, reps=2000, rng=np.random.default_rng(0))
+    assert low < sample.mean() < high and high - low > 0.1
+    # Several grid points at once: one interval per column.
+    low, high = plot.bootstrap_ci(np.array([[1.0, 7.0], [1.0, 7.0]]), plot.iqm, reps=100, rng=np.random.default_rng(0))
+    assert low.tolist() == [1.0, 7.0] and high.tolist() == [1.0, 7.0]
+
+
+def test_rolling_mean_and_resample():
+    assert plot.rolling_mean(np.array([2.0, 4.0, 6.0, 8.0]), 2).tolist() == [2.0, 3.0, 5.0, 7.0]
+    assert plot.rolling_mean(np.array([2.0, 4.0]), 1).tolist() == [2.0, 4.0]
+    out = plot.resample(np.array([10, 20]), np.array([0.0, 10.0]), np.array([5.0, 10.0, 15.0, 20.0, 25.0]))
+    assert np.isnan(out[0]) and np.isnan(out[-1]) and out[1:4].tolist() == [0.0, 5.0, 10.0]
+    grid = plot.common_grid([np.array([100, 2000]), np.array([200, 1000])], 5)
+    assert grid[0] == 200 and grid[-1] == 1000 and len(grid) == 5
+
+
+def test_final_value():
+    assert plot.final_value(np.arange(1.0, 21.0), 0.1) == pytest.approx(19.5)  # last 2 of 20
+    assert plot.final_value(np.array([3.0, 4.0]), 0.1) == 4.0  # at least one episode
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def test_load_run_reads_known_values(runs_dir):
+    scalars = plot.load_run(runs_dir / f"{ENV}__sobirl__2__1700000000")
+    steps, values = scalars[plot.RETURN_TAG]
+    assert steps.tolist() == EPISODE_STEPS.tolist()
+    assert np.all(values == 20.0)
+    assert scalars[plot.ACC_FRESH_TAG][1] == pytest.approx([0.8] * 4)
+
+
+def test_load_run_merges_resumed_event_files(tmp_path):
+    run_dir = write_run(tmp_path, "sobirl", 1, {plot.RETURN_TAG: (np.arange(0, 1001, 100), np.ones(11))},
+                        walltime=1000.0)
+    # The resumed process restarts from a checkpoint at step 600 and writes a second file into the same folder;
+    # two episodes ending at step 700 (vector envs) must both survive.
+    writer = SummaryWriter(str(run_dir))
+    for i, step in enumerate([600, 700, 700, 800, 1500]):
+        writer.add_scalar(plot.RETURN_TAG, 2.0, step, walltime=5000.0 + i)
+    writer.close()
+    assert len(list(run_dir.glob("*tfevents*"))) == 2
+    steps, values = plot.load_run(run_dir)[plot.RETURN_TAG]
+    assert steps.tolist() == [0, 100, 200, 300, 400, 500, 600, 700, 700, 800, 1500]
+    assert values.tolist() == [1.0] * 6 + [2.0] * 5
+
+
+# --- end to end ---------------------------------------------------------------------------------------------
+
+
+def test_main_writes_figure_table_and_json(runs_dir, tmp_path, capsys):
+    png, js = tmp_path / "out" / "fig.png", tmp_path / "summary.json"
+    rows = plot.main(["--runs-dir", str(runs_dir), "--output", str(png), "--json", str(js),
+                      "--bootstrap-reps", "500", "--num-points", "20"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    by_algo = {row["algo"]: row for row in rows}
+    assert [row["algo"] for row in rows] == ["sobirl", "drlhf"]  # paper order, not alphabetical
+    sob, drl = by_algo["sobirl"], by_algo["drlhf"]
+    assert sob["num_seeds"] == 3 and sob["estimator"] == "mean"
+    assert sob["per_seed_final_return"] == pytest.approx([10.0, 20.0, 30.0])
+    assert sob["final_return"] == pytest.approx(20.0)
+    assert 10.0 <= sob["ci_low"] <= 20.0 <= sob["ci_high"] <= 30.0
+    assert drl["final_return"] == pytest.approx(5.0) and drl["ci_low"] == pytest.approx(5.0) == drl["ci_high"]
+    assert sob["final_accuracy_fresh"] == pytest.approx(0.8) and sob["final_accuracy_train"] == pytest.approx(0.9)
+    assert drl["final_accuracy_fresh"] == pytest.approx(0.7)
+    assert sob["min_last_step"] == 2000
+    out, err = capsys.readouterr()
+    assert "| BeamRiderNoFrameskip-v4 | sobirl | 3 | 2000 | 20.0 | mean |" in out
+    assert "0.800" in out and "skipping" in err
+    saved = json.loads(js.read_text())
+    assert saved["groups"][0]["final_return"] == pytest.approx(20.0)
+
+
+def test_aggregate_curve_on_known_runs(runs_dir):
+    runs = [plot.load_run(runs_dir / f"{ENV}__sobirl__{s}__1700000000")[plot.RETURN_TAG] for s in (1, 2, 3)]
+    curve = plot.aggregate_curve(runs, num_points=10, smooth=5, reps=300, rng=np.random.default_rng(0))
+    assert curve.grid[0] == 100 and curve.grid[-1] == 2000 and curve.num_runs == 3
+    assert curve.point == pytest.approx(np.full(10, 20.0))
+    assert np.all(curve.low <= 20.0) and np.all(curve.high >= 20.0)
+    single = plot.aggregate_curve(runs[:1], num_points=10, smooth=5, reps=300, rng=np.random.default_rng(0))
+    assert single.low is None and single.point == pytest.approx(np.full(10, 10.0))
+
+
+def test_filters_iqm_and_newest_duplicate(tmp_path, capsys):
+    # Five seeds switch the estimator to IQM; the outlier seed is trimmed away.
+    for seed, value in zip(range(1, 6), [1.0, 2.0, 3.0, 4.0, 100.0]):
+        write_run(tmp_path, "sac_discrete", seed, {plot.RETURN_TAG: returns(value)})
+    # Seed 1 rerun from scratch later: only the newest folder counts.
+    write_run(tmp_path, "sac_discrete", 1, {plot.RETURN_TAG: returns(1.5)}, start_time=1_800_000_000)
+    write_run(tmp_path, "sobirl", 1, {plot.RETURN_TAG: returns(7.0)}, env_id="OtherEnv-v0")
+    rows = plot.main(["--runs-dir", str(tmp_path), "--algos", "sac", "--env-id", ENV,
+                      "--output", str(tmp_path / "f.png"), "--bootstrap-reps", "200"])
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["algo"] == "sac_discrete" and row["num_seeds"] == 5 and row["estimator"] == "IQM"
+    assert row["final_return"] == pytest.approx(3.0)  # IQM of 1.5, 2, 3, 4, 100
+    assert row["final_accuracy_fresh"] is None
+    assert "newest" in capsys.readouterr().err
+
+
+def test_bad_input_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(UsageError, match="not a folder"):
+        plot.main(["--runs-dir", str(tmp_path / "missing")])
+    with pytest.raises(UsageError, match="no run folders"):
+        plot.main(["--runs-dir", str(tmp_path)])
+    run_dir = write_run(tmp_path, "sobirl", 1, {plot.RETURN_TAG: returns(1.0)})
+    with pytest.raises(UsageError, match="no runs match"):
+        plot.main(["--runs-dir", str(tmp_path), "--algos", "drlhf"])
+    # One run folder given directly works too (a single curve, no interval).
+    [row] = plot.main(["--runs-dir", str(run_dir), "--output", str(tmp_path / "one.png")])
+    assert row["num_seeds"] == 1 and row["final_return"] == 1.0 and row["ci_low"] is None
+    with pytest.raises(SystemExit) as exc:
+        run_cli(plot.main, ["--runs-dir", str(tmp_path / "missing")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1

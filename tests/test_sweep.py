@@ -1,0 +1,138 @@
+"""sobirl/sweep.py: grid expansion, tiny local jobs through a fake entry point, dry run, failures, Slurm submission."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from agents.common import UsageError, run_cli
+from sobirl import sweep
+
+# Stands in for sobirl/beamrider.py: records its argv (and thread cap) in --out, fails for --seed 13.
+FAKE_SCRIPT = """import os, sys, pathlib
+a = sys.argv[1:]; arg = lambda name: a[a.index(name) + 1]; omp = os.environ.get("OMP_NUM_THREADS", "")
+pathlib.Path(arg("--out"), f"{arg('--algo')}_{arg('--seed')}.txt").write_text(" ".join(a) + "\\nOMP=" + omp)
+sys.exit(1 if "13" in a else 0)
+"""
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> tuple[Path, Path]:
+    script, out = tmp_path / "fake_entry.py", tmp_path / "out"
+    script.write_text(FAKE_SCRIPT)
+    out.mkdir()
+    return script, out
+
+
+def test_expand_grid_cartesian_product_seed_major():
+    grid = {"learning-rate": ["1e-4", "3e-4"], "cuda": ["true", "false"]}
+    tails = sweep.expand_grid(["sobirl", "drlhf"], [1, 2], grid)
+    assert len(tails) == 2 * 2 * 2 * 2
+    assert tails[0] == ["--algo", "sobirl", "--seed", "1", "--learning-rate", "1e-4", "--cuda"]
+    assert tails[1] == ["--algo", "sobirl", "--seed", "1", "--learning-rate", "1e-4", "--no-cuda"]
+    # Seeds vary slowest: every algorithm gets seed 1 before any gets seed 2.
+    assert [t[1] for t in tails[:8]] == ["sobirl"] * 4 + ["drlhf"] * 4 and {t[3] for t in tails[:8]} == {"1"}
+    assert len({tuple(t) for t in tails}) == len(tails)
+    assert sweep.expand_grid(["sac"], [7], {}) == [["--algo", "sac", "--seed", "7"]]
+
+
+def test_parse_grid_and_job_names():
+    assert sweep.parse_grid(["learning_rate=1e-4, 3e-4", "--tau=0.005"]) == {
+        "learning-rate": ["1e-4", "3e-4"], "tau": ["0.005"]}
+    for bad, message in [("lr", "FLAG=V1"), ("seed=1,2", "--seeds"), ("lr=1,", "empty value")]:
+        with pytest.raises(UsageError, match=message):
+            sweep.parse_grid([bad])
+    with pytest.raises(UsageError, match="twice"):
+        sweep.parse_grid(["lr=1", "lr=2"])
+    assert sweep.job_name(["--algo", "sobirl", "--seed", "3", "--learning-rate", "1e-4", "--no-cuda"]) == \
+        "sobirl__seed3__learning-rate=1e-4__no-cuda"
+    assert sweep.job_name(["--algo", "a", "--seed", "1", "--env-id", "ALE/BeamRider-v5"]) == \
+        "a__seed1__env-id=ALE_BeamRider-v5"
+
+
+def test_two_local_jobs_run_with_passthrough(fake, tmp_path, monkeypatch, capsys):
+    script, out = fake
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    logs = tmp_path / "logs"
+    results = sweep.main(["--script", str(script), "--algos", "sobirl", "--seeds", "1,2", "--workers", "2",
+                          "--grid", "tau=0.5", "--log-dir", str(logs),
+                          "--", "--out", str(out), "--total-timesteps", "10"])
+    assert [rc for _, rc, _ in results] == [0, 0]
+    for seed in (1, 2):
+        argv, omp = (out / f"sobirl_{seed}.txt").read_text().splitlines()
+        assert argv == f"--algo sobirl --seed {seed} --tau 0.5 --out {out} --total-timesteps 10"
+        assert omp == f"OMP={max(1, len(os.sched_getaffinity(0)) // 2)}"
+        assert (logs / f"sobirl__seed{seed}__tau=0.5.log").read_text().startswith("# OMP_NUM_THREADS=")
+    assert "2 of 2 jobs succeeded" in capsys.readouterr().out
+
+
+def test_dry_run_prints_commands_and_runs_nothing(fake, tmp_path, capsys):
+    script, out = fake
+    assert sweep.main(["--script", str(script), "--num-seeds", "2", "--start-seed", "5", "--dry-run",
+                       "--log-dir", str(tmp_path / "logs"), "--", "--out", str(out)]) == []
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# 6 jobs: 3 algos x 2 seeds")
+    assert lines[1].endswith(f"{script} --algo sobirl --seed 5 --out {out}") and sys.executable in lines[1]
+    assert lines[-1].endswith(f"--algo sac --seed 6 --out {out}")
+    assert not any(out.iterdir()) and not (tmp_path / "logs").exists()
+
+
+def test_failing_job_makes_the_sweep_fail(fake, tmp_path, capsys):
+    script, out = fake
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(["--script", str(script), "--algos", "drlhf", "--seeds", "1,13", "--workers", "2",
+                    "--log-dir", str(tmp_path / "logs"), "--", "--out", str(out)])
+    assert exc.value.code == 1
+    assert (out / "drlhf_1.txt").exists() and (out / "drlhf_13.txt").exists()  # the other job still ran
+    captured = capsys.readouterr()
+    assert "1 of 2 jobs succeeded" in captured.out and "failed: drlhf__seed13 (exit 1)" in captured.err
+
+
+def test_bad_input_is_a_usage_error(fake, tmp_path, capsys):
+    script, out = fake
+    with pytest.raises(UsageError, match="does not exist"):
+        sweep.main(["--script", str(tmp_path / "missing.py")])
+    with pytest.raises(UsageError, match="would override"):
+        sweep.main(["--script", str(script), "--", "--seed=4"])
+    with pytest.raises(UsageError, match="duplicates"):
+        sweep.main(["--script", str(script), "--seeds", "1,1"])
+    with pytest.raises(SystemExit) as exc:
+        run_cli(sweep.main, ["--script", str(script), "--workers", "0"])
+    assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: --workers")
+
+
+def test_slurm_without_submitit_says_how_to_install(fake, monkeypatch):
+    script, _ = fake
+    monkeypatch.setitem(sys.modules, "submitit", None)  # makes `import submitit` raise ImportError
+    with pytest.raises(UsageError, match=r'pip install -e "\.\[sweep\]"'):
+        sweep.main(["--script", str(script), "--backend", "slurm", "--seeds", "1"])
+
+
+def test_slurm_array_through_fake_sbatch(fake, tmp_path, monkeypatch, capsys):
+    """submitit writes a real sbatch array file; a fake sbatch captures it, then one task's payload is run."""
+    pytest.importorskip("submitit")
+    from submitit.core.utils import DelayedSubmission
+
+    script, out = fake
+    bin_dir, copy = tmp_path / "bin", tmp_path / "submission.sh"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {copy}\necho "Submitted batch job 4242"\n')
+    for tool in ("srun", "sbatch"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    logs = tmp_path / "logs"
+    sweep.main(["--script", str(script), "--backend", "slurm", "--algos", "sobirl,drlhf", "--seeds", "1",
+                "--workers", "1", "--slurm-partition", "gpu", "--slurm-gpus-per-task", "1", "--slurm-time-min", "90",
+                "--log-dir", str(logs), "--", "--out", str(out)])
+    text = copy.read_text()
+    for line in ("--array=0-1%1", "--partition=gpu", "--gpus-per-task=1", "--time=90", "--cpus-per-task=8"):
+        assert f"#SBATCH {line}" in text
+    assert "4242_1: drlhf__seed1" in capsys.readouterr().out
+    # What the cluster would execute for task 1: unpickle and call it here.
+    task = DelayedSubmission.load(logs / "slurm" / "4242_1" / "4242_1_submitted.pkl")
+    assert task.result() == 0
+    assert (out / "drlhf_1.txt").read_text().startswith("--algo drlhf --seed 1 --out")
