@@ -74,6 +74,15 @@ def parse_args(args_cls: type[T], argv: Sequence[str] | None = None, description
     return args_cls(**vars(namespace))
 
 
+def explicit_flags(args_cls: type, argv: Sequence[str] | None) -> set[str]:
+    """Names of the fields whose flags appear on the command line (a resumed run keeps its saved values otherwise)."""
+    parser = build_parser(args_cls)
+    parser.argument_default = argparse.SUPPRESS
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
 def require(condition: bool, message: str) -> None:
     """Raise a UsageError with `message` (which names the flag or value) unless `condition` holds."""
     if not condition:

@@ -52,8 +52,18 @@ class DiscreteHead(nn.Module):
                 nn.init.kaiming_normal_(module.weight)
                 nn.init.zeros_(module.bias)
 
+        self.channels_last = False
+
+    def use_channels_last(self) -> "DiscreteHead":
+        """NHWC activations: oneDNN's convolution backward is about 1.6x faster on CPU in this layout."""
+        self.channels_last = True
+        return self.to(memory_format=torch.channels_last)
+
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(obs.float() / 255.0))
+        x = obs.float().div_(255.0)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.head(self.encoder(x))
 
 
 class Actor(DiscreteHead):

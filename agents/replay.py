@@ -101,6 +101,24 @@ class FrameReplayBuffer:
         self.pos = (p + 1) % self.slots
         self.written = min(self.written + 1, self.slots)
 
+    def break_episodes(self) -> None:
+        """The environments restart (a resumed run): the stored last step leads nowhere and the next one is a start."""
+        if self.written > 0:
+            self.real[(self.pos - 1) % self.slots] = False
+        self._next_first.fill_(True)
+
+    _STATE = ("frames", "actions", "rewards", "terminated", "first", "real", "sampleable", "_next_first")
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos, "written": self.written, **{name: getattr(self, name).cpu() for name in self._STATE}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self._STATE:
+            if getattr(self, name).shape != state[name].shape:
+                raise ValueError(f"replay {name} has shape {tuple(state[name].shape)}, expected {tuple(getattr(self, name).shape)}")
+            getattr(self, name).copy_(state[name])
+        self.pos, self.written = int(state["pos"]), int(state["written"])
+
     def stacks(self, slot: torch.Tensor, env: torch.Tensor) -> torch.Tensor:
         """Observations (B, *obs_shape) at the given slots, rebuilt from single frames."""
         if self.stack == 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import gymnasium as gym
@@ -22,8 +23,9 @@ import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from agents.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state, save_atomic
 from agents.common import (
-    UsageError, flag, hyperparameter_table, limit_cpu_threads, make_run_name, parse_args, pick_device, require,
+    UsageError, explicit_flags, flag, hyperparameter_table, limit_cpu_threads, make_run_name, parse_args, pick_device, require,
     require_positive, run_cli, seed_everything,
 )
 from agents.networks import Actor, SoftQNetwork, encoder_for
@@ -42,9 +44,14 @@ class Args:
     track: bool = flag(False, "mirror the TensorBoard logs to Weights & Biases")
     wandb_project_name: str = flag("sobirl", "W&B project name (with --track)")
     wandb_entity: str = flag("", "W&B entity (team), empty for the default")
-    capture_video: bool = flag(False, "record videos of greedy episodes to videos/{run_name} at the end of training")
+    capture_video: bool = flag(False, "record a video of a greedy game under videos/{run_name} at each evaluation and at the end")
     runs_dir: str = flag("runs", "directory for TensorBoard runs")
     progress: bool = flag(True, "show a progress bar")
+    save_every: int = flag(0, "env steps between checkpoints in the run directory (0: only on Ctrl-C and at the end)")
+    save_replay: bool = flag(True, "include the replay buffer in checkpoints (without it a resumed run refills it)")
+    resume: str = flag("", "continue the run of this checkpoint (or run directory); other flags given override it")
+    eval_every: int = flag(0, "env steps between evaluations on a separate environment (0: never)")
+    eval_episodes: int = flag(5, "games per evaluation (one per parallel env), played with sampled and with greedy actions")
 
     # Algorithm specific arguments
     env_id: str = flag("BeamRiderNoFrameskip-v4", "environment id")
@@ -73,6 +80,9 @@ def validate(args: Args) -> None:
         "target_network_frequency", "policy_lr", "q_lr", "adam_eps", "alpha", "log_every", "max_episode_frames",
     )
     require(args.learning_starts >= 0, f"--learning-starts must be non-negative, got {args.learning_starts}")
+    require(args.eval_episodes > 0, f"--eval-episodes must be positive, got {args.eval_episodes}")
+    for name in ("save_every", "eval_every"):
+        require(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
     require(args.anneal_steps >= 0, f"--anneal-steps must be non-negative, got {args.anneal_steps}")
     require(0.0 <= args.gamma < 1.0, f"--gamma must be in [0, 1), got {args.gamma}")
     require(
@@ -141,18 +151,18 @@ class SACDiscrete:
     def __init__(self, obs_shape: tuple[int, ...], num_actions: int, args: Args, device: torch.device):
         self.args = args
         self.device = device
-        self.actor = Actor(obs_shape, num_actions).to(device)
-        self.qf1 = SoftQNetwork(obs_shape, num_actions).to(device)
-        self.qf2 = SoftQNetwork(obs_shape, num_actions).to(device)
+        self.actor = Actor(obs_shape, num_actions).to(device).use_channels_last()
+        self.qf1 = SoftQNetwork(obs_shape, num_actions).to(device).use_channels_last()
+        self.qf2 = SoftQNetwork(obs_shape, num_actions).to(device).use_channels_last()
         self.qf1_target = copy.deepcopy(self.qf1)
         self.qf2_target = copy.deepcopy(self.qf2)
-        self.q_optimizer = torch.optim.Adam(
-            list(self.qf1.parameters()) + list(self.qf2.parameters()), lr=args.q_lr, eps=args.adam_eps
-        )
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, eps=args.adam_eps)
+        # fused: one kernel for all parameters; the per-tensor loop costs more than a convolution on a 2-core CPU.
+        adam = lambda params, lr: torch.optim.Adam(params, lr=lr, eps=args.adam_eps, fused=True)
+        self.q_optimizer = adam(list(self.qf1.parameters()) + list(self.qf2.parameters()), args.q_lr)
+        self.actor_optimizer = adam(self.actor.parameters(), args.policy_lr)
         self.entropy_target = target_entropy(num_actions, args.target_entropy_scale)
         self.log_alpha = torch.tensor(float(np.log(args.alpha)), device=device, requires_grad=True)
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, eps=args.adam_eps)
+        self.alpha_optimizer = adam([self.log_alpha], args.q_lr)
 
     @property
     def alpha(self) -> float:
@@ -214,9 +224,26 @@ class SACDiscrete:
             "losses/entropy": -(probs * log_probs).sum(-1).mean().detach(),
         }
 
+    def state_dict(self) -> dict:
+        nets = ("actor", "qf1", "qf2", "qf1_target", "qf2_target", "q_optimizer", "actor_optimizer", "alpha_optimizer")
+        return {"log_alpha": self.log_alpha.detach().cpu(), **{name: getattr(self, name).state_dict() for name in nets}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            if name == "log_alpha":
+                with torch.no_grad():
+                    self.log_alpha.copy_(value)
+            else:
+                getattr(self, name).load_state_dict(value)
+
     def copy_targets(self) -> None:
         self.qf1_target.load_state_dict(self.qf1.state_dict())
         self.qf2_target.load_state_dict(self.qf2.state_dict())
+
+
+def crossed(previous_step: int, step: int, every: int) -> bool:
+    """Whether a multiple of `every` lies in (previous_step, step]; never for every = 0."""
+    return every > 0 and step // every > previous_step // every
 
 
 class SACTrainer:
@@ -229,7 +256,7 @@ class SACTrainer:
         self.args = args
         self.writer = writer
         self.device = device
-        self.envs = make_envs(args.env_id, args.num_envs, args.seed, max_episode_frames=args.max_episode_frames)
+        self.envs = self._make_envs(args.seed)
         self.num_actions, self.obs_shape = check_env_spaces(
             args.env_id, self.envs.single_action_space, self.envs.single_observation_space
         )
@@ -248,9 +275,17 @@ class SACTrainer:
         self.autoreset = np.zeros(args.num_envs, dtype=bool)
         self.last_score: float | None = None
         self.phase = "sac"
+        self.checkpoint_path: Path | None = None
+        self.run_name = ""
+        # Outer loops (the preference algorithms) add their own state to checkpoints through these two hooks.
+        self.extra_state: Callable[[], dict] = dict
+        self.load_extra_state: Callable[[dict], None] = lambda state: None
         self._progress = tqdm(total=args.total_timesteps, disable=not args.progress, unit="step", dynamic_ncols=True)
         self._start_time = time.time()
         self._start_step = 0
+
+    def _make_envs(self, seed: int):
+        return make_envs(self.args.env_id, self.args.num_envs, seed, max_episode_frames=self.args.max_episode_frames)
 
     @property
     def alpha(self) -> float:
@@ -293,34 +328,96 @@ class SACTrainer:
             self._progress.update(a.num_envs)
             if self.global_step % 1000 < a.num_envs:
                 self._log_speed()
+            if crossed(previous_step, self.global_step, a.eval_every):
+                self.evaluate()
+            if crossed(previous_step, self.global_step, a.save_every):
+                self.save_checkpoint()
         self._log_speed()
 
     def _update(self) -> None:
-        if len(self.buffer) == 0:
+        if len(self.buffer) < self.args.batch_size:  # only after resuming without the replay buffer
             return
         batch = self.buffer.sample(self.args.batch_size, self.sample_generator)
         metrics = self.agent.update(batch, self._batch_rewards(batch))
         self.num_updates += 1
         if self.num_updates % self.args.log_every == 0:
             for tag, value in metrics.items():
-                self.writer.add_scalar(tag, float(value), self.global_step)
+                self.log_scalar(tag, float(value), self.global_step)
 
     def _log_games(self, info: dict) -> None:
         if "_episode" not in info:
             return
         for env in np.nonzero(info["_episode"])[0]:
             self.last_score = float(info["episode"]["r"][env])
-            self.writer.add_scalar("charts/episodic_return", self.last_score, self.global_step)
-            self.writer.add_scalar("charts/episodic_length", int(info["episode"]["l"][env]), self.global_step)
+            self.log_scalar("charts/episodic_return", self.last_score, self.global_step)
+            self.log_scalar("charts/episodic_length", int(info["episode"]["l"][env]), self.global_step)
+
+    def log_scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:  # benchmarks run without a run directory
+            self.writer.add_scalar(tag, value, step)
 
     @property
     def sps(self) -> float:
         return (self.global_step - self._start_step) / max(time.time() - self._start_time, 1e-9)
 
     def _log_speed(self) -> None:
-        self.writer.add_scalar("charts/SPS", self.sps, self.global_step)
+        self.log_scalar("charts/SPS", self.sps, self.global_step)
         score = "-" if self.last_score is None else f"{self.last_score:.0f}"
         self._progress.set_postfix_str(f"phase={self.phase} SPS={self.sps:.0f} score={score} alpha={self.alpha:.3f}", refresh=False)
+
+    def evaluate(self) -> None:
+        """Play `eval_episodes` games on fresh environments with sampled and with greedy actions (and record a video
+        of a greedy game with --capture-video)."""
+        from agents.evaluation import play_games
+
+        a = self.args
+        seed = a.seed + 1_000_003 + self.global_step  # games never seen in training
+        for tag, greedy in (("eval/episodic_return", False), ("eval/episodic_return_greedy", True)):
+            envs = make_envs(a.env_id, a.eval_episodes, seed, max_episode_frames=a.max_episode_frames)
+            scores = play_games(envs, self.agent.actor, self.device, greedy)
+            envs.close()
+            self.log_scalar(tag, float(np.mean(scores)), self.global_step)
+        if a.capture_video:
+            self.record_video(seed)
+
+    def record_video(self, seed: int) -> None:
+        from wrappers.video import record_greedy_episode
+
+        folder = f"videos/{self.run_name}/step_{self.global_step}"
+        record_greedy_episode(self.args.env_id, self.agent.actor, self.device, folder, seed)
+
+    def state_dict(self) -> dict:
+        return {
+            "args": vars(self.args).copy(),
+            "global_step": self.global_step,
+            "num_updates": self.num_updates,
+            "agent": self.agent.state_dict(),
+            "replay": self.buffer.state_dict() if self.args.save_replay else None,
+            "rng": rng_state(self.rng, self.sample_generator),
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint. Environments cannot be snapshotted, so the games in progress are abandoned
+        and new ones start, seeded by the step count."""
+        self.global_step = int(state["global_step"])
+        self.num_updates = int(state["num_updates"])
+        self.agent.load_state_dict(state["agent"])
+        if state["replay"] is not None:
+            self.buffer.load_state_dict(state["replay"])
+        self.buffer.break_episodes()
+        restore_rng_state(state["rng"], self.rng, self.sample_generator)
+        self.load_extra_state(state["extra"])
+        self.envs.close()
+        self.envs = self._make_envs(self.args.seed + self.global_step)
+        self.obs, _ = self.envs.reset()
+        self.autoreset[:] = False
+        self._progress.n = self._start_step = self.global_step
+        self._start_time = time.time()
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_path is not None:
+            save_atomic(self.state_dict(), self.checkpoint_path)
 
     def close(self) -> None:
         self._progress.close()
@@ -351,21 +448,61 @@ def open_run(args: Args) -> tuple[str, SummaryWriter]:
     return run_name, writer
 
 
+def parse_or_resume(args_cls: type, argv: Sequence[str] | None, description: str | None) -> tuple[Args, dict | None]:
+    """Parse the flags; with --resume, the checkpoint's arguments apply except for flags given on the command line."""
+    args = parse_args(args_cls, argv, description)
+    if not args.resume:
+        return args, None
+    state = load_checkpoint(args.resume)
+    saved, explicit = state["args"], explicit_flags(args_cls, argv)
+    require(
+        saved.get("exp_name") == args.exp_name or "exp_name" in explicit,
+        f"--resume {args.resume}: the checkpoint is from {saved.get('exp_name')!r}, not {args.exp_name!r}",
+    )
+    merged = {k: (getattr(args, k) if k in explicit else saved.get(k, getattr(args, k))) for k in vars(args)}
+    merged["resume"] = args.resume
+    return args_cls(**merged), state
+
+
+def start_or_resume(trainer: SACTrainer, args: Args, state: dict | None) -> str:
+    """Open the run directory (a new one, or the checkpoint's own so its curves continue) and restore state."""
+    if state is None:
+        run_name, trainer.writer = open_run(args)
+        run_dir = Path(args.runs_dir) / run_name
+    else:
+        trainer.load_state_dict(state)
+        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        run_name = run_dir.name
+        # purge_step hides anything the killed run logged after its checkpoint, so curves continue without overlap.
+        trainer.writer = SummaryWriter(str(run_dir), purge_step=trainer.global_step)
+    trainer.checkpoint_path = run_dir / CHECKPOINT_NAME
+    trainer.run_name = run_name
+    return run_name
+
+
+def run_to_completion(trainer: SACTrainer, loop: Callable[[], None]) -> None:
+    """Run `loop`; Ctrl-C saves a checkpoint first (exit status 130), the end of training saves one too."""
+    try:
+        loop()
+        trainer.save_checkpoint()
+    except KeyboardInterrupt:
+        trainer.save_checkpoint()
+        print(f"\ninterrupted at step {trainer.global_step}: resume with --resume {trainer.checkpoint_path}")
+        raise SystemExit(130) from None
+    finally:
+        trainer.close()
+
+
 def main(argv: Sequence[str] | None = None) -> SACTrainer:
-    args = parse_args(Args, argv, __doc__)
+    args, state = parse_or_resume(Args, argv, __doc__)
     validate(args)
     device = prepare(args)
     trainer = SACTrainer(args, device)
-    run_name, trainer.writer = open_run(args)
-    print(f"run {run_name} on {device}: logs in {args.runs_dir}/{run_name}")
-    try:
-        trainer.run(args.total_timesteps)
-    finally:
-        trainer.close()
+    run_name = start_or_resume(trainer, args, state)
+    print(f"run {run_name} on {device}: logs in {trainer.checkpoint_path.parent}")
+    run_to_completion(trainer, lambda: trainer.run(args.total_timesteps - trainer.global_step))
     if args.capture_video:
-        from wrappers.video import record_greedy_episode
-
-        record_greedy_episode(args.env_id, trainer.agent.actor, device, f"videos/{run_name}", args.seed)
+        trainer.record_video(args.seed)
     return trainer
 
 

@@ -40,7 +40,10 @@ def atari_game(env_id: str) -> tuple[str, float]:
 
     match = _ATARI_ID.match(env_id)
     if match is None:
-        raise InvalidEnvError(f"--env-id {env_id!r} is not an Atari id of the form <Game>NoFrameskip-v4 or ALE/<Game>-v5")
+        raise InvalidEnvError(
+            f"--env-id {env_id!r} is not an Atari id of the form <Game>NoFrameskip-v4 or ALE/<Game>-v5 "
+            "(nor a MinAtar/<Game>-v1 id)"
+        )
     camel = match["game"] or match["v5game"]
     game = _snake_case(camel)
     if game not in ale_py.roms.get_all_rom_ids():
@@ -51,9 +54,9 @@ def atari_game(env_id: str) -> tuple[str, float]:
 class GameStatistics(gym.vector.VectorWrapper):
     """Clip rewards to their sign and report true whole-game scores the gymnasium way.
 
-    Expects an env whose rewards are raw game points and whose `info["lives"]` counts lives, with life losses
-    flagged as `terminated` (ale-py `life_loss_info=True`). A game is over when a step is terminated with no lives
-    left, or truncated.
+    Expects an env whose rewards are raw game points. With `info["lives"]` (ale-py), life losses are flagged as
+    `terminated` (`life_loss_info=True`) and a game is over when a step is terminated with no lives left; without it
+    (games with no lives, such as MinAtar's) every terminated step is a game over. A truncated step always is.
     """
 
     def __init__(self, env: gym.vector.VectorEnv, clip_rewards: bool = True, seed: int | None = None, frame_stack: int = 4):
@@ -83,7 +86,8 @@ class GameStatistics(gym.vector.VectorWrapper):
         self._length[was_reset_step] = 0
         self._score += reward
         self._length += ~was_reset_step
-        game_over = (terminated & (np.asarray(info["lives"]) <= 0)) | truncated
+        out_of_lives = np.asarray(info["lives"]) <= 0 if "lives" in info else True
+        game_over = (terminated & out_of_lives) | truncated
         if game_over.any():
             info["episode"] = {
                 "r": np.where(game_over, self._score, 0.0),
@@ -97,7 +101,7 @@ class GameStatistics(gym.vector.VectorWrapper):
         return obs, learner_reward, terminated, truncated, info
 
 
-def make_envs(
+def make_atari_envs(
     env_id: str = "BeamRiderNoFrameskip-v4",
     num_envs: int = 1,
     seed: int = 1,

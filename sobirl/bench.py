@@ -1,0 +1,112 @@
+"""Speed and memory of this machine's pipeline (a benchmark, not a test).
+
+    python sobirl/bench.py            # human-readable
+    python sobirl/bench.py --json     # one JSON object
+
+Figures: agent steps/s of `make_envs` with 1 and 8 envs (random actions); SAC learning SPS on BeamRider (env steps
+per second in the learning phase: acting with the actor, storing, one update of batch 64 per 4 env steps); replay
+bytes per stored transition; and one SoBiRL reward-model update (64 pairs of 25-step fragments, policy evaluated),
+with its peak memory measured in a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from agents.common import flag, limit_cpu_threads, parse_args, pick_device, require_positive, run_cli
+
+ENV_ID = "BeamRiderNoFrameskip-v4"
+
+
+@dataclass
+class BenchArgs:
+    json: bool = flag(False, "print one JSON object instead of text")
+    cuda: bool = flag(True, "measure on CUDA when available")
+    env_steps: int = flag(20_000, "agent steps per environment measurement")
+    sac_steps: int = flag(800, "env steps of SAC learning to time (after a warm-up)")
+    reward_repeats: int = flag(5, "reward-model updates to time (median)")
+    skip_reward: bool = flag(False, "skip the reward-model update measurement")
+
+
+def env_steps_per_second(num_envs: int, steps: int) -> float:
+    from wrappers import make_envs
+
+    envs = make_envs(ENV_ID, num_envs, seed=0)
+    envs.reset()
+    rng = np.random.default_rng(0)
+    actions = rng.integers(0, envs.single_action_space.n, size=(steps // num_envs + 1, num_envs))
+    start = time.perf_counter()
+    for row in actions:
+        envs.step(row)
+    elapsed = time.perf_counter() - start
+    envs.close()
+    return len(actions) * num_envs / elapsed
+
+
+def sac_learning_sps(device: torch.device, steps: int) -> float:
+    from agents.sac_discrete import Args, SACTrainer
+
+    warmup = 1_000
+    args = Args(
+        buffer_size=20_000, learning_starts=warmup, total_timesteps=warmup + 2 * steps, progress=False,
+        cuda=device.type == "cuda",
+    )
+    trainer = SACTrainer(args, device)
+    trainer.run(warmup + 100)  # random phase, then the first updates (allocations, kernel selection)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    trainer.run(steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    trainer.close()
+    return steps / elapsed
+
+
+def replay_bytes_per_transition() -> float:
+    from agents.replay import FrameReplayBuffer
+
+    return FrameReplayBuffer(10_000, 1, (4, 84, 84), 4, "cpu").bytes_per_transition
+
+
+def measure(args: BenchArgs) -> dict:
+    limit_cpu_threads()
+    device = pick_device(args.cuda)
+    results: dict = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)}
+    results["env_steps_per_s_1env"] = round(env_steps_per_second(1, args.env_steps), 1)
+    results["env_steps_per_s_8envs"] = round(env_steps_per_second(8, args.env_steps), 1)
+    results["sac_learning_sps"] = round(sac_learning_sps(device, args.sac_steps), 1)
+    results["replay_bytes_per_transition"] = round(replay_bytes_per_transition(), 1)
+    if not args.skip_reward:
+        from sobirl.bench_reward import reward_update_benchmark
+
+        threads = torch.get_num_threads()
+        reward = reward_update_benchmark(device=device.type, threads=threads, repeats=args.reward_repeats)
+        results["reward_update_s"] = round(reward["reward_update_s"], 4)
+        results["reward_update_peak_mb"] = round(reward["reward_update_peak_mb"], 1)
+    results["torch_threads"] = torch.get_num_threads()
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(BenchArgs, argv, __doc__)
+    require_positive(args, "env_steps", "sac_steps", "reward_repeats")
+    results = measure(args)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        width = max(map(len, results))
+        for key, value in results.items():
+            print(f"{key:<{width}}  {value}")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
