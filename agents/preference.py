@@ -10,15 +10,29 @@ pair serve the accuracy metrics alone.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from agents.sobirl import LOGIT_CLAMP, fragment_returns, sobirl_loss_terms
+from agents import sac_discrete as sac
+from agents.common import UsageError, flag, require, require_positive
+from agents.reward_model import RewardCNN
+from wrappers.minatar import is_minatar_id
 
 PolicyProbs = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, *obs_shape) -> (N, A) action probabilities
+
+# The reference clamps the return difference before the sigmoid (RLHF.py:480); with it, log P >= -50 and the loss
+# never saturates to inf.
+LOGIT_CLAMP = 50.0
+
+
+def fragment_returns(rewards: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Sum over steps of r(s_t, a_t): (B, H, A) per-action rewards and (B, H) actions -> (B,)."""
+    return rewards.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1).sum(-1)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fragments
@@ -186,6 +200,16 @@ class PairBuffer:
         start = self.pos if self.size == self.capacity else 0
         return (start + torch.arange(self.size)) % self.capacity
 
+    def state_dict(self) -> dict:
+        stored = self.get(self.oldest_first())
+        fields = {name: getattr(stored, name).cpu() for name in PairBatch.__dataclass_fields__}
+        return {"total_added": self.total_added, **fields}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = self.size = 0
+        self.add(PairBatch(*(state[k] for k in PairBatch.__dataclass_fields__)))
+        self.total_added = int(state["total_added"])
+
     @staticmethod
     def _slice(pairs: PairBatch, part: slice) -> PairBatch:
         return PairBatch(*(getattr(pairs, name)[part] for name in PairBatch.__dataclass_fields__))
@@ -227,6 +251,9 @@ def reward_update(
     The policy is evaluated only when the implicit term is on. Returns the step's loss, bce, hyper_term and the
     train-mode accuracy against the oracle (nan when every pair is a ground-truth tie).
     """
+    # agents.sobirl builds its script on this module, so its loss is imported when first needed.
+    from agents.sobirl import sobirl_loss_terms
+
     batch, length = pairs.actions1.shape
     obs = fragment_observations(torch.cat([pairs.frames1, pairs.frames2]), length)
     pi1 = pi2 = None
@@ -347,3 +374,257 @@ def reward_function(reward_net: torch.nn.Module) -> Callable[[torch.Tensor, torc
             return reward_net(obs).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
 
     return rewards
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The outer loop shared by DRLHF and SoBiRL
+
+
+def enable_huge_pages() -> None:
+    """Back PyTorch's large CPU tensors with 2 MB pages (read once, at PyTorch's first CPU allocation, so call this
+    before creating any tensor). Every reward update allocates about a gigabyte of fresh activations; with 4 KB
+    pages faulting them in costs about a third of the update on CPU."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+@dataclass
+class PreferenceArgs(sac.Args):
+    total_timesteps: int = flag(4_300_000, "total environment steps, over all environments (the paper's 4.3M)")
+    teacher: str = flag("oracle", "synthetic teacher: oracle (higher clipped return preferred, ties 0.5; the paper's "
+                        "text) or bernoulli (Bradley-Terry sampled labels; the authors' code)", choices=TEACHERS)
+    initial_pairs: int = flag(600, "pairs labelled before the first reward training (the warm-up)")
+    warmup_epochs: int = flag(512, "reward-model epochs over the initial pairs")
+    total_pairs: int = flag(9_000, "query budget of the schedule, initial pairs included")
+    schedule_iterations: int = flag(2_000, "outer iterations over which the hyperbolic schedule spreads the budget")
+    inner_steps: int = flag(10_000, "SAC environment steps per outer iteration")
+    fragment_length: int = flag(25, "agent steps per fragment")
+    pair_buffer: int = flag(3_000, "capacity of the FIFO of labelled pairs")
+    reward_batch_size: int = flag(64, "pairs per reward-model minibatch")
+    reward_lr: float = flag(3e-4, "AdamW learning rate of the reward model")
+    reward_weight_decay: float = flag(0.01, "AdamW weight decay of the reward model")
+    fresh_pairs: int = flag(64, "fragment pairs of the latest policy scored for reward/accuracy_fresh (0: off)")
+    accuracy_pairs: int = flag(0, "newest stored pairs scored for reward/accuracy_train (0: all)")
+    policy_chunk: int = flag(1600, "observations per policy forward pass in the implicit term (bounds memory)")
+
+
+def validate_preference(args: PreferenceArgs) -> None:
+    sac.validate(args)
+    require_positive(
+        args, "initial_pairs", "inner_steps", "fragment_length", "pair_buffer", "reward_batch_size", "reward_lr",
+        "policy_chunk",
+    )
+    for name in ("warmup_epochs", "schedule_iterations", "fresh_pairs", "accuracy_pairs", "reward_weight_decay"):
+        value = getattr(args, name)
+        require(value >= 0, f"--{name.replace('_', '-')} must be non-negative, got {value}")
+    require(
+        args.initial_pairs <= args.pair_buffer,
+        f"--initial-pairs {args.initial_pairs} is more than --pair-buffer {args.pair_buffer} can hold",
+    )
+    require(
+        args.total_pairs >= args.initial_pairs,
+        f"--total-pairs {args.total_pairs} is smaller than --initial-pairs {args.initial_pairs}",
+    )
+    steps_per_env = args.inner_steps // args.num_envs
+    require(
+        args.fragment_length <= steps_per_env,
+        f"--fragment-length {args.fragment_length} is longer than a rollout: --inner-steps {args.inner_steps} gives "
+        f"{steps_per_env} steps per env",
+    )
+    slots = args.buffer_size // args.num_envs
+    require(
+        args.fragment_length + 8 <= slots,
+        f"--fragment-length {args.fragment_length} does not fit the replay: --buffer-size {args.buffer_size} keeps "
+        f"{slots} steps per env",
+    )
+    if hasattr(args, "hyper_start"):
+        require(args.hyper_start >= 0, f"--hyper-start must be non-negative, got {args.hyper_start}")
+    # Checked before any environment exists; other small observations are caught when the reward model is built.
+    require(
+        not is_minatar_id(args.env_id),
+        f"--env-id {args.env_id}: the reward model is the paper's CNN for 84x84 Atari frames; MinAtar's 10x10 boards "
+        "are too small for it",
+    )
+
+
+class PreferenceLearner:
+    """Reward model, pair buffer and query schedule around a SACTrainer; `train` runs the whole outer loop.
+
+    Outer iteration i: gather schedule[i] pairs from the most recent rollouts, label them with the synthetic
+    teacher, train the reward model (warmup_epochs epochs at i = 0, one epoch after), then run SAC for
+    `inner_steps` env steps on r_phi. Iteration 0 first rolls out min(2 * initial_pairs * fragment_length,
+    learning_starts) env steps of SAC's uniform-random phase (at least one fragment's worth); unlike the reference
+    code's uncounted rollout, these steps count in global_step and the total budget.
+    """
+
+    def __init__(self, args: PreferenceArgs, trainer: sac.SACTrainer, implicit: bool):
+        self.args = args
+        self.trainer = trainer
+        self.implicit = implicit
+        self.device = trainer.device
+        try:
+            self.reward_net = RewardCNN(trainer.obs_shape, trainer.num_actions).to(self.device)
+        except ValueError as err:
+            raise UsageError(f"--env-id {args.env_id}: {err}") from None
+        self.optimizer = torch.optim.AdamW(
+            self.reward_net.parameters(), lr=args.reward_lr, weight_decay=args.reward_weight_decay
+        )
+        buffer = trainer.buffer
+        self.pairs = PairBuffer(args.pair_buffer, args.fragment_length, buffer.frame_shape, buffer.stack, self.device)
+        self.schedule = pairs_schedule(args.initial_pairs, args.total_pairs, args.schedule_iterations)
+        self.iteration = 0  # the next reward phase
+        self.sac_end = 0  # global step where the current SAC phase ends
+        self.fragment_generator = torch.Generator(device=self.device)
+        self.fragment_generator.manual_seed(args.seed + 7919)
+        self.cpu_generator = torch.Generator()
+        self.cpu_generator.manual_seed(args.seed + 104729)
+        self.reward_net.eval()
+        # Set from the start so that no SAC update ever sees the true reward.
+        trainer.reward_fn = reward_function(self.reward_net)
+        trainer.extra_state = self.state_dict
+        trainer.load_extra_state = self.load_state_dict
+
+    @property
+    def hyper_start(self) -> int:
+        return getattr(self.args, "hyper_start", 0)
+
+    def inv_alpha(self) -> float:
+        """1/alpha once global_step passes --hyper-start (SoBiRL), else 0 (DRLHF, and SoBiRL's early iterations)."""
+        if self.implicit and self.trainer.global_step > self.hyper_start:
+            return 1.0 / self.trainer.alpha
+        return 0.0
+
+    def train(self) -> None:
+        total = self.args.total_timesteps
+        while True:
+            if self.trainer.global_step < self.sac_end:  # also finishes a phase cut short by a checkpoint
+                self.trainer.phase = "sac"
+                self.trainer.run(self.sac_end - self.trainer.global_step)
+            if self.trainer.global_step >= total:
+                return
+            if self.iteration > 0:
+                self.log_fresh_accuracy()
+            self.reward_phase()
+            self.sac_end = min(self.trainer.global_step + self.args.inner_steps, total)
+
+    def reward_phase(self) -> None:
+        a, i = self.args, self.iteration
+        if i == 0:
+            rollout = max(a.fragment_length + 1, min(2 * a.initial_pairs * a.fragment_length, a.learning_starts))
+            self.ensure_rollouts(-(-rollout // a.num_envs))
+        new_pairs = self.schedule[i] if i < len(self.schedule) else 0
+        if new_pairs > 0:
+            window = 2 * new_pairs * a.fragment_length if i > 0 else self.trainer.buffer.written * a.num_envs
+            self.pairs.add(self.gather_pairs(new_pairs, window))
+        self.trainer.phase = "reward"
+        inv_alpha = self.inv_alpha()
+        policy = self.trainer.policy_probs if inv_alpha else None
+        epochs = a.warmup_epochs if i == 0 else 1
+        stats = None
+        for _ in range(epochs):
+            stats = reward_epoch(
+                self.reward_net, self.optimizer, self.pairs, a.reward_batch_size, inv_alpha, policy,
+                self.cpu_generator, a.policy_chunk,
+            )
+        self.reward_net.eval()
+        self.iteration += 1
+        self.log_reward_phase(stats, inv_alpha, new_pairs)
+
+    def ensure_rollouts(self, steps_per_env: int) -> None:
+        """Step the environments until the replay holds `steps_per_env` steps per env (all of them if fewer)."""
+        missing = min(steps_per_env, self.trainer.buffer.slots - 2) - (self.trainer.buffer.written - 1)
+        if missing > 0:
+            self.trainer.phase = "rollout"
+            self.trainer.run(missing * self.args.num_envs)
+
+    def sample_fragments(self, count: int, window_steps: int):
+        """`count` fragments from each env's latest `window_steps` steps (over all envs), widening the window when
+        episode ends leave no room for a whole fragment."""
+        length, buffer = self.args.fragment_length, self.trainer.buffer
+        self.ensure_rollouts(length + 1)
+        recent = max(length, -(-window_steps // self.args.num_envs))
+        while True:
+            try:
+                return buffer.recent_fragments(length, count, recent, self.fragment_generator)
+            except RuntimeError:
+                if recent >= buffer.written - 1:
+                    raise
+                recent = min(2 * recent, buffer.written - 1)
+
+    def gather_pairs(self, count: int, window_steps: int) -> PairBatch:
+        frames, actions, rewards = self.sample_fragments(2 * count, window_steps)
+        returns = rewards.sum(1)
+        first, second = slice(0, None, 2), slice(1, None, 2)
+        labels = label_pairs(self.args.teacher, returns[first], returns[second], self.cpu_generator)
+        return PairBatch(
+            frames[first], actions[first], frames[second], actions[second], labels, returns[first], returns[second]
+        )
+
+    def stored_accuracy(self) -> float:
+        rows = self.pairs.oldest_first()
+        if self.args.accuracy_pairs:
+            rows = rows[-self.args.accuracy_pairs:]
+        p = self.pairs.get(rows)
+        return preference_accuracy(
+            self.reward_net, p.frames1, p.actions1, p.frames2, p.actions2, p.returns1, p.returns2
+        )
+
+    def log_reward_phase(self, stats: dict | None, inv_alpha: float, new_pairs: int) -> None:
+        step, log = self.trainer.global_step, self.trainer.log_scalar
+        if stats is not None:
+            for key in ("loss", "bce", "hyper_term"):
+                log(f"reward/{key}", stats[key], step)
+        log("reward/accuracy_train", self.stored_accuracy(), step)
+        log("reward/num_pairs", len(self.pairs), step)
+        log("reward/new_pairs", new_pairs, step)
+        log("reward/inv_alpha", inv_alpha, step)
+        log("reward/iteration", self.iteration, step)
+
+    def log_fresh_accuracy(self) -> None:
+        """Accuracy of the reward model the policy has just trained on, on the policy's own latest fragments."""
+        if self.args.fresh_pairs <= 0:
+            return
+        p = self.gather_pairs(self.args.fresh_pairs, self.args.inner_steps)
+        accuracy = preference_accuracy(
+            self.reward_net, p.frames1, p.actions1, p.frames2, p.actions2, p.returns1, p.returns2
+        )
+        self.trainer.log_scalar("reward/accuracy_fresh", accuracy, self.trainer.global_step)
+
+    def state_dict(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "sac_end": self.sac_end,
+            "reward_net": self.reward_net.state_dict(),
+            "reward_optimizer": self.optimizer.state_dict(),
+            "pairs": self.pairs.state_dict(),
+            "fragment_generator": self.fragment_generator.get_state(),
+            "cpu_generator": self.cpu_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration, self.sac_end = int(state["iteration"]), int(state["sac_end"])
+        self.reward_net.load_state_dict(state["reward_net"])
+        self.reward_net.eval()
+        self.optimizer.load_state_dict(state["reward_optimizer"])
+        self.pairs.load_state_dict(state["pairs"])
+        self.fragment_generator.set_state(state["fragment_generator"].cpu())
+        self.cpu_generator.set_state(state["cpu_generator"].cpu())
+
+
+def run_preference_rl(
+    args_cls: type[PreferenceArgs], argv: Sequence[str] | None, implicit: bool, description: str | None = None
+) -> sac.SACTrainer:
+    """Parse, validate, build, and run DRLHF (implicit=False) or SoBiRL (implicit=True) to completion."""
+    enable_huge_pages()
+    args, state = sac.parse_or_resume(args_cls, argv, description)
+    validate_preference(args)
+    device = sac.prepare(args)
+    trainer = sac.SACTrainer(args, device)
+    try:
+        learner = PreferenceLearner(args, trainer, implicit)
+    except UsageError:
+        trainer.close()
+        raise
+    run_name = sac.start_or_resume(trainer, args, state)
+    print(f"run {run_name} on {device}: logs in {trainer.checkpoint_path.parent}")
+    sac.run_to_completion(trainer, learner.train)
+    return trainer

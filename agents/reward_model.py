@@ -50,7 +50,9 @@ def random_bits(like: torch.Tensor, generator: torch.Generator | None = None) ->
     patterns; a float multiply by a bool or uint8 mask would first convert the mask to float.
     """
     count, device = like.numel(), like.device
-    words = torch.randint(-(2**31), 2**31, ((count + 31) // 32, 1), dtype=torch.int32, device=device, generator=generator)
+    words = torch.randint(
+        -(2**31), 2**31, ((count + 31) // 32, 1), dtype=torch.int32, device=device, generator=generator
+    )
     to_sign = 31 - torch.arange(32, dtype=torch.int32, device=device)
     bits = (words << to_sign).__irshift__(31)
     return bits.flatten()[:count].as_strided(like.shape, like.stride())

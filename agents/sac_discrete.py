@@ -260,6 +260,7 @@ class SACTrainer:
         self.num_actions, self.obs_shape = check_env_spaces(
             args.env_id, self.envs.single_action_space, self.envs.single_observation_space
         )
+        limit_cpu_threads(self.obs_shape)
         self.agent = SACDiscrete(self.obs_shape, self.num_actions, args, device)
         try:
             self.buffer = FrameReplayBuffer(args.buffer_size, args.num_envs, self.obs_shape, self.envs.frame_stack, device)
@@ -383,6 +384,9 @@ class SACTrainer:
     def record_video(self, seed: int) -> None:
         from wrappers.video import record_greedy_episode
 
+        if self.args.env_id.startswith("MinAtar/"):
+            print("--capture-video: MinAtar games have no renderer here; no video recorded")
+            return
         folder = f"videos/{self.run_name}/step_{self.global_step}"
         record_greedy_episode(self.args.env_id, self.agent.actor, self.device, folder, seed)
 

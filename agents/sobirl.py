@@ -6,22 +6,23 @@ reward update descends the practical hyper-gradient estimator (78):
     mean over pairs of  grad l  +  l * (1/alpha) * sum over both fragments and all steps of
                                   (grad r(s_t, a_t) - sum_a pi(a|s_t) grad r(s_t, a))
 
-with l the Bradley-Terry cross-entropy of the pair. `sobirl_loss` is a scalar whose gradient is that estimator.
+with l the Bradley-Terry cross-entropy of the pair. `sobirl_loss` is a scalar whose gradient is that estimator;
+with inv_alpha = 0 it is DRLHF's loss, so both algorithms train their reward models through it.
+
+    python agents/sobirl.py --env-id BeamRiderNoFrameskip-v4
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
-# The reference clamps the return difference before the sigmoid (RLHF.py:480); with it, log P >= -50 and the loss
-# never saturates to inf.
-LOGIT_CLAMP = 50.0
-
-
-def fragment_returns(rewards: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Sum over steps of r(s_t, a_t): (B, H, A) per-action rewards and (B, H) actions -> (B,)."""
-    return rewards.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1).sum(-1)
+from agents.common import flag, run_cli
+from agents.preference import LOGIT_CLAMP, PreferenceArgs, fragment_returns, run_preference_rl
+from agents.sac_discrete import SACTrainer
 
 
 def bradley_terry_bce(return1: torch.Tensor, return2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -67,3 +68,24 @@ def sobirl_loss(
     coefficient. inv_alpha = 0 gives DRLHF's loss, the mean Bradley-Terry cross-entropy, exactly.
     """
     return sobirl_loss_terms(r1, a1, pi1, r2, a2, pi2, y, inv_alpha)[0]
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The algorithm: DRLHF's pipeline (agents/preference.py) with the implicit term switched on.
+
+
+@dataclass
+class Args(PreferenceArgs):
+    exp_name: str = flag("sobirl", "name of this experiment (part of the run name)")
+    hyper_start: int = flag(
+        100_000, "the implicit term is on once global_step exceeds this (the reference code's threshold); 0 before"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> SACTrainer:
+    return run_preference_rl(Args, argv, implicit=True, description=__doc__)
+
+
+if __name__ == "__main__":
+    run_cli(main)

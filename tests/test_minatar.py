@@ -143,8 +143,9 @@ def test_sac_runs_on_minatar(minatar, tmp_path, monkeypatch):
         "--no-progress", "--runs-dir", str(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    # The run name starts with the env id, so its "/" nests the run directory.
-    tags = scalar_tags(only_run_dir(tmp_path / "MinAtar"))
+    run_dir = only_run_dir(tmp_path)
+    assert run_dir.name.startswith("MinAtar-Breakout-v1__sac_discrete__1__"), "the id's '/' does not nest the run"
+    tags = scalar_tags(run_dir)
     returns = [value for _, value in tags["charts/episodic_return"]]
     assert len(returns) >= 5 and min(returns) >= 0
     assert "losses/qf_loss" in tags

@@ -52,7 +52,9 @@ def all_trajectories() -> tuple[torch.Tensor, torch.Tensor]:
     return states, actions
 
 
-def trajectory_log_probs(problem: dict, theta: torch.Tensor, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+def trajectory_log_probs(
+    problem: dict, theta: torch.Tensor, states: torch.Tensor, actions: torch.Tensor
+) -> torch.Tensor:
     rewards = problem["features"] @ theta  # (S, A)
     log_pi = torch.log_softmax(rewards / ALPHA, dim=-1)
     log_p = problem["initial"].log()[states[:, 0]] + log_pi[states, actions].sum(1)
@@ -208,7 +210,8 @@ def test_loss_is_bce_plus_weighted_advantage_sum():
         reduction="none",
     )
     h = sum(
-        (r.gather(-1, a[..., None]).squeeze(-1) - (r * pi).sum(-1)).sum(1) for r, a, pi in ((r1, a1, pi1), (r2, a2, pi2))
+        (r.gather(-1, a[..., None]).squeeze(-1) - (r * pi).sum(-1)).sum(1)
+        for r, a, pi in ((r1, a1, pi1), (r2, a2, pi2))
     )
     expected = (per_pair_bce.detach() * inv_alpha * h).mean()
     torch.testing.assert_close(hyper, expected.detach())

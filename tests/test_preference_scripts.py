@@ -1,0 +1,125 @@
+"""DRLHF and SoBiRL scripts: tiny end-to-end runs, checkpoint resume and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from agents import drlhf, sobirl
+from agents.common import run_cli
+from tests.conftest import assert_usage_error, only_run_dir, run_script, scalar_tags
+
+# 40 rollout steps for the 4 warm-up pairs, then reward phases at steps 41, 141, 241, 341.
+TINY = [
+    "--total-timesteps", "400", "--learning-starts", "100", "--buffer-size", "1000", "--batch-size", "8",
+    "--initial-pairs", "4", "--warmup-epochs", "2", "--inner-steps", "100", "--fragment-length", "5",
+    "--pair-buffer", "9", "--reward-batch-size", "4", "--total-pairs", "20", "--schedule-iterations", "10",
+    "--fresh-pairs", "4", "--max-episode-frames", "400", "--num-envs", "1", "--log-every", "5", "--no-progress",
+]
+REWARD_TAGS = {
+    "reward/loss", "reward/bce", "reward/hyper_term", "reward/accuracy_train", "reward/accuracy_fresh",
+    "reward/num_pairs",
+}
+
+
+def run_tags(script: str, runs_dir, *flags: str) -> dict:
+    result = run_script(script, *TINY, "--runs-dir", str(runs_dir), *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return scalar_tags(only_run_dir(runs_dir))
+
+
+def values(tags: dict, tag: str) -> list[float]:
+    return [value for _, value in tags[tag]]
+
+
+def test_drlhf_smoke_run(tmp_path):
+    tags = run_tags("agents/drlhf.py", tmp_path)
+    assert REWARD_TAGS | {"losses/qf1_loss", "charts/episodic_return"} <= set(tags)
+    assert [step for step, _ in tags["reward/loss"]] == [41, 141, 241, 341]
+    # 4 warm-up pairs, then the schedule's 2 per iteration, in a FIFO of 9.
+    assert values(tags, "reward/num_pairs") == [4, 6, 8, 9]
+    assert values(tags, "reward/hyper_term") == [0.0] * 4
+    assert values(tags, "reward/loss") == values(tags, "reward/bce")
+    assert only_run_dir(tmp_path).name.startswith("BeamRiderNoFrameskip-v4__drlhf__1__")
+
+
+def test_sobirl_smoke_run_switches_the_implicit_term_on(tmp_path):
+    tags = run_tags("agents/sobirl.py", tmp_path, "--hyper-start", "200")
+    assert REWARD_TAGS <= set(tags)
+    hyper = dict(tags["reward/hyper_term"])
+    inv_alpha = dict(tags["reward/inv_alpha"])
+    assert hyper[41] == hyper[141] == 0.0 and inv_alpha[141] == 0.0
+    assert hyper[241] != 0.0 and inv_alpha[241] > 0.0  # global_step 241 > --hyper-start 200
+    for (_, loss), (_, bce), (_, h) in zip(tags["reward/loss"], tags["reward/bce"], tags["reward/hyper_term"]):
+        assert math.isclose(loss, bce + h, rel_tol=1e-4, abs_tol=1e-6)
+    assert only_run_dir(tmp_path).name.startswith("BeamRiderNoFrameskip-v4__sobirl__1__")
+
+
+def test_resume_continues_the_outer_loop(tmp_path):
+    run_tags("agents/drlhf.py", tmp_path, "--total-timesteps", "250")
+    run_dir = only_run_dir(tmp_path)
+    result = run_script("agents/drlhf.py", "--resume", str(run_dir), "--total-timesteps", "400", "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tags = scalar_tags(run_dir)
+    # The first run's phases at 41, 141, 241 and its pairs carry over; the resumed one adds phases at 250 and 350.
+    assert [step for step, _ in tags["reward/num_pairs"]] == [41, 141, 241, 250, 350]
+    assert values(tags, "reward/num_pairs") == [4, 6, 8, 9, 9]
+    assert values(tags, "reward/iteration") == [1, 2, 3, 4, 5]
+
+
+def cli_error(main, argv: list[str], capsys) -> str:
+    """Run a script's main as its command line does, in this process; return the one-line error it reports."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--teacher", "human"], ["--teacher"]),
+        (["--initial-pairs", "50", "--pair-buffer", "10"], ["--initial-pairs", "--pair-buffer"]),
+        (["--fragment-length", "200", "--inner-steps", "100"], ["--fragment-length", "--inner-steps"]),
+        (["--fragment-length", "30", "--inner-steps", "100", "--num-envs", "4"], ["--fragment-length"]),
+        (["--fragment-length", "0"], ["--fragment-length"]),
+        (
+            ["--fragment-length", "35", "--buffer-size", "40", "--batch-size", "8"],
+            ["--fragment-length", "--buffer-size"],
+        ),
+        (["--total-pairs", "5", "--initial-pairs", "10"], ["--total-pairs"]),
+        (["--reward-lr", "-1"], ["--reward-lr"]),
+        (["--warmup-epochs", "-1"], ["--warmup-epochs"]),
+        (["--hyper-start", "-5"], ["--hyper-start"]),
+        (["--env-id", "MinAtar/Breakout-v1"], ["--env-id"]),
+    ],
+)
+def test_sobirl_bad_input_is_one_line_and_exit_2(flags, words, tmp_path, capsys):
+    line = cli_error(sobirl.main, [*flags, "--runs-dir", str(tmp_path)], capsys)
+    assert all(word in line for word in words), line
+    assert not any(tmp_path.iterdir()), "bad input creates no run directory"
+
+
+def test_drlhf_has_no_hyper_start(capsys):
+    assert "--hyper-start" in cli_error(drlhf.main, ["--hyper-start", "5"], capsys)
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    """The real command lines: one line on stderr, exit status 2, no traceback, no run directory."""
+    assert_usage_error(run_script("agents/sobirl.py", "--teacher", "human", "--runs-dir", str(tmp_path)), "--teacher")
+    assert_usage_error(
+        run_script("agents/drlhf.py", "--initial-pairs", "50", "--pair-buffer", "10", "--runs-dir", str(tmp_path)),
+        "--initial-pairs",
+    )
+    assert_usage_error(run_script("sobirl/beamrider.py", "--algo", "rlhf"), "--algo")
+    assert not any(tmp_path.iterdir())
+
+
+def test_entry_point_lists_the_preference_flags():
+    result = run_script("sobirl/beamrider.py", "--algo", "drlhf", "--help")
+    assert result.returncode == 0 and "--initial-pairs" in result.stdout and "--hyper-start" not in result.stdout
+    result = run_script("sobirl/beamrider.py", "--algo", "sobirl", "--help")
+    assert result.returncode == 0 and "--hyper-start" in result.stdout and "4300000" in result.stdout
