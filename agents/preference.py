@@ -20,7 +20,6 @@ import torch
 from agents import sac_discrete as sac
 from agents.common import UsageError, flag, require, require_positive
 from agents.reward_model import RewardCNN
-from wrappers.minatar import is_minatar_id
 
 PolicyProbs = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, *obs_shape) -> (N, A) action probabilities
 
@@ -245,6 +244,7 @@ def reward_update(
     policy_probs: PolicyProbs | None = None,
     weight: float = 1.0,
     policy_chunk: int = 1600,
+    hyper_baseline: bool = False,
 ) -> dict[str, float]:
     """One optimizer step on `pairs` with the SoBiRL loss (the BCE alone when inv_alpha == 0), scaled by `weight`.
 
@@ -265,7 +265,9 @@ def reward_update(
     rewards = reward_net(obs).view(2, batch, length, -1)
     del obs
     r1, r2 = rewards[0], rewards[1]
-    loss, bce, hyper = sobirl_loss_terms(r1, pairs.actions1, pi1, r2, pairs.actions2, pi2, pairs.labels, inv_alpha)
+    loss, bce, hyper = sobirl_loss_terms(
+        r1, pairs.actions1, pi1, r2, pairs.actions2, pi2, pairs.labels, inv_alpha, hyper_baseline
+    )
     optimizer.zero_grad(set_to_none=True)
     (loss * weight).backward()
     optimizer.step()
@@ -285,6 +287,7 @@ def reward_epoch(
     policy_probs: PolicyProbs | None = None,
     generator: torch.Generator | None = None,
     policy_chunk: int = 1600,
+    hyper_baseline: bool = False,
 ) -> dict[str, float]:
     """One pass over the pair buffer in shuffled minibatches of `batch_size`, the net in training mode throughout.
 
@@ -302,7 +305,8 @@ def reward_epoch(
         for part in order.split(batch_size):
             pairs = buffer.get(rows[part])
             step = reward_update(
-                reward_net, optimizer, pairs, inv_alpha, policy_probs, len(part) / batch_size, policy_chunk
+                reward_net, optimizer, pairs, inv_alpha, policy_probs, len(part) / batch_size, policy_chunk,
+                hyper_baseline,
             )
             for key in ("loss", "bce", "hyper_term"):
                 totals[key] += step[key] * len(part)
@@ -438,12 +442,6 @@ def validate_preference(args: PreferenceArgs) -> None:
     )
     if hasattr(args, "hyper_start"):
         require(args.hyper_start >= 0, f"--hyper-start must be non-negative, got {args.hyper_start}")
-    # Checked before any environment exists; other small observations are caught when the reward model is built.
-    require(
-        not is_minatar_id(args.env_id),
-        f"--env-id {args.env_id}: the reward model is the paper's CNN for 84x84 Atari frames; MinAtar's 10x10 boards "
-        "are too small for it",
-    )
 
 
 class PreferenceLearner:
@@ -523,7 +521,7 @@ class PreferenceLearner:
         for _ in range(epochs):
             stats = reward_epoch(
                 self.reward_net, self.optimizer, self.pairs, a.reward_batch_size, inv_alpha, policy,
-                self.cpu_generator, a.policy_chunk,
+                self.cpu_generator, a.policy_chunk, getattr(a, "hyper_baseline", False),
             )
         self.reward_net.eval()
         self.iteration += 1

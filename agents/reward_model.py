@@ -25,6 +25,9 @@ from torch import nn
 
 # (kernel, stride) of the four convolutions, from Appendix I.
 CONV_LAYERS = ((7, 3), (5, 2), (3, 1), (3, 1))
+# Small boards (MinAtar's 10x10) get two 3x3 stride-1 convolutions of the same design; Atari keeps the paper's.
+SMALL_CONV_LAYERS = ((3, 1), (3, 1))
+SMALL_INPUT = 36
 FILTERS = 16
 HIDDEN = 64
 NEGATIVE_SLOPE = 0.01
@@ -32,10 +35,14 @@ DROPOUT = 0.5
 PIXEL_SCALE = 1.0 / 255.0
 
 
-def conv_output_sizes(size: int) -> list[int]:
-    """Spatial size after each convolution (84 -> 26 -> 11 -> 9 -> 7)."""
+def conv_layers_for(height: int, width: int) -> tuple[tuple[int, int], ...]:
+    return CONV_LAYERS if min(height, width) >= SMALL_INPUT else SMALL_CONV_LAYERS
+
+
+def conv_output_sizes(size: int, layers: tuple[tuple[int, int], ...] = CONV_LAYERS) -> list[int]:
+    """Spatial size after each convolution (84 -> 26 -> 11 -> 9 -> 7 for the paper's layers)."""
     sizes = []
-    for kernel, stride in CONV_LAYERS:
+    for kernel, stride in layers:
         size = (size - kernel) // stride + 1
         sizes.append(size)
     return sizes
@@ -130,7 +137,8 @@ class _ConvFromPixels(torch.autograd.Function):
 
 
 class RewardCNN(nn.Module):
-    """r_phi(s, .) for (B, C, 84, 84) uint8 observations; forward returns (B, num_actions) float rewards.
+    """r_phi(s, .) for (B, C, 84, 84) uint8 observations (or small boards, with two 3x3 convolutions); forward
+    returns (B, num_actions) float rewards.
 
     Call `.eval()` before producing rewards for the policy learner (no dropout, running BatchNorm statistics) and
     `.train()` only around the reward model's own updates.
@@ -141,20 +149,18 @@ class RewardCNN(nn.Module):
         if len(obs_shape) != 3:
             raise ValueError(f"RewardCNN needs (channels, height, width) observations, got shape {tuple(obs_shape)}")
         channels, height, width = obs_shape
-        sizes_h, sizes_w = conv_output_sizes(height), conv_output_sizes(width)
+        layers = conv_layers_for(height, width)
+        sizes_h, sizes_w = conv_output_sizes(height, layers), conv_output_sizes(width, layers)
         if min(sizes_h + sizes_w) < 1:
-            raise ValueError(
-                f"RewardCNN is the paper's 84x84 Atari architecture; observations of {height}x{width} are too small "
-                "for its kernels 7/5/3/3 with strides 3/2/1/1"
-            )
+            raise ValueError(f"observations of {height}x{width} are too small for the reward CNN's 3x3 kernels")
         self.obs_shape = tuple(obs_shape)
         self.num_actions = num_actions
         self.dropout = dropout
-        in_channels = [channels] + [FILTERS] * (len(CONV_LAYERS) - 1)
+        in_channels = [channels] + [FILTERS] * (len(layers) - 1)
         self.convs = nn.ModuleList(
-            nn.Conv2d(c, FILTERS, kernel, stride=stride) for c, (kernel, stride) in zip(in_channels, CONV_LAYERS)
+            nn.Conv2d(c, FILTERS, kernel, stride=stride) for c, (kernel, stride) in zip(in_channels, layers)
         )
-        self.norms = nn.ModuleList(nn.BatchNorm2d(FILTERS) for _ in CONV_LAYERS)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(FILTERS) for _ in layers)
         self.features = FILTERS * sizes_h[-1] * sizes_w[-1]
         self.fc = nn.Linear(self.features, HIDDEN)
         self.head = nn.Linear(HIDDEN, num_actions)

@@ -41,7 +41,7 @@ def advantage_sum(rewards: torch.Tensor, actions: torch.Tensor, probs: torch.Ten
 def sobirl_loss_terms(
     r1: torch.Tensor, a1: torch.Tensor, pi1: torch.Tensor | None,
     r2: torch.Tensor, a2: torch.Tensor, pi2: torch.Tensor | None,
-    y: torch.Tensor, inv_alpha: float,
+    y: torch.Tensor, inv_alpha: float, baseline: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, mean BCE, mean implicit term); loss = mean BCE + mean implicit term. See `sobirl_loss`."""
     bce = bradley_terry_bce(fragment_returns(r1, a1), fragment_returns(r2, a2), y)
@@ -50,7 +50,8 @@ def sobirl_loss_terms(
         return bce_mean, bce_mean.detach(), torch.zeros((), dtype=bce.dtype, device=bce.device)
     if pi1 is None or pi2 is None:
         raise ValueError("the implicit term (inv_alpha != 0) needs the policy's action probabilities pi1 and pi2")
-    implicit = bce.detach() * inv_alpha * (advantage_sum(r1, a1, pi1) + advantage_sum(r2, a2, pi2))
+    weight = bce.detach() - bce.detach().mean() if baseline else bce.detach()
+    implicit = weight * inv_alpha * (advantage_sum(r1, a1, pi1) + advantage_sum(r2, a2, pi2))
     hyper_mean = implicit.mean()
     return bce_mean + hyper_mean, bce_mean.detach(), hyper_mean.detach()
 
@@ -58,7 +59,7 @@ def sobirl_loss_terms(
 def sobirl_loss(
     r1: torch.Tensor, a1: torch.Tensor, pi1: torch.Tensor | None,
     r2: torch.Tensor, a2: torch.Tensor, pi2: torch.Tensor | None,
-    y: torch.Tensor, inv_alpha: float,
+    y: torch.Tensor, inv_alpha: float, baseline: bool = False,
 ) -> torch.Tensor:
     """The SoBiRL upper-level surrogate loss for a batch of B preference pairs.
 
@@ -66,8 +67,12 @@ def sobirl_loss(
     taken; pi1, pi2: (B, H, A) current-policy action probabilities (treated as constants; may be None when
     inv_alpha == 0); y: (B,) probability that fragment 1 is preferred; inv_alpha: 1/alpha, the implicit term's
     coefficient. inv_alpha = 0 gives DRLHF's loss, the mean Bradley-Terry cross-entropy, exactly.
+
+    baseline=True (not in the paper) weights the implicit term by l minus the batch-mean l: the same expected
+    gradient (the score function has zero mean under pi) with lower variance. Without it every pair pushes the
+    rewards of its taken actions below the policy average, since l >= 0.
     """
-    return sobirl_loss_terms(r1, a1, pi1, r2, a2, pi2, y, inv_alpha)[0]
+    return sobirl_loss_terms(r1, a1, pi1, r2, a2, pi2, y, inv_alpha, baseline)[0]
 
 
 
@@ -80,6 +85,10 @@ class Args(PreferenceArgs):
     exp_name: str = flag("sobirl", "name of this experiment (part of the run name)")
     hyper_start: int = flag(
         100_000, "the implicit term is on once global_step exceeds this (the reference code's threshold); 0 before"
+    )
+    hyper_baseline: bool = flag(
+        False, "subtract the minibatch-mean cross-entropy from the implicit term's weight (variance reduction; "
+        "not in the paper)"
     )
 
 

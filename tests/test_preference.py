@@ -176,9 +176,12 @@ def test_reward_cnn_architecture():
     assert out.shape == (6, 9)
 
 
-def test_reward_cnn_rejects_small_observations():
+def test_reward_cnn_on_small_boards_uses_two_3x3_convolutions():
+    net = RewardCNN((4, 10, 10), 6)  # MinAtar-sized
+    assert [c.kernel_size[0] for c in net.convs] == [3, 3] and net.features == 16 * 6 * 6
+    assert net.eval()(torch.randint(0, 256, (5, 4, 10, 10), dtype=torch.uint8)).shape == (5, 6)
     with pytest.raises(ValueError, match="too small"):
-        RewardCNN((4, 10, 10), 6)
+        RewardCNN((4, 4, 4), 6)
 
 
 def test_reward_cnn_eval_is_deterministic_and_matches_stock_modules():

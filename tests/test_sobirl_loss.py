@@ -226,3 +226,23 @@ def test_return_difference_is_clamped():
     a = torch.zeros(1, 2, dtype=torch.long)
     loss = sobirl_loss(r1, a, None, r2, a, None, torch.zeros(1, dtype=torch.float64), 0.0)
     torch.testing.assert_close(loss, torch.tensor(50.0, dtype=torch.float64))
+
+
+def test_baseline_subtracts_the_batch_mean_cross_entropy_from_the_implicit_weight():
+    r1, a1, pi1, r2, a2, pi2, y = random_batch(seed=5)
+    inv_alpha = 0.9
+    _, bce_mean, plain = sobirl_loss_terms(r1, a1, pi1, r2, a2, pi2, y, inv_alpha)
+    _, _, centred = sobirl_loss_terms(r1, a1, pi1, r2, a2, pi2, y, inv_alpha, baseline=True)
+    per_pair = F.binary_cross_entropy_with_logits(
+        r1.gather(-1, a1[..., None]).squeeze(-1).sum(1) - r2.gather(-1, a2[..., None]).squeeze(-1).sum(1),
+        y, reduction="none",
+    )
+    h = sum(
+        (r.gather(-1, a[..., None]).squeeze(-1) - (r * pi).sum(-1)).sum(1)
+        for r, a, pi in ((r1, a1, pi1), (r2, a2, pi2))
+    )
+    torch.testing.assert_close(centred, ((per_pair - per_pair.mean()) * inv_alpha * h).mean().detach())
+    assert not torch.allclose(centred, plain)
+    # Equal cross-entropies leave nothing to centre: the implicit term vanishes.
+    same = sobirl_loss_terms(r1, a1, pi1, r1, a1, pi1, torch.full_like(y, 0.5), inv_alpha, baseline=True)[2]
+    torch.testing.assert_close(same, torch.zeros_like(same))
