@@ -11,6 +11,7 @@ buffer for free.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,9 @@ def validate(args: Args) -> None:
         "target_network_frequency", "policy_lr", "q_lr", "adam_eps", "alpha", "log_every", "max_episode_frames",
     )
     require(args.learning_starts >= 0, f"--learning-starts must be non-negative, got {args.learning_starts}")
+    if args.capture_video:
+        require(importlib.util.find_spec("moviepy") is not None,
+                '--capture-video needs moviepy: pip install -e ".[video]"')
     require(args.eval_episodes > 0, f"--eval-episodes must be positive, got {args.eval_episodes}")
     for name in ("save_every", "eval_every"):
         require(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
@@ -250,11 +254,11 @@ class SACTrainer:
     """Runs SAC-discrete on a vector env; `run(n)` continues the same environments for n more env steps, so an
     outer loop (the preference algorithms) can interleave its own phases without resetting games."""
 
-    def __init__(self, args: Args, device: torch.device, writer: SummaryWriter | None = None):
+    def __init__(self, args: Args, device: torch.device):
         """Builds environments, networks and replay (raising UsageError for bad settings) before any run directory
-        exists; attach the TensorBoard writer afterwards."""
+        exists; `start_or_resume` attaches the TensorBoard writer afterwards."""
         self.args = args
-        self.writer = writer
+        self.writer: SummaryWriter | None = None
         self.device = device
         self.envs = self._make_envs(args.seed)
         self.num_actions, self.obs_shape = check_env_spaces(
@@ -265,7 +269,7 @@ class SACTrainer:
         try:
             self.buffer = FrameReplayBuffer(args.buffer_size, args.num_envs, self.obs_shape, self.envs.frame_stack, device)
         except ValueError as err:
-            require(False, f"--buffer-size: {err}")
+            raise UsageError(f"--buffer-size: {err}") from None
         self.reward_fn: RewardFn | None = None
         self.global_step = 0
         self.num_updates = 0
@@ -324,7 +328,7 @@ class SACTrainer:
                 self.agent.set_learning_rates(self.global_step)
                 for _ in range(self.global_step // a.update_frequency - previous_step // a.update_frequency):
                     self._update()
-                if self.global_step // a.target_network_frequency > previous_step // a.target_network_frequency:
+                if crossed(previous_step, self.global_step, a.target_network_frequency):
                     self.agent.copy_targets()
             self._progress.update(a.num_envs)
             if self.global_step % 1000 < a.num_envs:
@@ -388,7 +392,9 @@ class SACTrainer:
             print("--capture-video: MinAtar games have no renderer here; no video recorded")
             return
         folder = f"videos/{self.run_name}/step_{self.global_step}"
-        record_greedy_episode(self.args.env_id, self.agent.actor, self.device, folder, seed)
+        record_greedy_episode(
+            self.args.env_id, self.agent.actor, self.device, folder, seed, self.args.max_episode_frames
+        )
 
     def state_dict(self) -> dict:
         return {

@@ -12,11 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a repository script as a user would (`python agents/x.py ...`) from the repository root."""
+def run_script(*args: str, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a repository script as a user would (`python agents/x.py ...`), from the repository root by default."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    script, *rest = args
     return subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(REPO / script), *rest], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -45,5 +46,10 @@ def only_run_dir(runs_dir: Path) -> Path:
 
 
 @pytest.fixture
-def fake_runs(tmp_path):
-    return tmp_path / "runs"
+def single_thread():
+    """For tests on tiny tensors: one thread is faster, and immune to the stalls a second OpenMP thread suffers when
+    other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

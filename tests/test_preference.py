@@ -27,14 +27,7 @@ from agents.preference import (
 from agents.reward_model import RewardCNN, conv_output_sizes, drop_units_, random_bits
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: one thread is faster, and immune to the stalls a second OpenMP thread suffers when
-    other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Teachers

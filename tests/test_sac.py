@@ -98,6 +98,20 @@ def test_entry_point_runs_sac(tmp_path):
     assert SAC_TAGS <= set(scalar_tags(only_run_dir(tmp_path)))
 
 
+def test_evaluation_logs_true_scores_and_records_videos(tmp_path):
+    pytest.importorskip("moviepy")
+    result = run_script(
+        "agents/sac_discrete.py", *TINY, "--runs-dir", str(tmp_path / "runs"), "--eval-every", "200",
+        "--eval-episodes", "2", "--capture-video", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    tags = scalar_tags(only_run_dir(tmp_path / "runs"))
+    assert [step for step, _ in tags["eval/episodic_return"]] == [200]
+    assert "eval/episodic_return_greedy" in tags
+    videos = sorted(p.relative_to(tmp_path / "videos").parts[1] for p in (tmp_path / "videos").rglob("*.mp4"))
+    assert videos == ["step_200", "step_240"], "one greedy game at the evaluation and one at the end"
+
+
 def test_same_seed_gives_identical_first_losses(tmp_path):
     losses = []
     for name in ("a", "b"):

@@ -11,14 +11,7 @@ import torch.nn.functional as F
 from agents.sobirl import sobirl_loss, sobirl_loss_terms
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: one thread is faster, and immune to the stalls a second OpenMP thread suffers when
-    other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tabular exactness (ALGORITHMS.md 1.2 and 1.13.1)
