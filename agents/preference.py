@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from agents import sac_discrete as sac
 from agents.common import UsageError, flag, require, require_positive
@@ -518,7 +519,9 @@ class PreferenceLearner:
         policy = self.trainer.policy_probs if inv_alpha else None
         epochs = a.warmup_epochs if i == 0 else 1
         stats = None
-        for _ in range(epochs):
+        # The warm-up (512 epochs over 600 pairs) takes about an hour on a CPU: show it.
+        for _ in tqdm(range(epochs), desc="reward warm-up", unit="epoch", leave=False,
+                      disable=not a.progress or epochs == 1):
             stats = reward_epoch(
                 self.reward_net, self.optimizer, self.pairs, a.reward_batch_size, inv_alpha, policy,
                 self.cpu_generator, a.policy_chunk, getattr(a, "hyper_baseline", False),
