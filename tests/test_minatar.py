@@ -149,3 +149,18 @@ def test_sac_runs_on_minatar(minatar, tmp_path, monkeypatch):
     returns = [value for _, value in tags["charts/episodic_return"]]
     assert len(returns) >= 5 and min(returns) >= 0
     assert "losses/qf_loss" in tags
+
+
+def test_sobirl_runs_on_minatar(minatar, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    result = run_script(
+        "agents/sobirl.py", "--env-id", "MinAtar/SpaceInvaders-v1", "--total-timesteps", "600",
+        "--learning-starts", "100", "--buffer-size", "2000", "--batch-size", "16", "--initial-pairs", "8",
+        "--warmup-epochs", "2", "--inner-steps", "100", "--fragment-length", "10", "--pair-buffer", "40",
+        "--total-pairs", "40", "--schedule-iterations", "5", "--hyper-start", "200", "--no-progress",
+        "--runs-dir", str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    tags = scalar_tags(only_run_dir(tmp_path))
+    assert {"reward/bce", "reward/hyper_term", "charts/episodic_return"} <= set(tags)
+    assert any(value != 0 for _, value in tags["reward/hyper_term"]), "the implicit term switched on after 200 steps"

@@ -94,7 +94,7 @@ def cli_error(main, argv: list[str], capsys) -> str:
         (["--reward-lr", "-1"], ["--reward-lr"]),
         (["--warmup-epochs", "-1"], ["--warmup-epochs"]),
         (["--hyper-start", "-5"], ["--hyper-start"]),
-        (["--env-id", "MinAtar/Breakout-v1"], ["--env-id"]),
+        (["--env-id", "NoSuchGameNoFrameskip-v4"], ["--env-id"]),
     ],
 )
 def test_sobirl_bad_input_is_one_line_and_exit_2(flags, words, tmp_path, capsys):
