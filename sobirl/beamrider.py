@@ -24,6 +24,8 @@ def main(argv: Sequence[str] | None = None):
     parser = OneLineErrorParser(description=__doc__, add_help=False, usage="%(prog)s [--algo {sobirl,drlhf,sac}] [algorithm flags]")
     parser.add_argument("--algo", default="sobirl", choices=sorted(ALGORITHMS), help="which algorithm to run")
     known, rest = parser.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        print(f"--algo {{{','.join(sorted(ALGORITHMS))}}}: the algorithm to run (default sobirl); {known.algo}'s flags:\n")
     if not any(arg == "--env-id" or arg.startswith("--env-id=") for arg in rest):
         rest = ["--env-id", ENV_ID, *rest]
     module = importlib.import_module(ALGORITHMS[known.algo])
