@@ -225,16 +225,18 @@ def probs_in_chunks(policy_probs: PolicyProbs, obs: torch.Tensor, chunk: int) ->
         return torch.cat([policy_probs(part) for part in obs.split(chunk)])
 
 
-def pair_rewards(
-    reward_net: torch.nn.Module, frames1: torch.Tensor, frames2: torch.Tensor, length: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-action rewards (B, H, A) of both fragments from ONE forward pass, plus the (2 B H, *obs_shape) inputs.
+def pair_observations(frames1: torch.Tensor, frames2: torch.Tensor, length: int) -> torch.Tensor:
+    """Both fragments of every pair as one (2 B H, *obs_shape) batch, fragment 1 first.
 
-    One pass matters beyond speed: in training mode BatchNorm normalises over both fragments of every pair together.
+    One batch matters beyond speed: in training mode BatchNorm normalises over both fragments of every pair together.
     """
-    obs = fragment_observations(torch.cat([frames1, frames2]), length)
-    rewards = reward_net(obs).view(2, frames1.shape[0], length, -1)
-    return rewards[0], rewards[1], obs
+    return fragment_observations(torch.cat([frames1, frames2]), length)
+
+
+def split_pairs(values: torch.Tensor, pairs: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2 B H, A) per-observation values of `pair_observations` -> (B, H, A) for fragment 1 and for fragment 2."""
+    both = values.view(2, pairs, length, -1)
+    return both[0], both[1]
 
 
 def reward_update(
@@ -256,16 +258,15 @@ def reward_update(
     from agents.sobirl import sobirl_loss_terms
 
     batch, length = pairs.actions1.shape
-    obs = fragment_observations(torch.cat([pairs.frames1, pairs.frames2]), length)
+    obs = pair_observations(pairs.frames1, pairs.frames2, length)
     pi1 = pi2 = None
     if inv_alpha != 0:
         # Before the reward forward pass: the policy's activations are freed before the reward model's, which
         # autograd keeps until backward, are allocated, so the two never add up in peak memory.
-        probs = probs_in_chunks(policy_probs, obs, policy_chunk).float().view(2, batch, length, -1)
-        pi1, pi2 = probs[0], probs[1]
-    rewards = reward_net(obs).view(2, batch, length, -1)
+        pi1, pi2 = split_pairs(probs_in_chunks(policy_probs, obs, policy_chunk).float(), batch, length)
+    rewards = reward_net(obs)
     del obs
-    r1, r2 = rewards[0], rewards[1]
+    r1, r2 = split_pairs(rewards, batch, length)
     loss, bce, hyper = sobirl_loss_terms(
         r1, pairs.actions1, pi1, r2, pairs.actions2, pi2, pairs.labels, inv_alpha, hyper_baseline
     )
@@ -358,7 +359,8 @@ def preference_accuracy(
         with torch.no_grad():
             for start in range(0, frames1.shape[0], chunk_pairs):
                 part = slice(start, start + chunk_pairs)
-                r1, r2, _ = pair_rewards(reward_net, frames1[part], frames2[part], length)
+                pairs = len(frames1[part])
+                r1, r2 = split_pairs(reward_net(pair_observations(frames1[part], frames2[part], length)), pairs, length)
                 s, c = oracle_agreement(
                     fragment_returns(r1, actions1[part]), fragment_returns(r2, actions2[part]),
                     returns1[part], returns2[part],
