@@ -273,6 +273,7 @@ class SACTrainer:
         self.reward_fn: RewardFn | None = None
         self.global_step = 0
         self.num_updates = 0
+        self._replay_ready = False
         self.rng = np.random.default_rng(args.seed)
         self.sample_generator = torch.Generator(device=device)
         self.sample_generator.manual_seed(args.seed)
@@ -340,8 +341,12 @@ class SACTrainer:
         self._log_speed()
 
     def _update(self) -> None:
-        if len(self.buffer) < self.args.batch_size:  # only after resuming without the replay buffer
-            return
+        # Counting sampleable transitions scans the whole buffer (and syncs a GPU), so it is done only until the
+        # buffer first holds a batch: it can fall short only right after resuming without the replay buffer.
+        if not self._replay_ready:
+            self._replay_ready = len(self.buffer) >= self.args.batch_size
+            if not self._replay_ready:
+                return
         batch = self.buffer.sample(self.args.batch_size, self.sample_generator)
         metrics = self.agent.update(batch, self._batch_rewards(batch))
         self.num_updates += 1
