@@ -1,23 +1,21 @@
-"""Plumbing shared by every algorithm script: flags, run names, logging, seeding, bad-input handling.
+"""Flags, run names and bad-input handling shared by every script (no torch, numpy or gymnasium imports here, so
+`sobirl/sweep.py --help` and `sobirl/plot.py` start fast).
 
 Every hyperparameter is a dataclass field declared with `flag(default, help)`; `parse_args` turns the dataclass
 into an argparse parser (``--snake-case`` names, booleans as ``--x/--no-x``), so ``--help`` lists every default.
+An Args class checks its own values in `validate()`; subclasses extend it and call `super().validate()`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import random
+import math
 import sys
 import time
 from typing import Any, Callable, Sequence, TypeVar
 
-import numpy as np
-import torch
-
-from wrappers import InvalidEnvError
+from wrappers.errors import InvalidEnvError
 
 T = TypeVar("T")
 
@@ -31,6 +29,10 @@ def flag(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (naming the flag) and exit status 2, without the usage dump."""
 
@@ -41,13 +43,13 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def build_parser(args_cls: type, description: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(args_cls):
-        name = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         if isinstance(f.default, bool):
-            parser.add_argument(name, dest=f.name, default=f.default, help=help_text, action=argparse.BooleanOptionalAction)
+            parser.add_argument(flag_name(f.name), dest=f.name, default=f.default, help=help_text,
+                                action=argparse.BooleanOptionalAction)
         else:
             parser.add_argument(
-                name, dest=f.name, default=f.default, help=help_text, type=_flag_type(f.default),
+                flag_name(f.name), dest=f.name, default=f.default, help=help_text, type=_flag_type(f.default),
                 choices=f.metadata.get("choices"),
             )
     return parser
@@ -57,7 +59,10 @@ def _flag_type(default: Any) -> Callable[[str], Any]:
     if isinstance(default, int):
         # Accept 1e6-style integers, which is how RL budgets are usually written.
         def to_int(text: str) -> int:
-            value = float(text)
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
             if not value.is_integer():
                 raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
             return int(value)
@@ -71,6 +76,10 @@ def _flag_type(default: Any) -> Callable[[str], Any]:
 def parse_args(args_cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
     """Parse argv into an `args_cls` instance; argparse itself exits with status 2 on unknown flags."""
     namespace = build_parser(args_cls, description).parse_args(argv)
+    for name, value in vars(namespace).items():
+        # No hyperparameter here means anything as nan or inf; refuse them before any validation compares them.
+        if isinstance(value, float):
+            require(math.isfinite(value), f"{flag_name(name)} must be a finite number, got {value}")
     return args_cls(**vars(namespace))
 
 
@@ -92,7 +101,13 @@ def require(condition: bool, message: str) -> None:
 def require_positive(args: Any, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
-        require(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
+        require(value > 0, f"{flag_name(name)} must be positive, got {value}")
+
+
+def require_non_negative(args: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        require(value >= 0, f"{flag_name(name)} must be non-negative, got {value}")
 
 
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
@@ -112,28 +127,3 @@ def make_run_name(env_id: str, exp_name: str, seed: int) -> str:
 def hyperparameter_table(args: Any) -> str:
     rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     return "|param|value|\n|-|-|\n" + rows
-
-
-def seed_everything(seed: int, torch_deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = torch_deterministic
-    if torch_deterministic:
-        torch.backends.cudnn.benchmark = False
-
-
-def pick_device(cuda: bool) -> torch.device:
-    return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
-
-
-def limit_cpu_threads(obs_shape: tuple[int, ...] | None = None) -> None:
-    """Use every core the process may run on (CI machines have 2), unless the user already set OMP_NUM_THREADS.
-
-    Networks on small observations (MinAtar's 10x10 boards) run fastest on one thread: their per-layer work is too
-    small to split, and two threads spent most of an update waiting on each other (0.07 s vs 0.007 s measured).
-    """
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    small = obs_shape is not None and int(np.prod(obs_shape)) < 84 * 84
-    torch.set_num_threads(1 if small else max(1, len(os.sched_getaffinity(0))))

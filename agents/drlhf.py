@@ -1,8 +1,8 @@
 """DRLHF (Christiano et al. 2017) as the SoBiRL paper's baseline: preference-based reward learning with SAC-discrete.
 
 The pipeline is SoBiRL's in every respect (reward CNN, synthetic teacher, query schedule, SAC on the learned reward)
-except the reward loss, which is the Bradley-Terry cross-entropy alone (sobirl_loss with inv_alpha = 0): the reward
-model fits the preferences without regard to how it shapes the policy, and the policy is never evaluated for it.
+except the reward loss, which is the Bradley-Terry cross-entropy alone: the reward model fits the preferences
+without regard to how it shapes the policy, and the policy is never evaluated for it.
 
     python agents/drlhf.py --env-id BeamRiderNoFrameskip-v4
 """
@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from agents.common import flag, run_cli
-from agents.preference import PreferenceArgs, run_preference_rl
-from agents.sac_discrete import SACTrainer
+from agents.losses import BradleyTerryLoss
+from agents.preference import PreferenceArgs, PreferenceLearner, run_preference_rl
+
+ALGO = "drlhf"
 
 
 @dataclass
@@ -22,8 +24,8 @@ class Args(PreferenceArgs):
     exp_name: str = flag("drlhf", "name of this experiment (part of the run name)")
 
 
-def main(argv: Sequence[str] | None = None) -> SACTrainer:
-    return run_preference_rl(Args, argv, implicit=False, description=__doc__)
+def main(argv: Sequence[str] | None = None) -> PreferenceLearner:
+    return run_preference_rl(ALGO, Args, argv, lambda args, trainer: BradleyTerryLoss(), __doc__)
 
 
 if __name__ == "__main__":

@@ -24,17 +24,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from agents.common import (
-    flag,
-    hyperparameter_table,
-    limit_cpu_threads,
-    make_run_name,
-    parse_args,
-    pick_device,
-    require,
-    require_positive,
-    run_cli,
-)
+from agents.common import flag, hyperparameter_table, make_run_name, parse_args, require, require_positive, run_cli
+from agents.run import limit_cpu_threads, pick_device
 
 DESCRIPTION = "M-SoBiRL (Algorithm 1) on the authors' synthetic random-MDP bilevel problem."
 

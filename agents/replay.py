@@ -2,7 +2,10 @@
 
 A 4-stack observation and its successor share three frames, so storing (obs, next_obs) stacks keeps each 84x84
 frame eight times. Here every agent step stores only the newest frame of its observation (7,056 bytes for Atari)
-plus action, reward and flags: 1M transitions take about 7 GB instead of 56 GB. Storage and sampling live on the
+plus action, reward, flags and the probability with which the acting policy chose the action (the behaviour
+probability mu(a_t|s_t), for off-policy corrections): 1M transitions take about 7 GB instead of 56 GB. The frame
+storage is allocated without being touched, so resident memory grows with the steps taken, and checkpoints hold
+only the slots written so far. Storage and sampling live on the
 training device, so a sampled batch never crosses the host-device boundary.
 
 Layout: one ring of `slots = capacity // num_envs` steps per sub-env, all written together (the vector env steps
@@ -31,12 +34,24 @@ class Batch:
     terminated: torch.Tensor  # float32 (B,), 1 where the transition ends an episode (a life, for Atari)
 
 
+@dataclass
+class Fragments:
+    """Consecutive transitions of one env each: the observation at step h is frames[:, h : h + stack]."""
+
+    frames: torch.Tensor  # uint8 (N, length + stack - 1, *frame_shape), frames before the episode start zeroed
+    actions: torch.Tensor  # int64 (N, length)
+    rewards: torch.Tensor  # float32 (N, length), the environment's (clipped) rewards
+    behaviour: torch.Tensor  # float32 (N, length), mu(a_t|s_t) of the policy that acted
+
+
 class FrameReplayBuffer:
     """Ring buffer of single frames for `num_envs` parallel environments.
 
     `obs_shape` is one observation's shape; with `stack > 1` its first axis is the frame stack and only the newest
     frame is stored, with `stack == 1` the whole observation is the stored frame.
     """
+
+    OVERSAMPLE = 4  # candidate draws per sampled transition (see `sample`)
 
     def __init__(self, capacity: int, num_envs: int, obs_shape: tuple[int, ...], stack: int, device: torch.device | str):
         if stack < 1:
@@ -54,9 +69,11 @@ class FrameReplayBuffer:
         self.frame_shape = self.obs_shape[1:] if stack > 1 else self.obs_shape
         self.device = torch.device(device)
         shape = (self.slots, num_envs)
-        self.frames = torch.zeros(shape + self.frame_shape, dtype=torch.uint8, device=self.device)
-        self.actions = torch.zeros(shape, dtype=torch.int64, device=self.device)
-        self.rewards = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        # torch.empty leaves the pages untouched until a step is written there: memory grows with the steps taken.
+        self.frames = torch.empty(shape + self.frame_shape, dtype=torch.uint8, device=self.device)
+        self.actions = torch.empty(shape, dtype=torch.int64, device=self.device)
+        self.rewards = torch.empty(shape, dtype=torch.float32, device=self.device)
+        self.behaviour = torch.empty(shape, dtype=torch.float32, device=self.device)
         self.terminated = torch.zeros(shape, dtype=torch.bool, device=self.device)
         self.first = torch.zeros(shape, dtype=torch.bool, device=self.device)
         self.real = torch.zeros(shape, dtype=torch.bool, device=self.device)
@@ -64,6 +81,7 @@ class FrameReplayBuffer:
         self.pos = 0  # next slot to write
         self.written = 0  # slots written so far, capped at self.slots
         self._next_first = torch.ones(num_envs, dtype=torch.bool, device=self.device)
+        self.invalid_draws = torch.zeros((), dtype=torch.int64, device=self.device)
 
     def __len__(self) -> int:
         """Number of transitions that can be sampled now (all envs)."""
@@ -71,11 +89,11 @@ class FrameReplayBuffer:
 
     @property
     def bytes_per_transition(self) -> float:
-        tensors = (self.frames, self.actions, self.rewards, self.terminated, self.first, self.real, self.sampleable)
+        tensors = [getattr(self, name) for name in self._STATE if name != "_next_first"]
         return sum(t.element_size() * t.numel() for t in tensors) / (self.slots * self.num_envs)
 
-    def add(self, obs, actions, rewards, terminated, autoreset) -> None:
-        """Store one vector step taken from `obs`.
+    def add(self, obs, actions, rewards, terminated, autoreset, behaviour) -> None:
+        """Store one vector step taken from `obs`; `behaviour[e]` is the probability the acting policy gave the action.
 
         `autoreset[e]` is true when env e's previous step ended its game, so this step only reset it (NEXT_STEP
         autoreset): `obs[e]` is that game's terminal observation and the transition out of it is not real.
@@ -87,6 +105,7 @@ class FrameReplayBuffer:
         self.frames[p] = obs[:, -1] if self.stack > 1 else obs
         self.actions[p] = as_tensor(actions, torch.int64)
         self.rewards[p] = as_tensor(rewards, torch.float32)
+        self.behaviour[p] = as_tensor(behaviour, torch.float32)
         self.terminated[p] = as_tensor(terminated, torch.bool)
         self.first[p] = self._next_first
         self.real[p] = ~autoreset
@@ -107,17 +126,29 @@ class FrameReplayBuffer:
             self.real[(self.pos - 1) % self.slots] = False
         self._next_first.fill_(True)
 
-    _STATE = ("frames", "actions", "rewards", "terminated", "first", "real", "sampleable", "_next_first")
+    _STATE = ("frames", "actions", "rewards", "behaviour", "terminated", "first", "real", "sampleable", "_next_first")
 
     def state_dict(self) -> dict:
-        return {"pos": self.pos, "written": self.written, **{name: getattr(self, name).cpu() for name in self._STATE}}
+        """The written slots only (the ring fills slots 0, 1, ... before it wraps), so a checkpoint's size follows the
+        steps collected, not the capacity."""
+        filled = {name: getattr(self, name)[: self.written].cpu() for name in self._STATE if name != "_next_first"}
+        return {"slots": self.slots, "pos": self.pos, "written": self.written, "_next_first": self._next_first.cpu(),
+                **filled}
 
     def load_state_dict(self, state: dict) -> None:
+        if int(state["slots"]) != self.slots or state["frames"].shape[1:] != self.frames.shape[1:]:
+            raise ValueError(
+                f"the checkpoint's replay holds {int(state['slots'])} steps of {tuple(state['frames'].shape[1:])} per "
+                f"slot; this run's holds {self.slots} of {tuple(self.frames.shape[1:])}"
+            )
+        written = int(state["written"])
         for name in self._STATE:
-            if getattr(self, name).shape != state[name].shape:
-                raise ValueError(f"replay {name} has shape {tuple(state[name].shape)}, expected {tuple(getattr(self, name).shape)}")
-            getattr(self, name).copy_(state[name])
-        self.pos, self.written = int(state["pos"]), int(state["written"])
+            if name == "_next_first":
+                self._next_first.copy_(state[name])
+            else:
+                getattr(self, name)[:written].copy_(state[name])
+        self.sampleable[written:] = False
+        self.pos, self.written = int(state["pos"]), written
 
     def stacks(self, slot: torch.Tensor, env: torch.Tensor) -> torch.Tensor:
         """Observations (B, *obs_shape) at the given slots, rebuilt from single frames."""
@@ -133,18 +164,20 @@ class FrameReplayBuffer:
         return frames.flip(1)
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
-        """A uniform batch of sampleable transitions (with replacement)."""
-        if not bool(self.sampleable.any()):
-            raise RuntimeError("the replay buffer holds no complete transition yet")
-        slot = torch.empty(0, dtype=torch.int64, device=self.device)
-        env = torch.empty(0, dtype=torch.int64, device=self.device)
-        while slot.numel() < batch_size:
-            # Rejection sampling: invalid slots are a handful per game plus `stack - 1` near the write head.
-            s = torch.randint(0, self.written, (2 * batch_size,), device=self.device, generator=generator)
-            e = torch.randint(0, self.num_envs, (2 * batch_size,), device=self.device, generator=generator)
-            ok = self.sampleable[s, e]
-            slot, env = torch.cat([slot, s[ok]]), torch.cat([env, e[ok]])
-        slot, env = slot[:batch_size], env[:batch_size]
+        """A uniform batch of sampleable transitions (with replacement), without a host round trip.
+
+        Rejection sampling in one pass: draw OVERSAMPLE x batch_size slots, keep the first batch_size sampleable ones
+        (a stable sort puts them in front), which are independent and uniform over the sampleable transitions. Unusable
+        slots are a handful per game plus `stack - 1` at the write head, so running short of valid draws is
+        astronomically unlikely; `invalid_draws` counts any that happen (it stays 0; a test checks).
+        """
+        draws = self.OVERSAMPLE * batch_size
+        slot = torch.randint(0, self.written, (draws,), device=self.device, generator=generator)
+        env = torch.randint(0, self.num_envs, (draws,), device=self.device, generator=generator)
+        ok = self.sampleable[slot, env]
+        chosen = torch.sort((~ok).to(torch.uint8), stable=True).indices[:batch_size]
+        slot, env = slot[chosen], env[chosen]
+        self.invalid_draws += batch_size - ok[chosen].sum()
         return Batch(
             obs=self.stacks(slot, env),
             actions=self.actions[slot, env],
@@ -153,35 +186,36 @@ class FrameReplayBuffer:
             terminated=self.terminated[slot, env].float(),
         )
 
-    def recent_fragments(self, length: int, count: int, recent_steps: int, generator: torch.Generator | None = None):
-        """`count` random fragments of `length` consecutive real transitions from each env's latest steps.
+    def recent_fragments(
+        self, length: int, count: int, recent_steps: int, generator: torch.Generator | None = None
+    ) -> Fragments | None:
+        """`count` random fragments of `length` consecutive real transitions from each env's latest steps, or None
+        when no stretch of `length` steps inside one episode lies in that window.
 
-        A fragment never crosses an episode end: only its last transition may be terminal. Returns frames
-        (count, length + stack - 1, *frame_shape) uint8 with frames before the episode start zeroed (the
-        observation at step h is frames[h : h + stack]), actions (count, length) and rewards (count, length).
+        A fragment never crosses an episode end: only its last transition may be terminal. Frames before the episode
+        start are zeroed, as the environment zero-pads its stack at a game start.
         """
         recent = min(recent_steps, self.written - 1)
         if recent < length:
             raise ValueError(f"fragments of {length} steps need at least {length} stored steps per env, have {recent}")
         # Chronological window of the newest complete transitions: slots pos-1-recent .. pos-2.
         window = (self.pos - 1 - recent + torch.arange(recent, device=self.device)) % self.slots
-        ok = self.sampleable[window]  # (recent, num_envs)
-        ends_episode = self.terminated[window]
-        starts = _fragment_starts(ok, ends_episode, length)  # (recent - length + 1, num_envs)
+        starts = _fragment_starts(self.sampleable[window], self.terminated[window], length)
         candidates = starts.nonzero()
         if candidates.numel() == 0:
-            raise RuntimeError(f"no {length}-step fragment inside one episode among the latest {recent} steps")
+            return None
         pick = candidates[torch.randint(0, len(candidates), (count,), device=self.device, generator=generator)]
         start_slot, env = window[pick[:, 0]], pick[:, 1]
-        offsets = torch.arange(length, device=self.device)
-        steps = (start_slot[:, None] + offsets) % self.slots  # (count, length)
+        steps = (start_slot[:, None] + torch.arange(length, device=self.device)) % self.slots  # (count, length)
         env_rows = env[:, None].expand_as(steps)
         if self.stack == 1:
             frames = self.frames[steps, env_rows]
         else:
             history = self.stacks(start_slot, env)  # (count, stack, *frame_shape) with pre-episode frames zeroed
             frames = torch.cat([history, self.frames[steps[:, 1:], env_rows[:, 1:]]], dim=1)
-        return frames, self.actions[steps, env_rows], self.rewards[steps, env_rows]
+        return Fragments(
+            frames, self.actions[steps, env_rows], self.rewards[steps, env_rows], self.behaviour[steps, env_rows]
+        )
 
 
 def _fragment_starts(ok: torch.Tensor, ends_episode: torch.Tensor, length: int) -> torch.Tensor:

@@ -1,39 +1,33 @@
 """SAC-discrete (Christodoulou 2019) on Atari: the lower level of SoBiRL and its ground-truth-reward baseline.
 
 Defaults are the SoBiRL paper's settings (its code adapted CleanRL's sac_atari). The reward in the critic target
-is pluggable: `SACTrainer.reward_fn = None` uses the environment's clipped reward; the preference algorithms set
-it to a learned r_phi(s, a) evaluated on every sampled batch (clamped to [-1, 1]), which relabels the whole replay
-buffer for free.
+is pluggable: by default SAC learns from the environment's clipped reward; the preference algorithms hand the
+trainer a learned r_phi(s, a) with `set_reward`, evaluated on every sampled batch (clamped to [-1, 1]), which
+relabels the whole replay buffer for free.
 
-    python agents/sac_discrete.py --env-id BeamRiderNoFrameskip-v4 --total-timesteps 5000000
+    python agents/sac_discrete.py --env-id BeamRiderNoFrameskip-v4 --total-timesteps 4300000
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
-from agents.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state, save_atomic
-from agents.common import (
-    UsageError, explicit_flags, flag, hyperparameter_table, limit_cpu_threads, make_run_name, parse_args, pick_device, require,
-    require_positive, run_cli, seed_everything,
-)
+from agents.common import UsageError, flag, require, require_non_negative, require_positive, run_cli
 from agents.networks import Actor, SoftQNetwork, encoder_for
-from agents.replay import Batch, FrameReplayBuffer
+from agents.replay import Batch, Fragments, FrameReplayBuffer
+from agents.run import Run, detached_run, launch, limit_cpu_threads
 from wrappers import make_envs
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ALGO = "sac"
 
 
 @dataclass
@@ -42,22 +36,25 @@ class Args:
     seed: int = flag(1, "seed of the experiment (environments, networks, sampling)")
     torch_deterministic: bool = flag(True, "set torch.backends.cudnn.deterministic")
     cuda: bool = flag(True, "use CUDA when available")
+    compile: bool = flag(False, "torch.compile the SAC update (and the reward-model update): same math, less "
+                         "per-operation overhead; compiling takes a minute at start-up")
     track: bool = flag(False, "mirror the TensorBoard logs to Weights & Biases")
     wandb_project_name: str = flag("sobirl", "W&B project name (with --track)")
     wandb_entity: str = flag("", "W&B entity (team), empty for the default")
     capture_video: bool = flag(False, "record a video of a greedy game under videos/{run_name} at each evaluation and at the end")
     runs_dir: str = flag("runs", "directory for TensorBoard runs")
     progress: bool = flag(True, "show a progress bar")
-    save_every: int = flag(0, "env steps between checkpoints in the run directory (0: only on Ctrl-C and at the end)")
+    save_every: int = flag(0, "env steps between checkpoints in the run directory (0: only when stopped and at the end)")
     save_replay: bool = flag(True, "include the replay buffer in checkpoints (without it a resumed run refills it)")
-    resume: str = flag("", "continue the run of this checkpoint (or run directory); other flags given override it")
+    resume: str = flag("", "continue the run of this checkpoint (or run directory); see RESUMABLE for the flags "
+                       "that may change")
     eval_every: int = flag(0, "env steps between evaluations on a separate environment (0: never)")
     eval_episodes: int = flag(5, "games per evaluation (one per parallel env), played with sampled and with greedy actions")
 
     # Algorithm specific arguments
     env_id: str = flag("BeamRiderNoFrameskip-v4", "environment id")
     num_envs: int = flag(1, "number of parallel environments")
-    total_timesteps: int = flag(5_000_000, "total environment steps, over all environments")
+    total_timesteps: int = flag(4_300_000, "total environment steps, over all environments (the paper's 4.3M)")
     buffer_size: int = flag(1_000_000, "replay capacity in transitions, over all environments")
     gamma: float = flag(0.99, "discount factor")
     batch_size: int = flag(64, "minibatch size of an update")
@@ -72,28 +69,31 @@ class Args:
     autotune: bool = flag(True, "tune the temperature towards the target entropy")
     target_entropy_scale: float = flag(0.89, "target entropy = scale * ln(number of actions)")
     max_episode_frames: int = flag(108_000, "emulator frames after which a game is truncated (ALE's default)")
-    log_every: int = flag(100, "gradient updates between loss logs")
+    log_every: int = flag(100, "gradient updates between loss logs (metrics stay on the device in between)")
 
+    # Flags a resumed run may change; every other flag is the run's identity (agents/run.py).
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset({
+        "total_timesteps", "save_every", "save_replay", "eval_every", "eval_episodes", "log_every", "progress",
+        "cuda", "compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "runs_dir",
+    })
 
-def validate(args: Args) -> None:
-    require_positive(
-        args, "num_envs", "total_timesteps", "buffer_size", "batch_size", "update_frequency",
-        "target_network_frequency", "policy_lr", "q_lr", "adam_eps", "alpha", "log_every", "max_episode_frames",
-    )
-    require(args.learning_starts >= 0, f"--learning-starts must be non-negative, got {args.learning_starts}")
-    if args.capture_video:
-        require(importlib.util.find_spec("moviepy") is not None,
-                '--capture-video needs moviepy: pip install -e ".[video]"')
-    require(args.eval_episodes > 0, f"--eval-episodes must be positive, got {args.eval_episodes}")
-    for name in ("save_every", "eval_every"):
-        require(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
-    require(args.anneal_steps >= 0, f"--anneal-steps must be non-negative, got {args.anneal_steps}")
-    require(0.0 <= args.gamma < 1.0, f"--gamma must be in [0, 1), got {args.gamma}")
-    require(
-        args.batch_size <= args.buffer_size,
-        f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}",
-    )
-    require(0.0 < args.target_entropy_scale <= 1.0, f"--target-entropy-scale must be in (0, 1], got {args.target_entropy_scale}")
+    def validate(self) -> None:
+        require_positive(
+            self, "num_envs", "total_timesteps", "buffer_size", "batch_size", "update_frequency",
+            "target_network_frequency", "policy_lr", "q_lr", "adam_eps", "alpha", "log_every", "max_episode_frames",
+            "eval_episodes",
+        )
+        require_non_negative(self, "learning_starts", "save_every", "eval_every", "anneal_steps")
+        if self.capture_video:
+            require(importlib.util.find_spec("moviepy") is not None,
+                    '--capture-video needs moviepy: pip install -e ".[video]"')
+        require(0.0 <= self.gamma < 1.0, f"--gamma must be in [0, 1), got {self.gamma}")
+        require(
+            self.batch_size <= self.buffer_size,
+            f"--batch-size {self.batch_size} is larger than --buffer-size {self.buffer_size}",
+        )
+        require(0.0 < self.target_entropy_scale <= 1.0,
+                f"--target-entropy-scale must be in (0, 1], got {self.target_entropy_scale}")
 
 
 # ALGO LOGIC: the losses, as pure functions of tensors.
@@ -180,10 +180,11 @@ class SACDiscrete:
             optimizer.param_groups[0]["lr"] = annealed_lr(base, global_step, a.anneal_steps)
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor) -> torch.Tensor:
-        """Sample actions from the current policy."""
+    def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample actions from the current policy; returns them and the probability each was chosen with."""
         probs, _ = self.actor.probs(obs)
-        return torch.multinomial(probs, 1).squeeze(-1)
+        actions = torch.multinomial(probs, 1)
+        return actions.squeeze(-1), probs.gather(1, actions).squeeze(-1)
 
     def update(self, batch: Batch, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
         """One critic, actor and temperature step on `batch` with the given (already clamped) rewards."""
@@ -251,15 +252,16 @@ def crossed(previous_step: int, step: int, every: int) -> bool:
 
 
 class SACTrainer:
-    """Runs SAC-discrete on a vector env; `run(n)` continues the same environments for n more env steps, so an
-    outer loop (the preference algorithms) can interleave its own phases without resetting games."""
+    """SAC-discrete on a vector env. `train()` runs to --total-timesteps; an outer loop (the preference algorithms)
+    instead calls `collect(n)` to continue the same games for n more env steps between its own phases, with the
+    reward it sets through `set_reward`, and reads the latest rollouts back with `recent_fragments`."""
 
-    def __init__(self, args: Args, device: torch.device):
+    def __init__(self, args: Args, device: torch.device, run: Run | None = None):
         """Builds environments, networks and replay (raising UsageError for bad settings) before any run directory
-        exists; `start_or_resume` attaches the TensorBoard writer afterwards."""
+        exists."""
         self.args = args
-        self.writer: SummaryWriter | None = None
         self.device = device
+        self.run = run or detached_run(args, ALGO)
         self.envs = self._make_envs(args.seed)
         self.num_actions, self.obs_shape = check_env_spaces(
             args.env_id, self.envs.single_action_space, self.envs.single_observation_space
@@ -270,7 +272,7 @@ class SACTrainer:
             self.buffer = FrameReplayBuffer(args.buffer_size, args.num_envs, self.obs_shape, self.envs.frame_stack, device)
         except ValueError as err:
             raise UsageError(f"--buffer-size: {err}") from None
-        self.reward_fn: RewardFn | None = None
+        self._reward_fn: RewardFn | None = None
         self.global_step = 0
         self.num_updates = 0
         self._replay_ready = False
@@ -280,18 +282,16 @@ class SACTrainer:
         self.obs, _ = self.envs.reset()
         self.autoreset = np.zeros(args.num_envs, dtype=bool)
         self.last_score: float | None = None
-        self.phase = "sac"
-        self.checkpoint_path: Path | None = None
-        self.run_name = ""
-        # Outer loops (the preference algorithms) add their own state to checkpoints through these two hooks.
-        self.extra_state: Callable[[], dict] = dict
-        self.load_extra_state: Callable[[dict], None] = lambda state: None
-        self._progress = tqdm(total=args.total_timesteps, disable=not args.progress, unit="step", dynamic_ncols=True)
-        self._start_time = time.time()
-        self._start_step = 0
+        self._random_prob = np.full(args.num_envs, 1.0 / self.num_actions, dtype=np.float32)
 
     def _make_envs(self, seed: int):
         return make_envs(self.args.env_id, self.args.num_envs, seed, max_episode_frames=self.args.max_episode_frames)
+
+    # -- entry points for outer loops -----------------------------------------------------------------------------
+
+    def set_reward(self, reward_fn: RewardFn | None) -> None:
+        """Learn from r = reward_fn(obs, actions), clamped to [-1, 1], instead of the environment's reward."""
+        self._reward_fn = reward_fn
 
     @property
     def alpha(self) -> float:
@@ -299,46 +299,91 @@ class SACTrainer:
 
     @torch.no_grad()
     def policy_probs(self, obs: torch.Tensor) -> torch.Tensor:
+        """Current-policy action probabilities (N, A) for uint8 observations (N, *obs_shape)."""
         return self.agent.actor.probs(obs.to(self.device))[0]
 
-    def _batch_rewards(self, batch: Batch) -> torch.Tensor:
-        if self.reward_fn is None:
-            return batch.rewards
-        with torch.no_grad():
-            return self.reward_fn(batch.obs, batch.actions).float().clamp(-1.0, 1.0)
+    def steps_per_env_stored(self) -> int:
+        """Complete transitions each env has in the replay (a fragment cannot be longer)."""
+        return max(self.buffer.written - 1, 0)
 
-    def _choose_actions(self) -> np.ndarray:
+    def collect_until_stored(self, steps_per_env: int) -> None:
+        """Step the environments until each env has `steps_per_env` complete transitions stored (or the replay is
+        full), without passing --total-timesteps."""
+        target = min(steps_per_env, self.buffer.slots - 2)
+        missing = target - (self.buffer.written - 1)  # the newest stored step's transition is not complete yet
+        budget = self.args.total_timesteps - self.global_step
+        if missing > 0:
+            self.collect(min(missing * self.args.num_envs, max(budget, self.args.num_envs)))
+
+    def recent_fragments(self, count: int, length: int, window_steps: int, generator: torch.Generator) -> Fragments:
+        """`count` random `length`-step fragments from the latest `window_steps` env steps (over all envs), the window
+        widened as far as the replay reaches when episode ends leave no room for a whole fragment."""
+        self.collect_until_stored(length + 1)
+        stored = self.steps_per_env_stored()
+        if stored < length:
+            raise UsageError(f"--fragment-length {length}: the run collected only {stored} steps per env")
+        recent = min(max(length, -(-window_steps // self.args.num_envs)), stored)
+        while True:
+            fragments = self.buffer.recent_fragments(length, count, recent, generator)
+            if fragments is not None:
+                return fragments
+            if recent >= stored:
+                raise UsageError(
+                    f"--fragment-length {length}: no {length}-step stretch inside one episode among the latest "
+                    f"{stored} steps per env; use shorter fragments"
+                )
+            recent = min(2 * recent, stored)
+
+    # -- the SAC loop ------------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        self.collect(self.args.total_timesteps - self.global_step)
+        if self.args.capture_video:
+            self.record_video(self.args.seed)
+
+    def _choose_actions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Actions and the probability the acting policy gave each (stored for off-policy corrections)."""
         if self.global_step < self.args.learning_starts:
-            return self.rng.integers(0, self.num_actions, size=self.args.num_envs)
-        obs = torch.as_tensor(self.obs, device=self.device)
-        return self.agent.act(obs).cpu().numpy()
+            return self.rng.integers(0, self.num_actions, size=self.args.num_envs), self._random_prob
+        actions, probs = self.agent.act(torch.as_tensor(self.obs, device=self.device))
+        return actions.cpu().numpy(), probs.cpu().numpy()
 
-    def run(self, num_steps: int) -> None:
-        """Continue for `num_steps` environment steps (rounded up to whole vector steps)."""
-        a = self.args
+    def collect(self, num_steps: int) -> None:
+        """Continue for `num_steps` environment steps (rounded up to whole vector steps), learning as it goes."""
+        a, run = self.args, self.run
         end = self.global_step + num_steps
+        if self.global_step < end:
+            run.progress.set_phase("random" if self.global_step < a.learning_starts else "sac")
         while self.global_step < end:
-            actions = self._choose_actions()
+            run.signals.check()
+            actions, behaviour = self._choose_actions()
             next_obs, rewards, terminated, truncated, info = self.envs.step(actions)
-            self.buffer.add(self.obs, actions, rewards, terminated, self.autoreset)
+            self.buffer.add(self.obs, actions, rewards, terminated, self.autoreset, behaviour)
             self.obs, self.autoreset = next_obs, info["game_over"]
             previous_step = self.global_step
             self.global_step += a.num_envs
             self._log_games(info)
             if self.global_step > a.learning_starts:
+                if previous_step <= a.learning_starts:
+                    run.progress.set_phase("sac")
                 self.agent.set_learning_rates(self.global_step)
                 for _ in range(self.global_step // a.update_frequency - previous_step // a.update_frequency):
                     self._update()
                 if crossed(previous_step, self.global_step, a.target_network_frequency):
                     self.agent.copy_targets()
-            self._progress.update(a.num_envs)
             if self.global_step % 1000 < a.num_envs:
                 self._log_speed()
             if crossed(previous_step, self.global_step, a.eval_every):
                 self.evaluate()
             if crossed(previous_step, self.global_step, a.save_every):
-                self.save_checkpoint()
+                run.save()
         self._log_speed()
+
+    def _batch_rewards(self, batch: Batch) -> torch.Tensor:
+        if self._reward_fn is None:
+            return batch.rewards
+        with torch.no_grad():
+            return self._reward_fn(batch.obs, batch.actions).float().clamp(-1.0, 1.0)
 
     def _update(self) -> None:
         # Counting sampleable transitions scans the whole buffer (and syncs a GPU), so it is done only until the
@@ -352,28 +397,22 @@ class SACTrainer:
         self.num_updates += 1
         if self.num_updates % self.args.log_every == 0:
             for tag, value in metrics.items():
-                self.log_scalar(tag, float(value), self.global_step)
+                self.run.logger.scalar(tag, float(value), self.global_step)
 
     def _log_games(self, info: dict) -> None:
         if "_episode" not in info:
             return
         for env in np.nonzero(info["_episode"])[0]:
             self.last_score = float(info["episode"]["r"][env])
-            self.log_scalar("charts/episodic_return", self.last_score, self.global_step)
-            self.log_scalar("charts/episodic_length", int(info["episode"]["l"][env]), self.global_step)
-
-    def log_scalar(self, tag: str, value: float, step: int) -> None:
-        if self.writer is not None:  # benchmarks run without a run directory
-            self.writer.add_scalar(tag, value, step)
-
-    @property
-    def sps(self) -> float:
-        return (self.global_step - self._start_step) / max(time.time() - self._start_time, 1e-9)
+            self.run.logger.scalar("charts/episodic_return", self.last_score, self.global_step)
+            self.run.logger.scalar("charts/episodic_length", int(info["episode"]["l"][env]), self.global_step)
 
     def _log_speed(self) -> None:
-        self.log_scalar("charts/SPS", self.sps, self.global_step)
+        progress = self.run.progress
+        self.run.logger.scalar("charts/SPS", progress.sps(self.global_step), self.global_step)
         score = "-" if self.last_score is None else f"{self.last_score:.0f}"
-        self._progress.set_postfix_str(f"phase={self.phase} SPS={self.sps:.0f} score={score} alpha={self.alpha:.3f}", refresh=False)
+        progress.update(self.global_step, f"score={score} alpha={self.alpha:.3f}")
+        progress.refresh()
 
     def evaluate(self) -> None:
         """Play `eval_episodes` games on fresh environments with sampled and with greedy actions (and record a video
@@ -386,7 +425,7 @@ class SACTrainer:
             envs = make_envs(a.env_id, a.eval_episodes, seed, max_episode_frames=a.max_episode_frames)
             scores = play_games(envs, self.agent.actor, self.device, greedy)
             envs.close()
-            self.log_scalar(tag, float(np.mean(scores)), self.global_step)
+            self.run.logger.scalar(tag, float(np.mean(scores)), self.global_step)
         if a.capture_video:
             self.record_video(seed)
 
@@ -396,129 +435,52 @@ class SACTrainer:
         if self.args.env_id.startswith("MinAtar/"):
             print("--capture-video: MinAtar games have no renderer here; no video recorded")
             return
-        folder = f"videos/{self.run_name}/step_{self.global_step}"
+        run_name = self.run.directory.name if self.run.directory is not None else "detached"
+        folder = f"videos/{run_name}/step_{self.global_step}"
         record_greedy_episode(
             self.args.env_id, self.agent.actor, self.device, folder, seed, self.args.max_episode_frames
         )
 
+    # -- checkpoints ---------------------------------------------------------------------------------------------------
+
     def state_dict(self) -> dict:
+        from agents.checkpoint import rng_state
+
         return {
-            "args": vars(self.args).copy(),
             "global_step": self.global_step,
             "num_updates": self.num_updates,
             "agent": self.agent.state_dict(),
             "replay": self.buffer.state_dict() if self.args.save_replay else None,
             "rng": rng_state(self.rng, self.sample_generator),
-            "extra": self.extra_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a checkpoint. Environments cannot be snapshotted, so the games in progress are abandoned
         and new ones start, seeded by the step count."""
+        from agents.checkpoint import restore_rng_state
+
         self.global_step = int(state["global_step"])
         self.num_updates = int(state["num_updates"])
         self.agent.load_state_dict(state["agent"])
         if state["replay"] is not None:
-            self.buffer.load_state_dict(state["replay"])
+            try:
+                self.buffer.load_state_dict(state["replay"])
+            except ValueError as err:
+                raise UsageError(f"--resume: {err}") from None
         self.buffer.break_episodes()
         restore_rng_state(state["rng"], self.rng, self.sample_generator)
-        self.load_extra_state(state["extra"])
         self.envs.close()
         self.envs = self._make_envs(self.args.seed + self.global_step)
         self.obs, _ = self.envs.reset()
         self.autoreset[:] = False
-        self._progress.n = self._start_step = self.global_step
-        self._start_time = time.time()
-
-    def save_checkpoint(self) -> None:
-        if self.checkpoint_path is not None:
-            save_atomic(self.state_dict(), self.checkpoint_path)
+        self.run.progress.restart_clock(self.global_step)
 
     def close(self) -> None:
-        self._progress.close()
         self.envs.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def prepare(args: Args) -> torch.device:
-    """Threads, seeds and device."""
-    limit_cpu_threads()
-    seed_everything(args.seed, args.torch_deterministic)
-    return pick_device(args.cuda)
-
-
-def open_run(args: Args) -> tuple[str, SummaryWriter]:
-    """Run name and TensorBoard writer (mirrored to W&B with --track); call once the inputs are validated."""
-    run_name = make_run_name(args.env_id, args.exp_name, args.seed)
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name, entity=args.wandb_entity or None, sync_tensorboard=True,
-            config=vars(args), name=run_name, save_code=True,
-        )
-    writer = SummaryWriter(f"{args.runs_dir}/{run_name}")
-    writer.add_text("hyperparameters", hyperparameter_table(args))
-    return run_name, writer
-
-
-def parse_or_resume(args_cls: type, argv: Sequence[str] | None, description: str | None) -> tuple[Args, dict | None]:
-    """Parse the flags; with --resume, the checkpoint's arguments apply except for flags given on the command line."""
-    args = parse_args(args_cls, argv, description)
-    if not args.resume:
-        return args, None
-    state = load_checkpoint(args.resume)
-    saved, explicit = state["args"], explicit_flags(args_cls, argv)
-    require(
-        saved.get("exp_name") == args.exp_name or "exp_name" in explicit,
-        f"--resume {args.resume}: the checkpoint is from {saved.get('exp_name')!r}, not {args.exp_name!r}",
-    )
-    merged = {k: (getattr(args, k) if k in explicit else saved.get(k, getattr(args, k))) for k in vars(args)}
-    merged["resume"] = args.resume
-    return args_cls(**merged), state
-
-
-def start_or_resume(trainer: SACTrainer, args: Args, state: dict | None) -> str:
-    """Open the run directory (a new one, or the checkpoint's own so its curves continue) and restore state."""
-    if state is None:
-        run_name, trainer.writer = open_run(args)
-        run_dir = Path(args.runs_dir) / run_name
-    else:
-        trainer.load_state_dict(state)
-        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-        run_name = run_dir.name
-        # purge_step hides anything the killed run logged after its checkpoint, so curves continue without overlap.
-        trainer.writer = SummaryWriter(str(run_dir), purge_step=trainer.global_step)
-    trainer.checkpoint_path = run_dir / CHECKPOINT_NAME
-    trainer.run_name = run_name
-    return run_name
-
-
-def run_to_completion(trainer: SACTrainer, loop: Callable[[], None]) -> None:
-    """Run `loop`; Ctrl-C saves a checkpoint first (exit status 130), the end of training saves one too."""
-    try:
-        loop()
-        trainer.save_checkpoint()
-    except KeyboardInterrupt:
-        trainer.save_checkpoint()
-        print(f"\ninterrupted at step {trainer.global_step}: resume with --resume {trainer.checkpoint_path}")
-        raise SystemExit(130) from None
-    finally:
-        trainer.close()
 
 
 def main(argv: Sequence[str] | None = None) -> SACTrainer:
-    args, state = parse_or_resume(Args, argv, __doc__)
-    validate(args)
-    device = prepare(args)
-    trainer = SACTrainer(args, device)
-    run_name = start_or_resume(trainer, args, state)
-    print(f"run {run_name} on {device}: logs in {trainer.checkpoint_path.parent}")
-    run_to_completion(trainer, lambda: trainer.run(args.total_timesteps - trainer.global_step))
-    if args.capture_video:
-        trainer.record_video(args.seed)
-    return trainer
+    return launch(ALGO, Args, argv, __doc__, SACTrainer)
 
 
 if __name__ == "__main__":

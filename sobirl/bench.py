@@ -19,7 +19,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from agents.common import flag, limit_cpu_threads, parse_args, pick_device, require_positive, run_cli
+from agents.common import flag, parse_args, require_positive, run_cli
+from agents.run import limit_cpu_threads, pick_device
 
 ENV_ID = "BeamRiderNoFrameskip-v4"
 
@@ -58,11 +59,11 @@ def sac_learning_sps(device: torch.device, steps: int) -> float:
         cuda=device.type == "cuda",
     )
     trainer = SACTrainer(args, device)
-    trainer.run(warmup + 100)  # random phase, then the first updates (allocations, kernel selection)
+    trainer.collect(warmup + 100)  # random phase, then the first updates (allocations, kernel selection)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    trainer.run(steps)
+    trainer.collect(steps)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start

@@ -63,7 +63,9 @@ def measure_in_process(device: str, threads: int, repeats: int) -> dict:
 
     import torch
 
-    from agents.preference import PairBatch, reward_update
+    from agents.pairs import PairBatch
+    from agents.preference import reward_update
+    from agents.sobirl import SoBiRLLoss
     from agents.reward_model import RewardCNN
 
     torch.set_num_threads(threads)
@@ -92,7 +94,8 @@ def measure_in_process(device: str, threads: int, repeats: int) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         start = time.perf_counter()
-        reward_update(reward_net, optimizer, pairs, inv_alpha=1.0, policy_probs=policy_probs)
+        reward_update(reward_net, optimizer, pairs, SoBiRLLoss(hyper_start=0), alpha=1.0, global_step=1,
+                      policy_probs=policy_probs)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return time.perf_counter() - start

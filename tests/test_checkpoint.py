@@ -26,7 +26,7 @@ def tiny_trainer(**overrides) -> SACTrainer:
 def test_round_trip_restores_networks_optimizers_and_replay(tmp_path):
     torch.manual_seed(0)
     trainer = tiny_trainer()
-    trainer.run(120)
+    trainer.collect(120)
     save_atomic(trainer.state_dict(), tmp_path / "checkpoint.pt")
     torch.manual_seed(123)  # a different initialisation, overwritten by the checkpoint
     restored = tiny_trainer()

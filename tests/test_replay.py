@@ -43,7 +43,8 @@ def make_fake_envs(num_envs: int):
 
 
 def fill(buffer, envs, steps, seed=0):
-    """Drive the env like the trainer does; return {(slot, env): (obs, action, reward, next_obs, terminated, real)}."""
+    """Drive the env like the trainer does; return {(slot, env): (obs, action, reward, next_obs, terminated, real,
+    behaviour probability)}."""
     rng = np.random.default_rng(seed)
     obs, _ = envs.reset(seed=seed)
     autoreset = np.zeros(envs.num_envs, bool)
@@ -52,9 +53,12 @@ def fill(buffer, envs, steps, seed=0):
         slot = buffer.pos
         actions = rng.integers(0, 3, envs.num_envs)
         next_obs, rewards, terminated, truncated, _ = envs.step(actions)
-        buffer.add(obs, actions, rewards, terminated, autoreset)
+        behaviour = rng.uniform(0.05, 1.0, envs.num_envs).astype(np.float32)
+        buffer.add(obs, actions, rewards, terminated, autoreset, behaviour)
         for e in range(envs.num_envs):
-            truth[(slot, e)] = (obs[e].copy(), actions[e], rewards[e], next_obs[e].copy(), terminated[e], not autoreset[e])
+            truth[(slot, e)] = (
+                obs[e].copy(), actions[e], rewards[e], next_obs[e].copy(), terminated[e], not autoreset[e], behaviour[e]
+            )
         obs, autoreset = next_obs, terminated | truncated
     return truth
 
@@ -69,7 +73,7 @@ def test_every_sampleable_transition_matches_the_env(num_envs, steps):
     obs = buffer.stacks(slots, env_ids).numpy()
     next_obs = buffer.stacks((slots + 1) % buffer.slots, env_ids).numpy()
     for i, (s, e) in enumerate(zip(slots.tolist(), env_ids.tolist())):
-        t_obs, t_action, t_reward, t_next, t_term, real = truth[(s, e)]
+        t_obs, t_action, t_reward, t_next, t_term, real, _ = truth[(s, e)]
         assert real, "the autoreset step (terminal obs -> next game's first obs) is never sampleable"
         np.testing.assert_array_equal(obs[i], t_obs)
         np.testing.assert_array_equal(next_obs[i], t_next)
@@ -77,7 +81,7 @@ def test_every_sampleable_transition_matches_the_env(num_envs, steps):
         assert bool(buffer.terminated[s, e]) == bool(t_term)
     # Everything real and complete is sampleable, except slots whose history the write head overwrote.
     newest = (buffer.pos - 1) % buffer.slots
-    for (s, e), (*_, real) in truth.items():
+    for (s, e), (*_, real, _) in truth.items():
         if not real or s == newest:
             assert not buffer.sampleable[s, e]
         elif steps <= buffer.slots:
@@ -102,22 +106,54 @@ def test_sample_returns_consistent_batches():
     assert torch.equal(again.obs, batch.obs), "sampling is reproducible for a seeded generator"
 
 
-def test_fragments_stay_inside_one_episode_and_match_the_env():
+@pytest.mark.parametrize("capacity,steps", [(400, 180), (160, 500)])  # the second wraps the ring several times
+def test_fragments_stay_inside_one_episode_and_match_the_env(capacity, steps):
     envs = make_fake_envs(2)
-    buffer = FrameReplayBuffer(400, 2, (STACK, 8, 8), STACK, "cpu")
-    truth = fill(buffer, envs, 180)
+    buffer = FrameReplayBuffer(capacity, 2, (STACK, 8, 8), STACK, "cpu")
+    truth = fill(buffer, envs, steps)
     length = 5
-    frames, actions, rewards = buffer.recent_fragments(length, 50, 100, torch.Generator().manual_seed(1))
-    assert frames.shape == (50, length + STACK - 1, 8, 8)
-    by_obs = {v[0].tobytes(): (k, v) for k, v in truth.items()}
-    for f, a, r in zip(frames.numpy(), actions.numpy(), rewards.numpy()):
+    fragments = buffer.recent_fragments(length, 50, 60, torch.Generator().manual_seed(1))
+    assert fragments.frames.shape == (50, length + STACK - 1, 8, 8)
+    # Observations are unique per env and step (CountingFrames), so each identifies its transition.
+    by_obs = {v[0].tobytes(): (k, v) for k, v in truth.items() if v[5]}
+    starts = 0
+    for f, a, r, mu in zip(*(x.numpy() for x in (fragments.frames, fragments.actions, fragments.rewards,
+                                                  fragments.behaviour))):
+        starts += int(not f[0].any())
         for h in range(length):
             key = f[h : h + STACK].tobytes()
             assert key in by_obs, "each fragment step is an observation the env produced"
-            (_, _), (_, t_action, t_reward, _, t_term, real) = by_obs[key]
+            (_, _), (_, t_action, t_reward, _, t_term, real, t_mu) = by_obs[key]
             assert real and t_action == a[h] and t_reward == r[h]
+            assert t_mu == mu[h], "the behaviour probability is the one stored with the step"
             if h < length - 1:
                 assert not t_term, "only the last step of a fragment may end an episode"
+    assert starts > 0, "some fragments begin at an episode start (zero-padded history)"
+
+
+def test_sampling_never_returns_unusable_transitions():
+    envs = make_fake_envs(3)
+    buffer = FrameReplayBuffer(90, 3, (STACK, 8, 8), STACK, "cpu")
+    fill(buffer, envs, 400)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        buffer.sample(32, generator)
+    assert int(buffer.invalid_draws) == 0
+
+
+def test_checkpoint_holds_only_the_written_slots():
+    envs = make_fake_envs(2)
+    buffer = FrameReplayBuffer(1000, 2, (STACK, 8, 8), STACK, "cpu")
+    fill(buffer, envs, 30)
+    state = buffer.state_dict()
+    assert state["frames"].shape[0] == 30 and state["behaviour"].shape == (30, 2)
+    restored = FrameReplayBuffer(1000, 2, (STACK, 8, 8), STACK, "cpu")
+    restored.load_state_dict(state)
+    slots, env_ids = buffer.sampleable.nonzero(as_tuple=True)
+    assert torch.equal(restored.sampleable, buffer.sampleable)
+    assert torch.equal(restored.stacks(slots, env_ids), buffer.stacks(slots, env_ids))
+    with pytest.raises(ValueError, match="replay"):
+        FrameReplayBuffer(500, 2, (STACK, 8, 8), STACK, "cpu").load_state_dict(state)
 
 
 def test_bytes_per_transition_is_one_frame_plus_small_fields():

@@ -19,9 +19,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-
-class InvalidEnvError(ValueError):
-    """An environment id or setting that cannot be built; the message names the flag and the value."""
+from wrappers.errors import InvalidEnvError
 
 
 # gymnasium's Atari ids and the sticky-action probability each implies; frame skipping is done by the wrapper, so

@@ -28,7 +28,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from wrappers.atari import GameStatistics, InvalidEnvError
+from wrappers.atari import GameStatistics
+from wrappers.errors import InvalidEnvError
 
 PREFIX = "MinAtar/"
 _MINATAR_ID = re.compile(r"^MinAtar/(?P<game>[A-Za-z]+)-v(?P<version>[01])$")

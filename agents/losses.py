@@ -1,0 +1,68 @@
+"""The seam between the preference pipeline and the algorithms: upper-level reward losses.
+
+Each preference algorithm is the shared outer loop (`agents/preference.py`) plus one reward loss. A loss is a small
+object with two methods:
+
+    needs_policy(global_step) -> bool      # evaluate the current policy on the minibatch's observations?
+    __call__(inputs: LossInputs) -> (loss, metrics)
+
+`LossInputs` carries what any of them may use: the minibatch of labelled pairs (with the behaviour probabilities
+of the policies that collected them), the reward model's per-action outputs on both fragments, the per-pair
+Bradley-Terry cross-entropy, the current policy's probabilities (when asked for), the SAC temperature and the
+global step. A loss that needs more (a demonstration dataset, the actor's parameters) is built with it.
+
+The primitives every loss shares live here too: fragment returns and the Bradley-Terry cross-entropy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+# The reference clamps the return difference before the sigmoid (RLHF.py:480); with it, log P >= -50 and the loss
+# never saturates to inf.
+LOGIT_CLAMP = 50.0
+
+
+def fragment_returns(rewards: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Sum over steps of r(s_t, a_t): (B, H, A) per-action rewards and (B, H) actions -> (B,)."""
+    return rewards.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+def bradley_terry_bce(return1: torch.Tensor, return2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-pair cross-entropy of P(fragment 1 preferred) = sigmoid(R1 - R2) against the label y, (B,)."""
+    logit = torch.clamp(return1 - return2, -LOGIT_CLAMP, LOGIT_CLAMP)
+    return F.binary_cross_entropy_with_logits(logit, y.to(logit.dtype), reduction="none")
+
+
+@dataclass
+class LossInputs:
+    """One minibatch of B labelled pairs of H-step fragments, as the reward losses see it."""
+
+    pairs: Any  # agents.pairs.PairBatch: frames, actions, labels, behaviour probabilities, collection steps
+    r1: torch.Tensor  # (B, H, A) reward-model outputs for fragment 1's observations, carrying gradient
+    r2: torch.Tensor  # (B, H, A) for fragment 2
+    bce: torch.Tensor  # (B,) Bradley-Terry cross-entropy of each pair, carrying gradient
+    alpha: float  # the current SAC temperature
+    global_step: int
+    pi1: torch.Tensor | None = None  # (B, H, A) current-policy probabilities (constants), if the loss asked
+    pi2: torch.Tensor | None = None
+
+
+class RewardLoss(Protocol):
+    def needs_policy(self, global_step: int) -> bool: ...
+
+    def __call__(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class BradleyTerryLoss:
+    """DRLHF's upper-level loss: the mean Bradley-Terry cross-entropy, blind to how the reward shapes the policy."""
+
+    def needs_policy(self, global_step: int) -> bool:
+        return False
+
+    def __call__(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return inputs.bce.mean(), {}
