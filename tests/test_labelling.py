@@ -1,0 +1,457 @@
+"""The labelling page: HTTP API (Flask's test client, one real-HTTP round trip), label log, rendering, and one
+real-browser session (headless Chromium via Selenium)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agents.labelling import (
+    MINATAR_PALETTE,
+    REFUSED_AFTER_TAKE,
+    Label,
+    LabelServer,
+    encode_png,
+    load_label_log,
+    render_gray,
+    render_minatar,
+    shown_left_for,
+    stored_label,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def clip(seed: int, frames: int = 3, size: int = 4) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+
+
+def log_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def server(tmp_path):
+    return LabelServer(tmp_path / "labels.jsonl")
+
+
+@pytest.fixture
+def client(server):
+    return server.app.test_client()
+
+
+def post(client, url: str, body):
+    return client.post(url, data=json.dumps(body), content_type="application/json")
+
+
+def label(client, pair_id: int, choice: str, annotator: str = "alice"):
+    return post(client, "/api/label", {"pair_id": pair_id, "choice": choice, "annotator": annotator})
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def test_render_minatar_colours_channels_on_black_later_channels_on_top():
+    boards = np.zeros((2, 3, 10, 10), dtype=np.uint8)
+    boards[0, 0, 1, 2] = 255
+    boards[0, 1, 5, 5] = 255
+    boards[0, 0, 7, 7] = boards[0, 2, 7, 7] = 255  # channels 0 and 2 overlap: 2 is drawn on top
+    rgb = render_minatar(boards, scale=24)
+    assert rgb.shape == (2, 240, 240, 3) and rgb.dtype == np.uint8
+    assert (rgb[0, 24:48, 48:72] == MINATAR_PALETTE[0]).all()  # the whole 24x24 block of cell (1, 2)
+    assert (rgb[0, 5 * 24 + 3, 5 * 24 + 20] == MINATAR_PALETTE[1]).all()
+    assert (rgb[0, 7 * 24, 7 * 24] == MINATAR_PALETTE[2]).all()
+    assert (rgb[1] == 0).all()  # an empty board is black
+    assert len({tuple(colour) for colour in MINATAR_PALETTE}) == len(MINATAR_PALETTE)
+    assert (MINATAR_PALETTE.sum(1) > 150).all()  # every colour stands out on black
+    assert render_minatar(boards.astype(bool), scale=2).shape == (2, 20, 20, 3)
+
+
+def test_render_gray_upscales_nearest_neighbour_to_rgb():
+    frames = np.random.default_rng(0).integers(0, 256, (2, 84, 84), dtype=np.uint8)
+    rgb = render_gray(frames)
+    assert rgb.shape == (2, 336, 336, 3) and rgb.dtype == np.uint8
+    assert (rgb[:, ::4, ::4, 1] == frames).all() and (rgb[:, 3::4, 3::4, 0] == frames).all()
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+    with pytest.raises(ValueError, match="uint8"):
+        render_gray(frames.astype(np.float32))
+
+
+def test_encode_png_round_trips():
+    image = clip(0, frames=1, size=7)[0]
+    assert (decode_png(encode_png(image)) == image).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labelling through the API
+
+
+def test_left_right_order_is_random_per_pair_and_reproducible():
+    sides = [shown_left_for(pair_id) for pair_id in range(40)]
+    assert set(sides) == {1, 2} and sides == [shown_left_for(pair_id) for pair_id in range(40)]
+    assert stored_label("left", 1) == 1.0 and stored_label("right", 1) == 0.0
+    assert stored_label("left", 2) == 0.0 and stored_label("right", 2) == 1.0
+    assert stored_label("equal", 2) == 0.5 and stored_label("skip", 1) is None
+
+
+def test_page_is_self_contained(client):
+    response = client.get("/")
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    html = response.get_data(as_text=True)
+    assert html.count("<canvas") == 2 and "ArrowLeft" in html and "annotator" in html
+    assert "http://" not in html and "https://" not in html and "<link" not in html and "src=" not in html
+
+
+def test_next_shows_the_oldest_pair_with_its_clips_swapped_as_seeded(server, client):
+    assert client.get("/api/next").get_json() == {"pair": None, "pending": 0, "fps": 12}
+    clips = {pair_id: (clip(2 * pair_id, 5, 6), clip(2 * pair_id + 1, 5, 6)) for pair_id in (1, 0)}  # 5 frames of 6x6
+    for pair_id, (clip1, clip2) in clips.items():
+        server.submit(pair_id, clip1, clip2)
+    next_pair = client.get("/api/next").get_json()
+    assert next_pair["pending"] == 2
+    shown = next_pair["pair"]
+    assert shown["pair_id"] == 1 and shown["shown_left"] == shown_left_for(1) == 2
+    assert (shown["frames"], shown["height"], shown["width"]) == (5, 6, 6)
+    left, right = (decode_png(client.get(shown[f"{side}_url"]).data) for side in ("left", "right"))
+    clip1, clip2 = clips[1]
+    assert (left == clip2.reshape(30, 6, 3)).all() and (right == clip1.reshape(30, 6, 3)).all()  # frames stacked
+    assert client.get("/api/pairs/1/clip/3.png").status_code == 404
+    assert client.get("/api/pairs/99/clip/1.png").get_json() == {"error": "no clip 1 for pair 99"}
+
+
+def test_labels_undo_the_left_right_swap_and_are_logged(server, client):
+    pair_ids = [0, 1, 2, 3, 4, 5]
+    for pair_id in pair_ids:
+        server.submit(pair_id, clip(pair_id), clip(100 + pair_id))
+    assert server.pending() == 6
+    choices = ["left", "left", "right", "right", "equal", "skip"]
+    for pair_id, choice in zip(pair_ids, choices):
+        response = label(client, pair_id, choice)
+        assert response.status_code == 200, response.get_json()
+        assert response.get_json()["saved"]["label"] == stored_label(choice, shown_left_for(pair_id))
+    assert server.pending() == 0
+    assert [shown_left_for(pair_id) for pair_id in pair_ids[:4]] == [1, 2, 1, 2]
+    # Pairs 0 to 3 were shown with fragment 1, 2, 1, 2 on the left: "left" means fragment 1, then 2; "right" means
+    # fragment 2, then 1.
+    expected = [1.0, 0.0, 0.0, 1.0, 0.5, None]
+    labels = server.take_labels()
+    assert [(x.pair_id, x.label, x.shown_left, x.annotator) for x in labels] == [
+        (pair_id, y, shown_left_for(pair_id), "alice") for pair_id, y in zip(pair_ids, expected)
+    ]
+    assert server.take_labels() == []
+    records = log_records(server.log_path)
+    assert [record["label"] for record in records] == expected
+    assert set(records[0]) == {"pair_id", "label", "annotator", "time", "shown_left"}
+    assert all(abs(record["time"] - time.time()) < 60 for record in records)
+    assert load_label_log(server.log_path) == {x.pair_id: x for x in labels}
+
+
+def test_undo_before_take_requeues_the_pair_at_the_front(server, client):
+    for pair_id in range(3):
+        server.submit(pair_id, clip(pair_id), clip(10 + pair_id))
+    assert label(client, 0, "left").status_code == 200
+    assert label(client, 1, "equal", annotator="bob").status_code == 200
+    response = post(client, "/api/undo", {"annotator": "alice"})  # alice's last answer is pair 0, not bob's pair 1
+    assert response.status_code == 200 and response.get_json() == {"undone": 0, "pending": 2}
+    assert client.get("/api/next").get_json()["pair"]["pair_id"] == 0
+    assert post(client, "/api/undo", {"annotator": "alice"}).status_code == 409  # nothing left to undo
+    assert label(client, 0, "skip").status_code == 200
+    assert [(x.pair_id, x.label, x.annotator) for x in server.take_labels()] == [(1, 0.5, "bob"), (0, None, "alice")]
+    records = log_records(server.log_path)
+    assert [(r["pair_id"], "undo" in r) for r in records] == [(0, False), (1, False), (0, True), (0, False)]
+    assert set(records[2]) == {"pair_id", "undo", "annotator", "time"} and records[2]["undo"] is True
+    assert {pair_id: x.label for pair_id, x in load_label_log(server.log_path).items()} == {1: 0.5, 0: None}
+
+
+def test_undo_after_take_is_refused(server, client):
+    server.submit(7, clip(0), clip(1))
+    label(client, 7, "right")
+    assert len(server.take_labels()) == 1
+    response = post(client, "/api/undo", {"annotator": "alice"})
+    assert response.status_code == 409 and response.get_json() == {"error": REFUSED_AFTER_TAKE}
+    assert server.pending() == 0 and len(log_records(server.log_path)) == 1
+
+
+def test_bad_requests_get_a_json_error(server, client):
+    server.submit(1, clip(0), clip(1))
+    bad_bodies = [
+        {"choice": "left"},
+        {"pair_id": "1", "choice": "left"},
+        {"pair_id": True, "choice": "left"},
+        {"pair_id": 1, "choice": "up"},
+        {"pair_id": 1, "choice": "left", "annotator": ""},
+        {"pair_id": 1, "choice": "left", "annotator": 3},
+        [1, "left"],
+    ]
+    for body in bad_bodies:
+        response = post(client, "/api/label", body)
+        assert response.status_code == 400 and "error" in response.get_json(), body
+    for raw in ("not json", ""):
+        response = client.post("/api/label", data=raw, content_type="application/json")
+        assert response.status_code == 400 and "JSON object" in response.get_json()["error"]
+    assert client.post("/api/undo", data="{").status_code == 400
+    assert label(client, 2, "left").status_code == 404  # never submitted
+    assert label(client, 1, "left").status_code == 200
+    assert label(client, 1, "right").status_code == 409  # already answered
+    for response in (client.get("/nowhere"), client.delete("/api/label")):
+        assert response.status_code in (404, 405) and "error" in response.get_json()
+        assert "Traceback" not in response.get_data(as_text=True)
+    assert len(log_records(server.log_path)) == 1
+
+
+def test_submit_checks_its_clips(server):
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        server.submit(0, clip(0).astype(np.float32), clip(1))
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        server.submit(0, clip(0)[..., 0], clip(1)[..., 0])
+    with pytest.raises(ValueError, match="equal shapes"):
+        server.submit(0, clip(0), clip(1, frames=4))
+    server.submit(0, clip(0), clip(1))
+    with pytest.raises(ValueError, match="already queued"):
+        server.submit(0, clip(0), clip(1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The log across runs
+
+
+def test_resume_reloads_the_log_and_never_requeues_answered_pairs(tmp_path):
+    log_path = tmp_path / "labels.jsonl"
+    first = LabelServer(log_path)
+    for pair_id in range(3):
+        first.submit(pair_id, clip(pair_id), clip(5 + pair_id))
+    label(first.app.test_client(), 0, "left")
+    label(first.app.test_client(), 1, "skip")
+    # Killed here: pair 2 unanswered, nothing taken.
+    second = LabelServer(log_path)
+    for pair_id in range(4):
+        second.submit(pair_id, clip(pair_id), clip(5 + pair_id))
+    assert second.pending() == 2 and second.app.test_client().get("/api/next").get_json()["pair"]["pair_id"] == 2
+    assert post(second.app.test_client(), "/api/undo", {"annotator": "alice"}).status_code == 409
+    second.wait_until_labelled([0, 1])  # answered in the earlier run: returns at once
+    assert second.take_labels() == []
+    assert sorted(load_label_log(log_path)) == [0, 1]
+
+
+def test_truncated_last_line_is_skipped_and_repaired(tmp_path):
+    log_path = tmp_path / "labels.jsonl"
+    good = {"pair_id": 4, "label": 0.5, "annotator": "a", "time": 1.0, "shown_left": 1}
+    log_path.write_text(json.dumps(good) + "\n" + '{"pair_id": 5, "label": 1.0, "ann')
+    assert load_label_log(log_path) == {4: Label(4, 0.5, "a", 1.0, 1)}
+    server = LabelServer(log_path)
+    server.submit(5, clip(0), clip(1))
+    label(server.app.test_client(), 5, "equal")
+    assert sorted(load_label_log(log_path)) == [4, 5]
+    assert [record["pair_id"] for record in log_records(log_path)] == [4, 5]
+    # A complete last record that lost only its newline is kept.
+    log_path.write_text(json.dumps(good))
+    LabelServer(log_path).submit(4, clip(0), clip(1))
+    assert log_path.read_text() == json.dumps(good) + "\n"
+
+
+def test_malformed_lines_before_the_last_raise_naming_file_and_line(tmp_path):
+    log_path = tmp_path / "labels.jsonl"
+    assert load_label_log(log_path) == {}
+    good = json.dumps({"pair_id": 1, "label": 1.0, "annotator": "a", "time": 1.0, "shown_left": 2})
+    cases = {
+        "garbage": [good, "", "garbage", good.replace('"pair_id": 1', '"pair_id": 2')],
+        "label": [good.replace("1.0, ", "0.7, ", 1), good.replace('"pair_id": 1', '"pair_id": 2')],
+        "again": [good, good],
+        "undo": [json.dumps({"pair_id": 3, "undo": True, "annotator": "a", "time": 1.0}), good],
+    }
+    for name, lines in cases.items():
+        log_path.write_text("\n".join(lines) + "\n")
+        line = 3 if name == "garbage" else 2 if name == "again" else 1
+        with pytest.raises(ValueError, match=rf"labels\.jsonl, line {line}:"):
+            load_label_log(log_path)
+        with pytest.raises(ValueError):
+            LabelServer(log_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Waiting, and a real HTTP server
+
+
+def test_wait_until_labelled_returns_on_answers_or_stop(server, client):
+    for pair_id in (1, 2):
+        server.submit(pair_id, clip(0), clip(1))
+    with pytest.raises(ValueError, match="never submitted"):
+        server.wait_until_labelled([1, 3])
+    stop = threading.Event()
+    stop.set()
+    server.wait_until_labelled([1, 2], stop=stop)  # returns although nothing is labelled
+
+    def annotate():
+        time.sleep(0.05)
+        label(client, 2, "left")
+        label(client, 1, "skip")
+
+    annotator = threading.Thread(target=annotate)
+    annotator.start()
+    started = time.monotonic()
+    server.wait_until_labelled([1, 2], poll=5.0)  # the answers wake it, not the poll
+    assert time.monotonic() - started < 3.0
+    annotator.join()
+    assert [x.pair_id for x in server.take_labels()] == [2, 1]
+
+
+def test_real_http_round_trip(tmp_path):
+    with LabelServer(tmp_path / "labels.jsonl", fps=8) as server:
+        assert server.url.startswith("http://127.0.0.1:") and server.port > 0
+        server.submit(3, clip(0), clip(1))
+        with urllib.request.urlopen(server.url + "api/next", timeout=10) as response:
+            assert json.load(response)["pair"]["pair_id"] == 3
+        request = urllib.request.Request(
+            server.url + "api/label",
+            data=json.dumps({"pair_id": 3, "choice": "equal", "annotator": "carol"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.load(response)["pending"] == 0
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(urllib.request.Request(server.url + "api/undo", data=b"[]"), timeout=10)
+        assert error.value.code == 400 and "error" in json.load(error.value)
+    assert [(x.pair_id, x.label, x.annotator) for x in server.take_labels()] == [(3, 0.5, "carol")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real browser
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def chromium_driver(tmp_path: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM  # with both paths given, Selenium skips Selenium Manager (no downloads)
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1000,620",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def random_minatar_boards(rng: np.random.Generator, frames: int = 25, channels: int = 6) -> np.ndarray:
+    return ((rng.random((frames, channels, 10, 10)) < 0.06) * 255).astype(np.uint8)
+
+
+@pytest.mark.skipif(
+    not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+    reason=f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)",
+)
+def test_browser_labels_with_keys_and_undo(tmp_path, monkeypatch):
+    pytest.importorskip("selenium", reason="the browser test needs selenium (the test extra)")
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # should Selenium Manager run at all, it must not go online
+    rng = np.random.default_rng(0)
+    server = LabelServer(tmp_path / "labels.jsonl")
+    pair_ids = list(range(10, 18))
+    for pair_id in pair_ids:
+        server.submit(pair_id, render_minatar(random_minatar_boards(rng)), render_minatar(random_minatar_boards(rng)))
+    url = server.start()
+    driver = chromium_driver(tmp_path)
+    try:
+        driver.get(url + "?annotator=tester")
+        body = driver.find_element(By.TAG_NAME, "body")
+
+        def wait_for_pair(pair_id: int) -> None:
+            def showing(_) -> bool:
+                state, shown = body.get_attribute("data-state"), body.get_attribute("data-pair-id")
+                return state == "showing" and shown == str(pair_id)
+
+            WebDriverWait(driver, 15).until(showing)
+
+        def press(key: str) -> None:
+            ActionChains(driver).send_keys(key).perform()
+
+        def message() -> str:
+            return driver.find_element(By.ID, "message").text
+
+        wait_for_pair(10)
+        assert driver.find_element(By.ID, "annotator").text == "tester"
+        assert driver.find_element(By.ID, "counter").text == "8 pairs waiting"
+        for side in ("left", "right"):
+            canvas = driver.find_element(By.ID, side)
+            assert canvas.size["width"] >= 240 and canvas.size["height"] >= 240
+            lit = driver.execute_script(
+                "const c = arguments[0]; const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+                "let n = 0; for (let i = 0; i < d.length; i += 4) n += d[i] + d[i + 1] + d[i + 2] > 0; return n;",
+                canvas,
+            )
+            assert lit > 0  # a clip frame was drawn, not a black canvas
+        # The clips play: the picture changes (every frame of these random boards differs).
+        fingerprint = (
+            "const c = document.getElementById('left'); const d = c.getContext('2d').getImageData(0, 0, 240, 240).data;"
+            "let h = 0; for (let i = 0; i < d.length; i += 4) h = (h * 31 + d[i] + 7 * d[i + 1]) | 0; return h;"
+        )
+        first = driver.execute_script(fingerprint)
+        WebDriverWait(driver, 5).until(lambda _: driver.execute_script(fingerprint) != first)
+
+        keys = [Keys.ARROW_LEFT, Keys.ARROW_RIGHT, Keys.ARROW_UP, Keys.ARROW_DOWN]
+        for pair_id, key in zip(pair_ids, keys):
+            wait_for_pair(pair_id)
+            press(key)
+        wait_for_pair(14)
+        press("u")  # undo the drop of pair 13: it comes back first
+        wait_for_pair(13)
+        assert "pair 13 is back" in message()
+        press(Keys.ARROW_LEFT)
+        wait_for_pair(14)
+        assert driver.find_element(By.ID, "counter").text == "4 pairs waiting"
+        if os.environ.get("SOBIRL_SAVE_SCREENSHOT") == "1":
+            time.sleep(0.4)  # let the clips play a few frames
+            driver.save_screenshot(str(REPO / "docs" / "labelling_page.png"))
+        driver.find_element(By.ID, "btn-right").click()  # the buttons do what the keys do
+        wait_for_pair(15)
+
+        expected = {
+            10: stored_label("left", shown_left_for(10)),
+            11: stored_label("right", shown_left_for(11)),
+            12: 0.5,
+            13: stored_label("left", shown_left_for(13)),
+            14: stored_label("right", shown_left_for(14)),
+        }
+        labels = server.take_labels()
+        assert [(x.pair_id, x.label, x.annotator) for x in labels] == [(p, y, "tester") for p, y in expected.items()]
+        assert {p: x.label for p, x in load_label_log(server.log_path).items()} == expected
+        records = log_records(server.log_path)
+        assert [r["pair_id"] for r in records] == [10, 11, 12, 13, 13, 13, 14]
+        assert records[3]["label"] is None and records[4]["undo"] is True and len(records) == 7
+
+        press("u")  # pair 14's answer went to training: refused
+        WebDriverWait(driver, 10).until(lambda _: REFUSED_AFTER_TAKE in message())
+        assert body.get_attribute("data-pair-id") == "15" and server.pending() == 3
+    finally:
+        driver.quit()
+        server.stop()
