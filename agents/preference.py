@@ -272,6 +272,11 @@ class PreferenceLearner:
         self.optimizer = torch.optim.AdamW(
             self.reward_net.parameters(), lr=args.reward_lr, weight_decay=args.reward_weight_decay
         )
+        # --compile trains through the compiled stock modules (the CPU kernels are an eager-mode optimisation).
+        self.reward_model = self.reward_net
+        if args.compile:
+            self.reward_net.cpu_kernels = False
+            self.reward_model = torch.compile(self.reward_net, dynamic=True)
         replay = trainer.buffer
         self.pairs = PairBuffer(args.pair_buffer, args.fragment_length, replay.frame_shape, replay.stack, self.device)
         self.schedule = pairs_schedule(args.initial_pairs, args.total_pairs, args.schedule_iterations)
@@ -353,7 +358,7 @@ class PreferenceLearner:
         while self.epochs_done < epochs:
             self.run.signals.check()
             stats = reward_epoch(
-                self.reward_net, self.optimizer, self.pairs, a.reward_batch_size, self.loss_fn, self.trainer.alpha,
+                self.reward_model, self.optimizer, self.pairs, a.reward_batch_size, self.loss_fn, self.trainer.alpha,
                 self.global_step, self.trainer.policy_probs, self.shuffle_generator, a.policy_chunk,
                 self.run.signals.check,
             )

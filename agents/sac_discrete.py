@@ -155,9 +155,9 @@ class SACDiscrete:
     def __init__(self, obs_shape: tuple[int, ...], num_actions: int, args: Args, device: torch.device):
         self.args = args
         self.device = device
-        self.actor = Actor(obs_shape, num_actions).to(device).use_channels_last()
-        self.qf1 = SoftQNetwork(obs_shape, num_actions).to(device).use_channels_last()
-        self.qf2 = SoftQNetwork(obs_shape, num_actions).to(device).use_channels_last()
+        self.actor = Actor(obs_shape, num_actions).to(device).use_fastest_layout()
+        self.qf1 = SoftQNetwork(obs_shape, num_actions).to(device).use_fastest_layout()
+        self.qf2 = SoftQNetwork(obs_shape, num_actions).to(device).use_fastest_layout()
         self.qf1_target = copy.deepcopy(self.qf1)
         self.qf2_target = copy.deepcopy(self.qf2)
         # fused: one kernel for all parameters; the per-tensor loop costs more than a convolution on a 2-core CPU.
@@ -167,6 +167,11 @@ class SACDiscrete:
         self.entropy_target = target_entropy(num_actions, args.target_entropy_scale)
         self.log_alpha = torch.tensor(float(np.log(args.alpha)), device=device, requires_grad=True)
         self.alpha_optimizer = adam([self.log_alpha], args.q_lr)
+        # --compile: the loss functions are compiled (forward and backward graphs); the eager ones stay the reference.
+        self._critic_loss = torch.compile(self.critic_loss) if args.compile else self.critic_loss
+        self._actor_and_alpha_losses = (
+            torch.compile(self.actor_and_alpha_losses) if args.compile else self.actor_and_alpha_losses
+        )
 
     @property
     def alpha(self) -> float:
@@ -186,9 +191,8 @@ class SACDiscrete:
         actions = torch.multinomial(probs, 1)
         return actions.squeeze(-1), probs.gather(1, actions).squeeze(-1)
 
-    def update(self, batch: Batch, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One critic, actor and temperature step on `batch` with the given (already clamped) rewards."""
-        alpha = self.log_alpha.exp().detach()
+    def critic_loss(self, batch: Batch, rewards: torch.Tensor, alpha: torch.Tensor):
+        """Twin soft-Q regression onto r + gamma (1 - terminated) V_target(s'); returns (loss, metrics)."""
         with torch.no_grad():
             next_probs, next_log_probs = self.actor.probs(batch.next_obs)
             next_q = torch.min(self.qf1_target(batch.next_obs), self.qf2_target(batch.next_obs))
@@ -196,38 +200,51 @@ class SACDiscrete:
                 rewards, batch.terminated, soft_state_value(next_probs, next_log_probs, next_q, alpha), self.args.gamma
             )
         actions = batch.actions[:, None]
-        q1 = self.qf1(batch.obs)
-        q2 = self.qf2(batch.obs)
-        qf1_loss, qf2_loss = critic_losses(q1.gather(1, actions).squeeze(1), q2.gather(1, actions).squeeze(1), target)
-        self.q_optimizer.zero_grad(set_to_none=True)
-        (qf1_loss + qf2_loss).backward()
-        self.q_optimizer.step()
-
-        probs, log_probs = self.actor.probs(batch.obs)
-        with torch.no_grad():
-            q = torch.min(self.qf1(batch.obs), self.qf2(batch.obs))
-        policy_loss = actor_loss(probs, log_probs, q, alpha)
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        policy_loss.backward()
-        self.actor_optimizer.step()
-
-        temperature_loss = torch.zeros((), device=self.device)
-        if self.args.autotune:
-            temperature_loss = alpha_loss(probs, log_probs, self.log_alpha, self.entropy_target)
-            self.alpha_optimizer.zero_grad(set_to_none=True)
-            temperature_loss.backward()
-            self.alpha_optimizer.step()
-        return {
-            "losses/qf1_values": q1.gather(1, actions).mean().detach(),
-            "losses/qf2_values": q2.gather(1, actions).mean().detach(),
+        q1_taken = self.qf1(batch.obs).gather(1, actions).squeeze(1)
+        q2_taken = self.qf2(batch.obs).gather(1, actions).squeeze(1)
+        qf1_loss, qf2_loss = critic_losses(q1_taken, q2_taken, target)
+        metrics = {
+            "losses/qf1_values": q1_taken.mean().detach(),
+            "losses/qf2_values": q2_taken.mean().detach(),
             "losses/qf1_loss": qf1_loss.detach(),
             "losses/qf2_loss": qf2_loss.detach(),
             "losses/qf_loss": ((qf1_loss + qf2_loss) / 2.0).detach(),
+        }
+        return qf1_loss + qf2_loss, metrics
+
+    def actor_and_alpha_losses(self, obs: torch.Tensor, alpha: torch.Tensor):
+        """The policy loss against the (just updated) critics and the temperature loss; returns both and metrics."""
+        probs, log_probs = self.actor.probs(obs)
+        with torch.no_grad():
+            q = torch.min(self.qf1(obs), self.qf2(obs))
+        policy_loss = actor_loss(probs, log_probs, q, alpha)
+        temperature_loss = alpha_loss(probs, log_probs, self.log_alpha, self.entropy_target)
+        metrics = {
             "losses/actor_loss": policy_loss.detach(),
-            "losses/alpha": alpha,
             "losses/alpha_loss": temperature_loss.detach(),
             "losses/entropy": -(probs * log_probs).sum(-1).mean().detach(),
         }
+        return policy_loss, temperature_loss, metrics
+
+    def update(self, batch: Batch, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One critic, actor and temperature step on `batch` with the given (already clamped) rewards; returns
+        detached metrics (read them only now and then: on a GPU each read waits for the device)."""
+        alpha = self.log_alpha.exp().detach()
+        critic_loss, metrics = self._critic_loss(batch, rewards, alpha)
+        self.q_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.q_optimizer.step()
+
+        policy_loss, temperature_loss, actor_metrics = self._actor_and_alpha_losses(batch.obs, alpha)
+        # One backward for both: the temperature loss sees the policy only through detached probabilities, so the
+        # actor's gradient is the policy loss's alone and log alpha's the temperature loss's alone.
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        (policy_loss + temperature_loss if self.args.autotune else policy_loss).backward()
+        self.actor_optimizer.step()
+        if self.args.autotune:
+            self.alpha_optimizer.step()
+        return {**metrics, **actor_metrics, "losses/alpha": alpha}
 
     def state_dict(self) -> dict:
         nets = ("actor", "qf1", "qf2", "qf1_target", "qf2_target", "q_optimizer", "actor_optimizer", "alpha_optimizer")
