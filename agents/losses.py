@@ -17,7 +17,7 @@ The primitives every loss shares live here too: fragment returns and the Bradley
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,9 @@ class LossInputs:
 
 
 class RewardLoss(Protocol):
+    # The policy to evaluate when needs_policy says so; None: the learner's current policy.
+    policy_probs: Callable[[torch.Tensor], torch.Tensor] | None
+
     def needs_policy(self, global_step: int) -> bool: ...
 
     def __call__(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
@@ -60,6 +63,8 @@ class RewardLoss(Protocol):
 
 class BradleyTerryLoss:
     """DRLHF's upper-level loss: the mean Bradley-Terry cross-entropy, blind to how the reward shapes the policy."""
+
+    policy_probs = None
 
     def needs_policy(self, global_step: int) -> bool:
         return False

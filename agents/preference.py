@@ -56,9 +56,28 @@ class PreferenceArgs(sac.Args):
                             "drawn from their own generator, so this never changes the training run")
     accuracy_pairs: int = flag(0, "newest stored pairs scored for reward/accuracy_train (0: all)")
     policy_chunk: int = flag(1600, "observations per policy forward pass when a loss needs the policy (bounds memory)")
+    reference_quirks: bool = flag(
+        False, "run as the authors' code did: --teacher bernoulli --reward-train-mode-in-sac --per-fragment-batchnorm "
+        "--fire-after-life-loss, and SoBiRL's --reference-pi-scale (see the README)"
+    )
+    reward_train_mode_in_sac: bool = flag(
+        False, "authors' code: the reward net labels SAC's batches in training mode (dropout on, BatchNorm on the "
+        "batch's statistics, running statistics updated); default: evaluation mode"
+    )
+    per_fragment_batchnorm: bool = flag(
+        False, "authors' code: reward training normalises each 25-step fragment with its own BatchNorm statistics "
+        "(they ran fragments through the net one at a time); default: one batch of all pairs"
+    )
 
     RESUMABLE: ClassVar[frozenset[str]] = sac.Args.RESUMABLE | {"warmup_save_every", "fresh_pairs", "accuracy_pairs",
                                                                 "policy_chunk"}
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.reference_quirks:
+            self.teacher = "bernoulli"
+            self.reward_train_mode_in_sac = self.per_fragment_batchnorm = True
+            self.fire_after_life_loss = not self.env_id.startswith("MinAtar/")
 
     def validate(self) -> None:
         super().validate()
@@ -110,12 +129,15 @@ def reward_update(
     policy_probs: PolicyProbs | None = None,
     weight: float = 1.0,
     policy_chunk: int = 1600,
+    diagnose: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One optimizer step on `pairs` with `loss_fn`, its loss scaled by `weight`.
 
     Returns detached tensors (no host round trip): the loss, the mean cross-entropy, hyper_term (the loss minus
-    the cross-entropy: what the algorithm adds to DRLHF's fit), the loss's own metrics, and the train-mode
-    agreement with the noise-free oracle as `correct` / `counted` sums.
+    the cross-entropy: what the algorithm adds to DRLHF's fit), the loss's own metrics, the train-mode agreement
+    with the noise-free oracle (`correct` / `counted`) and with the teacher's labels (`teacher_correct` /
+    `teacher_counted`, the accuracy the authors' code logged). With `diagnose`, also `extra_grad_ratio`: the norm
+    of hyper_term's gradient over the cross-entropy's (two extra backward passes).
     """
     batch, length = pairs.actions1.shape
     obs = pair_observations(pairs.frames1, pairs.frames2, length)
@@ -131,15 +153,31 @@ def reward_update(
     return1, return2 = fragment_returns(r1, pairs.actions1), fragment_returns(r2, pairs.actions2)
     bce = bradley_terry_bce(return1, return2, pairs.labels)
     loss, metrics = loss_fn(LossInputs(pairs, r1, r2, bce, alpha, global_step, pi1, pi2))
+    if diagnose:
+        metrics["extra_grad_ratio"] = gradient_norm_ratio(loss - bce.mean(), bce.mean(), reward_net)
     optimizer.zero_grad(set_to_none=True)
     (loss * weight).backward()
     optimizer.step()
     with torch.no_grad():
         correct, counted = oracle_agreement(return1, return2, pairs.returns1, pairs.returns2)
+        teacher_correct, teacher_counted = label_agreement(return1, return2, pairs.labels)
         bce_mean = bce.mean()
         out = {"loss": loss.detach(), "bce": bce_mean, "hyper_term": loss.detach() - bce_mean}
     out.update({key: torch.as_tensor(value).detach() for key, value in metrics.items()})
-    return {**out, "correct": correct, "counted": counted}
+    return {**out, "correct": correct, "counted": counted, "teacher_correct": teacher_correct,
+            "teacher_counted": teacher_counted}
+
+
+def gradient_norm_ratio(extra: torch.Tensor, bce: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """||grad extra|| / ||grad bce|| over the model's parameters (0 when the extra term has no gradient)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not extra.requires_grad:
+        return torch.zeros((), device=bce.device)
+    norm = lambda loss: torch.linalg.vector_norm(torch.cat([
+        (g if g is not None else torch.zeros_like(p)).flatten()
+        for g, p in zip(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), params)
+    ]))
+    return norm(extra) / norm(bce).clamp_min(1e-12)
 
 
 def reward_epoch(
@@ -154,13 +192,16 @@ def reward_epoch(
     generator: torch.Generator | None = None,
     policy_chunk: int = 1600,
     between_steps: Callable[[], None] = lambda: None,
+    diagnose: bool = False,
 ) -> dict[str, float]:
     """One pass over the pair buffer in shuffled minibatches of `batch_size`, the net in training mode throughout.
 
     As in imitation's trainer (which the reference uses), the last, partial minibatch still takes a step, with its
     loss scaled by len / batch_size. The net is left in evaluation mode, ready to produce rewards for SAC.
     `between_steps` runs before every minibatch (the run's stop check). Returns pair-weighted means of loss, bce,
-    hyper_term and the loss's metrics, the train-mode accuracy and the number of steps.
+    hyper_term and the loss's metrics, the train-mode accuracy against the oracle (`accuracy`) and against the
+    teacher's labels (`teacher_accuracy`), the number of steps, and with `diagnose` the first minibatch's
+    `extra_grad_ratio`.
     """
     loss_fn = loss_fn or BradleyTerryLoss()
     if loss_fn.needs_policy(global_step) and policy_probs is None:
@@ -169,22 +210,27 @@ def reward_epoch(
     order = torch.randperm(len(buffer), generator=generator)
     rows = buffer.oldest_first()
     totals: dict[str, torch.Tensor] = {}
+    sums = ("correct", "counted", "teacher_correct", "teacher_counted")
+    first_step_only = ("extra_grad_ratio",)
     try:
-        for part in order.split(batch_size):
+        for index, part in enumerate(order.split(batch_size)):
             between_steps()
             step = reward_update(
                 reward_net, optimizer, buffer.get(rows[part]), loss_fn, alpha, global_step, policy_probs,
-                len(part) / batch_size, policy_chunk,
+                len(part) / batch_size, policy_chunk, diagnose=diagnose and index == 0,
             )
             for key, value in step.items():
-                scaled = value if key in ("correct", "counted") else value * len(part)
+                scaled = value if key in sums else value * len(part)
                 totals[key] = totals[key] + scaled if key in totals else scaled
     finally:
         reward_net.eval()
     n = max(len(buffer), 1)
-    out = {key: float(value) / n for key, value in totals.items() if key not in ("correct", "counted")}
-    counted = float(totals.get("counted", 0))
-    out["accuracy"] = float(totals["correct"]) / counted if counted else math.nan
+    out = {key: float(value) / (1 if key in first_step_only else n)
+           for key, value in totals.items() if key not in sums}
+    for name, (correct, counted) in {"accuracy": ("correct", "counted"),
+                                     "teacher_accuracy": ("teacher_correct", "teacher_counted")}.items():
+        total = float(totals.get(counted, 0))
+        out[name] = float(totals[correct]) / total if total else math.nan
     out["steps"] = len(order.split(batch_size)) if len(buffer) else 0
     return out
 
@@ -204,6 +250,14 @@ def oracle_agreement(
     counted = truth != 0
     score = torch.where(guess == 0, 0.5, (guess == truth).float())
     return (score * counted).sum(), counted.sum()
+
+
+def label_agreement(
+    predicted1: torch.Tensor, predicted2: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score, pairs counted) against the teacher's labels, as the authors' code measured accuracy: pairs labelled
+    0.5 are left out, the others score 1 when the predicted order matches the label's side."""
+    return oracle_agreement(predicted1, predicted2, labels, torch.full_like(labels, 0.5))
 
 
 def preference_accuracy(
@@ -235,12 +289,15 @@ def preference_accuracy(
     return score / counted if counted else math.nan
 
 
-def reward_function(reward_net: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """r_phi(s, a) for the policy learner: (B, *obs_shape) uint8 and (B,) actions -> (B,), in evaluation mode."""
+def reward_function(
+    reward_net: torch.nn.Module, train_mode: bool = False
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """r_phi(s, a) for the policy learner: (B, *obs_shape) uint8 and (B,) actions -> (B,), in evaluation mode (or in
+    training mode, as the authors' code did, with `train_mode`)."""
 
     def rewards(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        if reward_net.training:
-            reward_net.eval()
+        if reward_net.training != train_mode:
+            reward_net.train(train_mode)
         with torch.no_grad():
             return reward_net(obs).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
 
@@ -290,8 +347,10 @@ class PreferenceLearner:
         self.shuffle_generator = torch.Generator().manual_seed(args.seed + 15485863)
         self.fresh_generator = torch.Generator(device=self.device).manual_seed(args.seed + 32452843)
         self.reward_net.eval()
+        if args.per_fragment_batchnorm:
+            self.reward_net.batchnorm_group = args.fragment_length
         # Set from the start so that no SAC update ever sees the true reward.
-        trainer.set_reward(reward_function(self.reward_net))
+        trainer.set_reward(reward_function(self.reward_net, args.reward_train_mode_in_sac))
 
     @property
     def global_step(self) -> int:
@@ -359,8 +418,8 @@ class PreferenceLearner:
             self.run.signals.check()
             stats = reward_epoch(
                 self.reward_model, self.optimizer, self.pairs, a.reward_batch_size, self.loss_fn, self.trainer.alpha,
-                self.global_step, self.trainer.policy_probs, self.shuffle_generator, a.policy_chunk,
-                self.run.signals.check,
+                self.global_step, self.loss_fn.policy_probs or self.trainer.policy_probs, self.shuffle_generator,
+                a.policy_chunk, self.run.signals.check, diagnose=self.epochs_done == epochs - 1,
             )
             self.epochs_done += 1
             if epochs > 1:
@@ -389,10 +448,16 @@ class PreferenceLearner:
     def log_reward_phase(self, stats: dict | None) -> None:
         step, log = self.global_step, self.run.logger.scalar
         if stats is not None:
+            renamed = {"accuracy": "accuracy_train_mode", "teacher_accuracy": "accuracy_authors"}
             for key, value in stats.items():
-                if key not in ("accuracy", "steps"):
-                    log(f"reward/{key}", value, step)
+                if key != "steps":
+                    log(f"reward/{renamed.get(key, key)}", value, step)
         log("reward/accuracy_train", self.stored_accuracy(), step)
+        # How off-policy the stored pairs are: gathered before this iteration, or by the uniform-random policy.
+        collected = self.pairs.get(self.pairs.oldest_first()).collected
+        if len(collected):
+            log("reward/offpolicy_share", float((collected < collected.max()).float().mean()), step)
+            log("reward/random_policy_share", float((collected <= self.args.learning_starts).float().mean()), step)
         log("reward/num_pairs", len(self.pairs), step)
         log("reward/new_pairs", self.new_pairs(), step)
         log("reward/iteration", self.iteration + 1, step)

@@ -169,9 +169,12 @@ class RewardCNN(nn.Module):
         self.fc = nn.Linear(self.features, HIDDEN)
         self.head = nn.Linear(HIDDEN, num_actions)
         self.cpu_kernels = True  # False: the stock modules everywhere (--compile sets it, tests compare the two)
+        # Training-mode BatchNorm statistics over groups of this many consecutive observations (0: the whole batch).
+        # The authors' code ran each 25-step fragment through the net on its own (--per-fragment-batchnorm).
+        self.batchnorm_group = 0
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        if self.training and obs.device.type == "cpu" and self.cpu_kernels:
+        if self.training and obs.device.type == "cpu" and self.cpu_kernels and not self.batchnorm_group:
             return self.cpu_training_forward(obs)
         return self.stock_forward(obs)
 
@@ -179,8 +182,26 @@ class RewardCNN(nn.Module):
         """obs / 255 -> [Conv -> BatchNorm -> LeakyReLU -> Dropout] x 4 -> Linear -> LeakyReLU -> Linear."""
         x = obs.to(self.head.weight.dtype) / 255.0
         for conv, norm in zip(self.convs, self.norms):
-            x = F.dropout(F.leaky_relu(norm(conv(x)), NEGATIVE_SLOPE), self.dropout, self.training)
+            x = F.dropout(F.leaky_relu(self._normalise(norm, conv(x)), NEGATIVE_SLOPE), self.dropout, self.training)
         return self.head(F.leaky_relu(self.fc(x.flatten(1)), NEGATIVE_SLOPE))
+
+    def _normalise(self, norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+        group = self.batchnorm_group
+        if not (self.training and group and x.shape[0] % group == 0):
+            return norm(x)
+        # Ghost batch norm: each group of `group` observations is normalised with its own statistics, as if run
+        # through the net alone; the running statistics follow the groups' mean statistics.
+        g = x.reshape(x.shape[0] // group, group, *x.shape[1:])  # (groups, group, C, h, w)
+        dims = (1, 3, 4)
+        mean, var = g.mean(dims, keepdim=True), g.var(dims, unbiased=False, keepdim=True)
+        shape = (1, 1, -1, 1, 1)
+        out = (g - mean) * torch.rsqrt(var + norm.eps) * norm.weight.view(shape) + norm.bias.view(shape)
+        with torch.no_grad():
+            count = group * x.shape[2] * x.shape[3]
+            norm.num_batches_tracked.add_(1)
+            norm.running_mean.lerp_(mean.mean((0, 1, 3, 4)), norm.momentum)
+            norm.running_var.lerp_(var.mean((0, 1, 3, 4)) * count / (count - 1), norm.momentum)
+        return out.reshape(x.shape)
 
     reference_forward = stock_forward
 

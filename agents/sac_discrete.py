@@ -70,12 +70,17 @@ class Args:
     target_entropy_scale: float = flag(0.89, "target entropy = scale * ln(number of actions)")
     max_episode_frames: int = flag(108_000, "emulator frames after which a game is truncated (ALE's default)")
     log_every: int = flag(100, "gradient updates between loss logs (metrics stay on the device in between)")
+    fire_after_life_loss: bool = flag(False, "Atari: press FIRE after every lost life, as SB3's AtariWrapper (the "
+                                      "authors' code) does; ale-py fires only at a game's start. Needs --num-envs 1")
 
     # Flags a resumed run may change; every other flag is the run's identity (agents/run.py).
     RESUMABLE: ClassVar[frozenset[str]] = frozenset({
         "total_timesteps", "save_every", "save_replay", "eval_every", "eval_episodes", "log_every", "progress",
         "cuda", "compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "runs_dir",
     })
+
+    def __post_init__(self):
+        pass  # subclasses expand presets here (--reference-quirks)
 
     def validate(self) -> None:
         require_positive(
@@ -290,6 +295,7 @@ class SACTrainer:
         except ValueError as err:
             raise UsageError(f"--buffer-size: {err}") from None
         self._reward_fn: RewardFn | None = None
+        self._reward_stats: torch.Tensor | None = None
         self.global_step = 0
         self.num_updates = 0
         self._replay_ready = False
@@ -302,7 +308,11 @@ class SACTrainer:
         self._random_prob = np.full(args.num_envs, 1.0 / self.num_actions, dtype=np.float32)
 
     def _make_envs(self, seed: int):
-        return make_envs(self.args.env_id, self.args.num_envs, seed, max_episode_frames=self.args.max_episode_frames)
+        a = self.args
+        options = {"fire_after_life_loss": True} if a.fire_after_life_loss else {}
+        if options and a.env_id.startswith("MinAtar/"):
+            raise UsageError("--fire-after-life-loss: MinAtar games have no lives")
+        return make_envs(a.env_id, a.num_envs, seed, max_episode_frames=a.max_episode_frames, **options)
 
     # -- entry points for outer loops -----------------------------------------------------------------------------
 
@@ -400,7 +410,22 @@ class SACTrainer:
         if self._reward_fn is None:
             return batch.rewards
         with torch.no_grad():
-            return self._reward_fn(batch.obs, batch.actions).float().clamp(-1.0, 1.0)
+            raw = self._reward_fn(batch.obs, batch.actions).float()
+            # Running sums on the device, read at the next log: how the learned reward looks to SAC.
+            stats = torch.stack([raw.sum(), raw.square().sum(), (raw.abs() >= 1.0).float().sum(),
+                                 torch.tensor(float(raw.numel()), device=raw.device)])
+            self._reward_stats = stats if self._reward_stats is None else self._reward_stats + stats
+            return raw.clamp(-1.0, 1.0)
+
+    def _log_reward_stats(self) -> None:
+        if self._reward_stats is None:
+            return
+        total, squares, saturated, count = self._reward_stats.tolist()
+        mean = total / count
+        for tag, value in (("mean", mean), ("std", max(squares / count - mean * mean, 0.0) ** 0.5),
+                           ("saturated", saturated / count)):
+            self.run.logger.scalar(f"reward/sac_reward_{tag}", value, self.global_step)
+        self._reward_stats = None
 
     def _update(self) -> None:
         # Counting sampleable transitions scans the whole buffer (and syncs a GPU), so it is done only until the
@@ -415,6 +440,7 @@ class SACTrainer:
         if self.num_updates % self.args.log_every == 0:
             for tag, value in metrics.items():
                 self.run.logger.scalar(tag, float(value), self.global_step)
+            self._log_reward_stats()
 
     def _log_games(self, info: dict) -> None:
         if "_episode" not in info:
@@ -423,6 +449,8 @@ class SACTrainer:
             self.last_score = float(info["episode"]["r"][env])
             self.run.logger.scalar("charts/episodic_return", self.last_score, self.global_step)
             self.run.logger.scalar("charts/episodic_length", int(info["episode"]["l"][env]), self.global_step)
+            self.run.logger.scalar("charts/episodic_length_frames", int(info["episode"]["frames"][env]),
+                                   self.global_step)
 
     def _log_speed(self) -> None:
         progress = self.run.progress

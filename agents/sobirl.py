@@ -21,27 +21,58 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from agents.common import flag, require_non_negative, run_cli
+from agents.common import flag, require_non_negative, require_positive, run_cli
 from agents.losses import LossInputs, bradley_terry_bce, fragment_returns
 from agents.preference import PreferenceArgs, PreferenceLearner, run_preference_rl
 
 ALGO = "sobirl"
 
 
-def advantage_sum(rewards: torch.Tensor, actions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """sum_t (r(s_t, a_t) - sum_a pi(a|s_t) r(s_t, a)) per fragment, (B,); pi is a constant here."""
+def advantage_sum(
+    rewards: torch.Tensor, actions: torch.Tensor, probs: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum_t w_t (r(s_t, a_t) - sum_a pi(a|s_t) r(s_t, a)) per fragment, (B,); pi and w are constants (w = 1 if None).
+
+    Its gradient at one step is w_t (e_{a_t} - pi(.|s_t)) on r(s_t, .): the score function of the soft-optimal
+    policy, up to 1/alpha and the one-step truncation of grad Q - grad V.
+    """
     taken = rewards.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
     expected = (rewards * probs.detach()).sum(-1)
-    return (taken - expected).sum(-1)
+    advantage = taken - expected
+    if weights is not None:
+        advantage = advantage * weights.detach()
+    return advantage.sum(-1)
+
+
+def leave_one_out_baseline(losses: torch.Tensor) -> torch.Tensor:
+    """For each pair, the mean cross-entropy of the other pairs of the minibatch (0 for a minibatch of one).
+
+    Subtracting it keeps the estimator unbiased: the baseline of pair i does not depend on pair i, and the score
+    function has mean zero under the policy that drew it. (The plain minibatch mean includes pair i itself and
+    shrinks the on-policy gradient by the factor 1 - 1/B.)
+    """
+    count = losses.shape[0]
+    if count < 2:
+        return torch.zeros_like(losses)
+    return (losses.sum() - losses) / (count - 1)
+
+
+def importance_weights(pi_taken: torch.Tensor, mu_taken: torch.Tensor, clip: float) -> torch.Tensor:
+    """Per-step ratios pi(a_t|s_t) / mu(a_t|s_t), clipped above at `clip` (they are weights, never gradients)."""
+    return (pi_taken / mu_taken.clamp_min(1e-8)).clamp(max=clip)
 
 
 def implicit_term(
     bce: torch.Tensor, r1: torch.Tensor, a1: torch.Tensor, pi1: torch.Tensor,
     r2: torch.Tensor, a2: torch.Tensor, pi2: torch.Tensor, inv_alpha: float, baseline: bool = False,
+    w1: torch.Tensor | None = None, w2: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-pair surrogate l * (1/alpha) * (advantage sums of both fragments), l a constant; (B,)."""
-    weight = bce.detach() - bce.detach().mean() if baseline else bce.detach()
-    return weight * inv_alpha * (advantage_sum(r1, a1, pi1) + advantage_sum(r2, a2, pi2))
+    """Per-pair surrogate (l - b) * (1/alpha) * (weighted advantage sums of both fragments), (B,), l a constant;
+    b the leave-one-out baseline with `baseline`, else 0; w1, w2 optional per-step weights (B, H)."""
+    weight = bce.detach()
+    if baseline:
+        weight = weight - leave_one_out_baseline(weight)
+    return weight * inv_alpha * (advantage_sum(r1, a1, pi1, w1) + advantage_sum(r2, a2, pi2, w2))
 
 
 def sobirl_loss_terms(
@@ -72,18 +103,50 @@ def sobirl_loss(
     inv_alpha == 0); y: (B,) probability that fragment 1 is preferred; inv_alpha: 1/alpha, the implicit term's
     coefficient. inv_alpha = 0 gives DRLHF's loss, the mean Bradley-Terry cross-entropy, exactly.
 
-    baseline=True (not in the paper) weights the implicit term by l minus the batch-mean l: the same expected
-    gradient on-policy (the score function has zero mean under pi) with lower variance.
+    baseline=True (not in the paper) weights the implicit term by l minus the leave-one-out mean l of the other
+    pairs: the same expected gradient on-policy (the score function has zero mean under pi), lower variance.
     """
     return sobirl_loss_terms(r1, a1, pi1, r2, a2, pi2, y, inv_alpha, baseline)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Off-policy corrections of the implicit term
+#
+# Estimator (78) is derived for fragments drawn from the current policy pi. The pair buffer holds fragments of
+# older policies mu (at switch-on most pairs are the uniform-random warm-up pairs). At a stored step the implicit
+# term's gradient on r(s, .) is (l / alpha)(e_{a_t} - pi(.|s)); its expectation is (l / alpha)(mu - pi), a push
+# that does not depend on the reward parameters. The term is linear in r, Adam normalises the step, so the push
+# accumulates without bound: the implicit term's value runs away and the reward stops fitting the preferences.
+#   none            estimator (78) as the paper and the authors' code apply it (the default)
+#   baseline        l minus the leave-one-out mean: removes the constant part of l only
+#   ratio           each step's score term weighted by pi(a_t|s_t) / mu(a_t|s_t), clipped at --ratio-clip: then
+#                   E_mu[(pi/mu)(e_a - pi)] = 0 and the parameter-independent push is gone (a per-step, not a
+#                   per-fragment, correction: not exactly unbiased for a whole fragment, but the drift goes)
+#   ratio-baseline  both
+# --implicit-pairs learned leaves pairs gathered during the uniform-random phase out of the implicit term (their mu
+# is furthest from pi); --clamp-aware differentiates the term through the [-1, 1] clamp the lower level sees.
+
+CORRECTIONS = ("none", "baseline", "ratio", "ratio-baseline")
+IMPLICIT_PAIRS = ("all", "learned")
 
 
 class SoBiRLLoss:
     """Bradley-Terry cross-entropy plus the implicit term (1/alpha coefficient) once global_step > hyper_start."""
 
-    def __init__(self, hyper_start: int = 100_000, baseline: bool = False):
+    def __init__(
+        self, hyper_start: int = 100_000, correction: str = "none", ratio_clip: float = 10.0,
+        clamp_aware: bool = False, implicit_pairs: str = "all", learning_starts: int = 0,
+        policy_probs=None,
+    ):
+        if correction not in CORRECTIONS:
+            raise ValueError(f"unknown correction {correction!r}; expected one of {', '.join(CORRECTIONS)}")
         self.hyper_start = hyper_start
-        self.baseline = baseline
+        self.correction = correction
+        self.ratio_clip = ratio_clip
+        self.clamp_aware = clamp_aware
+        self.implicit_pairs = implicit_pairs
+        self.learning_starts = learning_starts
+        self.policy_probs = policy_probs  # None: the learner's own (see agents/losses.py)
 
     def needs_policy(self, global_step: int) -> bool:
         return global_step > self.hyper_start
@@ -92,10 +155,23 @@ class SoBiRLLoss:
         bce = x.bce.mean()
         if not self.needs_policy(x.global_step):
             return bce, {"inv_alpha": torch.zeros(())}
-        inv_alpha = 1.0 / x.alpha
         p = x.pairs
-        hyper = implicit_term(x.bce, x.r1, p.actions1, x.pi1, x.r2, p.actions2, x.pi2, inv_alpha, self.baseline)
-        return bce + hyper.mean(), {"inv_alpha": torch.tensor(inv_alpha)}
+        inv_alpha = 1.0 / x.alpha
+        r1, r2 = (x.r1.clamp(-1.0, 1.0), x.r2.clamp(-1.0, 1.0)) if self.clamp_aware else (x.r1, x.r2)
+        metrics = {"inv_alpha": torch.tensor(inv_alpha)}
+        w1 = w2 = None
+        if self.correction in ("ratio", "ratio-baseline"):
+            taken = lambda pi, a: pi.gather(-1, a.long().unsqueeze(-1)).squeeze(-1)
+            w1 = importance_weights(taken(x.pi1, p.actions1), p.behaviour1, self.ratio_clip)
+            w2 = importance_weights(taken(x.pi2, p.actions2), p.behaviour2, self.ratio_clip)
+            weights = torch.cat([w1, w2])
+            metrics["ratio_mean"] = weights.mean()
+            metrics["ratio_clipped"] = (weights >= self.ratio_clip).float().mean()
+        baseline = self.correction in ("baseline", "ratio-baseline")
+        hyper = implicit_term(x.bce, r1, p.actions1, x.pi1, r2, p.actions2, x.pi2, inv_alpha, baseline, w1, w2)
+        if self.implicit_pairs == "learned":
+            hyper = hyper * (p.collected > self.learning_starts).to(hyper.dtype)
+        return bce + hyper.mean(), metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,20 +184,42 @@ class Args(PreferenceArgs):
     hyper_start: int = flag(
         100_000, "the implicit term is on once global_step exceeds this (the reference code's threshold); 0 before"
     )
-    hyper_baseline: bool = flag(
-        False, "subtract the minibatch-mean cross-entropy from the implicit term's weight (variance reduction; "
-        "not in the paper)"
+    implicit_correction: str = flag(
+        "none", "off-policy correction of the implicit term: none (the paper's estimator), baseline (leave-one-out "
+        "mean cross-entropy subtracted), ratio (per-step pi/mu weights), ratio-baseline (both)", choices=CORRECTIONS,
+    )
+    hyper_baseline: bool = flag(False, "the same as --implicit-correction baseline (kept for earlier commands)")
+    ratio_clip: float = flag(10.0, "upper clip of the per-step importance ratios pi/mu")
+    implicit_pairs: str = flag("all", "pairs the implicit term uses: all, or learned (not those gathered while "
+                               "actions were uniformly random)", choices=IMPLICIT_PAIRS)
+    clamp_aware: bool = flag(False, "differentiate the implicit term through the [-1, 1] clamp SAC applies to r")
+    reference_pi_scale: bool = flag(
+        False, "authors' code: the actor that supplies pi for the implicit term sees observations divided by 255 "
+        "once more (nearly blank inputs); part of --reference-quirks"
     )
 
     RESUMABLE: ClassVar[frozenset[str]] = PreferenceArgs.RESUMABLE
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.reference_quirks:
+            self.reference_pi_scale = True
+        if self.hyper_baseline and self.implicit_correction == "none":
+            self.implicit_correction = "baseline"
+
     def validate(self) -> None:
         super().validate()
         require_non_negative(self, "hyper_start")
+        require_positive(self, "ratio_clip")
 
 
 def make_loss(args: Args, trainer) -> SoBiRLLoss:
-    return SoBiRLLoss(args.hyper_start, args.hyper_baseline)
+    policy = None
+    if args.reference_pi_scale:
+        # The actor divides by 255 itself; handing it float pixels already divided by 255 reproduces obs / 65025.
+        policy = lambda obs: trainer.policy_probs(obs.float() / 255.0)
+    return SoBiRLLoss(args.hyper_start, args.implicit_correction, args.ratio_clip, args.clamp_aware,
+                      args.implicit_pairs, args.learning_starts, policy)
 
 
 def main(argv: Sequence[str] | None = None) -> PreferenceLearner:

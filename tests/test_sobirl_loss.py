@@ -221,7 +221,7 @@ def test_return_difference_is_clamped():
     torch.testing.assert_close(loss, torch.tensor(50.0, dtype=torch.float64))
 
 
-def test_baseline_subtracts_the_batch_mean_cross_entropy_from_the_implicit_weight():
+def test_baseline_subtracts_the_other_pairs_mean_cross_entropy_from_the_implicit_weight():
     r1, a1, pi1, r2, a2, pi2, y = random_batch(seed=5)
     inv_alpha = 0.9
     _, bce_mean, plain = sobirl_loss_terms(r1, a1, pi1, r2, a2, pi2, y, inv_alpha)
@@ -234,7 +234,9 @@ def test_baseline_subtracts_the_batch_mean_cross_entropy_from_the_implicit_weigh
         (r.gather(-1, a[..., None]).squeeze(-1) - (r * pi).sum(-1)).sum(1)
         for r, a, pi in ((r1, a1, pi1), (r2, a2, pi2))
     )
-    torch.testing.assert_close(centred, ((per_pair - per_pair.mean()) * inv_alpha * h).mean().detach())
+    # Leave-one-out: pair i's baseline is the mean over the other pairs, so it does not depend on pair i.
+    others = (per_pair.sum() - per_pair) / (len(per_pair) - 1)
+    torch.testing.assert_close(centred, ((per_pair - others) * inv_alpha * h).mean().detach())
     assert not torch.allclose(centred, plain)
     # Equal cross-entropies leave nothing to centre: the implicit term vanishes.
     same = sobirl_loss_terms(r1, a1, pi1, r1, a1, pi1, torch.full_like(y, 0.5), inv_alpha, baseline=True)[2]

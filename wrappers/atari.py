@@ -57,8 +57,17 @@ class GameStatistics(gym.vector.VectorWrapper):
     (games with no lives, such as MinAtar's) every terminated step is a game over. A truncated step always is.
     """
 
-    def __init__(self, env: gym.vector.VectorEnv, clip_rewards: bool = True, seed: int | None = None, frame_stack: int = 4):
+    def __init__(
+        self, env: gym.vector.VectorEnv, clip_rewards: bool = True, seed: int | None = None, frame_stack: int = 4,
+        fire_after_life_loss: bool = False,
+    ):
         super().__init__(env)
+        # SB3's AtariWrapper (EpisodicLifeEnv inside FireResetEnv), which the authors used, "resets" after each lost
+        # life with a no-op, FIRE and action 2; ale-py fires only at a game's start. One env only (the extra steps
+        # would move every sub-env).
+        if fire_after_life_loss and self.num_envs != 1:
+            raise InvalidEnvError(f"--fire-after-life-loss needs --num-envs 1, got {self.num_envs}")
+        self.fire_after_life_loss = fire_after_life_loss
         self.frame_stack = frame_stack  # observations are (frame_stack, H, W); the replay buffer stores frames once
         self.clip_rewards = clip_rewards
         self._first_reset_seed = seed
@@ -86,10 +95,20 @@ class GameStatistics(gym.vector.VectorWrapper):
         self._length += ~was_reset_step
         out_of_lives = np.asarray(info["lives"]) <= 0 if "lives" in info else True
         game_over = (terminated & out_of_lives) | truncated
+        if self.fire_after_life_loss and terminated[0] and not game_over[0]:
+            for action in (0, 1, 2):
+                obs, extra, extra_terminated, extra_truncated, info = self.env.step(np.array([action]))
+                self._score += np.asarray(extra, dtype=np.float64)
+                game_over = game_over | (extra_terminated & (np.asarray(info["lives"]) <= 0)) | extra_truncated
+                if game_over[0]:
+                    break
         if game_over.any():
+            # Atari counts a game's length in emulator frames too (the paper's plots); MinAtar has no frame skip.
+            frames = np.asarray(info["episode_frame_number"]) if "episode_frame_number" in info else self._length
             info["episode"] = {
                 "r": np.where(game_over, self._score, 0.0),
                 "l": np.where(game_over, self._length, 0),
+                "frames": np.where(game_over, frames, 0),
             }
             info["_episode"] = game_over
         info["game_over"] = game_over
@@ -113,6 +132,7 @@ def make_atari_envs(
     clip_rewards: bool = True,
     max_episode_frames: int = 108_000,
     num_threads: int = 0,
+    fire_after_life_loss: bool = False,
 ) -> gym.vector.VectorEnv:
     """Preprocessed vectorized Atari: observations (num_envs, stack, 84, 84) uint8, rewards in {-1, 0, 1}.
 
@@ -141,4 +161,5 @@ def make_atari_envs(
         reward_clipping=False,
         use_fire_reset=fire_reset,
     )
-    return GameStatistics(envs, clip_rewards=clip_rewards, seed=seed, frame_stack=stack)
+    return GameStatistics(envs, clip_rewards=clip_rewards, seed=seed, frame_stack=stack,
+                          fire_after_life_loss=fire_after_life_loss)
