@@ -85,7 +85,8 @@ class PairBatch:
     # mu(a_t|s_t) of the policy that acted, float32 (B, H); NaN where unknown (pairs made outside a run)
     behaviour1: torch.Tensor | None = None
     behaviour2: torch.Tensor | None = None
-    collected: torch.Tensor | None = None  # int64 (B,), the global step at which the pair was gathered (-1: unknown)
+    # int64 (B,), the global step at which the pair's older fragment began (-1: unknown)
+    collected: torch.Tensor | None = None
 
     def __post_init__(self):
         batch, length = self.actions1.shape

@@ -394,7 +394,9 @@ class PreferenceLearner:
         fragments = self.trainer.recent_fragments(2 * count, self.args.fragment_length, window_steps, generator)
         returns = fragments.rewards.sum(1)
         first, second = slice(0, None, 2), slice(1, None, 2)
-        collected = torch.full((count,), self.global_step, dtype=torch.int64, device=returns.device)
+        # The env step at which the pair's older fragment began (the newest stored step is global_step - num_envs).
+        started = self.global_step - (fragments.age + 1) * self.args.num_envs
+        collected = torch.minimum(started[first], started[second])
         return PairBatch(
             fragments.frames[first], fragments.actions[first], fragments.frames[second], fragments.actions[second],
             torch.full((count,), math.nan, device=returns.device), returns[first], returns[second],
@@ -453,11 +455,12 @@ class PreferenceLearner:
                 if key != "steps":
                     log(f"reward/{renamed.get(key, key)}", value, step)
         log("reward/accuracy_train", self.stored_accuracy(), step)
-        # How off-policy the stored pairs are: gathered before this iteration, or by the uniform-random policy.
+        # How off-policy the stored pairs are: collected before the latest agent phase, or by the uniform-random policy.
         collected = self.pairs.get(self.pairs.oldest_first()).collected
         if len(collected):
-            log("reward/offpolicy_share", float((collected < collected.max()).float().mean()), step)
-            log("reward/random_policy_share", float((collected <= self.args.learning_starts).float().mean()), step)
+            latest_phase = self.global_step - self.args.inner_steps
+            log("reward/offpolicy_share", float((collected < latest_phase).float().mean()), step)
+            log("reward/random_policy_share", float((collected < self.args.learning_starts).float().mean()), step)
         log("reward/num_pairs", len(self.pairs), step)
         log("reward/new_pairs", self.new_pairs(), step)
         log("reward/iteration", self.iteration + 1, step)

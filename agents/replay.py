@@ -42,6 +42,7 @@ class Fragments:
     actions: torch.Tensor  # int64 (N, length)
     rewards: torch.Tensor  # float32 (N, length), the environment's (clipped) rewards
     behaviour: torch.Tensor  # float32 (N, length), mu(a_t|s_t) of the policy that acted
+    age: torch.Tensor  # int64 (N,), vector steps between the fragment's first step and the newest stored step
 
 
 class FrameReplayBuffer:
@@ -213,8 +214,9 @@ class FrameReplayBuffer:
         else:
             history = self.stacks(start_slot, env)  # (count, stack, *frame_shape) with pre-episode frames zeroed
             frames = torch.cat([history, self.frames[steps[:, 1:], env_rows[:, 1:]]], dim=1)
+        age = (self.pos - 1 - start_slot) % self.slots
         return Fragments(
-            frames, self.actions[steps, env_rows], self.rewards[steps, env_rows], self.behaviour[steps, env_rows]
+            frames, self.actions[steps, env_rows], self.rewards[steps, env_rows], self.behaviour[steps, env_rows], age
         )
 
 

@@ -170,7 +170,7 @@ class SoBiRLLoss:
         baseline = self.correction in ("baseline", "ratio-baseline")
         hyper = implicit_term(x.bce, r1, p.actions1, x.pi1, r2, p.actions2, x.pi2, inv_alpha, baseline, w1, w2)
         if self.implicit_pairs == "learned":
-            hyper = hyper * (p.collected > self.learning_starts).to(hyper.dtype)
+            hyper = hyper * (p.collected >= self.learning_starts).to(hyper.dtype)
         return bce + hyper.mean(), metrics
 
 

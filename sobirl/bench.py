@@ -5,8 +5,10 @@
 
 Figures: agent steps/s of `make_envs` with 1 and 8 envs (random actions); SAC learning SPS on BeamRider (env steps
 per second in the learning phase: acting with the actor, storing, one update of batch 64 per 4 env steps); replay
-bytes per stored transition; and one SoBiRL reward-model update (64 pairs of 25-step fragments, policy evaluated),
-with its peak memory measured in a fresh process.
+bytes per stored transition; one SoBiRL reward-model update (64 pairs of 25-step fragments, policy evaluated),
+with its peak memory measured in a fresh process; and the CPU proving ground: end-to-end env steps/s of a DRLHF
+run on MinAtar SpaceInvaders at the README's settings, one thread, after a burn-in, with the cost of each part
+(sobirl/bench_proving_ground.py, in a fresh process).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class BenchArgs:
     sac_steps: int = flag(800, "env steps of SAC learning to time (after a warm-up)")
     reward_repeats: int = flag(5, "reward-model updates to time (median)")
     skip_reward: bool = flag(False, "skip the reward-model update measurement")
+    skip_proving_ground: bool = flag(False, "skip the MinAtar proving-ground measurement (about 2 minutes)")
+    compile: bool = flag(False, "measure the SAC and proving-ground figures with --compile")
 
 
 def env_steps_per_second(num_envs: int, steps: int) -> float:
@@ -50,13 +54,13 @@ def env_steps_per_second(num_envs: int, steps: int) -> float:
     return len(actions) * num_envs / elapsed
 
 
-def sac_learning_sps(device: torch.device, steps: int) -> float:
+def sac_learning_sps(device: torch.device, steps: int, compile_: bool = False) -> float:
     from agents.sac_discrete import Args, SACTrainer
 
     warmup = 1_000
     args = Args(
         buffer_size=20_000, learning_starts=warmup, total_timesteps=warmup + 2 * steps, progress=False,
-        cuda=device.type == "cuda",
+        cuda=device.type == "cuda", compile=compile_,
     )
     trainer = SACTrainer(args, device)
     trainer.collect(warmup + 100)  # random phase, then the first updates (allocations, kernel selection)
@@ -83,7 +87,7 @@ def measure(args: BenchArgs) -> dict:
     results: dict = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)}
     results["env_steps_per_s_1env"] = round(env_steps_per_second(1, args.env_steps), 1)
     results["env_steps_per_s_8envs"] = round(env_steps_per_second(8, args.env_steps), 1)
-    results["sac_learning_sps"] = round(sac_learning_sps(device, args.sac_steps), 1)
+    results["sac_learning_sps"] = round(sac_learning_sps(device, args.sac_steps, args.compile), 1)
     results["replay_bytes_per_transition"] = round(replay_bytes_per_transition(), 1)
     if not args.skip_reward:
         from sobirl.bench_reward import reward_update_benchmark
@@ -92,6 +96,14 @@ def measure(args: BenchArgs) -> dict:
         reward = reward_update_benchmark(device=device.type, threads=threads, repeats=args.reward_repeats)
         results["reward_update_s"] = round(reward["reward_update_s"], 4)
         results["reward_update_peak_mb"] = round(reward["reward_update_peak_mb"], 1)
+    if not args.skip_proving_ground and device.type == "cpu":
+        from sobirl.bench_proving_ground import proving_ground_benchmark
+
+        ground = proving_ground_benchmark(compile_=args.compile)
+        results["proving_ground_sps"] = round(ground["proving_ground_sps"], 1)
+        for part in ("env_step_ms", "act_ms", "replay_add_ms", "sac_update_ms", "reward_epoch_ms"):
+            results[f"proving_ground_{part}"] = round(ground[part], 3)
+    results["compile"] = args.compile
     results["torch_threads"] = torch.get_num_threads()
     return results
 
