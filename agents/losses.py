@@ -50,6 +50,8 @@ class LossInputs:
     global_step: int
     pi1: torch.Tensor | None = None  # (B, H, A) current-policy probabilities (constants), if the loss asked
     pi2: torch.Tensor | None = None
+    # The reward model being trained (in training mode), for losses with terms beyond the pairs (demonstrations).
+    model: torch.nn.Module | None = None
 
 
 class RewardLoss(Protocol):

@@ -152,7 +152,7 @@ def reward_update(
     del obs
     return1, return2 = fragment_returns(r1, pairs.actions1), fragment_returns(r2, pairs.actions2)
     bce = bradley_terry_bce(return1, return2, pairs.labels)
-    loss, metrics = loss_fn(LossInputs(pairs, r1, r2, bce, alpha, global_step, pi1, pi2))
+    loss, metrics = loss_fn(LossInputs(pairs, r1, r2, bce, alpha, global_step, pi1, pi2, reward_net))
     if diagnose:
         metrics["extra_grad_ratio"] = gradient_norm_ratio(loss - bce.mean(), bce.mean(), reward_net)
     optimizer.zero_grad(set_to_none=True)
