@@ -8,6 +8,7 @@ pair serve the accuracy metrics alone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -87,6 +88,10 @@ class PairBatch:
     behaviour2: torch.Tensor | None = None
     # int64 (B,), the global step at which the pair's older fragment began (-1: unknown)
     collected: torch.Tensor | None = None
+    # float32 (B, H), the per-step ground-truth (clipped) rewards, for teachers that weigh steps (B-Pref's myopia);
+    # None where not kept. Only queries carry them: the pair buffer does not store them (see FIELDS).
+    rewards1: torch.Tensor | None = None
+    rewards2: torch.Tensor | None = None
 
     def __post_init__(self):
         batch, length = self.actions1.shape
@@ -103,10 +108,14 @@ class PairBatch:
 
     def select(self, index) -> "PairBatch":
         """The pairs at `index` (a slice, mask or index tensor)."""
-        return PairBatch(*(getattr(self, f.name)[index] for f in fields(PairBatch)))
+        return PairBatch(*(_apply(getattr(self, f.name), lambda t: t[index]) for f in fields(PairBatch)))
 
     def to(self, device: torch.device | str) -> "PairBatch":
-        return PairBatch(*(getattr(self, f.name).to(device) for f in fields(PairBatch)))
+        return PairBatch(*(_apply(getattr(self, f.name), lambda t: t.to(device)) for f in fields(PairBatch)))
+
+
+def _apply(value: torch.Tensor | None, function):
+    return None if value is None else function(value)
 
 
 class PairBuffer:
@@ -138,6 +147,13 @@ class PairBuffer:
 
     def __len__(self) -> int:
         return self.size
+
+    @staticmethod
+    def bytes_needed(capacity: int, fragment_length: int, frame_shape: tuple[int, ...], stack: int) -> int:
+        """What a full buffer's storage takes (it is allocated untouched: an empty one takes next to nothing)."""
+        frames = 2 * (fragment_length + stack - 1) * math.prod(frame_shape)  # uint8, both fragments
+        per_step = 2 * fragment_length * (8 + 4)  # actions (int64) and behaviour (float32), both fragments
+        return capacity * (frames + per_step + 3 * 4 + 8)  # labels, returns1, returns2 (float32), collected (int64)
 
     def add(self, pairs: PairBatch) -> None:
         n = len(pairs)
@@ -175,7 +191,8 @@ class PairBuffer:
 
 
 
-FIELDS = tuple(f.name for f in fields(PairBatch))
+# What the pair buffer stores (and checkpoints): every field but the per-step rewards, which only the teacher sees.
+FIELDS = tuple(f.name for f in fields(PairBatch) if f.name not in ("rewards1", "rewards2"))
 
 
 def pair_observations(frames1: torch.Tensor, frames2: torch.Tensor, length: int) -> torch.Tensor:

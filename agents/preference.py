@@ -19,12 +19,16 @@ from typing import Callable, ClassVar, Sequence
 import torch
 
 from agents import sac_discrete as sac
-from agents.common import UsageError, flag, require, require_non_negative, require_positive
+from agents.common import UsageError, flag, flag_name, require, require_non_negative, require_positive
 from agents.losses import BradleyTerryLoss, LossInputs, RewardLoss, bradley_terry_bce, fragment_returns
 from agents.pairs import PairBatch, PairBuffer, pair_observations, pairs_schedule, split_pairs
+from agents.replay import FrameReplayBuffer, format_bytes, require_memory
 from agents.reward_model import RewardCNN
 from agents.run import Run, launch
-from agents.teachers import TEACHERS, label_pairs
+from agents.teachers import (
+    BPREF_PARAMETERS, BPREF_PRESETS, LABEL_MODES, TEACHERS, BPrefTeacher, HumanTeacher, ReplayTeacher, cat_pairs,
+    label_pairs,
+)
 
 PolicyProbs = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, *obs_shape) -> (N, A) action probabilities
 
@@ -38,8 +42,29 @@ def enable_huge_pages() -> None:
 
 @dataclass
 class PreferenceArgs(sac.Args):
-    teacher: str = flag("oracle", "synthetic teacher: oracle (higher clipped return preferred, ties 0.5; the paper's "
-                        "text) or bernoulli (Bradley-Terry sampled labels; the authors' code)", choices=TEACHERS)
+    teacher: str = flag(
+        "oracle", "who labels the pairs: oracle (higher clipped return preferred, ties 0.5; the paper's text), "
+        "bernoulli (Bradley-Terry sampled labels; the authors' code), bpref (B-Pref's imperfect teacher: "
+        "--teacher-beta/-gamma/-eps-*, --bpref-preset), replay (the answers of a label log, --labels) or human (a "
+        "person, on a page this run serves: --label-port, --label-mode)", choices=TEACHERS,
+    )
+    teacher_beta: float = flag(-1.0, "--teacher bpref: rationality; <= 0: the higher return wins, > 0: Bradley-Terry "
+                               "label sampled with logit beta * (R1 - R2)")
+    teacher_gamma: float = flag(1.0, "--teacher bpref: myopia; step t of a fragment's H steps weighs gamma^(H-1-t) in "
+                                "the returns compared")
+    teacher_eps_mistake: float = flag(0.0, "--teacher bpref: probability of flipping a label")
+    teacher_eps_skip: float = flag(0.0, "--teacher bpref: skip a pair (neither labelled nor stored) when both returns "
+                                   "are at most eps * M, M the mean |return| of the fragments queried with it")
+    teacher_eps_equal: float = flag(0.0, "--teacher bpref: label 0.5 when the returns differ by less than eps * M")
+    bpref_preset: str = flag("none", "--teacher bpref: the B-Pref paper's teachers: oracle, mistake (eps-mistake "
+                             "0.1), noisy (beta 1), skip (eps-skip 0.1), myopic (gamma 0.9), equal (eps-equal 0.1)",
+                             choices=("none", *BPREF_PRESETS))
+    labels: str = flag("", "--teacher replay: the JSONL label log to take labels from (a --teacher human run's "
+                       "labels.jsonl), matched by pair id; pairs it does not answer are dropped")
+    label_port: int = flag(0, "--teacher human: port of the labelling page on 127.0.0.1 (0: a free one)")
+    label_mode: str = flag("sync", "--teacher human: sync (each iteration waits until its pairs are answered) or "
+                           "async (train on the answers that have arrived; the warm-up pairs are always waited for)",
+                           choices=LABEL_MODES)
     initial_pairs: int = flag(600, "pairs labelled before the first reward training (the warm-up)")
     warmup_epochs: int = flag(512, "reward-model epochs over the initial pairs")
     warmup_save_every: int = flag(32, "warm-up epochs between checkpoints, so a stopped warm-up resumes where it was "
@@ -70,7 +95,7 @@ class PreferenceArgs(sac.Args):
     )
 
     RESUMABLE: ClassVar[frozenset[str]] = sac.Args.RESUMABLE | {"warmup_save_every", "fresh_pairs", "accuracy_pairs",
-                                                                "policy_chunk"}
+                                                                "policy_chunk", "label_port", "label_mode"}
 
     def __post_init__(self):
         super().__post_init__()
@@ -78,6 +103,23 @@ class PreferenceArgs(sac.Args):
             self.teacher = "bernoulli"
             self.reward_train_mode_in_sac = self.per_fragment_batchnorm = True
             self.fire_after_life_loss = not self.env_id.startswith("MinAtar/")
+        if self.bpref_preset != "none":
+            self.apply_bpref_preset()
+
+    def apply_bpref_preset(self) -> None:
+        """Set the preset's five teacher parameters; a parameter given a value the preset contradicts is refused."""
+        preset, default = BPREF_PRESETS[self.bpref_preset], BPrefTeacher()
+        for name in BPREF_PARAMETERS:
+            value, wanted = getattr(self, f"teacher_{name}"), getattr(preset, name)
+            require(
+                value in (wanted, getattr(default, name)),
+                f"--bpref-preset {self.bpref_preset} sets {flag_name(f'teacher_{name}')} {wanted}; it cannot be "
+                f"combined with {flag_name(f'teacher_{name}')} {value}",
+            )
+            setattr(self, f"teacher_{name}", wanted)
+
+    def bpref_teacher(self) -> BPrefTeacher:
+        return BPrefTeacher(**{name: getattr(self, f"teacher_{name}") for name in BPREF_PARAMETERS})
 
     def validate(self) -> None:
         super().validate()
@@ -95,6 +137,7 @@ class PreferenceArgs(sac.Args):
             self.total_pairs >= self.initial_pairs,
             f"--total-pairs {self.total_pairs} is smaller than --initial-pairs {self.initial_pairs}",
         )
+        self.validate_teacher()
         steps_per_env = self.inner_steps // self.num_envs
         require(
             self.fragment_length <= steps_per_env,
@@ -107,6 +150,47 @@ class PreferenceArgs(sac.Args):
             f"--fragment-length {self.fragment_length} does not fit the replay: --buffer-size {self.buffer_size} "
             f"keeps {slots} steps per env",
         )
+        one_fragment = (self.fragment_length + 1) * self.num_envs
+        require(self.total_timesteps >= one_fragment,
+                f"--total-timesteps {self.total_timesteps} ends before one fragment is collected: --fragment-length "
+                f"{self.fragment_length} needs {one_fragment} env steps")
+
+    def warmup_rollout_steps(self) -> int:
+        """Env steps of iteration 0's rollout (PreferenceLearner.query), plus the step completing its last transition."""
+        rollout = max(self.fragment_length + 1, min(2 * self.initial_pairs * self.fragment_length, self.learning_starts))
+        return (-(-rollout // self.num_envs) + 1) * self.num_envs
+
+    def budget_notes(self) -> list[str]:
+        notes = super().budget_notes()
+        rollout = self.warmup_rollout_steps()
+        if self.total_timesteps < rollout:
+            notes.append(f"--total-timesteps {self.total_timesteps} ends before the warm-up's rollout of {rollout} env "
+                         f"steps: the {self.initial_pairs} initial pairs come from the {self.total_timesteps} steps "
+                         f"taken, and no agent phase follows")
+        return notes
+
+    def validate_teacher(self) -> None:
+        require(0.0 <= self.teacher_gamma <= 1.0, f"--teacher-gamma must be in [0, 1], got {self.teacher_gamma}")
+        require(0.0 <= self.teacher_eps_mistake <= 1.0,
+                f"--teacher-eps-mistake must be in [0, 1], got {self.teacher_eps_mistake}")
+        require_non_negative(self, "teacher_eps_skip", "teacher_eps_equal")
+        require(0 <= self.label_port <= 65535, f"--label-port must be in [0, 65535], got {self.label_port}")
+        # Flags of one teacher given with another would be silently ignored: refuse them.
+        default = BPrefTeacher()
+        own = {
+            "bpref": (["bpref_preset"] if self.bpref_preset != "none" else []) + [
+                f"teacher_{name}" for name in BPREF_PARAMETERS
+                if getattr(self, f"teacher_{name}") != getattr(default, name)
+            ],
+            "replay": ["labels"] if self.labels else [],
+            "human": ["label_port"] * bool(self.label_port) + ["label_mode"] * (self.label_mode != "sync"),
+        }
+        for teacher, names in own.items():
+            if teacher != self.teacher and names:
+                raise UsageError(f"{flag_name(names[0])} applies to --teacher {teacher} only (this run's teacher is "
+                                 f"{self.teacher})")
+        if self.teacher == "replay":
+            ReplayTeacher.from_log(self.labels)  # a missing or corrupt log is refused before the run starts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,10 +419,19 @@ class PreferenceLearner:
             self.reward_net.cpu_kernels = False
             self.reward_model = torch.compile(self.reward_net, dynamic=True)
         replay = trainer.buffer
+        pair_bytes = PairBuffer.bytes_needed(args.pair_buffer, args.fragment_length, replay.frame_shape, replay.stack)
+        replay_bytes = FrameReplayBuffer.bytes_needed(args.buffer_size, args.num_envs, trainer.obs_shape, replay.stack)
+        try:  # both buffers live on the device and fill in as the run goes: together they must fit
+            require_memory("--pair-buffer", args.pair_buffer, f"a full pair buffer ({format_bytes(pair_bytes)}) with "
+                           f"the replay ({format_bytes(replay_bytes)})", pair_bytes + replay_bytes, self.device)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         self.pairs = PairBuffer(args.pair_buffer, args.fragment_length, replay.frame_shape, replay.stack, self.device)
         self.schedule = pairs_schedule(args.initial_pairs, args.total_pairs, args.schedule_iterations)
         self.iteration = 0  # the outer iteration in progress
-        self.stage = "query"  # the next step of that iteration: query, reward or agent
+        # The next step of that iteration: query, label (--teacher human: the queried pairs wait for answers),
+        # reward or agent.
+        self.stage = "query"
         self.epochs_done = 0  # reward epochs of this iteration already taken (the warm-up resumes from here)
         self.agent_phase_end = 0  # global step where the agent phase ends
         # Each consumer of randomness has its own generator, so metrics never change the training run.
@@ -351,6 +444,12 @@ class PreferenceLearner:
             self.reward_net.batchnorm_group = args.fragment_length
         # Set from the start so that no SAC update ever sees the true reward.
         trainer.set_reward(reward_function(self.reward_net, args.reward_train_mode_in_sac))
+        # Teachers. Each queried pair's id is the number of pairs queried before it (label logs are keyed by it).
+        self.pairs_queried = 0
+        self.bpref = args.bpref_teacher() if args.teacher == "bpref" else None
+        self.replay_teacher = ReplayTeacher.from_log(args.labels) if args.teacher == "replay" else None
+        self.human = (HumanTeacher(args.label_port, max_pending=args.pair_buffer) if args.teacher == "human"
+                      else None)
 
     @property
     def global_step(self) -> int:
@@ -358,6 +457,8 @@ class PreferenceLearner:
 
     def train(self) -> None:
         total = self.args.total_timesteps
+        if self.human is not None:
+            self.start_label_server()
         while True:
             if self.stage == "agent":
                 self.train_agent()
@@ -366,8 +467,8 @@ class PreferenceLearner:
                 self.log_fresh_accuracy()
                 self.iteration += 1
                 self.stage = "query"
-            if self.stage == "query":
-                self.pairs.add(self.label(self.query(self.new_pairs())))
+            if self.stage in ("query", "label"):
+                self.pairs.add(self.label(self.query(self.new_pairs()) if self.stage == "query" else None))
                 self.stage, self.epochs_done = "reward", 0
             self.train_reward()
             self.agent_phase_end = min(self.global_step + self.args.inner_steps, total)
@@ -401,13 +502,73 @@ class PreferenceLearner:
             fragments.frames[first], fragments.actions[first], fragments.frames[second], fragments.actions[second],
             torch.full((count,), math.nan, device=returns.device), returns[first], returns[second],
             fragments.behaviour[first], fragments.behaviour[second], collected,
+            rewards1=fragments.rewards[first], rewards2=fragments.rewards[second],
         )
 
     # -- 2. label ----------------------------------------------------------------------------------------------------
 
-    def label(self, queries: PairBatch) -> PairBatch:
-        queries.labels = label_pairs(self.args.teacher, queries.returns1, queries.returns2, self.label_generator)
-        return queries
+    def label(self, queries: PairBatch | None) -> PairBatch:
+        """The teacher's labels for `queries` (None: continue the human label step a checkpoint interrupted): the
+        pairs to store, labels set. bpref may skip pairs; replay drops the pairs its log does not answer; human
+        returns the pairs answered so far, these or earlier ones (--label-mode). A pair answered "can't tell" is
+        dropped. Every queried pair takes an id, skipped or not."""
+        a = self.args
+        ids = []
+        if queries is not None:
+            ids = list(range(self.pairs_queried, self.pairs_queried + len(queries)))
+            self.pairs_queried += len(queries)
+        if a.teacher in ("oracle", "bernoulli"):
+            queries.labels = label_pairs(a.teacher, queries.returns1, queries.returns2, self.label_generator)
+            return queries
+        if a.teacher == "bpref":
+            queries.labels, keep = self.bpref.label(queries.rewards1, queries.rewards2, self.label_generator)
+            self.log_label_step(dropped=int((~keep).sum()))
+            return queries.select(keep)
+        if a.teacher == "replay":
+            labels, covered = self.replay_teacher.label(ids)
+            queries.labels = labels.to(queries.labels.device)
+            answered = covered & ~labels.isnan()
+            self.log_label_step(dropped=int((covered & labels.isnan()).sum()), unlabelled=int((~covered).sum()))
+            return queries.select(answered.to(queries.labels.device))
+        return self.label_by_human(queries, ids)
+
+    def label_by_human(self, queries: PairBatch | None, ids: list[int]) -> PairBatch:
+        human, signals = self.start_label_server(), self.run.signals
+        if queries is not None:
+            human.submit(ids, queries)
+            self.stage = "label"  # a checkpoint taken while waiting keeps the pairs (pending) and waits again
+        wait = self.args.label_mode == "sync" or self.iteration == 0  # the warm-up needs its labels
+        if wait and human.pending:
+            self.run.progress.set_phase(f"label: {len(human.pending)} pairs at {human.url}")
+        answered, dropped = human.collect(wait, lambda: signals.signum is not None, signals.check)
+        self.log_label_step(dropped=dropped, pending=len(human.pending))
+        return cat_pairs(answered) if answered else self.pairs.get(torch.zeros(0, dtype=torch.long))
+
+    def start_label_server(self) -> HumanTeacher:
+        """Serve the labelling page (once), logging answers to <run dir>/labels.jsonl; a resumed run stores the answers
+        its checkpoint's pending pairs received after the checkpoint, and queues the others again."""
+        human = self.human
+        if human.started:
+            return human
+        if self.run.directory is None:
+            raise UsageError("--teacher human needs a run directory for its label log")
+        try:
+            self.pairs_queried = human.start(self.run.directory / "labels.jsonl", self.pairs_queried)
+        except OSError as err:
+            raise UsageError(f"--label-port {self.args.label_port}: cannot serve the labelling page: {err}") from None
+        except ValueError as err:  # a corrupt log in the run directory
+            raise UsageError(f"--teacher human: {err}") from None
+        print(f"label preferences at {human.url} (answers saved to {human.log_path})", flush=True)
+        answered, _ = human.collect(wait=False)
+        if answered:
+            self.pairs.add(cat_pairs(answered))
+        return human
+
+    def log_label_step(self, **counts: int) -> None:
+        """reward/dropped_pairs (skipped or "can't tell"), reward/unlabelled_pairs (not in the replayed log),
+        reward/pending_pairs (waiting for a person)."""
+        for name, count in counts.items():
+            self.run.logger.scalar(f"reward/{name}_pairs", count, self.global_step)
 
     # -- 3. reward ---------------------------------------------------------------------------------------------------
 
@@ -489,6 +650,8 @@ class PreferenceLearner:
             "reward_net": self.reward_net.state_dict(),
             "reward_optimizer": self.optimizer.state_dict(),
             "pairs": self.pairs.state_dict(),
+            "pairs_queried": self.pairs_queried,
+            "pending_pairs": None if self.human is None else self.human.state_dict(),
             **{name: getattr(self, name).get_state() for name in self._GENERATORS},
         }
 
@@ -500,11 +663,18 @@ class PreferenceLearner:
         self.reward_net.eval()
         self.optimizer.load_state_dict(state["reward_optimizer"])
         self.pairs.load_state_dict(state["pairs"])
+        self.pairs_queried = int(state.get("pairs_queried", 0))
+        if self.human is not None and state.get("pending_pairs") is not None:
+            self.human.load_state_dict(state["pending_pairs"], self.device)
         for name in self._GENERATORS:
             getattr(self, name).set_state(state[name].cpu())
 
     def close(self) -> None:
-        self.trainer.close()
+        try:
+            if self.human is not None:
+                self.human.stop()
+        finally:
+            self.trainer.close()
 
 
 def run_preference_rl(

@@ -19,7 +19,11 @@ been overwritten by the write head.
 
 from __future__ import annotations
 
+import math
+import os
+import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +49,74 @@ class Fragments:
     age: torch.Tensor  # int64 (N,), vector steps between the fragment's first step and the newest stored step
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Memory the storage may take
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if abs(count) < 1000 or unit == "PB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def _cgroup_memory_limits() -> list[int]:
+    """The memory limits of this process's cgroups and their ancestors (v1 and v2), as Slurm and containers set."""
+    limits = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return limits
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            roots, name = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")), "memory.max"
+        elif "memory" in controllers.split(","):
+            roots, name = (Path("/sys/fs/cgroup/memory"),), "memory.limit_in_bytes"
+        else:
+            continue
+        for root in roots:
+            folder = root / path.lstrip("/")
+            for ancestor in (folder, *folder.parents):
+                if not ancestor.is_relative_to(root):
+                    break
+                try:
+                    text = (ancestor / name).read_text().strip()
+                except OSError:
+                    continue
+                if text.isdigit():
+                    limits.append(int(text))
+    return limits
+
+
+def memory_available(device: torch.device | str) -> tuple[int, str]:
+    """(bytes, what they are) that storage on `device` may take: the GPU's free memory, or on CPU the machine's
+    physical memory, lowered by a cgroup (container, Slurm --mem) or address-space (ulimit -v) limit."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"{device} has free"
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = min([physical, *_cgroup_memory_limits()])
+    address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if address_space != resource.RLIM_INFINITY:
+        limit = min(limit, address_space)
+    return limit, "this machine has" if limit == physical else "this process may use"
+
+
+def require_memory(flag: str, value: object, what: str, needed: float, device: torch.device | str) -> None:
+    """Refuse storage that cannot fit, before allocating it: a ValueError naming the flag, the bytes needed and
+    the bytes available (torch.empty would otherwise fail with a traceback, or, with memory overcommit, succeed and
+    let the run die of memory hours later)."""
+    available, where = memory_available(device)
+    if needed > available:
+        raise ValueError(
+            f"{flag} {value}: {what} needs {format_bytes(needed)} but {where} {format_bytes(available)}; "
+            f"lower {flag}"
+        )
+
+
 class FrameReplayBuffer:
     """Ring buffer of single frames for `num_envs` parallel environments.
 
@@ -53,6 +125,15 @@ class FrameReplayBuffer:
     """
 
     OVERSAMPLE = 4  # candidate draws per sampled transition (see `sample`)
+    # Per transition besides the frame: action (int64), reward and behaviour (float32), four bool flags.
+    EXTRA_BYTES_PER_TRANSITION = 8 + 4 + 4 + 4
+
+    @classmethod
+    def bytes_needed(cls, capacity: int, num_envs: int, obs_shape: tuple[int, ...], stack: int) -> int:
+        """What the storage of a full buffer takes (an empty one takes next to nothing: see `__init__`)."""
+        frame_shape = tuple(obs_shape[1:]) if stack > 1 else tuple(obs_shape)
+        slots = capacity // num_envs
+        return slots * num_envs * (math.prod(frame_shape) + cls.EXTRA_BYTES_PER_TRANSITION)
 
     def __init__(self, capacity: int, num_envs: int, obs_shape: tuple[int, ...], stack: int, device: torch.device | str):
         if stack < 1:
@@ -132,7 +213,8 @@ class FrameReplayBuffer:
     def state_dict(self) -> dict:
         """The written slots only (the ring fills slots 0, 1, ... before it wraps), so a checkpoint's size follows the
         steps collected, not the capacity."""
-        filled = {name: getattr(self, name)[: self.written].cpu() for name in self._STATE if name != "_next_first"}
+        filled = {name: written_rows(getattr(self, name), self.written)
+                  for name in self._STATE if name != "_next_first"}
         return {"slots": self.slots, "pos": self.pos, "written": self.written, "_next_first": self._next_first.cpu(),
                 **filled}
 
@@ -218,6 +300,24 @@ class FrameReplayBuffer:
         return Fragments(
             frames, self.actions[steps, env_rows], self.rewards[steps, env_rows], self.behaviour[steps, env_rows], age
         )
+
+
+def written_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """tensor[:rows] on the CPU, as a tensor whose storage holds those rows alone, without copying them on CPU.
+
+    torch.save writes the whole storage of a view, so `tensor[:rows]` would save the entire capacity (tens of GB of
+    untouched pages for a large replay); a copy would double the memory of what has been written. A prefix of a
+    contiguous tensor is a prefix of its storage, which a storage slice shares without a copy.
+    """
+    part = tensor[:rows]
+    if tensor.device.type != "cpu":
+        return part.cpu()  # a copy of the written rows only
+    if rows == tensor.shape[0] and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    if not tensor.is_contiguous() or tensor.storage_offset() != 0:
+        return part.clone()
+    storage = tensor.untyped_storage()[: part.numel() * part.element_size()]
+    return torch.empty(0, dtype=tensor.dtype).set_(storage, 0, part.shape, part.stride())
 
 
 def _fragment_starts(ok: torch.Tensor, ends_episode: torch.Tensor, length: int) -> torch.Tensor:

@@ -11,14 +11,16 @@ accepts, besides, only the flags an Args class lists in `RESUMABLE` (budget, cad
 that would change the run itself (algorithm, environment, network or schedule) is refused with one line.
 
 SIGINT (Ctrl-C) and SIGTERM (`timeout`, Slurm, preemption) ask the run to stop: it finishes the step it is in,
-saves a checkpoint and exits with 130 or 143. A second signal during the save waits for it; a second signal at any
-other time stops at once without saving, leaving the last checkpoint as it was.
+saves a checkpoint, prints the command that continues it and exits with 130 or 143. A second signal once that
+save is under way (or during any periodic save) waits for it; a second signal before, while the step is still
+running, stops at once without saving (exit 130 or 143), leaving the last checkpoint as it was.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -179,12 +181,25 @@ class StopTraining(Exception):
         self.signum = signum
 
 
+class StopNow(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM while no save is under way: the run stops at once, without saving."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class StopSignals:
-    """Turns SIGINT/SIGTERM into a request that the training loops honour at their next step boundary."""
+    """Turns SIGINT/SIGTERM into a request that the training loops honour at their next step boundary.
+
+    Once the request has been honoured (`check` raised StopTraining) or while a checkpoint is being written
+    (`saving`), further signals are only recorded: the save is never interrupted half-way.
+    """
 
     def __init__(self):
         self.signum: int | None = None
         self.saving = False
+        self.stopping = False  # StopTraining was raised: the run is saving and exiting
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -197,14 +212,15 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is None or self.saving:
+        if self.signum is None or self.saving or self.stopping:
             self.signum = self.signum or signum
             return
-        raise KeyboardInterrupt  # a second signal outside a save: stop now; the last checkpoint stays as it was
+        raise StopNow(signum)  # a second signal outside a save: stop now; the last checkpoint stays as it was
 
     def check(self) -> None:
         """Call at step boundaries: raises StopTraining once a signal has arrived."""
         if self.signum is not None:
+            self.stopping = True
             raise StopTraining(self.signum)
 
 
@@ -287,7 +303,8 @@ def check_writable(directory: Path, flag: str) -> None:
     parent = directory
     while not parent.exists():
         parent = parent.parent
-    require(parent.is_dir() and os.access(parent, os.W_OK | os.X_OK), f"{flag} {directory}: not a writable directory")
+    require(parent.is_dir(), f"{flag} {directory}: {parent} is not a directory")
+    require(os.access(parent, os.W_OK | os.X_OK), f"{flag} {directory}: {parent} is not writable")
 
 
 def open_writer(args: Any, directory: Path, purge_step: int | None):
@@ -323,12 +340,18 @@ def launch(
     run = Run(args, algo, Logger(), Progress(args.total_timesteps, args.progress, args.learning_starts),
               StopSignals())
     algorithm = build(args, device, run)  # raises UsageError for bad settings before the run directory exists
+    created = [d for d in (directory, *directory.parents) if not d.exists()]  # what this run will create
     try:
         if state is not None:
             algorithm.load_state_dict(state["algorithm"])
+        for note in getattr(args, "budget_notes", list)():
+            print(f"note: {note}", file=sys.stderr, flush=True)
         run.directory = directory
         run.progress.start()
-        run.logger.writer = open_writer(args, directory, None if state is None else algorithm.global_step)
+        try:
+            run.logger.writer = open_writer(args, directory, None if state is None else algorithm.global_step)
+        except OSError as err:  # e.g. a full disk, or a directory that became unwritable since the check
+            raise UsageError(f"{'--runs-dir' if state is None else '--resume'} {directory}: {err}") from None
         run.save_hook = lambda: save_atomic(
             {"algo": algo, "args": vars(args).copy(), "global_step": algorithm.global_step,
              "algorithm": algorithm.state_dict()},
@@ -336,6 +359,13 @@ def launch(
         )
         print(f"run {directory.name} ({algo}) on {device}: logs in {directory}", flush=True)
         run_to_completion(run, algorithm)
+    except UsageError:
+        # Bad input found only once training ran (a budget too small for one fragment, say): unless a checkpoint
+        # was saved, the run leaves nothing behind, as bad input found before it started does.
+        run.logger.close()
+        if created:
+            discard_unsaved_run(created)
+        raise
     finally:
         algorithm.close()
         run.progress.close()
@@ -343,26 +373,46 @@ def launch(
     return algorithm
 
 
+def discard_unsaved_run(created: Sequence[Path]) -> None:
+    """Remove the run directory and the folders above it that this process created (`created`, the run directory
+    first), if it holds no checkpoint: only this process's event files are deleted, and only empty folders."""
+    directory = created[0]
+    if not directory.is_dir() or (directory / CHECKPOINT_NAME).exists():
+        return
+    for path in directory.iterdir():
+        if path.is_file() and "tfevents" in path.name and path.name.split(".")[-2:-1] == [str(os.getpid())]:
+            path.unlink()
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): leave it, and the folders above it, alone
+            return
+
+
 def resume_command(run: Run) -> str:
+    """The command line that continues `run`, to be run from the current directory: the checkpoint holds every flag,
+    so the script and the run directory are all it needs."""
     entry = Path(sys.argv[0]).as_posix() if sys.argv and sys.argv[0].endswith(".py") else "sobirl/beamrider.py"
-    algo = f" --algo {run.algo}" if entry.endswith("beamrider.py") else ""
-    return f"python {entry}{algo} --resume {run.directory}"
+    algo = ["--algo", run.algo] if entry.endswith("beamrider.py") else []
+    return shlex.join(["python", entry, *algo, "--resume", str(run.directory)])
 
 
 def run_to_completion(run: Run, algorithm: Algorithm) -> None:
     """Train; a stop signal saves a checkpoint first (exit 130 or 143); the end of training saves one too."""
     run.signals.install()
     try:
-        algorithm.train()
-        run.save()
-    except StopTraining as stop:
-        run.save()
-        print(f"\n{stop} at step {algorithm.global_step}: checkpoint saved; continue with: {resume_command(run)}",
-              file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_STATUS[stop.signum]) from None
-    except KeyboardInterrupt:
-        print(f"\nstopped at step {algorithm.global_step} without saving; the last checkpoint is in {run.directory}",
-              file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+        try:
+            algorithm.train()
+            run.save()
+        except StopTraining as stop:
+            run.save()
+            print(f"\n{stop} at step {algorithm.global_step}: checkpoint saved; "
+                  f"continue with: {resume_command(run)}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_STATUS[stop.signum]) from None
+    except KeyboardInterrupt as interrupt:  # StopNow (a second signal), or Ctrl-C with the handlers not installed
+        last = (f"the last checkpoint, in {run.directory}, is unchanged"
+                if run.checkpoint_path is not None and run.checkpoint_path.exists() else "no checkpoint was written")
+        print(f"\nstopped at step {algorithm.global_step} without saving; {last}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_STATUS.get(getattr(interrupt, "signum", signal.SIGINT), 130)) from None
     finally:
         run.signals.uninstall()

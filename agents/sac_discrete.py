@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from agents.common import UsageError, flag, require, require_non_negative, require_positive, run_cli
 from agents.networks import Actor, SoftQNetwork, encoder_for
-from agents.replay import Batch, Fragments, FrameReplayBuffer
+from agents.replay import Batch, Fragments, FrameReplayBuffer, require_memory
 from agents.run import Run, detached_run, launch, limit_cpu_threads
 from wrappers import make_envs
 
@@ -44,7 +44,8 @@ class Args:
     capture_video: bool = flag(False, "record a video of a greedy game under videos/{run_name} at each evaluation and at the end")
     runs_dir: str = flag("runs", "directory for TensorBoard runs")
     progress: bool = flag(True, "show a progress bar")
-    save_every: int = flag(0, "env steps between checkpoints in the run directory (0: only when stopped and at the end)")
+    save_every: int = flag(100_000, "env steps between checkpoints in the run directory, besides the ones written when "
+                           "the run is stopped (SIGINT, SIGTERM) and at its end (0: only those)")
     save_replay: bool = flag(True, "include the replay buffer in checkpoints (without it a resumed run refills it)")
     resume: str = flag("", "continue the run of this checkpoint (or run directory); see RESUMABLE for the flags "
                        "that may change")
@@ -99,6 +100,16 @@ class Args:
         )
         require(0.0 < self.target_entropy_scale <= 1.0,
                 f"--target-entropy-scale must be in (0, 1], got {self.target_entropy_scale}")
+
+    def budget_notes(self) -> list[str]:
+        """Settings that are valid but probably not what was meant: printed as notes when the run starts."""
+        notes = []
+        if self.total_timesteps <= self.learning_starts:
+            notes.append(
+                f"--total-timesteps {self.total_timesteps} ends before --learning-starts {self.learning_starts}: every "
+                f"action is uniformly random and the agent never updates"
+            )
+        return notes
 
 
 # ALGO LOGIC: the losses, as pure functions of tensors.
@@ -289,9 +300,17 @@ class SACTrainer:
             args.env_id, self.envs.single_action_space, self.envs.single_observation_space
         )
         limit_cpu_threads(self.obs_shape)
+        stack = self.envs.frame_stack
+        try:
+            # Checked before anything large is allocated: the buffer's pages fill in as steps are stored, so an
+            # oversized one would otherwise start fine and run out of memory hours later.
+            require_memory("--buffer-size", args.buffer_size, "a full replay buffer", FrameReplayBuffer.bytes_needed(
+                args.buffer_size, args.num_envs, self.obs_shape, stack), device)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         self.agent = SACDiscrete(self.obs_shape, self.num_actions, args, device)
         try:
-            self.buffer = FrameReplayBuffer(args.buffer_size, args.num_envs, self.obs_shape, self.envs.frame_stack, device)
+            self.buffer = FrameReplayBuffer(args.buffer_size, args.num_envs, self.obs_shape, stack, device)
         except ValueError as err:
             raise UsageError(f"--buffer-size: {err}") from None
         self._reward_fn: RewardFn | None = None
@@ -338,9 +357,9 @@ class SACTrainer:
         full), without passing --total-timesteps."""
         target = min(steps_per_env, self.buffer.slots - 2)
         missing = target - (self.buffer.written - 1)  # the newest stored step's transition is not complete yet
-        budget = self.args.total_timesteps - self.global_step
-        if missing > 0:
-            self.collect(min(missing * self.args.num_envs, max(budget, self.args.num_envs)))
+        budget = self.args.total_timesteps - self.global_step  # a cap: never collect past it
+        if missing > 0 and budget > 0:
+            self.collect(min(missing * self.args.num_envs, budget))
 
     def recent_fragments(self, count: int, length: int, window_steps: int, generator: torch.Generator) -> Fragments:
         """`count` random `length`-step fragments from the latest `window_steps` env steps (over all envs), the window
@@ -348,6 +367,11 @@ class SACTrainer:
         self.collect_until_stored(length + 1)
         stored = self.steps_per_env_stored()
         if stored < length:
+            if self.global_step >= self.args.total_timesteps:
+                raise UsageError(
+                    f"--total-timesteps {self.args.total_timesteps} ends before one fragment is collected: "
+                    f"--fragment-length {length} needs {(length + 1) * self.args.num_envs} env steps"
+                )
             raise UsageError(f"--fragment-length {length}: the run collected only {stored} steps per env")
         recent = min(max(length, -(-window_steps // self.args.num_envs)), stored)
         while True:

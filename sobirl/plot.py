@@ -340,7 +340,7 @@ def summarize(groups: dict[tuple[str, str], list[Run]], args: Args, rng: np.rand
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
+    return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -449,9 +449,24 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"\nfigure written to {args.output}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"return_tag": args.return_tag, "final_fraction": args.final_fraction,
-                                               "confidence": CONFIDENCE, "groups": rows}, indent=2) + "\n")
+        summary = {"return_tag": args.return_tag, "final_fraction": args.final_fraction, "confidence": CONFIDENCE,
+                   "groups": rows}
+        Path(args.json).write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n")
     return rows
+
+
+def strict_json(value):
+    """`value` with every NaN or infinite number (an accuracy over pairs that all tie, a run without a value) as
+    None, so the file is standard JSON (null) rather than Python's NaN/Infinity, which strict parsers reject."""
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 if __name__ == "__main__":

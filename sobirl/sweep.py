@@ -7,6 +7,10 @@
 Everything after `--` is passed unchanged to every job. Each job is one process of the entry point, so the
 script stays the only way to train and a sweep job is reproduced by copying its command line.
 Slurm goes through submitit (`pip install -e ".[sweep]"`), imported only when asked for.
+
+Ctrl-C (SIGINT) or SIGTERM to a local sweep is passed on to the running jobs, once per signal received: each saves
+a checkpoint and exits, its log ending with the command that continues it; queued jobs do not start. The sweep
+waits for the running jobs, reports, and exits with 130 (or 143).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import itertools
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -156,60 +161,116 @@ def local_env(workers: int, gpu: str | None, base: Mapping[str, str] | None = No
     return env
 
 
-def run_local(jobs: Sequence[Job], workers: int, log_dir: Path, gpus: Sequence[str]) -> list[tuple[Job, int, float]]:
-    """Run the jobs `workers` at a time; returns (job, exit code, seconds) in the jobs' order."""
+class SweepStopped(Exception):
+    """The sweep was asked to stop (SIGINT or SIGTERM) and its running jobs have exited."""
+
+    def __init__(self, signum: int, results: list[tuple[Job, int | None, float]]):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.results = results
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOPPED_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # what a job stopped by either signal exits with
+
+
+def run_local(jobs: Sequence[Job], workers: int, log_dir: Path, gpus: Sequence[str]
+              ) -> list[tuple[Job, int | None, float]]:
+    """Run the jobs `workers` at a time; returns (job, exit code, seconds) in the jobs' order.
+
+    SIGINT or SIGTERM to the sweep is forwarded to every running job (each signal once: a second Ctrl-C makes a
+    job that is not saving stop at once, as it does in a terminal); jobs not started yet never start (exit code
+    None). Jobs run in their own process group, so a Ctrl-C in the terminal reaches them only through the sweep,
+    once. When the running jobs have exited, SweepStopped carries the results.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     workers = max(1, min(workers, len(jobs)))
-    stopping = threading.Event()
+    received: list[int] = []  # stop signals, in order
     running: set[subprocess.Popen] = set()
-    lock = threading.Lock()
+    lock = threading.RLock()  # re-entrant: a second signal may arrive while the handler of the first holds it
     done_count = itertools.count(1)
 
-    def run_one(index: int, job: Job) -> tuple[Job, int, float]:
-        if stopping.is_set():
-            return job, -1, 0.0
+    def run_one(index: int, job: Job) -> tuple[Job, int | None, float]:
         gpu = gpus[index % len(gpus)] if gpus else None
         env = local_env(workers, gpu)
         log_path = log_dir / f"{job.name}.log"
         start = time.monotonic()
-        with open(log_path, "w") as log:
+        with lock:  # a job starts only if no stop signal has come, and is then forwarded every later one
+            if received:
+                return job, None, 0.0
+            log = open(log_path, "w")
             prefix = f"CUDA_VISIBLE_DEVICES={gpu} " if gpu is not None else ""
             log.write(f"# OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {prefix}{shlex.join(job.cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-            with lock:
-                running.add(proc)
+            try:
+                proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, start_new_session=True)
+            except BaseException:
+                log.close()
+                raise
+            running.add(proc)
+        with log:
             rc = proc.wait()
-            with lock:
-                running.discard(proc)
+        with lock:
+            running.discard(proc)
         seconds = time.monotonic() - start
-        status = "ok" if rc == 0 else f"FAILED (exit {rc}), log: {log_path}"
+        if rc == 0:
+            status = "ok"
+        elif received and rc in STOPPED_EXIT_CODES:
+            status = f"stopped (exit {rc}), log: {log_path}"
+        else:
+            status = f"FAILED (exit {rc}), log: {log_path}"
         print(f"[{next(done_count)}/{len(jobs)}] {job.name}: {status} ({seconds:.1f} s)", flush=True)
         return job, rc, seconds
 
-    pool = ThreadPoolExecutor(max_workers=workers)
-    futures = [pool.submit(run_one, i, job) for i, job in enumerate(jobs)]
-    try:
-        for _ in as_completed(futures):
-            pass
-    except KeyboardInterrupt:
-        # Queued jobs must not start after Ctrl-C, and running ones must not outlive the sweep.
-        stopping.set()
-        pool.shutdown(wait=False, cancel_futures=True)
+    def forward(signum, frame) -> None:
         with lock:
-            for proc in running:
-                proc.terminate()
-        raise
-    pool.shutdown()
-    return [f.result() for f in futures]
+            received.append(signum)
+            procs = list(running)
+        for proc in procs:
+            try:
+                proc.send_signal(signum)
+            except ProcessLookupError:  # it exited in the meantime
+                pass
+        name = signal.Signals(signum).name
+        # os.write, not print: the handler may interrupt a print of the main thread.
+        os.write(2, (f"\n{name}: passed on to {len(procs)} running job(s), which save a checkpoint and exit; "
+                     f"queued jobs will not start. Waiting for the running jobs...\n").encode())
+
+    handle_signals = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS} if handle_signals else {}
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(run_one, i, job) for i, job in enumerate(jobs)]
+            results = [f.result() for f in futures]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise SweepStopped(received[0], results)
+    return results
 
 
-def report(results: Sequence[tuple[Job, int, float]]) -> None:
-    failed = [(job, rc) for job, rc, _ in results if rc != 0]
-    print(f"\n{len(results) - len(failed)} of {len(results)} jobs succeeded")
-    if failed:
-        for job, rc in failed:
-            print(f"  failed: {job.name} (exit {rc})", file=sys.stderr)
+def report(results: Sequence[tuple[Job, int | None, float]], log_dir: Path | None = None,
+           stopped: int | None = None) -> None:
+    """Print how the jobs ended; exit 1 if any failed (unless the sweep was stopped by signal `stopped`: then the
+    caller exits with that signal's status)."""
+    not_started = [job for job, rc, _ in results if rc is None]
+    ended = [(job, rc) for job, rc, _ in results if rc is not None]
+    interrupted = [(job, rc) for job, rc in ended if stopped is not None and rc in STOPPED_EXIT_CODES]
+    failed = [(job, rc) for job, rc in ended if rc != 0 and (job, rc) not in interrupted]
+    print(f"\n{sum(rc == 0 for _, rc in ended)} of {len(results)} jobs succeeded")
+    if stopped is not None:
+        print(f"stopped by {signal.Signals(stopped).name}: {len(interrupted)} job(s) saved a checkpoint and exited, "
+              f"{len(not_started)} not started", file=sys.stderr)
+        for job, rc in interrupted:
+            where = f"; the command that continues it is in {log_dir / f'{job.name}.log'}" if log_dir else ""
+            print(f"  stopped: {job.name} (exit {rc}){where}", file=sys.stderr)
+        for job in not_started:
+            print(f"  not started: {job.name}", file=sys.stderr)
+    for job, rc in failed:
+        print(f"  failed: {job.name} (exit {rc})", file=sys.stderr)
+    if failed and stopped is None:
         raise SystemExit(1)
 
 
@@ -343,12 +404,22 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Job, int, float]]:
         submitted = submit_slurm(jobs, args)
         if not args.slurm_wait:
             return []
-        results = wait_slurm(jobs, submitted)
+        try:
+            results = wait_slurm(jobs, submitted)
+        except KeyboardInterrupt:
+            array = submitted[0].job_id.split("_")[0]
+            print(f"\nstopped waiting; array {array} keeps running on the cluster (scancel {array} cancels it)",
+                  file=sys.stderr)
+            raise SystemExit(130) from None
     else:
         workers = min(args.workers, len(jobs))
         print(f"running {len(jobs)} jobs, {workers} at a time, "
               f"OMP_NUM_THREADS={local_env(workers, None)['OMP_NUM_THREADS']}, logs in {args.log_dir}/", flush=True)
-        results = run_local(jobs, args.workers, Path(args.log_dir), gpus)
+        try:
+            results = run_local(jobs, args.workers, Path(args.log_dir), gpus)
+        except SweepStopped as stop:
+            report(stop.results, Path(args.log_dir), stopped=stop.signum)
+            raise SystemExit(128 + stop.signum) from None
     report(results)
     return results
 
