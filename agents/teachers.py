@@ -1,10 +1,35 @@
-"""Synthetic teachers: label y = P(fragment 1 preferred) from the fragments' sums of clipped ground-truth rewards."""
+"""Teachers: label y = P(fragment 1 preferred) for queried fragment pairs.
+
+- oracle / bernoulli: synthetic, from the fragments' sums of clipped ground-truth rewards (the paper's text and the
+  authors' code).
+- bpref: B-Pref's (Lee et al. 2021) model of an imperfect teacher: rationality, myopia, mistakes, skipped and
+  "equally good" queries, with the paper's presets.
+- replay: the answers of a JSONL label log (agents/labelling.py's format), looked up by pair id.
+- human: a person in a browser, through agents/labelling.py's LabelServer.
+
+Every queried pair has an id, the number of pairs the run had queried before it (see PreferenceLearner.label), so
+that a label log written by a run can be matched to the pairs of a later run with the same flags and seed.
+agents/labelling.py (and with it flask, the optional extra `human`) is imported only by the replay and human
+teachers.
+"""
 
 from __future__ import annotations
 
+import math
+import pathlib
+import socket
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import numpy as np
 import torch
 
+from agents.common import UsageError
 from agents.losses import LOGIT_CLAMP
+from agents.pairs import FIELDS, PairBatch
+
+TEACHERS = ("oracle", "bernoulli", "bpref", "replay", "human")
+LABEL_MODES = ("sync", "async")
 
 
 def oracle_labels(returns1: torch.Tensor, returns2: torch.Tensor) -> torch.Tensor:
@@ -22,14 +47,301 @@ def bernoulli_labels(
     return torch.bernoulli(p, generator=generator)
 
 
-TEACHERS = ("oracle", "bernoulli")
-
-
 def label_pairs(
     teacher: str, returns1: torch.Tensor, returns2: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
+    """Labels from the fragment returns alone: the oracle and bernoulli teachers."""
     if teacher == "oracle":
         return oracle_labels(returns1, returns2)
     if teacher == "bernoulli":
         return bernoulli_labels(returns1, returns2, generator)
-    raise ValueError(f"unknown teacher {teacher!r}; expected one of {', '.join(TEACHERS)}")
+    raise ValueError(f"unknown teacher {teacher!r} for labels from returns alone; expected oracle or bernoulli")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# B-Pref's simulated teacher
+
+
+@dataclass(frozen=True)
+class BPrefTeacher:
+    """B-Pref's teacher (Lee et al. 2021, "B-Pref: Benchmarking Preference-Based Reinforcement Learning"), with its
+    parameter names. For each pair, in B-Pref's order:
+
+    1. skip   if eps_skip > 0 and both fragments' returns are at most eps_skip * M, the pair is skipped: not labelled
+              and not stored (B-Pref keeps a pair when max(R1, R2) > threshold);
+    2. prefer on the myopic returns sum_t gamma^(H-1-t) r_t (the last step weighs 1): beta <= 0, the higher one wins;
+              beta > 0, y ~ Bernoulli(sigmoid(beta * (R1 - R2))) (Bradley-Terry with rationality beta);
+              equal myopic returns give y = 0.5 in both cases (B-Pref's code gives exact ties to fragment 1);
+    3. mistake with probability eps_mistake the label is flipped (y -> 1 - y; 0.5 stays 0.5);
+    4. equal  if |R1 - R2| < eps_equal * M, y = 0.5 (B-Pref's "equally preferable", on the undiscounted returns).
+
+    M, the reference return, is the mean |return| over both fragments of every pair in the batch labelled at once
+    (one query round). B-Pref uses "the average segment return", estimated from the agent's recent episode returns
+    scaled to the segment length; the query batch's own fragments give the same quantity for the current policy
+    without tracking episodes, and |.| keeps the thresholds non-negative where rewards are negative. B-Pref's code
+    also multiplies its thresholds by eps a second time after the first query round (eps^2 * M); that looks like a
+    slip and is not reproduced here: the thresholds are eps * M in every round.
+    """
+
+    beta: float = -1.0
+    gamma: float = 1.0
+    eps_mistake: float = 0.0
+    eps_skip: float = 0.0
+    eps_equal: float = 0.0
+
+    def thresholds(self, returns1: torch.Tensor, returns2: torch.Tensor) -> tuple[float, float]:
+        """(skip threshold, equal threshold) for one batch of fragment returns."""
+        both = torch.cat([returns1, returns2]).double()
+        reference = float(both.abs().mean()) if len(both) else 0.0
+        return self.eps_skip * reference, self.eps_equal * reference
+
+    def myopic_weights(self, length: int) -> torch.Tensor:
+        """gamma^(H-1-t) for t = 0..H-1: the latest step counts fully, earlier ones fade."""
+        return self.gamma ** torch.arange(length - 1, -1, -1, dtype=torch.float64)
+
+    def label(
+        self, rewards1: torch.Tensor, rewards2: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-step rewards (B, H) of both fragments -> (labels (B,) float32, NaN where skipped; keep (B,) bool).
+
+        Randomness (Bradley-Terry samples, then mistakes) is drawn from `generator` on the CPU, for every pair in
+        the batch, skipped or not, so one pair's draws do not depend on the others' returns.
+        """
+        if rewards1.dim() != 2 or rewards1.shape != rewards2.shape:
+            raise ValueError(f"per-step rewards must be two (B, H) tensors of one shape, got "
+                             f"{tuple(rewards1.shape)} and {tuple(rewards2.shape)}")
+        device = rewards1.device
+        r1, r2 = rewards1.detach().double().cpu(), rewards2.detach().double().cpu()
+        batch, length = r1.shape
+        returns1, returns2 = r1.sum(1), r2.sum(1)
+        skip_threshold, equal_threshold = self.thresholds(returns1, returns2)
+        keep = torch.ones(batch, dtype=torch.bool)
+        if skip_threshold > 0:
+            keep = torch.maximum(returns1, returns2) > skip_threshold
+        weights = self.myopic_weights(length)
+        gap = (r1 * weights).sum(1) - (r2 * weights).sum(1)
+        if self.beta > 0:
+            p = torch.sigmoid(torch.clamp(self.beta * gap, -LOGIT_CLAMP, LOGIT_CLAMP)).float()
+            labels = torch.bernoulli(p, generator=generator)
+        else:
+            labels = (gap > 0).float()
+        labels[gap == 0] = 0.5
+        if self.eps_mistake > 0:
+            flip = torch.rand(batch, generator=generator) < self.eps_mistake
+            labels = torch.where(flip, 1.0 - labels, labels)
+        if equal_threshold > 0:
+            labels[(returns1 - returns2).abs() < equal_threshold] = 0.5
+        labels[~keep] = math.nan
+        return labels.to(device), keep.to(device)
+
+
+# The B-Pref paper's teachers: Oracle, Mistake (eps = 0.1), Noisy (beta = 1), Skip (eps = 0.1), Myopic
+# (gamma = 0.9), Equal (eps = 0.1); every other parameter at the oracle's value.
+BPREF_PRESETS: dict[str, BPrefTeacher] = {
+    "oracle": BPrefTeacher(),
+    "mistake": BPrefTeacher(eps_mistake=0.1),
+    "noisy": BPrefTeacher(beta=1.0),
+    "skip": BPrefTeacher(eps_skip=0.1),
+    "myopic": BPrefTeacher(gamma=0.9),
+    "equal": BPrefTeacher(eps_equal=0.1),
+}
+BPREF_PARAMETERS = tuple(f.name for f in fields(BPrefTeacher))  # each is the flag --teacher-<name>
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Label logs (agents/labelling.py, imported on first use: it needs flask)
+
+
+def labelling_module(teacher: str):
+    try:
+        import agents.labelling as labelling
+    except ImportError as err:
+        raise UsageError(
+            f"--teacher {teacher} needs flask ({err}); install it with: pip install -e '.[human]'"
+        ) from None
+    return labelling
+
+
+class ReplayTeacher:
+    """The answers of a label log: pair id -> 1.0, 0.0, 0.5, or None ("can't tell": the pair is dropped).
+
+    The ids are those of the run that wrote the log, so the pairs match only in a run with the same flags and seed
+    that queries the same fragments: an uninterrupted run (a resumed one plays new games after the checkpoint) whose
+    labels did not depend on timing (--label-mode sync).
+    """
+
+    def __init__(self, answers: dict[int, float | None]):
+        self.answers = answers
+
+    @classmethod
+    def from_log(cls, path: str) -> ReplayTeacher:
+        """Load `path` (a JSONL label log); a missing, unreadable, malformed or empty log is a UsageError naming
+        --labels."""
+        if not path:
+            raise UsageError("--teacher replay needs --labels FILE: a label log (a --teacher human run's labels.jsonl)")
+        file = pathlib.Path(path)
+        if not file.is_file():
+            raise UsageError(f"--labels {path}: no such file")
+        load_label_log = labelling_module("replay").load_label_log
+        try:
+            answers = load_label_log(file)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--labels {path}: not a label log: {err}".replace("\n", " ")) from None
+        if not answers:
+            raise UsageError(f"--labels {path}: the log holds no answers")
+        return cls({pair_id: answer.label for pair_id, answer in answers.items()})
+
+    def label(self, pair_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels (B,) float32, NaN where there is none; covered (B,) bool: the log answers the pair). Covered
+        pairs with a NaN label were answered "can't tell"."""
+        covered = torch.tensor([pair_id in self.answers for pair_id in pair_ids], dtype=torch.bool)
+        labels = [self.answers.get(pair_id) for pair_id in pair_ids]
+        return torch.tensor([math.nan if y is None else y for y in labels], dtype=torch.float32), covered
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A person in a browser
+
+
+def fragment_clip(frames: torch.Tensor, length: int, labelling) -> np.ndarray:
+    """One stored fragment, uint8 (length + stack - 1, *frame_shape) -> its RGB clip (length, H, W, 3): MinAtar
+    boards (C, 10, 10) are drawn with render_minatar; grayscale frames (Atari) with render_gray, one frame per step,
+    the newest frame of each stacked observation."""
+    frames = frames.detach().cpu().numpy()
+    if frames.ndim == 4:  # (T, C, H, W) boards; stack 1
+        return labelling.render_minatar(frames[-length:])
+    if frames.ndim == 3:
+        return labelling.render_gray(frames[-length:].astype(np.uint8, copy=False))
+    raise ValueError(f"cannot draw frames of shape {tuple(frames.shape)}")
+
+
+def cat_pairs(batches: list[PairBatch]) -> PairBatch:
+    """The pairs of several batches as one (the stored fields only)."""
+    return PairBatch(*(torch.cat([getattr(b, name) for b in batches]) for name in FIELDS))
+
+
+class _StopFlag:
+    """What LabelServer.wait_until_labelled polls: set once a stop signal has arrived."""
+
+    def __init__(self, stopping: Callable[[], bool]):
+        self.is_set = stopping
+
+
+class HumanTeacher:
+    """A LabelServer on this machine plus the pairs waiting for its answers.
+
+    `submit` queues pairs (by id) and keeps their data in `pending` until a person answers; `collect` hands back the
+    answered pairs with their labels (optionally waiting until none is pending) and forgets the dropped ones. At most
+    `max_pending` pairs wait: beyond that the oldest are forgotten (the page may still show them; their answers are
+    then ignored).
+
+    Crash safety: every answer is in the log before it counts. The learner stores each answered pair in its pair
+    buffer as soon as it is collected, and checkpoints `pending`; a resumed run (`start` after `load_state_dict`)
+    collects from the log the answers to pending pairs that arrived after the checkpoint, and queues the others
+    again. Answers in the log to pairs queried after the checkpoint belong to pairs the resumed run never sees again
+    (it plays new games): `start` returns the first pair id above them, where the run's ids continue.
+    """
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", max_pending: int = 3_000):
+        self.labelling = labelling_module("human")
+        self.port, self.host, self.max_pending = port, host, max_pending
+        self.server = None
+        self.log_path: pathlib.Path | None = None
+        self.pending: dict[int, PairBatch] = {}  # id -> that pair (one row), oldest first
+        self._taken: list = []  # answers already taken (from the log, or by a stopped collect), not handed back
+        self.ignored = 0  # answers to pairs no longer pending
+
+    @property
+    def started(self) -> bool:
+        return self.server is not None
+
+    def start(self, log_path: pathlib.Path, next_pair_id: int) -> int:
+        """Serve the page, logging to `log_path` (reloaded if it exists); returns the id the next queried pair
+        should get."""
+        self.log_path = pathlib.Path(log_path)
+        server = self.labelling.LabelServer(self.log_path, port=self.port, host=self.host)
+        logged = self.labelling.load_label_log(self.log_path)
+        if self.port:
+            # werkzeug reports a port in use on stderr and exits; probe first to raise an OSError instead.
+            with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((self.host, self.port))
+        try:
+            server.start()
+        except SystemExit:
+            raise OSError(f"cannot listen on {self.host}:{self.port}") from None
+        self.server = server
+        for pair_id, pair in self.pending.items():
+            if pair_id in logged:
+                self._taken.append(logged[pair_id])
+            else:
+                self._submit_one(pair_id, pair)
+        return max(next_pair_id, max(logged, default=-1) + 1)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def _submit_one(self, pair_id: int, pair: PairBatch) -> None:
+        length = pair.actions1.shape[1]
+        clip1 = fragment_clip(pair.frames1[0], length, self.labelling)
+        clip2 = fragment_clip(pair.frames2[0], length, self.labelling)
+        self.server.submit(pair_id, clip1, clip2)
+
+    def submit(self, pair_ids: list[int], pairs: PairBatch) -> None:
+        for index, pair_id in enumerate(pair_ids):
+            pair = pairs.select(slice(index, index + 1))
+            self.pending[pair_id] = pair
+            self._submit_one(pair_id, pair)
+        while len(self.pending) > self.max_pending:
+            self.pending.pop(next(iter(self.pending)))
+
+    def collect(
+        self, wait: bool, stopping: Callable[[], bool] = lambda: False, check: Callable[[], None] = lambda: None
+    ) -> tuple[list[PairBatch], int]:
+        """(answered pairs, labels set, in the order answered; how many were dropped as "can't tell"). With
+        `wait`, first block until no pair is pending, calling `check` (which may raise to stop) whenever the wait
+        is cut short by `stopping`. Pairs leave `pending` only when this returns: if `check` raises, a checkpoint
+        still holds every pair whose answer was not handed back (and the answers are in the log)."""
+        answers: dict = {}  # pair id -> its answer, in the order they came
+        try:
+            while True:
+                for answer in self._taken + self.server.take_labels():
+                    if answer.pair_id in self.pending:
+                        answers[answer.pair_id] = answer
+                    else:
+                        self.ignored += 1
+                self._taken = []
+                waiting = [pair_id for pair_id in self.pending if pair_id not in answers]
+                if not wait or not waiting:
+                    break
+                self.server.wait_until_labelled(waiting, stop=_StopFlag(stopping))
+                check()
+        except BaseException:
+            self._taken = list(answers.values())  # taken from the server: a later collect hands them back
+            raise
+        answered, dropped = [], 0
+        for pair_id, answer in answers.items():
+            pair = self.pending.pop(pair_id)
+            if answer.label is None:
+                dropped += 1
+            else:
+                pair.labels = torch.full_like(pair.labels, answer.label)
+                answered.append(pair)
+        return answered, dropped
+
+    def state_dict(self) -> dict:
+        ids = list(self.pending)
+        rows = cat_pairs(list(self.pending.values())) if ids else None
+        return {"ids": ids, "pairs": None if rows is None else {name: getattr(rows, name).cpu() for name in FIELDS}}
+
+    def load_state_dict(self, state: dict, device: torch.device | str) -> None:
+        self.pending = {}
+        if state["ids"]:
+            rows = PairBatch(*(state["pairs"][name].to(device) for name in FIELDS))
+            for index, pair_id in enumerate(state["ids"]):
+                self.pending[int(pair_id)] = rows.select(slice(index, index + 1))
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()

@@ -81,7 +81,7 @@ def cli_error(main, argv: list[str], capsys) -> str:
 @pytest.mark.parametrize(
     "flags,words",
     [
-        (["--teacher", "human"], ["--teacher"]),
+        (["--teacher", "nosuch"], ["--teacher"]),
         (["--initial-pairs", "50", "--pair-buffer", "10"], ["--initial-pairs", "--pair-buffer"]),
         (["--fragment-length", "200", "--inner-steps", "100"], ["--fragment-length", "--inner-steps"]),
         (["--fragment-length", "30", "--inner-steps", "100", "--num-envs", "4"], ["--fragment-length"]),
@@ -109,7 +109,7 @@ def test_drlhf_has_no_hyper_start(capsys):
 
 def test_bad_input_from_the_command_line(tmp_path):
     """The real command lines: one line on stderr, exit status 2, no traceback, no run directory."""
-    assert_usage_error(run_script("agents/sobirl.py", "--teacher", "human", "--runs-dir", str(tmp_path)), "--teacher")
+    assert_usage_error(run_script("agents/sobirl.py", "--teacher", "nosuch", "--runs-dir", str(tmp_path)), "--teacher")
     assert_usage_error(
         run_script("agents/drlhf.py", "--initial-pairs", "50", "--pair-buffer", "10", "--runs-dir", str(tmp_path)),
         "--initial-pairs",
