@@ -1,0 +1,419 @@
+"""AIHF ("Learning reward and policy jointly from demonstration and preference improves alignment"): the reward
+model fits the preference pairs and, at the same time, scores expert demonstrations above the agent's own play.
+
+The pipeline is DRLHF's and SoBiRL's (agents/preference.py: reward CNN, synthetic teacher, query schedule, pair FIFO,
+SAC-discrete on r_phi as the lower level); only the reward loss differs. Each reward minibatch minimises
+
+    loss = mean over pairs of BCE(sigmoid(R(tau1) - R(tau2)), y)                          (the paper's L2, BTL)
+         + w1 * (mean over agent fragments of R(tau^A) - mean over demo fragments of R(tau^E))   (its L1)
+
+with R(tau) = sum_{t<H} gamma^t r_phi(s_t, a_t) over an H-step fragment (gamma = SAC's --gamma; --no-discount-return
+sets it to 1, the undiscounted return DRLHF and SoBiRL use, and then the first term is exactly their loss).
+Demonstration fragments come from a file recorded by `sobirl/demos.py`, agent fragments from the agent's latest
+--inner-steps of rollouts (the current policy pi^{k+1}); --demo-batch of each per minibatch, each from its own
+seeded generator.
+
+Sign. The paper ascends g = w1 (grad R(tau^E) - grad R(tau^A)) + (1 - sigma(R_W - R_L)) (grad R_W - grad R_L)
+(its eq. 19). The optimizer here descends, so the loss is the negative of that objective: minimising
+w1 (R(tau^A) - R(tau^E)) steps along +w1 (grad R(tau^E) - grad R(tau^A)), and minimising the cross-entropy steps
+along the second part. In expectation the demonstration term's gradient is -w1 beta times the gradient of the
+demonstration log-likelihood L1: by the paper's Lemma 4.1, grad L1 = (1/beta)(E_{pi^E}[sum_t gamma^t grad r] -
+E_{pi_phi}[sum_t gamma^t grad r]) for the soft-optimal pi_phi at temperature beta (SAC's alpha); the 1/beta is
+absorbed into w1. `agents.tabular_bilevel.demonstration_gradient` computes that identity exactly and
+tests/test_tabular_bilevel.py::test_aihf_demonstration_gradient_equals_finite_differences checks it against finite
+differences of L1. (Here the sums run over H-step fragments taken anywhere in a game, not whole trajectories from
+the initial state: the usual truncation of a fragment-based method.)
+
+Scale. The demonstration term is linear in r and unbounded below: while the agent's fragments stay where they are
+(the warm-up trains on the uniform-random rollouts for --warmup-epochs) it can push their reward down without limit,
+and only AdamW's weight decay and the [-1, 1] clamp SAC applies hold it back. On a 20k-step MinAtar Breakout run
+w1 = 1 took the agent fragments' return to -53 in the warm-up and the pairs' cross-entropy to 15, where w1 = 0.1 kept
+it at 0.72: choose --demo-weight with that in mind.
+
+BatchNorm. The reward CNN is in training mode during the update, so each forward pass normalises with its own batch
+statistics. The pairs go through one forward pass in agents/preference.py; the demonstration and agent fragments go
+through a second one, together: normalising them apart would remove most of the difference between their mean
+rewards, which is the whole signal of the term. (So the running statistics are updated twice per minibatch, the
+second time on demo and agent observations in equal parts.)
+
+    python sobirl/beamrider.py --algo sac --env-id MinAtar/Breakout-v1 --total-timesteps 30000 --buffer-size 30000 \
+        --learning-starts 5000                                                  # an expert on the true reward
+    python sobirl/demos.py record --checkpoint runs/<that run> --steps 10000 --min-return 2 --out breakout_demos.npz
+    python sobirl/beamrider.py --algo aihf --env-id MinAtar/Breakout-v1 --demos breakout_demos.npz
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from agents import sac_discrete as sac
+from agents.common import UsageError, flag, require, require_non_negative, run_cli
+from agents.losses import LossInputs, bradley_terry_bce, fragment_returns
+from agents.pairs import fragment_observations
+from agents.preference import PreferenceArgs, PreferenceLearner, enable_huge_pages
+from agents.run import Run, launch
+
+ALGO = "aihf"
+
+# (count, length, generator) -> (frames uint8 (count, length + stack - 1, *frame_shape), actions int64 (count, length))
+FragmentSource = Callable[[int, int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+def discounted_returns(rewards: torch.Tensor, actions: torch.Tensor, gamma: float) -> torch.Tensor:
+    """sum_t gamma^t r(s_t, a_t) per fragment: (B, H, A) per-action rewards and (B, H) actions -> (B,)."""
+    if gamma == 1.0:
+        return fragment_returns(rewards, actions)
+    taken = rewards.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+    discounts = gamma ** torch.arange(taken.shape[-1], device=taken.device, dtype=taken.dtype)
+    return (taken * discounts).sum(-1)
+
+
+class AIHFLoss:
+    """Bradley-Terry cross-entropy on the pairs plus w1 (mean R(agent fragments) - mean R(demo fragments))."""
+
+    policy_probs = None
+
+    def __init__(
+        self, demo_fragments: FragmentSource, agent_fragments: FragmentSource, fragment_length: int, batch: int,
+        demo_weight: float = 1.0, gamma: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
+    ):
+        self.demo_fragments = demo_fragments
+        self.agent_fragments = agent_fragments
+        self.fragment_length = fragment_length
+        self.batch = batch
+        self.demo_weight = demo_weight
+        self.gamma = gamma
+        # Their own generators: the pairs, labels and SAC draw nothing differently because of this term.
+        self.demo_generator = torch.Generator(device=device).manual_seed(seed + 86_028_121)
+        self.agent_generator = torch.Generator(device=device).manual_seed(seed + 49_979_687)
+
+    def needs_policy(self, global_step: int) -> bool:
+        return False
+
+    def __call__(self, x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if x.model is None:
+            raise ValueError("the AIHF loss scores demonstration and agent fragments: LossInputs.model is needed")
+        p, gamma, length = x.pairs, self.gamma, self.fragment_length
+        # The preference term with AIHF's return (with gamma = 1 it is the pipeline's cross-entropy as it stands).
+        preference = x.bce if gamma == 1.0 else bradley_terry_bce(
+            discounted_returns(x.r1, p.actions1, gamma), discounted_returns(x.r2, p.actions2, gamma), p.labels
+        )
+        demo_frames, demo_actions = self.demo_fragments(self.batch, length, self.demo_generator)
+        agent_frames, agent_actions = self.agent_fragments(self.batch, length, self.agent_generator)
+        # One forward pass for both sets, so BatchNorm normalises them with the same statistics (module docstring).
+        rewards = x.model(fragment_observations(torch.cat([demo_frames, agent_frames.to(demo_frames.device)]), length))
+        demo_rewards, agent_rewards = rewards.view(2, self.batch, length, -1).unbind(0)
+        demo_return = discounted_returns(demo_rewards, demo_actions, gamma).mean()
+        agent_return = discounted_returns(agent_rewards, agent_actions.to(demo_actions.device), gamma).mean()
+        # Descending w1 (R_A - R_E) ascends the paper's w1 (R_E - R_A): the sign of its estimator (19).
+        demo_term = self.demo_weight * (agent_return - demo_return)
+        preference_term = preference.mean()
+        metrics = {
+            "demo_return": demo_return.detach(), "agent_return": agent_return.detach(),
+            "demo_term": demo_term.detach(), "preference_term": preference_term.detach(),
+        }
+        return preference_term + demo_term, metrics
+
+    def state_dict(self) -> dict:
+        return {"demo_generator": self.demo_generator.get_state(), "agent_generator": self.agent_generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.demo_generator.set_state(state["demo_generator"].cpu())
+        self.agent_generator.set_state(state["agent_generator"].cpu())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Demonstrations: the files `python sobirl/demos.py record` writes (their layout is described there), loaded, checked
+# and sampled. (They live here, not in sobirl/demos.py, because `python agents/aihf.py` puts agents/ first on the
+# import path, where agents/sobirl.py hides the sobirl package.)
+
+FORMAT = "sobirl-demos"
+FORMAT_VERSION = 1
+ARRAYS = ("frames", "actions", "rewards", "raw_rewards", "terminated", "probs", "game_starts", "game_ends",
+          "game_returns", "game_truncated", "played_returns")
+
+
+@dataclass
+class DemoFragments:
+    frames: torch.Tensor  # uint8 (N, length + stack - 1, *frame_shape), as agents.replay.Fragments
+    actions: torch.Tensor  # int64 (N, length)
+    game: torch.Tensor  # int64 (N,), the game each fragment comes from
+    start: torch.Tensor  # int64 (N,), its first step within that game
+
+
+class Demonstrations:
+    """A loaded demonstrations file: numpy arrays for inspection, torch tensors on `device` for sampling."""
+
+    def __init__(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], path: str = ""):
+        self.meta = meta
+        self.arrays = arrays
+        self.path = path
+        self.device = torch.device("cpu")
+        self._frames = torch.from_numpy(arrays["frames"])
+        self._actions = torch.from_numpy(arrays["actions"])
+        self._starts: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    # -- what it holds -------------------------------------------------------------------------------------------
+
+    @property
+    def env_id(self) -> str:
+        return self.meta["env_id"]
+
+    @property
+    def stack(self) -> int:
+        return int(self.meta["frame_stack"])
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["frame_shape"])
+
+    @property
+    def num_actions(self) -> int:
+        return int(self.meta["num_actions"])
+
+    @property
+    def game_lengths(self) -> np.ndarray:
+        return self.arrays["game_ends"] - self.arrays["game_starts"]
+
+    @property
+    def num_games(self) -> int:
+        return len(self.arrays["game_starts"])
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.arrays["actions"])
+
+    def game_frames(self, game: int) -> np.ndarray:
+        """(L + stack - 1, *frame_shape) frames of one game."""
+        start = int(self.arrays["game_starts"][game]) + game * (self.stack - 1)
+        return self.arrays["frames"][start: start + int(self.game_lengths[game]) + self.stack - 1]
+
+    def game_observations(self, game: int) -> np.ndarray:
+        """(L, *obs_shape) the observations the policy saw during one game, rebuilt from the frames."""
+        frames = self.game_frames(game)
+        if self.stack == 1:
+            return frames
+        length = len(frames) - self.stack + 1
+        return np.stack([frames[t: t + self.stack] for t in range(length)])
+
+    def game_slice(self, game: int) -> slice:
+        """The game's steps in actions, rewards, probs, ..."""
+        return slice(int(self.arrays["game_starts"][game]), int(self.arrays["game_ends"][game]))
+
+    # -- sampling --------------------------------------------------------------------------------------------------
+
+    def to(self, device: torch.device | str) -> "Demonstrations":
+        self.device = torch.device(device)
+        self._frames = self._frames.to(self.device)
+        self._actions = self._actions.to(self.device)
+        self._starts = {}
+        return self
+
+    def longest_game(self) -> int:
+        return int(self.game_lengths.max()) if self.num_games else 0
+
+    def _fragment_starts(self, length: int) -> tuple[torch.Tensor, ...]:
+        """(game, start, step index, frame index) of every window of `length` steps inside a game."""
+        if length not in self._starts:
+            lengths = self.game_lengths
+            games = np.nonzero(lengths >= length)[0]
+            counts = lengths[games] - length + 1
+            game = np.repeat(games, counts)
+            start = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            step = self.arrays["game_starts"][game] + start
+            frame = step + game * (self.stack - 1)
+            self._starts[length] = tuple(torch.as_tensor(x, dtype=torch.int64, device=self.device)
+                                         for x in (game, start, step, frame))
+        return self._starts[length]
+
+    def fragments(self, count: int, length: int, generator: torch.Generator | None = None) -> DemoFragments:
+        """`count` fragments of `length` consecutive steps of one game each, drawn uniformly (with replacement) among
+        all such windows of the dataset; frames in the replay's layout (N, length + stack - 1, *frame_shape)."""
+        game, start, step, frame = self._fragment_starts(length)
+        if len(game) == 0:
+            raise UsageError(
+                f"--fragment-length {length}: no game in {self.path or 'the demonstrations'} is that long "
+                f"(the longest has {self.longest_game()} steps)"
+            )
+        pick = torch.randint(0, len(game), (count,), device=self.device, generator=generator)
+        frames = self._frames[frame[pick, None] + torch.arange(length + self.stack - 1, device=self.device)]
+        actions = self._actions[step[pick, None] + torch.arange(length, device=self.device)]
+        return DemoFragments(frames, actions, game[pick], start[pick])
+
+    # -- files -----------------------------------------------------------------------------------------------------
+
+    def content_hash(self) -> str:
+        """SHA-256 of every array's dtype, shape and bytes: zip's own CRC is not checked when numpy reads a member,
+        so a flipped byte could otherwise load silently."""
+        sha = hashlib.sha256()
+        for name in ARRAYS:
+            array = np.ascontiguousarray(self.arrays[name])
+            sha.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+            sha.update(memoryview(array).cast("B"))
+        return sha.hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a crash leaves either the previous file or the complete new one."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.meta["sha256"] = self.content_hash()
+        try:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, meta=np.array(json.dumps(self.meta)), **self.arrays)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | Path, flag: str = "--demos", env_id: str | None = None) -> "Demonstrations":
+        """Read and check a file; every problem is a UsageError naming `flag` and the file. With `env_id`, the file
+        must have been recorded on that environment."""
+        where = f"{flag} {path}".strip()
+        if not Path(path).is_file():
+            raise UsageError(f"{where}: {'not a file' if Path(path).exists() else 'no such file'}")
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                raise UsageError(f"{where}: not a demonstrations file (not an .npz archive)")
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                names = set(archive.files)
+                missing = [name for name in ("meta", *ARRAYS) if name not in names]
+                if missing:
+                    raise UsageError(f"{where}: not a demonstrations file (no {', '.join(missing)})")
+                meta = json.loads(str(archive["meta"]))
+                arrays = {name: archive[name] for name in ARRAYS}
+        except UsageError:
+            raise
+        except Exception as err:  # noqa: BLE001 - zipfile, zlib and numpy raise many types for a damaged archive
+            detail = str(err).splitlines()[0] if str(err) else ""
+            raise UsageError(f"{where}: unreadable, truncated or corrupt ({type(err).__name__}: {detail})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise UsageError(f"{where}: not a demonstrations file")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise UsageError(f"{where}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        demos = cls(meta, arrays, str(path))
+        if demos.content_hash() != meta.get("sha256"):
+            raise UsageError(f"{where}: corrupt (checksum mismatch)")
+        try:
+            problem = demos._inconsistency()
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if problem:
+            raise UsageError(f"{where}: corrupt ({problem})")
+        if env_id is not None and demos.env_id != env_id:
+            raise UsageError(f"{where}: recorded on {demos.env_id}, but this run's --env-id is {env_id}")
+        return demos
+
+    def _inconsistency(self) -> str:
+        """What is wrong with the arrays and their description, or "" (raises on a badly malformed file)."""
+        a, stack = self.arrays, self.stack
+        steps, games = len(a["actions"]), len(a["game_starts"])
+        if len(a["game_ends"]) != games:
+            return "game arrays differ"
+        lengths = a["game_ends"] - a["game_starts"]
+        checks = [
+            (all(len(a[k]) == steps for k in ("rewards", "raw_rewards", "terminated", "probs")), "step arrays differ"),
+            (a["probs"].ndim == 2 and a["probs"].shape[1] == self.num_actions, "probs are not one row per step"),
+            (all(len(a[k]) == games for k in ("game_ends", "game_returns", "game_truncated")), "game arrays differ"),
+            (np.array_equal(a["game_starts"], np.concatenate([[0], a["game_ends"][:-1]])[:games]) and
+             (lengths > 0).all() and (games == 0 or a["game_ends"][-1] == steps), "games do not tile the steps"),
+            (a["frames"].dtype == np.uint8 and tuple(a["frames"].shape[1:]) == self.frame_shape and
+             len(a["frames"]) == steps + games * (stack - 1), "frame count does not match the games"),
+            (a["actions"].size == 0 or 0 <= a["actions"].min() <= a["actions"].max() < self.num_actions,
+             "actions out of range"),
+        ]
+        return next((message for ok, message in checks if not ok), "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The algorithm: DRLHF's pipeline with the demonstration term.
+
+
+@dataclass
+class Args(PreferenceArgs):
+    exp_name: str = flag("aihf", "name of this experiment (part of the run name)")
+    demos: str = flag("", "demonstrations file recorded on this --env-id by `python sobirl/demos.py record` (required)")
+    demo_weight: float = flag(1.0, "w1, the weight of the demonstration term against the preference cross-entropy")
+    discount_return: bool = flag(
+        True, "fragment returns R = sum_t gamma^t r with SAC's --gamma, in both terms, as in the AIHF paper; "
+        "--no-discount-return: the undiscounted sum DRLHF and SoBiRL use"
+    )
+    demo_batch: int = flag(0, "demonstration fragments, and as many agent fragments, per reward minibatch "
+                           "(0: --reward-batch-size)")
+
+    RESUMABLE: ClassVar[frozenset[str]] = PreferenceArgs.RESUMABLE
+
+    def validate(self) -> None:
+        super().validate()
+        require(bool(self.demos), "--demos: AIHF needs a demonstrations file; record one with "
+                                  "python sobirl/demos.py record --checkpoint RUN --steps N --out FILE")
+        require_non_negative(self, "demo_weight", "demo_batch")
+
+
+def load_demonstrations(args: Args, trainer: sac.SACTrainer):
+    """The --demos file, checked against this run's environment and fragment length, on the trainer's device."""
+    demos = Demonstrations.load(args.demos, "--demos", env_id=args.env_id)
+    replay = trainer.buffer
+    if (demos.stack, demos.frame_shape, demos.num_actions) != (replay.stack, replay.frame_shape, trainer.num_actions):
+        raise UsageError(
+            f"--demos {args.demos}: frames {demos.frame_shape} x {demos.stack}, {demos.num_actions} actions; this "
+            f"run's are {replay.frame_shape} x {replay.stack}, {trainer.num_actions} actions"
+        )
+    if demos.longest_game() < args.fragment_length:
+        raise UsageError(f"--fragment-length {args.fragment_length}: no game in --demos {args.demos} is that long "
+                         f"(the longest has {demos.longest_game()} steps)")
+    return demos.to(trainer.device)
+
+
+def make_loss(args: Args, trainer: sac.SACTrainer) -> AIHFLoss:
+    demos = load_demonstrations(args, trainer)
+
+    def demo_fragments(count: int, length: int, generator: torch.Generator):
+        fragments = demos.fragments(count, length, generator)
+        return fragments.frames, fragments.actions
+
+    def agent_fragments(count: int, length: int, generator: torch.Generator):
+        # The latest agent phase: the policy the reward has just shaped (pi^{k+1} of the paper's Algorithm 1).
+        fragments = trainer.recent_fragments(count, length, args.inner_steps, generator)
+        return fragments.frames, fragments.actions
+
+    return AIHFLoss(demo_fragments, agent_fragments, args.fragment_length, args.demo_batch or args.reward_batch_size,
+                    args.demo_weight, args.gamma if args.discount_return else 1.0, args.seed, trainer.device)
+
+
+class AIHFLearner(PreferenceLearner):
+    """The shared outer loop; checkpoints also hold the demonstration term's generators, so a resumed run draws the
+    same fragments as an uninterrupted one."""
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "aihf": self.loss_fn.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.loss_fn.load_state_dict(state["aihf"])
+
+
+def main(argv: Sequence[str] | None = None) -> AIHFLearner:
+    enable_huge_pages()
+
+    def build(args: Args, device: torch.device, run: Run) -> AIHFLearner:
+        trainer = sac.SACTrainer(args, device, run)
+        try:
+            return AIHFLearner(args, trainer, make_loss(args, trainer), run)
+        except BaseException:
+            trainer.close()
+            raise
+
+    return launch(ALGO, Args, argv, __doc__, build)
+
+
+if __name__ == "__main__":
+    run_cli(main)
