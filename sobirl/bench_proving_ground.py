@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 
 ENV_ID = "MinAtar/SpaceInvaders-v1"
@@ -87,13 +84,10 @@ def measure_in_process(total: int, burn_in: int, compile_: bool) -> dict:
 
 def proving_ground_benchmark(total: int = 30_000, burn_in: int = 10_000, compile_: bool = False) -> dict:
     """The same measurement in a fresh single-thread subprocess."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1")
-    command = [sys.executable, os.path.abspath(__file__), "--child", "--total", str(total), "--burn-in", str(burn_in)]
-    done = subprocess.run(command + (["--compile"] if compile_ else []), env=env, capture_output=True, text=True,
-                          check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from sobirl.bench_reward import in_fresh_process
+
+    arguments = ["--total", str(total), "--burn-in", str(burn_in)] + (["--compile"] if compile_ else [])
+    return in_fresh_process(__file__, arguments, threads=1)
 
 
 def main(argv: list[str] | None = None) -> None:

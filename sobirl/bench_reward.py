@@ -119,18 +119,22 @@ def measure_in_process(device: str, threads: int, repeats: int) -> dict:
     }
 
 
-def reward_update_benchmark(device: str = "cpu", threads: int = 2, repeats: int = 5) -> dict:
-    """Median seconds and peak memory (MB) of one SoBiRL reward update, measured in a fresh subprocess."""
+def in_fresh_process(script: str, arguments: list[str], threads: int) -> dict:
+    """Run `script --child arguments` in a new Python process with `threads` threads; its last stdout line is JSON.
+
+    A fresh process keeps one measurement's peak memory and thread settings from leaking into another's."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
     env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault(THP_VARIABLE, "1")
-    command = [
-        sys.executable, os.path.abspath(__file__), "--child",
-        "--device", device, "--threads", str(threads), "--repeats", str(repeats),
-    ]
+    command = [sys.executable, os.path.abspath(script), "--child", *arguments]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def reward_update_benchmark(device: str = "cpu", threads: int = 2, repeats: int = 5) -> dict:
+    """Median seconds and peak memory (MB) of one SoBiRL reward update, measured in a fresh subprocess."""
+    return in_fresh_process(__file__, ["--device", device, "--threads", str(threads), "--repeats", str(repeats)], threads)
 
 
 def main(argv: list[str] | None = None) -> None:

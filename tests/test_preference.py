@@ -47,7 +47,7 @@ def test_label_pairs_dispatches_and_rejects_unknown_teachers():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Query schedule (ALGORITHMS.md 1.5)
+# Query schedule (docs/algorithms.md, the practical pipeline)
 
 
 def test_paper_schedule():
@@ -142,7 +142,7 @@ def test_pair_buffer_is_fifo():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reward CNN (ALGORITHMS.md 1.7)
+# Reward CNN (SoBiRL Appendix I)
 
 
 SMALL = 44  # the smallest square input the paper's kernels accept is 43 pixels; small keeps tests fast

@@ -14,7 +14,7 @@ from agents.sobirl import sobirl_loss, sobirl_loss_terms
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tabular exactness (ALGORITHMS.md 1.2 and 1.13.1)
+# Tabular exactness of estimator (78) at lower-level discount 0
 #
 # With lower-level discount 0 the soft-optimal policy is pi = softmax(r(s, .) / alpha) exactly, so the hyper-objective
 # F(theta) = E_{tau1, tau2 ~ pi_theta} [ BCE(tau1, tau2, y; theta) ] can be computed by enumerating every trajectory
@@ -112,7 +112,7 @@ def test_loss_gradient_equals_exact_hypergradient_in_tabular_mdp():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Properties (ALGORITHMS.md 1.13.2-4)
+# Algebraic properties of the loss
 
 
 def random_batch(seed: int = 0, batch: int = 5, length: int = 4, actions: int = 3, dtype=torch.float64):
