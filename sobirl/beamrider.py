@@ -3,6 +3,8 @@
     python sobirl/beamrider.py                 # SoBiRL (the default)
     python sobirl/beamrider.py --algo drlhf    # DRLHF: the same pipeline, Bradley-Terry loss only
     python sobirl/beamrider.py --algo sac      # SAC-discrete on the true (clipped) game reward
+    python sobirl/beamrider.py --algo parl     # PARL: implicit-function hyper-gradient (CG on actor Hessians)
+    python sobirl/beamrider.py --algo penalty  # penalty methods (PBRL / Gaur et al.): two SAC agents
     python sobirl/beamrider.py --resume runs/<run>   # continue any run: its algorithm and flags come from it
 
 Every other flag goes to the algorithm; `python sobirl/beamrider.py --algo sac --help` lists them with defaults.
@@ -16,7 +18,8 @@ from typing import Sequence
 
 from agents.common import OneLineErrorParser, require, run_cli
 
-ALGORITHMS = {"sobirl": "agents.sobirl", "drlhf": "agents.drlhf", "sac": "agents.sac_discrete"}
+ALGORITHMS = {"sobirl": "agents.sobirl", "drlhf": "agents.drlhf", "sac": "agents.sac_discrete", "aihf": "agents.aihf",
+              "parl": "agents.parl", "penalty": "agents.penalty"}
 DEFAULT_ALGO = "sobirl"
 
 

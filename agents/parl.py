@@ -1,0 +1,340 @@
+"""A-PARL (Chakraborty et al., "PARL: a unified framework for policy alignment in RLHF", ICLR 2024) with discrete
+SAC as the lower level: the reward update follows the implicit-function hyper-gradient, computed with
+Hessian-vector products of the actor and a conjugate-gradient solve.
+
+Minimisation convention. The upper loss is L(phi, theta) = E_{pairs ~ pi_theta}[l], l the Bradley-Terry
+cross-entropy of a pair, and theta*(phi) = argmax_theta J(theta; phi). Then
+
+    grad F(phi) = grad_phi L  -  d2J/dphi dtheta (d2J/dtheta2)^-1 g,
+    g = grad_theta L = E[ l * sum_{t in tau1 u tau2} grad_theta log pi_theta(a_t|s_t) ]        (score function)
+
+Lower objective (the SAC actor objective, exact over the discrete actions), on a replay batch:
+
+    J(theta; phi) = E_{s~replay}[ sum_a pi_theta(a|s) (Qt_phi(s, a) - alpha log pi_theta(a|s)) ],
+    Qt_phi = Q.detach() + r_phi - r_phi.detach()        (SoBiRL's one-step truncation: grad_phi Qt = grad_phi r)
+
+Each reward minibatch, once global_step > --parl-start:
+    1. g      autograd of the surrogate mean_i[l_i.detach() * sum_t log pi_theta(a_t|s_t)] over the minibatch's pair
+              observations (the actor evaluated with gradient, --policy-chunk observations at a time);
+    2. v      conjugate gradient on (-d2J/dtheta2 + lambda I) v = g, lambda = --cg-damping, --cg-iters iterations,
+              the Hessian-vector products by double backward through the actor (Q and r detached) on --hvp-batch
+              replay states drawn with this loss's own seeded generator; CG stops early at negative curvature;
+    3. mixed  (Dpi_theta[v] * r_phi(s, .)).sum(-1).mean() on the same states, Dpi_theta[v] the directional
+              derivative of the action probabilities along v (forward-mode, torch.func.jvp), a constant. Its
+              phi-gradient is +d2J/dphi dtheta v = -d2J/dphi dtheta (d2J/dtheta2)^-1 g, since the matrix solved is
+              -d2J/dtheta2 (+ lambda I);
+    4. loss   mean l + mixed.
+
+r_phi in the mixed term is evaluated as SAC sees it: in evaluation mode (training mode with
+--reward-train-mode-in-sac), unclamped. The returned loss has the value mean l + mixed and exactly their gradient,
+formed from the two gradients this loss computes anyway, so reward/bce_grad_norm (||grad mean l||) and
+reward/second_order_norm (||grad mixed||) cost no extra backward pass. reward/cg_residual is the relative residual
+||g - A v|| / ||g|| of the solve.
+
+    python agents/parl.py --env-id BeamRiderNoFrameskip-v4
+    python sobirl/beamrider.py --algo parl
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from agents import sac_discrete as sac
+from agents.common import flag, require_non_negative, require_positive, run_cli
+from agents.losses import LossInputs
+from agents.pairs import pair_observations
+from agents.preference import PreferenceArgs, PreferenceLearner, enable_huge_pages
+from agents.run import launch
+
+ALGO = "parl"
+
+Tensors = list[torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Linear algebra on parameter lists
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Tensors:
+    out, start = [], 0
+    for t in like:
+        out.append(flat[start:start + t.numel()].view_as(t))
+        start += t.numel()
+    return out
+
+
+def gradients(output: torch.Tensor, params: Sequence[torch.Tensor], retain_graph: bool = False) -> Tensors:
+    """d output / d params, zeros for parameters the output does not depend on."""
+    if not output.requires_grad:
+        return [torch.zeros_like(p) for p in params]
+    grads = torch.autograd.grad(output, params, retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+class CGResult(NamedTuple):
+    x: torch.Tensor
+    relative_residual: float  # ||b - A x|| / ||b|| (0 when b = 0)
+    iterations: int  # matrix-vector products taken
+    negative_curvature: bool  # stopped because p^T A p <= 0 (A not positive definite along p)
+
+
+def conjugate_gradient(
+    matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iterations: int, tol: float = 1e-10
+) -> CGResult:
+    """Approximately solve A x = b for a symmetric A given as `matvec`, starting from x = 0.
+
+    Stops after `iterations` products, once ||r|| <= tol ||b||, or at the first direction of non-positive curvature
+    (then x is the last iterate, 0 if it is the first: a truncated-Newton safeguard for an A that is indefinite
+    away from the lower level's optimum)."""
+    x = torch.zeros_like(b)
+    b_norm = float(torch.linalg.vector_norm(b))
+    if b_norm == 0.0:
+        return CGResult(x, 0.0, 0, False)
+    r = b.clone()
+    p = r.clone()
+    rs = r @ r
+    done = 0
+    for done in range(1, iterations + 1):
+        Ap = matvec(p)
+        curvature = p @ Ap
+        if float(curvature) <= 0.0:
+            return CGResult(x, float(rs.sqrt()) / b_norm, done, True)
+        step = rs / curvature
+        x = x + step * p
+        r = r - step * Ap
+        rs_new = r @ r
+        if float(rs_new.sqrt()) <= tol * b_norm:
+            rs = rs_new
+            break
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return CGResult(x, float(rs.sqrt()) / b_norm, done, False)
+
+
+def damped_implicit_vector(
+    objective: torch.Tensor, params: Sequence[torch.Tensor], g: torch.Tensor, iterations: int, damping: float
+) -> CGResult:
+    """v with (-d2 objective/dparams2 + damping I) v = g, by CG on Hessian-vector products (double backward).
+
+    `objective` is a scalar built from `params` with autograd; g is flat. The sign makes the matrix positive
+    semi-definite at a maximiser of the objective (the lower level maximises J)."""
+    grad = flatten([
+        torch.zeros_like(p) if g is None else g
+        for g, p in zip(torch.autograd.grad(objective, params, create_graph=True, allow_unused=True), params)
+    ])
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        hv = torch.autograd.grad(grad, params, grad_outputs=v, retain_graph=True, allow_unused=True)
+        hv = flatten([torch.zeros_like(p) if h is None else h for h, p in zip(hv, params)])
+        return damping * v - hv
+
+    return conjugate_gradient(matvec, g.detach(), iterations)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The actor's pieces
+
+
+def soft_actor_objective(actor: nn.Module, states: torch.Tensor, q: torch.Tensor, alpha: float) -> torch.Tensor:
+    """J = mean_s sum_a pi(a|s) (Q(s, a) - alpha log pi(a|s)) with Q a constant; a function of the actor alone."""
+    log_pi = torch.log_softmax(actor(states), dim=-1)
+    return (log_pi.exp() * (q.detach() - alpha * log_pi)).sum(-1).mean()
+
+
+def score_gradient(
+    actor: nn.Module, params: Sequence[torch.Tensor], obs: torch.Tensor, actions: torch.Tensor,
+    weights: torch.Tensor, chunk: int,
+) -> Tensors:
+    """grad_params sum_j weights_j log pi(actions_j | obs_j), over `chunk` observations at a time."""
+    total = [torch.zeros_like(p) for p in params]
+    for part_obs, part_actions, part_weights in zip(obs.split(chunk), actions.split(chunk), weights.split(chunk)):
+        log_pi = torch.log_softmax(actor(part_obs), dim=-1)
+        taken = log_pi.gather(-1, part_actions.long().unsqueeze(-1)).squeeze(-1)
+        for acc, g in zip(total, gradients((part_weights.detach() * taken).sum(), params)):
+            acc.add_(g)
+    return total
+
+
+def probability_jvp(actor: nn.Module, states: torch.Tensor, tangents: dict[str, torch.Tensor]) -> torch.Tensor:
+    """D pi_theta(.|s)[v]: the directional derivative of the action probabilities along the parameter direction
+    `tangents` (name -> tensor), (N, A), by forward-mode differentiation."""
+    names = list(tangents)
+    primals = {name: param.detach() for name, param in actor.named_parameters() if name in tangents}
+
+    def probs(*values: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(torch.func.functional_call(actor, dict(zip(names, values)), (states,)), dim=-1)
+
+    _, dpi = torch.func.jvp(probs, tuple(primals[n] for n in names), tuple(tangents[n] for n in names))
+    return dpi
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss
+
+
+class PARLLoss:
+    """Mean Bradley-Terry cross-entropy plus PARL's implicit (second-order) term once global_step > parl_start.
+
+    actor: the lower level's policy network (obs -> logits); critic: obs -> Q(s, .) (called without gradient);
+    sample_states: generator -> a batch of replay observations. The reward model is the one in LossInputs.model.
+    """
+
+    policy_probs = None  # the loss evaluates the actor itself, with gradient
+
+    def __init__(
+        self,
+        actor: nn.Module,
+        critic: Callable[[torch.Tensor], torch.Tensor],
+        sample_states: Callable[[torch.Generator], torch.Tensor],
+        generator: torch.Generator,
+        parl_start: int = 100_000,
+        cg_iters: int = 10,
+        cg_damping: float = 0.1,
+        policy_chunk: int = 1600,
+        reward_train_mode: bool = False,
+    ):
+        self.actor = actor
+        self.critic = critic
+        self.sample_states = sample_states
+        self.generator = generator
+        self.parl_start = parl_start
+        self.cg_iters = cg_iters
+        self.cg_damping = cg_damping
+        self.policy_chunk = policy_chunk
+        self.reward_train_mode = reward_train_mode
+
+    def needs_policy(self, global_step: int) -> bool:
+        return False  # no constant policy probabilities: the actor is evaluated here, with gradient
+
+    def active(self, global_step: int) -> bool:
+        return global_step > self.parl_start
+
+    def implicit_direction(self, x: LossInputs) -> tuple[torch.Tensor, CGResult, torch.Tensor, torch.Tensor]:
+        """(replay states, the CG result for v, ||g||, D pi[v] on the states)."""
+        p = x.pairs
+        batch, length = p.actions1.shape
+        named = [(name, q) for name, q in self.actor.named_parameters() if q.requires_grad]
+        params = [q for _, q in named]
+        # 1. g: the score-function gradient of the minibatch's mean cross-entropy (fragment 1s first, then 2s).
+        obs = pair_observations(p.frames1, p.frames2, length)
+        actions = torch.cat([p.actions1, p.actions2]).reshape(-1)
+        weights = (x.bce.detach().repeat(2) / batch).repeat_interleave(length)
+        g = flatten(score_gradient(self.actor, params, obs, actions, weights, self.policy_chunk))
+        del obs
+        # 2. v = (-d2J/dtheta2 + lambda I)^-1 g on replay states.
+        states = self.sample_states(self.generator)
+        with torch.no_grad():
+            q = self.critic(states)
+        objective = soft_actor_objective(self.actor, states, q, x.alpha)
+        cg = damped_implicit_vector(objective, params, g, self.cg_iters, self.cg_damping)
+        del objective
+        # 3. D pi[v] on the same states.
+        tangents = {name: t for (name, _), t in zip(named, unflatten(cg.x, params))}
+        dpi = probability_jvp(self.actor, states, tangents)
+        return states, cg, torch.linalg.vector_norm(g), dpi.detach()
+
+    def reward_on(self, model: nn.Module, states: torch.Tensor) -> torch.Tensor:
+        """r_phi(s, .) with gradient, in the mode the lower level sees it."""
+        was_training = model.training
+        model.train(self.reward_train_mode)
+        try:
+            return model(states)
+        finally:
+            model.train(was_training)
+
+    def __call__(self, x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if x.model is None:
+            raise ValueError("PARL's loss needs the reward model (LossInputs.model)")
+        phi = [q for q in x.model.parameters() if q.requires_grad]
+        bce = x.bce.mean()
+        # retain_graph: callers may still differentiate the cross-entropy (reward_update's diagnostics).
+        grads = gradients(bce, phi, retain_graph=True)
+        metrics = {"bce_grad_norm": torch.linalg.vector_norm(flatten(grads))}
+        mixed = torch.zeros((), dtype=bce.dtype, device=bce.device)
+        if self.active(x.global_step):
+            states, cg, g_norm, dpi = self.implicit_direction(x)
+            mixed = (dpi.to(bce.dtype) * self.reward_on(x.model, states)).sum(-1).mean()
+            mixed_grads = gradients(mixed, phi)
+            grads = [a + b for a, b in zip(grads, mixed_grads)]
+            metrics.update(
+                second_order_norm=torch.linalg.vector_norm(flatten(mixed_grads)),
+                cg_residual=torch.tensor(cg.relative_residual),
+                cg_iterations=torch.tensor(float(cg.iterations)),
+                cg_negative_curvature=torch.tensor(float(cg.negative_curvature)),
+                score_grad_norm=g_norm.detach(),
+                implicit_vector_norm=torch.linalg.vector_norm(cg.x),
+            )
+        # Value mean l + mixed, gradient exactly grads: backward through `link` only replays the two gradients.
+        link = sum((q * g.detach()).sum() for q, g in zip(phi, grads))
+        return bce.detach() + mixed.detach() + (link - link.detach()), metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The algorithm: DRLHF's pipeline (agents/preference.py) with PARL's loss
+
+
+@dataclass
+class Args(PreferenceArgs):
+    exp_name: str = flag("parl", "name of this experiment (part of the run name)")
+    parl_start: int = flag(100_000, "the implicit term is on once global_step exceeds this (as SoBiRL's --hyper-start); "
+                           "the mean cross-entropy alone before")
+    cg_iters: int = flag(10, "conjugate-gradient iterations (Hessian-vector products) per reward minibatch")
+    cg_damping: float = flag(0.1, "lambda in (-d2J/dtheta2 + lambda I) v = g: regularises the solve where the actor's "
+                             "Hessian is singular (softmax shifts) or indefinite (away from the optimum)")
+    hvp_batch: int = flag(256, "replay states on which J, its Hessian-vector products and the mixed term are taken")
+
+    def validate(self) -> None:
+        super().validate()
+        require_non_negative(self, "parl_start", "cg_damping")
+        require_positive(self, "cg_iters", "hvp_batch")
+
+
+def make_loss(args: Args, trainer: sac.SACTrainer) -> PARLLoss:
+    agent = trainer.agent
+
+    def critic(obs: torch.Tensor) -> torch.Tensor:
+        return torch.min(agent.qf1(obs), agent.qf2(obs))
+
+    def sample_states(generator: torch.Generator) -> torch.Tensor:
+        return trainer.buffer.sample(args.hvp_batch, generator).obs
+
+    generator = torch.Generator(device=trainer.device).manual_seed(args.seed + 49979687)
+    return PARLLoss(agent.actor, critic, sample_states, generator, args.parl_start, args.cg_iters, args.cg_damping,
+                    args.policy_chunk, args.reward_train_mode_in_sac)
+
+
+class PARLLearner(PreferenceLearner):
+    """The shared outer loop; the checkpoint also keeps the generator of the loss's replay batches."""
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "parl_generator": self.loss_fn.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.loss_fn.generator.set_state(state["parl_generator"].cpu())
+
+
+def main(argv: Sequence[str] | None = None) -> PARLLearner:
+    enable_huge_pages()
+
+    def build(args: Args, device: torch.device, run) -> PARLLearner:
+        trainer = sac.SACTrainer(args, device, run)
+        try:
+            return PARLLearner(args, trainer, make_loss(args, trainer), run)
+        except BaseException:
+            trainer.close()
+            raise
+
+    return launch(ALGO, Args, argv, __doc__, build)
+
+
+if __name__ == "__main__":
+    run_cli(main)

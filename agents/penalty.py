@@ -1,0 +1,586 @@
+"""Penalty methods for bilevel RLHF with two discrete-SAC agents sharing the reward net: PBRL (Shen, Yang & Chen,
+"Principled penalty-based methods for bilevel RL and RLHF", ICML 2024) and the first-order penalty method of Gaur,
+Bedi, Pasupathy & Aggarwal 2024 ("On the global convergence of online RLHF with neural parametrization"), both
+after Kwon et al.'s penalty reformulation. No second-order information: only gradients of values and of the upper
+loss.
+
+Minimisation form. With l_up(phi, lambda) = E_{pairs ~ pi_lambda}[l] (l a pair's upper loss) and J(lambda; phi) the
+lower level's value under r_phi,
+
+    L_sigma(phi) = l_up(phi, lambda'_sigma) + (1/sigma) [J(lambda*; phi) - J(lambda'_sigma; phi)],
+    lambda*        = argmax_lambda J(lambda; phi)                       agent A, SAC on r_phi (DRLHF's lower level)
+    lambda'_sigma  = argmax_lambda J(lambda; phi) - sigma l_up(phi, lambda)   agent B, SAC on r_phi plus a penalty
+
+and by Danskin's theorem grad L_sigma = grad_phi l_up(phi, lambda'_sigma) + (1/sigma)[grad_phi J(lambda*) -
+grad_phi J(lambda'_sigma)], an O(sigma) approximation of the bilevel hyper-gradient (agents/tabular_bilevel.py,
+`penalty_gradient`, checks this exactly on tabular problems).
+
+Reward loss, per minibatch of labelled pairs, once the penalty is on:
+
+    loss_phi = mean_pairs l  +  (1/sigma) [ mean_{frag~A} sum_{t<H} gamma^t r_phi(s_t, a_t)
+                                            - mean_{frag~B} sum_{t<H} gamma^t r_phi(s_t, a_t) ]
+
+(the truncated value-gradient estimate (15) of Gaur et al.), the fragments --value-fragments of each agent's latest
+rollouts, drawn once per reward phase; r_phi on them is evaluated as SAC sees it (evaluation mode, or training mode
+with --reward-train-mode-in-sac; unclamped), A's and B's fragments in one batch.
+
+Agent B's actor loss, each SAC update, once the penalty is on:
+
+    actor_loss_B = sac_actor_loss + sigma * kappa * S,
+    S = mean_{k pairs}( w_i * sum_{t in pair i} log pi_B(a_t|s_t) )            (--penalty-surrogate score)
+
+a score-function estimate of sigma * grad l_up(phi, lambda) over --penalty-actor-pairs pairs drawn from the newest
+--penalty-pool labelled pairs; w_i = l_i under the current r_phi, a constant fixed at the start of B's phase
+(--penalty-baseline subtracts the leave-one-out pool mean). The pool is held fixed for the whole phase (new labels
+arrive once per outer iteration), and on a fixed sample the score form is unbounded below: measured on MinAtar
+Breakout it drove log pi_B of the pool's actions to -inf (S from -45 to -45,000 within three phases). The default,
+--penalty-surrogate clip, replaces log pi by PPO's clipped ratio rho_t = pi_B(a_t|s_t) / pi_old(a_t|s_t), pi_old
+B's actor when the pool was made: the same gradient at the start of the phase, and none once rho_t has moved by
+--penalty-clip in the direction w_i asks (a trust region per outer iteration, like PBRL's single policy step per
+outer iteration); ratio is the unclipped ratio.
+
+kappa converts units (--penalty-units): SAC's actor loss is a per-state soft value averaged over states and the A
+actions, and grad J ~ A / (1 - gamma) times its gradient, so kappa = (1 - gamma) / A makes B descend on
+(1 - gamma)/A * [-J + sigma l_up], the objective whose sigma the reward loss divides by; --penalty-units raw takes
+kappa = 1 (the formula as first specified, whose score term then outweighs SAC's actor gradient by about
+A / (1 - gamma)).
+
+What the papers leave open, and what this file chooses:
+  1. Which policy's pairs the upper loss sees. Kwon et al. and PBRL take it at the penalised policy lambda'_sigma
+     (--penalty-form pbrl: queries come from B's rollouts, the Danskin gradient of L_sigma); Gaur et al.'s
+     Algorithm 1 (line 13) evaluates it at the lower-level iterate lambda^K (--penalty-form seed: queries come from
+     A's rollouts, not the gradient of any penalty function). B's actor term uses the newest labelled pairs either
+     way (B's own in pbrl; A's in seed, as the seed's d'_k uses the pairs sampled with pi^{lambda_k}).
+  2. Likelihood or log-likelihood. Gaur et al.'s G uses likelihoods U = y P + (1 - y)(1 - P) (not logs); PBRL and
+     DRLHF use the log-likelihood. --upper-likelihood log (default): l = the Bradley-Terry cross-entropy, so
+     reward/bce and accuracies compare with DRLHF; plain: l = 1 - U.
+  3. sigma. The theory wants sigma^2 ~ epsilon (sigma -> 0) with exact lower-level solves; with sampled value
+     gaps the reward's penalty term has variance ~ 1/sigma^2, and B's term vanishes with sigma. Default sigma = 1,
+     where with kappa = (1 - gamma)/A neither side swamps the other; measured on MinAtar Breakout (sigma 1): B's
+     scaled surrogate was about 0.1 against a SAC actor loss of about -0.8, and the gradient of the value-gap term
+     was 1-3x the cross-entropy's on minibatches with untied labels (up to ~100x where nearly every pair is a tie,
+     since the cross-entropy's gradient vanishes there). Sweep e.g. {0.1, 0.3, 1, 3}.
+  4. The lower-level solver and budget. Both agents are SAC-discrete with SoBiRL's hyperparameters; the papers'
+     policy-gradient / mirror-descent steps and normalised step sizes are not used. --inner-split each (default):
+     each agent runs --inner-steps env steps per outer iteration (the lower-level solve per reward update is as
+     good as DRLHF's, and an iteration costs twice the env steps); half: --inner-steps/2 each (same steps per
+     iteration as DRLHF, half the lower-level progress). Every env step of both agents counts in global_step and
+     in --total-timesteps, which is a cap; A runs first in each agent phase, then B.
+  5. When the penalty starts. Before B has left its uniform-random phase (its own --learning-starts steps) its
+     rollouts say nothing about lambda'_sigma: the value-gap term and B's score term are off until B's step count
+     exceeds --learning-starts and global_step exceeds --penalty-start (default 0); before that the reward loss is
+     the upper loss alone and B is a second SAC on r_phi.
+  6. Iteration 0. Both agents are uniformly random before learning starts, so the warm-up pairs are drawn from A's
+     random-phase rollouts for either form (B's would follow the same distribution and cost more env steps).
+
+Logs: the same tags as DRLHF and SoBiRL (reward/loss, reward/bce, reward/hyper_term = loss - bce, accuracies),
+agent A's games as charts/episodic_return (A is the lower-level best response, the policy that matters) and B's
+under charts_b/ (losses_b/, eval_b/, reward_b/ for B's SAC metrics); every tag at the run's global step (A's + B's
+env steps). reward/value_a, reward/value_b, reward/value_gap (J_A - J_B estimates) and reward/upper_loss once the
+penalty is on; losses_b/preference_term for B's score term; charts/agent_seconds and charts_b/agent_seconds time
+each agent's phase.
+
+    python agents/penalty.py --env-id MinAtar/Breakout-v1 --sigma 1
+    python sobirl/beamrider.py --algo penalty --penalty-form seed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+
+from agents import sac_discrete as sac
+from agents.common import flag, require, require_non_negative, require_positive, run_cli
+from agents.losses import LOGIT_CLAMP, LossInputs, bradley_terry_bce, fragment_returns
+from agents.pairs import fragment_observations, pair_observations, split_pairs
+from agents.preference import PreferenceArgs, PreferenceLearner, enable_huge_pages, reward_function
+from agents.run import Logger, Run, launch
+from agents.sobirl import leave_one_out_baseline
+
+ALGO = "penalty"
+FORMS = ("pbrl", "seed")
+LIKELIHOODS = ("log", "plain")
+SPLITS = ("each", "half")
+UNITS = ("return", "raw")
+SURROGATES = ("clip", "ratio", "score")
+B_SEED_OFFSET = 100_000_007  # agent B's environments, replay sampling and action draws
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The losses, as functions of tensors
+
+
+def upper_losses(return1: torch.Tensor, return2: torch.Tensor, labels: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """Per-pair upper loss, (B,): the Bradley-Terry cross-entropy (log) or 1 - [y P + (1 - y)(1 - P)] (plain), with
+    P = sigmoid(R1 - R2) (the difference clamped as in the cross-entropy)."""
+    if likelihood == "log":
+        return bradley_terry_bce(return1, return2, labels)
+    if likelihood == "plain":
+        p = torch.sigmoid(torch.clamp(return1 - return2, -LOGIT_CLAMP, LOGIT_CLAMP))
+        y = labels.to(p.dtype)
+        return 1.0 - (y * p + (1.0 - y) * (1.0 - p))
+    raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {', '.join(LIKELIHOODS)}")
+
+
+def discounted_fragment_values(rewards: torch.Tensor, actions: torch.Tensor, gamma: float) -> torch.Tensor:
+    """sum_{t<H} gamma^t r(s_t, a_t) per fragment: (N, H, A) per-action rewards, (N, H) actions -> (N,)."""
+    taken = rewards.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+    discounts = gamma ** torch.arange(taken.shape[1], device=taken.device, dtype=taken.dtype)
+    return (taken * discounts).sum(-1)
+
+
+class ValueFragments(NamedTuple):
+    """Fragments of both agents' latest rollouts for the value-gap term: observations (N * H, *obs_shape) and
+    actions (N, H) of each."""
+
+    obs_a: torch.Tensor
+    actions_a: torch.Tensor
+    obs_b: torch.Tensor
+    actions_b: torch.Tensor
+
+
+class PenaltyLoss:
+    """mean_pairs l + (1/sigma)(J_A - J_B) when `fragments` are set (the penalty is on), the mean upper loss alone
+    otherwise. The learner sets `fragments` before each reward phase."""
+
+    policy_probs = None
+
+    def __init__(self, sigma: float, gamma: float, likelihood: str = "log", reward_train_mode: bool = False):
+        if not sigma > 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
+        self.sigma = sigma
+        self.gamma = gamma
+        self.likelihood = likelihood
+        self.reward_train_mode = reward_train_mode
+        self.fragments: ValueFragments | None = None
+
+    def needs_policy(self, global_step: int) -> bool:
+        return False
+
+    def values(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(J_A, J_B): mean discounted fragment returns under r_phi, with gradient, from one forward pass."""
+        f = self.fragments
+        count_a, length = f.actions_a.shape
+        was_training = model.training
+        model.train(self.reward_train_mode)
+        try:
+            rewards = model(torch.cat([f.obs_a, f.obs_b]))
+        finally:
+            model.train(was_training)
+        rewards = rewards.view(-1, length, rewards.shape[-1])
+        values = discounted_fragment_values(rewards, torch.cat([f.actions_a, f.actions_b]), self.gamma)
+        return values[:count_a].mean(), values[count_a:].mean()
+
+    def __call__(self, x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        p = x.pairs
+        if self.likelihood == "log":
+            upper = x.bce.mean()
+        else:
+            returns = fragment_returns(x.r1, p.actions1), fragment_returns(x.r2, p.actions2)
+            upper = upper_losses(*returns, p.labels, self.likelihood).mean()
+        metrics = {"upper_loss": upper.detach()}
+        if self.fragments is None:
+            return upper, metrics
+        if x.model is None:
+            raise ValueError("the penalty loss needs the reward model (LossInputs.model)")
+        value_a, value_b = self.values(x.model)
+        gap = value_a - value_b
+        metrics.update(value_a=value_a.detach(), value_b=value_b.detach(), value_gap=gap.detach(),
+                       penalty_term=gap.detach() / self.sigma)
+        return upper + gap / self.sigma, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Agent B: SAC-discrete with the penalised actor loss
+
+
+class PreferencePool(NamedTuple):
+    """Labelled pairs for B's score term: their constant weights w_i, (P,), and the log-probabilities B's actor gave
+    the pairs' actions when the pool was made (the start of B's phase), (2, P, H): fragment 1s, then fragment 2s."""
+
+    frames1: torch.Tensor
+    actions1: torch.Tensor
+    frames2: torch.Tensor
+    actions2: torch.Tensor
+    weights: torch.Tensor
+    old_log_probs: torch.Tensor
+
+
+def taken_log_probs(
+    actor: torch.nn.Module, frames1: torch.Tensor, actions1: torch.Tensor, frames2: torch.Tensor,
+    actions2: torch.Tensor,
+) -> torch.Tensor:
+    """log pi(a_t|s_t) along both fragments of each pair, (2, pairs, H), with gradient in the actor."""
+    count, length = actions1.shape
+    _, log_probs = actor.probs(pair_observations(frames1, frames2, length))
+    return log_probs.gather(-1, torch.cat([actions1, actions2]).reshape(-1, 1)).view(2, count, length)
+
+
+def preference_surrogate(
+    log_pi: torch.Tensor, old_log_pi: torch.Tensor, weights: torch.Tensor, surrogate: str = "clip", clip: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """B's surrogate for grad l_up from log pi(a_t|s_t) (2, k, H) with gradient, the pool-time log pi_old (2, k, H)
+    and the pairs' weights w (k,); and metrics. All three have the gradient mean_i w_i sum_t grad log pi(a_t|s_t) at
+    pi = pi_old:
+
+        score  mean_i w_i sum_t log pi(a_t|s_t)                              (unbounded below: on a pool held
+                                                                              fixed it drives log pi to -inf)
+        ratio  mean_i w_i sum_t rho_t,  rho_t = pi(a_t|s_t) / pi_old(a_t|s_t) (bounded below for w >= 0)
+        clip   mean_i sum_t max(w_i rho_t, w_i clip(rho_t, 1 - eps, 1 + eps)) (PPO's pessimistic clip, for a loss:
+                                                                              no gradient once rho_t has moved by
+                                                                              eps in the direction w_i asks)
+    """
+    w = weights.view(1, -1, 1)
+    if surrogate == "score":
+        return (w * log_pi).sum((0, 2)).mean(), {}
+    ratio = torch.exp(log_pi - old_log_pi)
+    metrics = {"losses/preference_ratio": ratio.mean().detach()}
+    if surrogate == "ratio":
+        return (w * ratio).sum((0, 2)).mean(), metrics
+    if surrogate == "clip":
+        clipped = torch.maximum(w * ratio, w * ratio.clamp(1.0 - clip, 1.0 + clip))
+        metrics["losses/preference_clipped"] = ((ratio - 1.0).abs() > clip).float().mean().detach()
+        return clipped.sum((0, 2)).mean(), metrics
+    raise ValueError(f"unknown surrogate {surrogate!r}; expected one of {', '.join(SURROGATES)}")
+
+
+def preference_term(
+    actor: torch.nn.Module, pool: PreferencePool, index: torch.Tensor, surrogate: str = "clip", clip: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`preference_surrogate` over the pool's pairs at `index`, the actor evaluated with gradient."""
+    log_pi = taken_log_probs(actor, pool.frames1[index], pool.actions1[index], pool.frames2[index],
+                             pool.actions2[index])
+    return preference_surrogate(log_pi, pool.old_log_probs[:, index], pool.weights[index], surrogate, clip)
+
+
+def actor_penalty_coefficient(sigma: float, gamma: float, num_actions: int, units: str) -> float:
+    """sigma * kappa: kappa = (1 - gamma) / A ("return") or 1 ("raw"); see the module docstring."""
+    return sigma * ((1.0 - gamma) / num_actions if units == "return" else 1.0)
+
+
+class PenalisedSAC(sac.SACDiscrete):
+    """SAC-discrete whose actor loss adds coefficient * the preference score term while `pool` is set."""
+
+    def __init__(self, obs_shape: tuple[int, ...], num_actions: int, args: "Args", device: torch.device):
+        super().__init__(obs_shape, num_actions, args, device)
+        self.coefficient = actor_penalty_coefficient(args.sigma, args.gamma, num_actions, args.penalty_units)
+        self.actor_pairs = args.penalty_actor_pairs
+        self.surrogate, self.clip = args.penalty_surrogate, args.penalty_clip
+        self.pool: PreferencePool | None = None
+        self.pool_generator = torch.Generator(device=device).manual_seed(args.seed + 2718281)
+        self._sac_losses = self._actor_and_alpha_losses  # compiled with --compile; the score term stays eager
+        self._actor_and_alpha_losses = self.penalised_losses
+
+    def penalised_losses(self, obs: torch.Tensor, alpha: torch.Tensor):
+        policy_loss, temperature_loss, metrics = self._sac_losses(obs, alpha)
+        if self.pool is None:
+            return policy_loss, temperature_loss, metrics
+        index = torch.randint(0, len(self.pool.weights), (self.actor_pairs,), device=self.device,
+                              generator=self.pool_generator)
+        term, extra = preference_term(self.actor, self.pool, index, self.surrogate, self.clip)
+        metrics = {**metrics, **extra, "losses/preference_term": term.detach()}
+        return policy_loss + self.coefficient * term, temperature_loss, metrics
+
+
+class AgentBTrainer(sac.SACTrainer):
+    """A SACTrainer whose agent is PenalisedSAC (its environments, replay and generators from its own seed)."""
+
+    def __init__(self, args: "Args", device: torch.device, run: Run):
+        super().__init__(args, device, run)
+        self.agent = PenalisedSAC(self.obs_shape, self.num_actions, args, device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two agents, one run: logging and progress at the combined step
+
+
+class RunClock:
+    """The run's global step: the env steps of every agent."""
+
+    def __init__(self):
+        self.agents: tuple = ()
+
+    def __call__(self) -> int:
+        return sum(agent.global_step for agent in self.agents)
+
+
+class CombinedStepLogger(Logger):
+    """Writes every scalar at the run's global step, whatever step the caller (an agent) passes."""
+
+    def __init__(self, clock: RunClock):
+        super().__init__()
+        self.clock = clock
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        super().scalar(tag, value, self.clock())
+
+
+class AgentBLogger:
+    """Agent B's tags: charts/x -> charts_b/x, losses/x -> losses_b/x, and so on, through the run's logger."""
+
+    def __init__(self, base: Logger):
+        self.base = base
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        group, _, name = tag.partition("/")
+        self.base.scalar(f"{group}_b/{name}" if name else f"{tag}_b", value, step)
+
+    def close(self) -> None:
+        pass
+
+
+class CombinedStepProgress:
+    """The run's progress bar, driven by either agent at the combined step (`label` names the agent's phases)."""
+
+    def __init__(self, progress, clock: RunClock, label: str = ""):
+        self.progress = progress
+        self.clock = clock
+        self.label = label
+
+    def __getattr__(self, name):
+        return getattr(self.progress, name)
+
+    def set_phase(self, phase: str) -> None:
+        self.progress.set_phase(self.label + phase)
+
+    def update(self, step: int, extra: str = "") -> None:
+        self.progress.update(self.clock(), self.label + extra)
+
+    def sps(self, step: int) -> float:
+        return self.progress.sps(self.clock())
+
+    def restart_clock(self, step: int) -> None:
+        self.progress.restart_clock(self.clock())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The algorithm
+
+
+@dataclass
+class Args(PreferenceArgs):
+    exp_name: str = flag("penalty", "name of this experiment (part of the run name)")
+    sigma: float = flag(1.0, "penalty parameter sigma (> 0): B maximises J - sigma l_up, the reward loss adds "
+                        "(J_A - J_B) / sigma; the bias is O(sigma), the noise of the value gap O(1/sigma)")
+    penalty_form: str = flag("pbrl", "whose pairs are queried and labelled for the upper loss: pbrl (agent B's, "
+                             "the penalised policy: PBRL / Kwon et al.) or seed (agent A's: Gaur et al.'s Algorithm 1)",
+                             choices=FORMS)
+    upper_likelihood: str = flag("log", "upper loss per pair: log (Bradley-Terry cross-entropy) or plain (1 - the "
+                                 "label's likelihood, Gaur et al.'s G)", choices=LIKELIHOODS)
+    penalty_start: int = flag(0, "the penalty (value gap and B's score term) is on once global_step exceeds this and "
+                              "agent B has passed its --learning-starts")
+    inner_split: str = flag("each", "env steps per outer iteration: each (both agents run --inner-steps) or half "
+                            "(--inner-steps / 2 each)", choices=SPLITS)
+    value_fragments: int = flag(32, "fragments of each agent's latest rollouts for the value gap, drawn each reward "
+                                "phase")
+    penalty_pool: int = flag(64, "newest labelled pairs from which agent B's score term draws")
+    penalty_actor_pairs: int = flag(8, "pairs per agent-B actor update in its score term")
+    penalty_units: str = flag("return", "scale of B's score term: return (sigma (1 - gamma) / A: SAC's actor loss "
+                              "in the units of J) or raw (sigma)", choices=UNITS)
+    penalty_surrogate: str = flag("clip", "B's surrogate for the score term on its fixed pool of pairs: clip (PPO-style "
+                                  "clipped ratios pi/pi_old), ratio (unclipped), score (w log pi, the literal form; "
+                                  "diverges on a pool held fixed for a whole phase)", choices=SURROGATES)
+    penalty_clip: float = flag(0.2, "--penalty-surrogate clip: eps, the relative change of pi(a_t|s_t) past which a "
+                               "step stops pushing")
+    penalty_baseline: bool = flag(False, "subtract the leave-one-out pool mean from B's score weights")
+    b_buffer_size: int = flag(0, "agent B's replay capacity (0: --buffer-size)")
+
+    def validate(self) -> None:
+        super().validate()
+        require_positive(self, "sigma", "value_fragments", "penalty_pool", "penalty_actor_pairs", "penalty_clip")
+        require_non_negative(self, "penalty_start", "b_buffer_size")
+        per_agent = self.agent_steps()
+        require(per_agent >= self.num_envs,
+                f"--inner-steps {self.inner_steps} with --inner-split half leaves no env step for each agent")
+        # Pairs and value fragments come from each agent's latest rollout: L-step fragments need L + 2 stored steps
+        # per env (the newest transition is incomplete), or the sampler would step agent B past the budget.
+        require(self.fragment_length + 2 <= per_agent // self.num_envs,
+                f"--fragment-length {self.fragment_length} needs {self.fragment_length + 2} steps per env of each "
+                f"agent's rollout: --inner-steps {self.inner_steps} with --inner-split {self.inner_split} gives "
+                f"{per_agent // self.num_envs}")
+        if self.b_buffer_size:
+            require(self.batch_size <= self.b_buffer_size,
+                    f"--batch-size {self.batch_size} is larger than --b-buffer-size {self.b_buffer_size}")
+            require(self.fragment_length + 8 <= self.b_buffer_size // self.num_envs,
+                    f"--fragment-length {self.fragment_length} does not fit agent B's replay: --b-buffer-size "
+                    f"{self.b_buffer_size} keeps {self.b_buffer_size // self.num_envs} steps per env")
+
+    def agent_steps(self) -> int:
+        """Env steps each agent runs per outer iteration."""
+        return self.inner_steps if self.inner_split == "each" else self.inner_steps // 2
+
+    def agent_b_args(self) -> "Args":
+        return dataclasses.replace(self, seed=self.seed + B_SEED_OFFSET, buffer_size=self.b_buffer_size or self.buffer_size)
+
+
+class PenaltyLearner(PreferenceLearner):
+    """The shared outer loop around two agents: `trainer` is A (the best response), `trainer_b` is B (penalised).
+
+    Each agent phase runs A for its planned steps, then B, every phase planned so that the run's global step
+    (A's + B's) stays within --total-timesteps. Queries come from B's rollouts (pbrl) or A's (seed); the reward
+    phase draws the value-gap fragments first."""
+
+    def __init__(self, args: Args, trainer: sac.SACTrainer, trainer_b: AgentBTrainer, loss_fn: PenaltyLoss,
+                 run: Run, run_b: Run):
+        self.trainer_a, self.trainer_b, self.run_b = trainer, trainer_b, run_b
+        super().__init__(args, trainer, loss_fn, run)
+        trainer_b.set_reward(reward_function(self.reward_net, args.reward_train_mode_in_sac))
+        self.planned_iteration = -1  # the outer iteration whose agent phase `phase_ends` plans
+        self.phase_ends = (0, 0)  # A's and B's own step counts at which this agent phase ends
+        self.value_generator = torch.Generator(device=self.device).manual_seed(args.seed + 86028121)
+
+    @property
+    def global_step(self) -> int:
+        return self.trainer_a.global_step + self.trainer_b.global_step
+
+    def train(self) -> None:
+        self.run_b.directory = self.run.directory
+        super().train()
+
+    def penalty_active(self) -> bool:
+        return self.global_step > self.args.penalty_start and self.trainer_b.global_step > self.args.learning_starts
+
+    # -- 1. query ----------------------------------------------------------------------------------------------------
+
+    def query(self, count: int):
+        """Iteration 0: A's uniform-random phase (both agents' policy then). Later: B's rollouts (pbrl) or A's (seed).
+
+        The shared sampler reads `self.trainer`; for B's pairs it is pointed at B for the call. A pair's `collected`
+        step is the run's step minus the fragment's age in the agent's steps: exact for B's latest phase (B runs
+        last), earlier by the other agent's interleaved steps otherwise."""
+        if self.iteration == 0 or self.args.penalty_form == "seed":
+            return super().query(count)
+        self.run.progress.set_phase("query B")
+        self.trainer = self.trainer_b
+        try:
+            return self.sample_pairs(count, 2 * count * self.args.fragment_length, self.fragment_generator)
+        finally:
+            self.trainer = self.trainer_a
+
+    # -- 3. reward ---------------------------------------------------------------------------------------------------
+
+    def train_reward(self) -> None:
+        self.loss_fn.fragments = self.value_fragments() if self.penalty_active() else None
+        try:
+            super().train_reward()
+        finally:
+            self.loss_fn.fragments = None
+        self.run.logger.scalar("reward/penalty_active", float(self.penalty_active()), self.global_step)
+
+    def value_fragments(self) -> ValueFragments:
+        a = self.args
+        window = self.args.agent_steps()
+        draw = lambda trainer: trainer.recent_fragments(a.value_fragments, a.fragment_length, window,
+                                                        self.value_generator)
+        fa, fb = draw(self.trainer_a), draw(self.trainer_b)
+        return ValueFragments(fragment_observations(fa.frames, a.fragment_length), fa.actions,
+                              fragment_observations(fb.frames, a.fragment_length), fb.actions)
+
+    # -- 4. agents ---------------------------------------------------------------------------------------------------
+
+    def plan_agent_phase(self) -> None:
+        """Each agent's steps this phase: --inner-steps (or half) each, the remaining budget split evenly when short."""
+        remaining = max(self.args.total_timesteps - self.global_step, 0)
+        steps_a = min(self.args.agent_steps(), -(-remaining // 2))
+        steps_b = min(self.args.agent_steps(), remaining - steps_a)
+        self.phase_ends = (self.trainer_a.global_step + steps_a, self.trainer_b.global_step + steps_b)
+        self.agent_phase_end = self.global_step + steps_a + steps_b
+        self.planned_iteration = self.iteration
+
+    def train_agent(self) -> None:
+        if self.planned_iteration != self.iteration:
+            self.plan_agent_phase()
+        end_a, end_b = self.phase_ends
+        if self.trainer_a.global_step < end_a:
+            started = time.perf_counter()
+            self.trainer_a.collect(end_a - self.trainer_a.global_step)
+            self.run.logger.scalar("charts/agent_seconds", time.perf_counter() - started, self.global_step)
+        if self.trainer_b.global_step < end_b:
+            started = time.perf_counter()
+            self.trainer_b.agent.pool = self.preference_pool() if self.penalty_active() else None
+            try:
+                self.trainer_b.collect(end_b - self.trainer_b.global_step)
+            finally:
+                self.trainer_b.agent.pool = None
+            self.run_b.logger.scalar("charts/agent_seconds", time.perf_counter() - started, self.global_step)
+
+    @torch.no_grad()
+    def preference_pool(self) -> PreferencePool | None:
+        """The newest --penalty-pool labelled pairs with their upper losses under the current reward model."""
+        rows = self.pairs.oldest_first()[-self.args.penalty_pool:]
+        if len(rows) == 0:
+            return None
+        p = self.pairs.get(rows)
+        count, length = p.actions1.shape
+        self.reward_net.eval()
+        r1, r2 = split_pairs(self.reward_net(pair_observations(p.frames1, p.frames2, length)), count, length)
+        weights = upper_losses(fragment_returns(r1, p.actions1), fragment_returns(r2, p.actions2), p.labels,
+                               self.args.upper_likelihood).float()
+        if self.args.penalty_baseline:
+            weights = weights - leave_one_out_baseline(weights)
+        actor, chunk = self.trainer_b.agent.actor, max(1, self.args.policy_chunk // (2 * length))
+        parts = [slice(start, start + chunk) for start in range(0, count, chunk)]
+        old = torch.cat([taken_log_probs(actor, p.frames1[part], p.actions1[part], p.frames2[part], p.actions2[part])
+                         for part in parts], dim=1)
+        return PreferencePool(p.frames1, p.actions1, p.frames2, p.actions2, weights, old)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            **super().state_dict(),
+            "sac_b": self.trainer_b.state_dict(),
+            "planned_iteration": self.planned_iteration,
+            "phase_ends": list(self.phase_ends),
+            "value_generator": self.value_generator.get_state(),
+            "pool_generator": self.trainer_b.agent.pool_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.trainer_b.load_state_dict(state["sac_b"])
+        self.planned_iteration = int(state["planned_iteration"])
+        self.phase_ends = tuple(int(end) for end in state["phase_ends"])
+        self.value_generator.set_state(state["value_generator"].cpu())
+        self.trainer_b.agent.pool_generator.set_state(state["pool_generator"].cpu())
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.trainer_b.close()
+
+
+def build(args: Args, device: torch.device, run: Run) -> PenaltyLearner:
+    """Both agents, their shared run (logs and progress at the combined step), the learner."""
+    clock = RunClock()
+    progress = run.progress
+    run.logger = CombinedStepLogger(clock)
+    run.progress = CombinedStepProgress(progress, clock)
+    run_b = Run(args, ALGO, AgentBLogger(run.logger), CombinedStepProgress(progress, clock, "B "), run.signals,
+                save_hook=run.save)
+    trainer_a = sac.SACTrainer(args, device, run)
+    trainer_b = None
+    try:
+        trainer_b = AgentBTrainer(args.agent_b_args(), device, run_b)
+        clock.agents = (trainer_a, trainer_b)
+        loss = PenaltyLoss(args.sigma, args.gamma, args.upper_likelihood, args.reward_train_mode_in_sac)
+        return PenaltyLearner(args, trainer_a, trainer_b, loss, run, run_b)
+    except BaseException:
+        trainer_a.close()
+        if trainer_b is not None:
+            trainer_b.close()
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> PenaltyLearner:
+    enable_huge_pages()
+    return launch(ALGO, Args, argv, __doc__, build)
+
+
+if __name__ == "__main__":
+    run_cli(main)

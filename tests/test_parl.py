@@ -1,0 +1,227 @@
+"""PARL (agents/parl.py): the conjugate-gradient solve, the sign of the implicit term against the exact tabular
+hyper-gradient, PARLLoss's reward gradient against dense Hessians, and tiny MinAtar runs with resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agents import parl
+from agents.common import run_cli
+from agents.losses import LossInputs, bradley_terry_bce, fragment_returns
+from agents.pairs import PairBatch, pair_observations, split_pairs
+from agents.tabular_bilevel import (
+    enumerate_fragments, explicit_gradient, lower_objective, make_instance, optimal_logits, parl_hypergradient,
+    relative_error, score_function_gradient,
+)
+from sobirl import beamrider
+from tests.conftest import only_run_dir, run_script, scalar_tags
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+DTYPE = torch.float64
+
+
+def test_conjugate_gradient_solves_a_small_spd_system():
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(8, 8, generator=g, dtype=DTYPE)
+    A = B @ B.T + 0.5 * torch.eye(8, dtype=DTYPE)
+    b = torch.randn(8, generator=g, dtype=DTYPE)
+    result = parl.conjugate_gradient(lambda v: A @ v, b, iterations=50)
+    torch.testing.assert_close(result.x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-9)
+    assert result.relative_residual < 1e-9 and not result.negative_curvature and result.iterations <= 9
+    # truncated: the residual it reports is the true one
+    short = parl.conjugate_gradient(lambda v: A @ v, b, iterations=3)
+    assert short.iterations == 3
+    true = float(torch.linalg.vector_norm(b - A @ short.x) / torch.linalg.vector_norm(b))
+    assert abs(short.relative_residual - true) < 1e-9 and true > 1e-6
+    assert parl.conjugate_gradient(lambda v: A @ v, torch.zeros(8, dtype=DTYPE), 5).x.abs().max() == 0
+
+
+def test_conjugate_gradient_stops_at_negative_curvature():
+    A = torch.diag(torch.tensor([-1.0, 2.0], dtype=DTYPE))
+    result = parl.conjugate_gradient(lambda v: A @ v, torch.tensor([1.0, 0.0], dtype=DTYPE), iterations=10)
+    assert result.negative_curvature and result.iterations == 1 and result.x.abs().max() == 0
+
+
+def test_damped_cg_and_mixed_term_reproduce_the_tabular_parl_hypergradient():
+    """Signs: (-d2J + lambda I) v = g by CG, then + grad_phi <grad_theta J, v>, equals the exact damped PARL
+    hyper-gradient of agents/tabular_bilevel.py (dense K = -d2J, M = d2J/dtheta dphi, K + lambda I solved)."""
+    inst = make_instance(gamma=0.5, tau=0.7, seed=0)
+    frags = enumerate_fragments(inst, 2)
+    damping = 1e-3
+    theta = optimal_logits(inst, inst.phi).clone().requires_grad_(True)
+    pi = torch.softmax(theta.detach(), -1)
+    g = score_function_gradient(inst.phi, pi, inst, frags).flatten()
+    cg = parl.damped_implicit_vector(lower_objective(theta, inst.phi, inst), [theta], g, iterations=100,
+                                     damping=damping)
+    assert cg.relative_residual < 1e-10
+    phi = inst.phi.clone().requires_grad_(True)
+    (grad_theta,) = torch.autograd.grad(lower_objective(theta, phi, inst), theta, create_graph=True)
+    (mixed,) = torch.autograd.grad((grad_theta.flatten() * cg.x).sum(), phi)
+    ours = explicit_gradient(inst.phi, pi, inst, frags) + mixed
+    exact = parl_hypergradient(inst.phi, inst, frags, "damped", damping=damping)
+    assert relative_error(ours, exact) < 1e-8
+    # the opposite sign of the implicit term is far off
+    assert relative_error(explicit_gradient(inst.phi, pi, inst, frags) - mixed, exact) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PARLLoss on a tabular-like actor: logits and rewards are tables over one-hot states
+
+
+class Table(nn.Module):
+    """obs (N, S) one-hot uint8 -> obs @ table, (N, A)."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table.clone())
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs.to(self.table.dtype) @ self.table
+
+
+S, A, B, H, ALPHA, DAMPING = 4, 3, 5, 3, 0.3, 0.1
+
+
+def tabular_case(seed: int = 0, offset: float = 0.3):
+    g = torch.Generator().manual_seed(seed)
+    q_table = torch.randn(S, A, generator=g, dtype=DTYPE)
+    actor = Table(q_table / ALPHA + offset * torch.randn(S, A, generator=g, dtype=DTYPE))  # near J's maximiser
+    reward = Table(torch.randn(S, A, generator=g, dtype=DTYPE))
+    onehot = lambda s: F.one_hot(s, S).to(torch.uint8)
+    replay_states = onehot(torch.cat([torch.arange(S), torch.randint(0, S, (16,), generator=g)]))
+    s1, s2 = (torch.randint(0, S, (B, H), generator=g) for _ in range(2))
+    a1, a2 = (torch.randint(0, A, (B, H), generator=g) for _ in range(2))
+    labels = torch.rand(B, generator=g, dtype=torch.float32)
+    pairs = PairBatch(onehot(s1), a1, onehot(s2), a2, labels, torch.zeros(B), torch.zeros(B))
+    return q_table, actor, reward, replay_states, pairs
+
+
+def loss_inputs(pairs: PairBatch, reward: nn.Module, global_step: int = 10) -> LossInputs:
+    r1, r2 = split_pairs(reward(pair_observations(pairs.frames1, pairs.frames2, H)), B, H)
+    bce = bradley_terry_bce(fragment_returns(r1, pairs.actions1), fragment_returns(r2, pairs.actions2),
+                            pairs.labels.to(DTYPE))
+    return LossInputs(pairs, r1, r2, bce, ALPHA, global_step, model=reward)
+
+
+def make_parl_loss(q_table, actor, replay_states, **kwargs) -> parl.PARLLoss:
+    critic = lambda obs: obs.to(DTYPE) @ q_table
+    options = dict(parl_start=0, cg_iters=100, cg_damping=DAMPING, policy_chunk=7)
+    options.update(kwargs)
+    return parl.PARLLoss(actor, critic, lambda gen: replay_states, torch.Generator(), **options)
+
+
+def dense_expected_gradient(q_table, actor, reward, replay_states, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_phi mean BCE + M^T (K + lambda I)^-1 g, M^T (K + lambda I)^-1 g), from dense autograd Hessians of J."""
+    n = S * A
+    states = replay_states.to(DTYPE)
+    r0 = states @ reward.table.detach()
+
+    def J(z: torch.Tensor) -> torch.Tensor:
+        theta, phi = z[:n].view(S, A), z[n:].view(S, A)
+        log_pi = torch.log_softmax(states @ theta, -1)
+        q_tilde = states @ q_table + states @ phi - r0
+        return (log_pi.exp() * (q_tilde - ALPHA * log_pi)).sum(-1).mean()
+
+    hessian = torch.autograd.functional.hessian(J, torch.cat([actor.table.detach().flatten(),
+                                                              reward.table.detach().flatten()]))
+    K, M = -hessian[:n, :n], hessian[:n, n:]
+    assert torch.linalg.eigvalsh(K + DAMPING * torch.eye(n, dtype=DTYPE)).min() > 0  # CG's assumption holds
+    # g: grad_theta of mean_i l_i (sum_t log pi(a_t|s_t) over both fragments), written out step by step
+    theta = actor.table.detach().clone().requires_grad_(True)
+    x = loss_inputs(pairs, reward)
+    bce = x.bce.detach()
+    surrogate = 0.0
+    for i in range(B):
+        for frames, actions in ((pairs.frames1, pairs.actions1), (pairs.frames2, pairs.actions2)):
+            for t in range(H):
+                s = int(frames[i, t].argmax())
+                surrogate = surrogate + bce[i] * torch.log_softmax(theta[s], -1)[actions[i, t]] / B
+    (g,) = torch.autograd.grad(surrogate, theta)
+    implicit = M.T @ torch.linalg.solve(K + DAMPING * torch.eye(n, dtype=DTYPE), g.flatten())
+    (explicit,) = torch.autograd.grad(x.bce.mean(), reward.table)
+    return explicit.flatten() + implicit, implicit
+
+
+def test_parl_loss_reward_gradient_equals_the_dense_implicit_function_formula():
+    q_table, actor, reward, replay_states, pairs = tabular_case()
+    expected, implicit = dense_expected_gradient(q_table, actor, reward, replay_states, pairs)
+    loss_fn = make_parl_loss(q_table, actor, replay_states)
+    x = loss_inputs(pairs, reward)
+    loss, metrics = loss_fn(x)
+    reward.table.grad = None
+    loss.backward()
+    torch.testing.assert_close(reward.table.grad.flatten(), expected, rtol=1e-8, atol=1e-10)
+    assert float(implicit.norm()) > 0.05 * float(expected.norm())  # the implicit term is a real part of it
+    assert actor.table.grad is None  # the actor is only differentiated through, never updated
+    assert float(metrics["cg_residual"]) < 1e-10
+    torch.testing.assert_close(float(metrics["second_order_norm"]), float(implicit.norm()), rtol=1e-8, atol=0)
+    torch.testing.assert_close(float(metrics["bce_grad_norm"]), float((expected - implicit).norm()), rtol=1e-8,
+                               atol=0)
+    # the value: mean BCE + mixed, so reward/hyper_term is the mixed term
+    mixed = loss.detach() - x.bce.mean().detach()
+    assert mixed != 0
+
+
+def test_parl_loss_is_the_cross_entropy_before_parl_start():
+    q_table, actor, reward, replay_states, pairs = tabular_case()
+    loss_fn = make_parl_loss(q_table, actor, replay_states, parl_start=100)
+    x = loss_inputs(pairs, reward, global_step=100)
+    loss, metrics = loss_fn(x)
+    assert "cg_residual" not in metrics and float(metrics["bce_grad_norm"]) > 0
+    assert float(loss.detach()) == pytest.approx(float(x.bce.mean().detach()), abs=1e-12)
+    loss.backward()
+    (explicit,) = torch.autograd.grad(loss_inputs(pairs, reward).bce.mean(), reward.table)
+    torch.testing.assert_close(reward.table.grad, explicit)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end on MinAtar
+
+MINATAR = [
+    "--env-id", "MinAtar/Breakout-v1", "--learning-starts", "50", "--buffer-size", "1000", "--batch-size", "8",
+    "--initial-pairs", "4", "--warmup-epochs", "2", "--inner-steps", "50", "--fragment-length", "5",
+    "--pair-buffer", "20", "--total-pairs", "20", "--schedule-iterations", "4", "--reward-batch-size", "4",
+    "--fresh-pairs", "4", "--log-every", "5", "--no-progress", "--hvp-batch", "32", "--cg-iters", "3",
+]
+
+
+def test_parl_runs_on_minatar_and_resumes(tmp_path, monkeypatch):
+    pytest.importorskip("minatar")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    result = run_script("sobirl/beamrider.py", "--algo", "parl", *MINATAR, "--total-timesteps", "150",
+                        "--parl-start", "100", "--runs-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    assert run_dir.name.startswith("MinAtar-Breakout-v1__parl__1__")
+    result = run_script("sobirl/beamrider.py", "--resume", str(run_dir), "--total-timesteps", "250", "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tags = scalar_tags(run_dir)
+    assert {"reward/loss", "reward/bce", "reward/hyper_term", "reward/accuracy_train", "reward/accuracy_fresh",
+            "charts/episodic_return", "reward/bce_grad_norm"} <= set(tags)
+    # reward phases at 41 and 91 (before --parl-start 100: no implicit term), 141, then 150 and 200 (resumed)
+    assert [step for step, _ in tags["reward/loss"]] == [41, 91, 141, 150, 200]
+    hyper = dict(tags["reward/hyper_term"])
+    assert hyper[41] == hyper[91] == 0.0 and all(hyper[step] != 0.0 for step in (141, 150, 200))
+    assert [step for step, _ in tags["reward/cg_residual"]] == [141, 150, 200]
+    # 3 CG iterations on a 30k-parameter actor do not converge; the relative residual is finite and reported
+    assert all(0 < value < 10 for _, value in tags["reward/cg_residual"])
+    assert all(value > 0 for _, value in tags["reward/second_order_norm"])
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--cg-iters", "0"], ["--cg-iters", "positive"]),
+    (["--cg-damping", "-0.1"], ["--cg-damping", "non-negative"]),
+    (["--hvp-batch", "0"], ["--hvp-batch"]),
+    (["--parl-start", "-1"], ["--parl-start"]),
+])
+def test_parl_bad_flags_are_one_line_errors(tmp_path, capsys, flags, words):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(beamrider.main, ["--algo", "parl", *flags, "--runs-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert all(word in lines[0] for word in words), lines[0]
+    assert not any(tmp_path.iterdir())

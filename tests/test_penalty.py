@@ -1,0 +1,328 @@
+"""Penalty methods (agents/penalty.py): the reward loss's gradient pieces on fixed fragments, agent B's penalised
+actor loss, and tiny two-agent MinAtar runs with resume and bad flags."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agents import penalty
+from agents.common import run_cli
+from agents.losses import LossInputs, bradley_terry_bce, fragment_returns
+from agents.pairs import PairBatch, pair_observations, split_pairs
+from agents.run import StopTraining, detached_run
+from tests.conftest import only_run_dir, run_script, scalar_tags
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+DTYPE = torch.float64
+S, A, B, H, GAMMA = 5, 3, 4, 3, 0.9
+
+
+class Table(nn.Module):
+    """r_phi(s, .) = onehot(s) @ phi: the gradient of r(s, a) is the indicator of (s, a)."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table.clone())
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs.to(self.table.dtype) @ self.table
+
+
+def onehot(states: torch.Tensor) -> torch.Tensor:
+    return F.one_hot(states, S).to(torch.uint8)
+
+
+def case(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    model = Table(torch.randn(S, A, generator=g, dtype=DTYPE))
+    s1, s2 = (torch.randint(0, S, (B, H), generator=g) for _ in range(2))
+    a1, a2 = (torch.randint(0, A, (B, H), generator=g) for _ in range(2))
+    pairs = PairBatch(onehot(s1), a1, onehot(s2), a2, torch.rand(B, generator=g), torch.zeros(B), torch.zeros(B))
+    states_a, states_b = torch.randint(0, S, (6, H), generator=g), torch.randint(0, S, (2, H), generator=g)
+    actions_a, actions_b = torch.randint(0, A, (6, H), generator=g), torch.randint(0, A, (2, H), generator=g)
+    fragments = penalty.ValueFragments(onehot(states_a).reshape(-1, S), actions_a, onehot(states_b).reshape(-1, S),
+                                       actions_b)
+    return model, pairs, fragments, (states_a, actions_a, states_b, actions_b)
+
+
+def inputs(model: nn.Module, pairs: PairBatch) -> LossInputs:
+    r1, r2 = split_pairs(model(pair_observations(pairs.frames1, pairs.frames2, H)), B, H)
+    bce = bradley_terry_bce(fragment_returns(r1, pairs.actions1), fragment_returns(r2, pairs.actions2),
+                            pairs.labels.to(DTYPE))
+    return LossInputs(pairs, r1, r2, bce, 0.5, 1000, model=model)
+
+
+def discounted_visits(states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """mean over fragments of sum_t gamma^t 1[(s_t, a_t) = (s, a)], (S, A): the gradient of J-hat in phi."""
+    visits = torch.zeros(S, A, dtype=DTYPE)
+    for n in range(states.shape[0]):
+        for t in range(H):
+            visits[states[n, t], actions[n, t]] += GAMMA ** t
+    return visits / states.shape[0]
+
+
+@pytest.mark.parametrize("sigma", [1.0, 0.25])
+def test_reward_loss_gradient_is_cross_entropy_plus_value_gap_over_sigma(sigma):
+    model, pairs, fragments, (sa, aa, sb, ab) = case()
+    loss_fn = penalty.PenaltyLoss(sigma, GAMMA)
+    x = inputs(model, pairs)
+    (bce_grad,) = torch.autograd.grad(x.bce.mean(), model.table, retain_graph=True)
+    # without fragments (penalty off): the mean cross-entropy
+    loss, metrics = loss_fn(x)
+    assert set(metrics) == {"upper_loss"}
+    (grad,) = torch.autograd.grad(loss, model.table, retain_graph=True)
+    torch.testing.assert_close(grad, bce_grad)
+    # with fragments: + (1/sigma)(mean_A sum_t gamma^t grad r - mean_B sum_t gamma^t grad r)
+    loss_fn.fragments = fragments
+    loss, metrics = loss_fn(x)
+    (grad,) = torch.autograd.grad(loss, model.table)
+    expected_gap = (discounted_visits(sa, aa) - discounted_visits(sb, ab)) / sigma
+    torch.testing.assert_close(grad, bce_grad + expected_gap)
+    table = model.table.detach()
+    value = lambda s, a: (table[s, a] * GAMMA ** torch.arange(H)).sum(-1).mean()
+    torch.testing.assert_close(metrics["value_a"], value(sa, aa))
+    torch.testing.assert_close(metrics["value_b"], value(sb, ab))
+    torch.testing.assert_close(loss.detach(), x.bce.mean().detach() + (value(sa, aa) - value(sb, ab)) / sigma)
+    assert loss_fn.reward_train_mode is False and model.training  # the model's mode is restored
+
+
+def test_plain_likelihood_is_one_minus_the_label_likelihood():
+    returns1 = torch.tensor([0.3, -1.0, 2.0, 0.0], dtype=DTYPE, requires_grad=True)
+    returns2 = torch.tensor([0.1, 0.5, -1.0, 0.0], dtype=DTYPE)
+    labels = torch.tensor([1.0, 0.0, 0.5, 0.8])
+    plain = penalty.upper_losses(returns1, returns2, labels, "plain")
+    p = torch.sigmoid(returns1.detach() - returns2)
+    y = labels.to(DTYPE)
+    torch.testing.assert_close(plain.detach(), 1 - (y * p + (1 - y) * (1 - p)))
+    (grad,) = torch.autograd.grad(plain.sum(), returns1)
+    torch.testing.assert_close(grad, -(2 * y - 1) * p * (1 - p))  # vs BCE's p - y: bounded, saturating
+    torch.testing.assert_close(penalty.upper_losses(returns1, returns2, labels, "log"),
+                               bradley_terry_bce(returns1, returns2, labels))
+
+
+def test_plain_likelihood_reward_loss_uses_it():
+    model, pairs, _, _ = case()
+    x = inputs(model, pairs)
+    loss, _ = penalty.PenaltyLoss(1.0, GAMMA, "plain")(x)
+    returns = fragment_returns(x.r1, pairs.actions1), fragment_returns(x.r2, pairs.actions2)
+    torch.testing.assert_close(loss, penalty.upper_losses(*returns, pairs.labels, "plain").mean())
+
+
+def b_agent_with_pool(surrogate: str):
+    args = penalty.Args(env_id="MinAtar/Breakout-v1", sigma=0.5, gamma=0.9, penalty_actor_pairs=3, cuda=False,
+                        penalty_surrogate=surrogate, penalty_clip=0.2)
+    obs_shape, actions = (4, 10, 10), 3
+    torch.manual_seed(0)
+    agent = penalty.PenalisedSAC(obs_shape, actions, args, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    frames = lambda: torch.randint(0, 2, (5, 4, *obs_shape), generator=g, dtype=torch.uint8)  # 5 pairs, H = 4
+    acts = lambda: torch.randint(0, actions, (5, 4), generator=g)
+    f1, a1, f2, a2 = frames(), acts(), frames(), acts()
+    with torch.no_grad():
+        old = penalty.taken_log_probs(agent.actor, f1, a1, f2, a2)
+    agent.pool = penalty.PreferencePool(f1, a1, f2, a2, torch.rand(5, generator=g) - 0.3, old)
+    obs = torch.randint(0, 2, (8, *obs_shape), generator=g, dtype=torch.uint8)
+    return agent, obs
+
+
+def score_by_hand(agent, index) -> torch.Tensor:
+    """mean over the drawn pairs of w_i * the sum of log pi over both fragments' steps, written out."""
+    pool, total = agent.pool, 0.0
+    for i in index.tolist():
+        pair = 0.0
+        for frames, actions in ((pool.frames1, pool.actions1), (pool.frames2, pool.actions2)):
+            _, log_probs = agent.actor.probs(frames[i])
+            pair = pair + log_probs.gather(-1, actions[i].unsqueeze(-1)).sum()
+        total = total + pool.weights[i] * pair / len(index)
+    return total
+
+
+@pytest.mark.parametrize("surrogate", ["score", "ratio", "clip"])
+def test_agent_b_actor_loss_adds_the_scaled_preference_term(surrogate):
+    agent, obs = b_agent_with_pool(surrogate)
+    assert agent.coefficient == pytest.approx(0.5 * 0.1 / 3)  # sigma (1 - gamma) / A
+    alpha = torch.tensor(0.7)
+    state = agent.pool_generator.get_state()
+    policy_loss, _, metrics = agent._actor_and_alpha_losses(obs, alpha)
+    base_loss, _, _ = agent._sac_losses(obs, alpha)
+    index = torch.randint(0, 5, (3,), generator=torch.Generator().set_state(state))
+    term = metrics["losses/preference_term"]
+    torch.testing.assert_close(policy_loss, base_loss + agent.coefficient * term)
+    score = score_by_hand(agent, index)
+    params = list(agent.actor.parameters())
+    # every surrogate has the score form's gradient at the policy that made the pool
+    got = torch.autograd.grad(policy_loss - base_loss, params)
+    want = torch.autograd.grad(agent.coefficient * score, params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    if surrogate == "score":
+        torch.testing.assert_close(term, score.detach())
+    else:
+        assert float(metrics["losses/preference_ratio"]) == pytest.approx(1.0)
+        torch.testing.assert_close(term, (agent.pool.weights[index] * 8).mean())  # sum over 2 x 4 steps of rho = 1
+    agent.pool = None
+    policy_loss, _, metrics = agent._actor_and_alpha_losses(obs, alpha)
+    torch.testing.assert_close(policy_loss, base_loss)
+    assert "losses/preference_term" not in metrics
+
+
+def test_clipped_surrogate_stops_pushing_past_the_trust_region():
+    weights = torch.tensor([1.0, -1.0])  # pair 0 asks for lower probabilities, pair 1 for higher
+    old = torch.zeros(2, 2, 1)
+    for rho, expected in ((1.1, (1.0, -1.0)), (0.7, (0.0, -1.0)), (1.3, (1.0, 0.0))):
+        log_pi = torch.full((2, 2, 1), rho).log().requires_grad_(True)
+        term, metrics = penalty.preference_surrogate(log_pi, old, weights, "clip", 0.2)
+        (grad,) = torch.autograd.grad(term, log_pi)
+        # d(w rho)/d log pi = w rho per step (two steps per pair, mean over 2 pairs); 0 once rho is past 1 -+ 0.2 in
+        # the direction w pushes it
+        torch.testing.assert_close(grad.sum((0, 2)), torch.tensor(expected) * rho)
+        assert float(metrics["losses/preference_clipped"]) == (0.0 if rho == 1.1 else 1.0)
+    # unclipped: mean_i w_i sum_t rho_t
+    ratio, _ = penalty.preference_surrogate(torch.full((2, 2, 1), 0.5).log(), old, torch.tensor([1.0, 0.5]), "ratio")
+    assert float(ratio) == pytest.approx((1.0 * 0.5 * 2 + 0.5 * 0.5 * 2) / 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end on MinAtar: A then B each agent phase, 100 env steps each
+
+MINATAR = [
+    "--env-id", "MinAtar/Breakout-v1", "--learning-starts", "50", "--buffer-size", "1000", "--batch-size", "8",
+    "--initial-pairs", "4", "--warmup-epochs", "2", "--inner-steps", "50", "--fragment-length", "5",
+    "--pair-buffer", "20", "--total-pairs", "20", "--schedule-iterations", "4", "--reward-batch-size", "4",
+    "--fresh-pairs", "4", "--log-every", "5", "--no-progress", "--value-fragments", "8", "--penalty-pool", "8",
+    "--penalty-actor-pairs", "2",
+]
+
+
+def test_penalty_runs_two_agents_on_minatar_and_resumes(tmp_path, monkeypatch):
+    pytest.importorskip("minatar")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    result = run_script("sobirl/beamrider.py", "--algo", "penalty", *MINATAR, "--total-timesteps", "250",
+                        "--runs-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    assert run_dir.name.startswith("MinAtar-Breakout-v1__penalty__1__")
+    result = run_script("sobirl/beamrider.py", "--resume", str(run_dir), "--total-timesteps", "400", "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tags = scalar_tags(run_dir)
+    assert {"reward/loss", "reward/bce", "reward/hyper_term", "reward/accuracy_train", "reward/accuracy_fresh",
+            "charts/episodic_return", "charts_b/episodic_return", "losses/actor_loss", "losses_b/actor_loss",
+            "losses_b/preference_term", "charts/agent_seconds", "charts_b/agent_seconds"} <= set(tags)
+    # Iteration 0: A's 41 random steps; then 50 steps of A, then 50 of B, per phase, with --total-timesteps a cap
+    # on both: the first run's last phase gets A 5 and B 4 (to 250), the resumed run's last A 25 and B 25 (to 400).
+    assert [step for step, _ in tags["reward/loss"]] == [41, 141, 241, 250, 350]
+    assert max(step for step, _ in tags["charts_b/SPS"]) == 400
+    # the penalty is on once B has passed its 50 random steps (B at 50 by step 141, 100 by step 241)
+    assert [value for _, value in tags["reward/penalty_active"]] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    hyper = dict(tags["reward/hyper_term"])
+    assert hyper[41] == hyper[141] == 0.0 and all(hyper[step] != 0.0 for step in (241, 250, 350))
+    assert [step for step, _ in tags["reward/value_gap"]] == [241, 250, 350]
+    for (_, gap), (_, term) in zip(tags["reward/value_gap"], tags["reward/penalty_term"]):
+        assert gap == pytest.approx(term)  # sigma = 1
+
+
+def test_penalty_seed_form_plain_likelihood_half_split(tmp_path, monkeypatch):
+    pytest.importorskip("minatar")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    result = run_script("agents/penalty.py", *MINATAR, "--inner-steps", "100", "--total-timesteps", "350",
+                        "--penalty-form", "seed", "--upper-likelihood", "plain", "--inner-split", "half",
+                        "--sigma", "0.5", "--penalty-baseline", "--runs-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    tags = scalar_tags(only_run_dir(tmp_path))
+    # half: 50 steps of each agent per phase, as with --inner-steps 50 each
+    assert [step for step, _ in tags["reward/loss"]] == [41, 141, 241, 341]
+    assert max(step for step, _ in tags["charts_b/SPS"]) == 350
+    # plain likelihood: the upper loss is no longer the cross-entropy (hyper_term = loss - bce includes the change)
+    assert all(upper != pytest.approx(bce) for (_, upper), (_, bce) in zip(tags["reward/upper_loss"],
+                                                                           tags["reward/bce"]))
+    assert dict(tags["reward/penalty_active"])[241] == 1.0
+
+
+def test_a_run_stopped_inside_agent_b_phase_resumes_its_plan(monkeypatch):
+    """Stopped (SIGTERM) half-way through B's part of an agent phase, a run restored from the state it saved finishes
+    that phase's plan and then runs exactly as the uninterrupted run does."""
+    pytest.importorskip("minatar")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = penalty.Args(
+        env_id="MinAtar/Breakout-v1", learning_starts=50, buffer_size=1000, batch_size=8, initial_pairs=4,
+        warmup_epochs=1, inner_steps=60, fragment_length=5, pair_buffer=20, total_pairs=20, schedule_iterations=4,
+        reward_batch_size=4, fresh_pairs=0, value_fragments=4, penalty_pool=8, penalty_actor_pairs=2,
+        total_timesteps=400, progress=False, cuda=False,
+    )
+
+    def learner():
+        return penalty.build(args, torch.device("cpu"), detached_run(args, penalty.ALGO))
+
+    def trace(run):
+        """(A's, B's) step counts at every reward phase."""
+        phases = []
+        train_reward = run.train_reward
+        monkeypatch.setattr(run, "train_reward", lambda: (phases.append(
+            (run.trainer_a.global_step, run.trainer_b.global_step)), train_reward()))
+        return phases
+
+    whole = learner()
+    whole_phases = trace(whole)
+    whole.train()
+    whole.close()
+    # A's 41 random steps, then 60 steps of A and 60 of B per phase; the last phase splits the 120 steps left evenly
+    assert whole_phases == [(41, 0), (101, 60), (161, 120)]
+    assert (whole.trainer_a.global_step, whole.trainer_b.global_step) == (221, 179)
+
+    stopped = learner()
+    phases = trace(stopped)
+
+    def check():
+        if stopped.trainer_b.global_step >= 90:  # inside B's second phase (60 -> 120)
+            raise StopTraining(signal.SIGTERM)
+
+    monkeypatch.setattr(stopped.run.signals, "check", check)
+    with pytest.raises(StopTraining):
+        stopped.train()
+    state = stopped.state_dict()
+    stopped.close()
+    assert state["stage"] == "agent" and state["sac_b"]["global_step"] == 90
+    assert state["phase_ends"] == [161, 120] and state["sac"]["global_step"] == 161
+
+    resumed = learner()
+    resumed.load_state_dict(state)
+    resumed_phases = trace(resumed)
+    resumed.train()
+    resumed.close()
+    assert phases + resumed_phases == whole_phases
+    assert (resumed.trainer_a.global_step, resumed.trainer_b.global_step) == (221, 179)
+
+
+def cli_error(main, argv: list[str], capsys) -> str:
+    """Run a script's main as its command line does, in this process; return its one-line error."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--sigma", "-1"], ["--sigma", "positive"]),
+    (["--sigma", "0"], ["--sigma", "positive"]),
+    (["--inner-split", "half", "--inner-steps", "40", "--fragment-length", "25"], ["--fragment-length", "half"]),
+    (["--penalty-form", "kwon"], ["--penalty-form"]),
+    (["--penalty-actor-pairs", "0"], ["--penalty-actor-pairs"]),
+])
+def test_penalty_bad_flags_are_one_line_errors(tmp_path, capsys, flags, words):
+    line = cli_error(penalty.main, [*flags, "--runs-dir", str(tmp_path)], capsys)
+    assert all(word in line for word in words), line
+    assert not any(tmp_path.iterdir())
+
+
+def test_penalty_is_an_algorithm_of_the_beamrider_entry_point(tmp_path, capsys):
+    from sobirl import beamrider
+
+    line = cli_error(beamrider.main, ["--algo", "penalty", "--sigma", "-0.5", "--runs-dir", str(tmp_path)], capsys)
+    assert "--sigma" in line
