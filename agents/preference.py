@@ -417,6 +417,9 @@ class PreferenceLearner:
         self.reward_model = self.reward_net
         if args.compile:
             self.reward_net.cpu_kernels = False
+            # The diagnostics take gradients with retain_graph=True, which compiled graphs refuse when their
+            # backward donates (frees) saved buffers.
+            torch._functorch.config.donated_buffer = False
             self.reward_model = torch.compile(self.reward_net, dynamic=True)
         replay = trainer.buffer
         pair_bytes = PairBuffer.bytes_needed(args.pair_buffer, args.fragment_length, replay.frame_shape, replay.stack)

@@ -25,6 +25,9 @@ RETURN_TAG = "charts/episodic_return"
 LENGTH_TAG = "charts/episodic_length"
 ACC_FRESH_TAG = "reward/accuracy_fresh"
 ACC_TRAIN_TAG = "reward/accuracy_train"
+# Whether SoBiRL's implicit term drifts: the cross-entropy, the implicit term and its gradient over the BCE's.
+DRIFT_TAGS = {"final_bce": "reward/bce", "final_hyper_term": "reward/hyper_term",
+              "final_grad_ratio": "reward/extra_grad_ratio"}
 # Below this many seeds the IQM trims away too much of the sample to mean anything (rliable uses it from 5 runs).
 IQM_MIN_SEEDS = 5
 CONFIDENCE = 0.95
@@ -35,6 +38,7 @@ ALGO_STYLE = {
     "drlhf": ("DRLHF", "C0"),
     "sac_discrete": ("SAC-discrete (true reward)", "C2"),
     "random": ("Random policy", "C7"),
+    "sobirl_corrected": ("SoBiRL + ratio-baseline correction", "C1"),
 }
 # The entry point's --algo name differs from the exp_name it writes, so accept both in --algos.
 ALGO_ALIASES = {"sac": "sac_discrete"}
@@ -332,7 +336,8 @@ def summarize(groups: dict[tuple[str, str], list[Run]], args: Args, rng: np.rand
                 row.update(ci_low=float(low), ci_high=float(high))
             else:
                 row.update(ci_low=None, ci_high=None)
-        for key, tag in (("final_accuracy_fresh", ACC_FRESH_TAG), ("final_accuracy_train", ACC_TRAIN_TAG)):
+        for key, tag in (("final_accuracy_fresh", ACC_FRESH_TAG), ("final_accuracy_train", ACC_TRAIN_TAG),
+                         *DRIFT_TAGS.items()):
             accs = [final_value(r.scalars[tag][1], args.final_fraction) for r in runs if tag in r.scalars]
             row[key] = float(estimator_for(len(accs))[1](np.array(accs))) if accs else None
         rows.append(row)
@@ -346,15 +351,16 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def format_table(rows: list[dict]) -> str:
     lines = [
         "| env | algorithm | seeds | steps | final return | estimator | 95% CI "
-        "| final acc (fresh) | final acc (train) |",
-        "|-|-|-|-|-|-|-|-|-|",
+        "| final acc (fresh) | final acc (train) | final BCE | final implicit term | implicit/BCE grad |",
+        "|-|-|-|-|-|-|-|-|-|-|-|-|",
     ]
     for row in rows:
         ci = "—" if row.get("ci_low") is None else f"[{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
         lines.append(
             f"| {row['env_id']} | {row['algo']} | {row['num_seeds']} | {row.get('min_last_step', '—')} "
             f"| {_fmt(row.get('final_return'))} | {row.get('estimator', '—')} | {ci} "
-            f"| {_fmt(row['final_accuracy_fresh'], 3)} | {_fmt(row['final_accuracy_train'], 3)} |"
+            f"| {_fmt(row['final_accuracy_fresh'], 3)} | {_fmt(row['final_accuracy_train'], 3)} "
+            f"| {_fmt(row['final_bce'], 2)} | {_fmt(row['final_hyper_term'], 2)} | {_fmt(row['final_grad_ratio'], 2)} |"
         )
     return "\n".join(lines)
 
