@@ -345,7 +345,9 @@ def summarize(groups: dict[tuple[str, str], list[Run]], args: Args, rng: np.rand
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
-    return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+    if value is None or not math.isfinite(value):
+        return "—"
+    return f"{value:.{digits}e}" if abs(value) >= 1e4 else f"{value:.{digits}f}"
 
 
 def format_table(rows: list[dict]) -> str:
