@@ -262,7 +262,7 @@ def detached_run(args: Any, algo: str = "") -> Run:
 
 
 def resumable_flags(args_cls: type) -> set[str]:
-    return set(getattr(args_cls, "RESUMABLE", ())) | {"resume"}
+    return set(args_cls.RESUMABLE) | {"resume"}
 
 
 def parse_or_resume(
@@ -344,7 +344,7 @@ def launch(
     try:
         if state is not None:
             algorithm.load_state_dict(state["algorithm"])
-        for note in getattr(args, "budget_notes", list)():
+        for note in args.budget_notes():
             print(f"note: {note}", file=sys.stderr, flush=True)
         run.directory = directory
         run.progress.start()
