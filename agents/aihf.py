@@ -58,8 +58,7 @@ from agents import sac_discrete as sac
 from agents.common import UsageError, flag, require, require_non_negative, run_cli
 from agents.losses import LossInputs, bradley_terry_bce, fragment_returns
 from agents.pairs import fragment_observations
-from agents.preference import PreferenceArgs, PreferenceLearner, enable_huge_pages
-from agents.run import Run, launch
+from agents.preference import PreferenceArgs, PreferenceLearner, run_preference_rl
 
 ALGO = "aihf"
 
@@ -402,17 +401,7 @@ class AIHFLearner(PreferenceLearner):
 
 
 def main(argv: Sequence[str] | None = None) -> AIHFLearner:
-    enable_huge_pages()
-
-    def build(args: Args, device: torch.device, run: Run) -> AIHFLearner:
-        trainer = sac.SACTrainer(args, device, run)
-        try:
-            return AIHFLearner(args, trainer, make_loss(args, trainer), run)
-        except BaseException:
-            trainer.close()
-            raise
-
-    return launch(ALGO, Args, argv, __doc__, build)
+    return run_preference_rl(ALGO, Args, argv, make_loss, __doc__, AIHFLearner)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,7 @@ from agents import sac_discrete as sac
 from agents.common import flag, require_non_negative, require_positive, run_cli
 from agents.losses import LossInputs
 from agents.pairs import pair_observations
-from agents.preference import PreferenceArgs, PreferenceLearner, enable_huge_pages
-from agents.run import launch
+from agents.preference import PreferenceArgs, PreferenceLearner, run_preference_rl
 
 ALGO = "parl"
 
@@ -323,17 +322,7 @@ class PARLLearner(PreferenceLearner):
 
 
 def main(argv: Sequence[str] | None = None) -> PARLLearner:
-    enable_huge_pages()
-
-    def build(args: Args, device: torch.device, run) -> PARLLearner:
-        trainer = sac.SACTrainer(args, device, run)
-        try:
-            return PARLLearner(args, trainer, make_loss(args, trainer), run)
-        except BaseException:
-            trainer.close()
-            raise
-
-    return launch(ALGO, Args, argv, __doc__, build)
+    return run_preference_rl(ALGO, Args, argv, make_loss, __doc__, PARLLearner)
 
 
 if __name__ == "__main__":

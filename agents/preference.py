@@ -686,14 +686,16 @@ def run_preference_rl(
     argv: Sequence[str] | None,
     make_loss: Callable[[PreferenceArgs, sac.SACTrainer], RewardLoss],
     description: str | None = None,
+    learner_cls: type[PreferenceLearner] = PreferenceLearner,
 ) -> PreferenceLearner:
-    """Parse, validate, build and run a preference algorithm to completion: the shared pipeline with its loss."""
+    """Parse, validate, build and run a preference algorithm to completion: the shared pipeline with its loss
+    (and, for algorithms with state of their own to checkpoint, a PreferenceLearner subclass)."""
     enable_huge_pages()
 
     def build(args: PreferenceArgs, device: torch.device, run: Run) -> PreferenceLearner:
         trainer = sac.SACTrainer(args, device, run)
         try:
-            return PreferenceLearner(args, trainer, make_loss(args, trainer), run)
+            return learner_cls(args, trainer, make_loss(args, trainer), run)
         except BaseException:
             trainer.close()
             raise
