@@ -55,19 +55,20 @@ def build_parser(args_cls: type, description: str | None = None) -> argparse.Arg
     return parser
 
 
+def integer(text: str) -> int:
+    """An argparse type for integers that also accepts 1e6-style spellings, how RL budgets are usually written."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    return int(value)
+
+
 def _flag_type(default: Any) -> Callable[[str], Any]:
     if isinstance(default, int):
-        # Accept 1e6-style integers, which is how RL budgets are usually written.
-        def to_int(text: str) -> int:
-            try:
-                value = float(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-            if not value.is_integer():
-                raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-            return int(value)
-
-        return to_int
+        return integer
     if isinstance(default, float):
         return float
     return str

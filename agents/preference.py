@@ -155,10 +155,15 @@ class PreferenceArgs(sac.Args):
                 f"--total-timesteps {self.total_timesteps} ends before one fragment is collected: --fragment-length "
                 f"{self.fragment_length} needs {one_fragment} env steps")
 
+    def warmup_rollout_per_env(self) -> int:
+        """Complete transitions per env that iteration 0 stores before its first query: the initial pairs' worth,
+        at most the uniform-random phase, at least one fragment."""
+        rollout = max(self.fragment_length + 1, min(2 * self.initial_pairs * self.fragment_length, self.learning_starts))
+        return -(-rollout // self.num_envs)
+
     def warmup_rollout_steps(self) -> int:
         """Env steps of iteration 0's rollout (PreferenceLearner.query), plus the step completing its last transition."""
-        rollout = max(self.fragment_length + 1, min(2 * self.initial_pairs * self.fragment_length, self.learning_starts))
-        return (-(-rollout // self.num_envs) + 1) * self.num_envs
+        return (self.warmup_rollout_per_env() + 1) * self.num_envs
 
     def budget_notes(self) -> list[str]:
         notes = super().budget_notes()
@@ -487,8 +492,7 @@ class PreferenceLearner:
         a, trainer = self.args, self.trainer
         self.run.progress.set_phase("query")
         if self.iteration == 0:
-            rollout = max(a.fragment_length + 1, min(2 * a.initial_pairs * a.fragment_length, a.learning_starts))
-            trainer.collect_until_stored(-(-rollout // a.num_envs))
+            trainer.collect_until_stored(a.warmup_rollout_per_env())
             window = trainer.steps_per_env_stored() * a.num_envs
         else:
             window = 2 * count * a.fragment_length

@@ -335,7 +335,8 @@ def launch(
     args, state = parse_or_resume(args_cls, argv, description, algo)
     args.validate()
     directory = run_directory(args, state)
-    check_writable(directory if state is None else directory, "--runs-dir" if state is None else "--resume")
+    directory_flag = "--runs-dir" if state is None else "--resume"
+    check_writable(directory, directory_flag)
     device = prepare(args)
     run = Run(args, algo, Logger(), Progress(args.total_timesteps, args.progress, args.learning_starts),
               StopSignals())
@@ -351,7 +352,7 @@ def launch(
         try:
             run.logger.writer = open_writer(args, directory, None if state is None else algorithm.global_step)
         except OSError as err:  # e.g. a full disk, or a directory that became unwritable since the check
-            raise UsageError(f"{'--runs-dir' if state is None else '--resume'} {directory}: {err}") from None
+            raise UsageError(f"{directory_flag} {directory}: {err}") from None
         run.save_hook = lambda: save_atomic(
             {"algo": algo, "args": vars(args).copy(), "global_step": algorithm.global_step,
              "algorithm": algorithm.state_dict()},

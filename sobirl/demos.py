@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from agents.aihf import FORMAT, FORMAT_VERSION, DemoFragments, Demonstrations  # noqa: F401 - re-exported
-from agents.common import OneLineErrorParser, UsageError, require, run_cli
+from agents.common import OneLineErrorParser, UsageError, integer, require, run_cli
 
 # ---------------------------------------------------------------------------------------------------------------
 # Recording
@@ -198,28 +198,18 @@ def describe(demos: Demonstrations) -> str:
     return "\n".join(lines)
 
 
-def _count(text: str) -> int:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not value.is_integer():
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-    return int(value)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{record,info}")
     rec = commands.add_parser("record", help="play a checkpoint's policy and save its whole games",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     rec.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory holding one")
-    rec.add_argument("--steps", required=True, type=_count,
+    rec.add_argument("--steps", required=True, type=integer,
                      help="agent steps to roll out (autoreset steps between games not counted)")
     rec.add_argument("--out", required=True, help="file to write (np.savez_compressed archive)")
     rec.add_argument("--min-return", type=float, default=None,
                      help="keep only games whose true score is at least this (default: every whole game)")
-    rec.add_argument("--seed", type=_count, default=1, help="seed of the environment and of the sampled actions")
+    rec.add_argument("--seed", type=integer, default=1, help="seed of the environment and of the sampled actions")
     rec.add_argument("--greedy", action="store_true", help="play the most probable action instead of sampling")
     info = commands.add_parser("info", help="describe a demonstrations file")
     info.add_argument("file", help="the demonstrations file")

@@ -31,6 +31,30 @@ def assert_usage_error(result: subprocess.CompletedProcess, *words: str) -> None
         assert word in lines[0], (word, lines[0])
 
 
+def cli_error(main, argv: list[str], capsys) -> str:
+    """Run a script's main as its command line does, in this process; return the one-line error it reports
+    (exit status 2, no traceback)."""
+    from agents.common import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+class TableModule(torch.nn.Module):
+    """obs (N, S) one-hot uint8 -> obs @ table, (N, A): a tabular actor or reward whose gradients are indicators."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table.clone())
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs.to(self.table.dtype) @ self.table
+
+
 def scalar_tags(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -10,11 +10,10 @@ from torch import nn
 
 from agents import aihf
 from agents.aihf import AIHFLoss, discounted_returns
-from agents.common import run_cli
 from agents.losses import LossInputs, bradley_terry_bce, fragment_returns
 from agents.pairs import PairBatch, fragment_observations
 from sobirl import demos as demos_cli
-from tests.conftest import only_run_dir, run_script, scalar_tags
+from tests.conftest import cli_error, only_run_dir, run_script, scalar_tags
 from tests.test_demos import actor_checkpoint
 
 BREAKOUT = "MinAtar/Breakout-v1"
@@ -198,12 +197,7 @@ def keep_torch_threads():
 
 
 def aihf_error(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(aihf.main, argv)
-    assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in lines[0], lines
-    return lines[0]
+    return cli_error(aihf.main, argv, capsys)
 
 
 def test_bad_demonstrations_are_one_line_errors(demo_file, tmp_path, capsys, keep_torch_threads):

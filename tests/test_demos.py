@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from agents.checkpoint import save_atomic
-from agents.common import UsageError, run_cli
+from agents.common import UsageError
 from agents.networks import Actor
 from agents.pairs import fragment_observations
 from sobirl import demos as demos_cli
 from sobirl.demos import Demonstrations, load_checkpoint_actor
-from tests.conftest import run_script
+from tests.conftest import cli_error, run_script
 from wrappers import make_envs
 
 BREAKOUT = "MinAtar/Breakout-v1"
@@ -167,40 +167,35 @@ def test_atari_stacks_are_zero_padded_at_game_start_and_match_the_env(tmp_path):
         np.testing.assert_array_equal(fragments.frames[i].numpy(), demos.game_frames(g)[start:start + 28])
 
 
-def cli_error(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(demos_cli.main, argv)
-    assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in lines[0], lines
-    return lines[0]
+def demos_error(argv: list[str], capsys) -> str:
+    return cli_error(demos_cli.main, argv, capsys)
 
 
 def test_bad_files_are_one_line_errors(recorded, tmp_path, capsys):
-    assert "no such file" in cli_error(["info", str(tmp_path / "missing.npz")], capsys)
+    assert "no such file" in demos_error(["info", str(tmp_path / "missing.npz")], capsys)
     data = recorded.read_bytes()
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(data[: len(data) // 2])
-    assert str(truncated) in cli_error(["info", str(truncated)], capsys)
+    assert str(truncated) in demos_error(["info", str(truncated)], capsys)
     flipped = bytearray(data)
     flipped[len(data) // 3] ^= 0xFF
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(bytes(flipped))
-    assert str(corrupt) in cli_error(["info", str(corrupt)], capsys)
+    assert str(corrupt) in demos_error(["info", str(corrupt)], capsys)
     foreign = tmp_path / "foreign.npz"
     np.savez(foreign, frames=np.zeros(3))
-    assert "not a demonstrations file" in cli_error(["info", str(foreign)], capsys)
+    assert "not a demonstrations file" in demos_error(["info", str(foreign)], capsys)
     with pytest.raises(UsageError, match="--demos .*recorded on MinAtar/Breakout-v1.*--env-id is MinAtar/Asterix-v1"):
         Demonstrations.load(recorded, "--demos", env_id="MinAtar/Asterix-v1")
 
 
 def test_bad_record_flags_are_one_line_errors(expert, tmp_path, capsys):
     out = str(tmp_path / "x.npz")
-    assert "--checkpoint" in cli_error(["record", "--checkpoint", str(tmp_path / "none"), "--steps", "9",
+    assert "--checkpoint" in demos_error(["record", "--checkpoint", str(tmp_path / "none"), "--steps", "9",
                                         "--out", out], capsys)
-    assert "--min-return" in cli_error(["record", "--checkpoint", str(expert), "--steps", "50", "--out", out,
+    assert "--min-return" in demos_error(["record", "--checkpoint", str(expert), "--steps", "50", "--out", out,
                                         "--min-return", "1000"], capsys)
-    assert "--steps" in cli_error(["record", "--checkpoint", str(expert), "--steps", "0", "--out", out], capsys)
-    assert "--out" in cli_error(["record", "--checkpoint", str(expert), "--steps", "9", "--out",
+    assert "--steps" in demos_error(["record", "--checkpoint", str(expert), "--steps", "0", "--out", out], capsys)
+    assert "--out" in demos_error(["record", "--checkpoint", str(expert), "--steps", "9", "--out",
                                  str(tmp_path / "no" / "dir.npz")], capsys)
     assert not (tmp_path / "x.npz").exists()

@@ -17,7 +17,7 @@ from agents.tabular_bilevel import (
     relative_error, score_function_gradient,
 )
 from sobirl import beamrider
-from tests.conftest import only_run_dir, run_script, scalar_tags
+from tests.conftest import TableModule as Table, only_run_dir, run_script, scalar_tags
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DTYPE = torch.float64
@@ -69,17 +69,6 @@ def test_damped_cg_and_mixed_term_reproduce_the_tabular_parl_hypergradient():
 
 # ---------------------------------------------------------------------------------------------------------------
 # PARLLoss on a tabular-like actor: logits and rewards are tables over one-hot states
-
-
-class Table(nn.Module):
-    """obs (N, S) one-hot uint8 -> obs @ table, (N, A)."""
-
-    def __init__(self, table: torch.Tensor):
-        super().__init__()
-        self.table = nn.Parameter(table.clone())
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return obs.to(self.table.dtype) @ self.table
 
 
 S, A, B, H, ALPHA, DAMPING = 4, 3, 5, 3, 0.3, 0.1

@@ -11,26 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents import penalty
-from agents.common import run_cli
 from agents.losses import LossInputs, bradley_terry_bce, fragment_returns
 from agents.pairs import PairBatch, pair_observations, split_pairs
 from agents.run import StopTraining, detached_run
-from tests.conftest import only_run_dir, run_script, scalar_tags
+from tests.conftest import TableModule as Table, cli_error, only_run_dir, run_script, scalar_tags
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DTYPE = torch.float64
 S, A, B, H, GAMMA = 5, 3, 4, 3, 0.9
-
-
-class Table(nn.Module):
-    """r_phi(s, .) = onehot(s) @ phi: the gradient of r(s, a) is the indicator of (s, a)."""
-
-    def __init__(self, table: torch.Tensor):
-        super().__init__()
-        self.table = nn.Parameter(table.clone())
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return obs.to(self.table.dtype) @ self.table
 
 
 def onehot(states: torch.Tensor) -> torch.Tensor:
@@ -296,16 +284,6 @@ def test_a_run_stopped_inside_agent_b_phase_resumes_its_plan(monkeypatch):
     resumed.close()
     assert phases + resumed_phases == whole_phases
     assert (resumed.trainer_a.global_step, resumed.trainer_b.global_step) == (221, 179)
-
-
-def cli_error(main, argv: list[str], capsys) -> str:
-    """Run a script's main as its command line does, in this process; return its one-line error."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, argv)
-    assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in lines[0], lines
-    return lines[0]
 
 
 @pytest.mark.parametrize("flags, words", [

@@ -7,8 +7,7 @@ import math
 import pytest
 
 from agents import drlhf, sobirl
-from agents.common import run_cli
-from tests.conftest import assert_usage_error, only_run_dir, run_script, scalar_tags
+from tests.conftest import assert_usage_error, cli_error, only_run_dir, run_script, scalar_tags
 
 # 40 rollout steps for the 4 warm-up pairs, then reward phases at steps 41, 141, 241, 341.
 TINY = [
@@ -66,16 +65,6 @@ def test_resume_continues_the_outer_loop(tmp_path):
     assert [step for step, _ in tags["reward/num_pairs"]] == [41, 141, 241, 250, 350]
     assert values(tags, "reward/num_pairs") == [4, 6, 8, 9, 9]
     assert values(tags, "reward/iteration") == [1, 2, 3, 4, 5]
-
-
-def cli_error(main, argv: list[str], capsys) -> str:
-    """Run a script's main as its command line does, in this process; return the one-line error it reports."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, argv)
-    assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in lines[0], lines
-    return lines[0]
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from agents.pairs import PairBatch
 from agents.preference import PreferenceLearner
 from agents.run import detached_run
 from agents.teachers import BPREF_PRESETS, BPrefTeacher, ReplayTeacher, oracle_labels
-from tests.test_preference_scripts import cli_error
+from tests.conftest import cli_error
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
