@@ -4,6 +4,7 @@
 # `python sobirl/plot.py --runs-dir $RUNS --env-id MinAtar-<Game>-v1` draws each game's figure and table.
 #   bash docs/minatar_benchmark.sh baselines    # random policy and SAC-discrete on the true reward
 #   bash docs/minatar_benchmark.sh preference   # DRLHF, SoBiRL as specified, SoBiRL corrected
+#   bash docs/minatar_benchmark.sh peers        # A-PARL, penalty (PBRL form), AIHF (needs the baselines' SAC seed 1)
 set -euo pipefail
 STAGE=${1:-all}
 RUNS=${RUNS:-runs}
@@ -11,6 +12,15 @@ GAMES=${GAMES:-"SpaceInvaders Breakout Freeway"}
 SEEDS=${SEEDS:-3}
 mkdir -p "$RUNS/sweep_logs"
 export OMP_NUM_THREADS=1  # one thread per job: MinAtar's networks are too small to split
+if [[ $STAGE == all || $STAGE == peers ]]; then
+  # AIHF's demonstrations: 10k steps of each game's SAC seed-1 expert (true reward), every whole game kept.
+  mkdir -p "$RUNS/demos"
+  for GAME in $GAMES; do
+    OUT="$RUNS/demos/MinAtar-$GAME-v1.npz"
+    [[ -f $OUT ]] || python sobirl/demos.py record --checkpoint "$(ls -d "$RUNS/MinAtar-$GAME-v1__sac_discrete__1__"* | head -1)" \
+      --steps 10000 --out "$OUT"
+  done
+fi
 jobs() {  # the command lines of one sweep, without running them
   python sobirl/sweep.py --num-seeds "$SEEDS" --workers 2 --dry-run "$@" | grep -v '^#'
 }
@@ -32,6 +42,14 @@ jobs() {  # the command lines of one sweep, without running them
       jobs --algos sobirl -- "${COMMON[@]}" "${PREF[@]}" --hyper-start 20000
       jobs --algos sobirl -- "${COMMON[@]}" "${PREF[@]}" --hyper-start 20000 --implicit-correction ratio-baseline \
         --exp-name sobirl_corrected
+    fi
+    if [[ $STAGE == all || $STAGE == peers ]]; then
+      # Second-order and penalty terms switch on when SoBiRL's does. The penalty method's two agents share the
+      # budget and each runs half of an iteration's steps, so labels and iterations match the others'.
+      jobs --algos parl -- "${COMMON[@]}" "${PREF[@]}" --parl-start 20000
+      jobs --algos penalty -- "${COMMON[@]}" "${PREF[@]}" --penalty-start 20000 --inner-split half
+      # w1 = 0.1: the default 1 blew up the reward scale in a tiny pre-benchmark run (see the AIHF section).
+      jobs --algos aihf -- "${COMMON[@]}" "${PREF[@]}" --demos "$RUNS/demos/MinAtar-$GAME-v1.npz" --demo-weight 0.1
     fi
   done
 } | awk '{for (i = 1; i < NF; i++) if ($i == "--seed") print $(i + 1), $0}' | sort -s -n -k1,1 | cut -d' ' -f2- |
