@@ -446,18 +446,18 @@ class PenaltyLearner(PreferenceLearner):
 
     # -- 1. query ----------------------------------------------------------------------------------------------------
 
-    def query(self, count: int):
+    def query_candidates(self, count: int, window: int):
         """Iteration 0: A's uniform-random phase (both agents' policy then). Later: B's rollouts (pbrl) or A's (seed).
 
         The shared sampler reads `self.trainer`; for B's pairs it is pointed at B for the call. A pair's `collected`
         step is the run's step minus the fragment's age in the agent's steps: exact for B's latest phase (B runs
         last), earlier by the other agent's interleaved steps otherwise."""
         if self.iteration == 0 or self.args.penalty_form == "seed":
-            return super().query(count)
+            return super().query_candidates(count, window)
         self.run.progress.set_phase("query B")
         self.trainer = self.trainer_b
         try:
-            return self.sample_pairs(count, 2 * count * self.args.fragment_length, self.fragment_generator)
+            return self.sample_pairs(count, window, self.fragment_generator)
         finally:
             self.trainer = self.trainer_a
 

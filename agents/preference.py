@@ -21,6 +21,9 @@ import torch
 from agents import sac_discrete as sac
 from agents.common import UsageError, flag, flag_name, require, require_non_negative, require_positive
 from agents.losses import BradleyTerryLoss, LossInputs, RewardLoss, bradley_terry_bce, fragment_returns
+from agents.ensemble import (
+    QUERY_SELECTIONS, RewardEnsemble, epoch_order, most_uncertain, preference_probabilities, query_uncertainty,
+)
 from agents.pairs import PairBatch, PairBuffer, pair_observations, pairs_schedule, split_pairs
 from agents.replay import FrameReplayBuffer, format_bytes, require_memory
 from agents.reward_model import RewardCNN
@@ -77,6 +80,15 @@ class PreferenceArgs(sac.Args):
     reward_batch_size: int = flag(64, "pairs per reward-model minibatch")
     reward_lr: float = flag(3e-4, "AdamW learning rate of the reward model")
     reward_weight_decay: float = flag(0.01, "AdamW weight decay of the reward model")
+    ensemble: int = flag(1, "reward models, each trained on its own bootstrap resample of the pair buffer every epoch "
+                         "(1: the paper's single model, trained on the buffer itself); the policy learns their mean")
+    query_selection: str = flag(
+        "uniform", "which pairs go to the teacher: uniform (random recent fragments; the paper's), disagreement (the "
+        "--candidate-factor times as many candidates' most disputed among the ensemble: std of the members' "
+        "preference probabilities; needs --ensemble >= 2) or entropy (their highest mean predictive entropy)",
+        choices=QUERY_SELECTIONS,
+    )
+    candidate_factor: int = flag(10, "--query-selection disagreement|entropy: candidate pairs drawn per pair queried")
     fresh_pairs: int = flag(64, "fragment pairs of the latest policy scored for reward/accuracy_fresh (0: off); "
                             "drawn from their own generator, so this never changes the training run")
     accuracy_pairs: int = flag(0, "newest stored pairs scored for reward/accuracy_train (0: all)")
@@ -138,6 +150,7 @@ class PreferenceArgs(sac.Args):
             f"--total-pairs {self.total_pairs} is smaller than --initial-pairs {self.initial_pairs}",
         )
         self.validate_teacher()
+        self.validate_query_selection()
         steps_per_env = self.inner_steps // self.num_envs
         require(
             self.fragment_length <= steps_per_env,
@@ -173,6 +186,13 @@ class PreferenceArgs(sac.Args):
                          f"steps: the {self.initial_pairs} initial pairs come from the {self.total_timesteps} steps "
                          f"taken, and no agent phase follows")
         return notes
+
+    def validate_query_selection(self) -> None:
+        require_positive(self, "ensemble", "candidate_factor")
+        require(self.query_selection != "disagreement" or self.ensemble >= 2,
+                f"--query-selection disagreement needs --ensemble 2 or more, got --ensemble {self.ensemble}")
+        require(self.query_selection != "uniform" or self.candidate_factor == type(self).candidate_factor,
+                "--candidate-factor applies to --query-selection disagreement|entropy only (this run's is uniform)")
 
     def validate_teacher(self) -> None:
         require(0.0 <= self.teacher_gamma <= 1.0, f"--teacher-gamma must be in [0, 1], got {self.teacher_gamma}")
@@ -282,8 +302,10 @@ def reward_epoch(
     policy_chunk: int = 1600,
     between_steps: Callable[[], None] = lambda: None,
     diagnose: bool = False,
+    bootstrap: bool = False,
 ) -> dict[str, float]:
-    """One pass over the pair buffer in shuffled minibatches of `batch_size`, the net in training mode throughout.
+    """One pass over the pair buffer in shuffled minibatches of `batch_size`, the net in training mode throughout
+    (with `bootstrap`, over len(buffer) pairs drawn from it with replacement: an ensemble member's resample).
 
     As in imitation's trainer (which the reference uses), the last, partial minibatch still takes a step, with its
     loss scaled by len / batch_size. The net is left in evaluation mode, ready to produce rewards for SAC.
@@ -296,7 +318,7 @@ def reward_epoch(
     if loss_fn.needs_policy(global_step) and policy_probs is None:
         raise ValueError("this loss needs the current policy: pass policy_probs")
     reward_net.train()
-    order = torch.randperm(len(buffer), generator=generator)
+    order = epoch_order(len(buffer), bootstrap, generator)
     rows = buffer.oldest_first()
     totals: dict[str, torch.Tensor] = {}
     sums = ("correct", "counted", "teacher_correct", "teacher_counted")
@@ -349,6 +371,32 @@ def label_agreement(
     return oracle_agreement(predicted1, predicted2, labels, torch.full_like(labels, 0.5))
 
 
+@torch.no_grad()
+def predicted_returns(
+    reward_net: torch.nn.Module,
+    frames1: torch.Tensor, actions1: torch.Tensor,
+    frames2: torch.Tensor, actions2: torch.Tensor,
+    chunk_pairs: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward model's returns (N,) of both fragments of N pairs, in eval mode, `chunk_pairs` pairs per forward
+    pass. The net's mode is restored afterwards."""
+    was_training = reward_net.training
+    reward_net.eval()
+    length = actions1.shape[1]
+    parts1, parts2 = [], []
+    try:
+        for start in range(0, frames1.shape[0], chunk_pairs):
+            part = slice(start, start + chunk_pairs)
+            pairs = len(frames1[part])
+            r1, r2 = split_pairs(reward_net(pair_observations(frames1[part], frames2[part], length)), pairs, length)
+            parts1.append(fragment_returns(r1, actions1[part]))
+            parts2.append(fragment_returns(r2, actions2[part]))
+    finally:
+        reward_net.train(was_training)
+    empty = frames1.new_zeros(0, dtype=torch.float32)
+    return (torch.cat(parts1), torch.cat(parts2)) if parts1 else (empty, empty)
+
+
 def preference_accuracy(
     reward_net: torch.nn.Module,
     frames1: torch.Tensor, actions1: torch.Tensor,
@@ -357,25 +405,23 @@ def preference_accuracy(
     chunk_pairs: int = 64,
 ) -> float:
     """How often the reward model orders a pair of fragments as the noise-free oracle does (see `oracle_agreement`),
-    evaluated in eval mode; nan when every pair is a ground-truth tie. The net's mode is restored afterwards."""
-    was_training = reward_net.training
-    reward_net.eval()
-    length = actions1.shape[1]
-    score, counted = 0.0, 0
-    try:
-        with torch.no_grad():
-            for start in range(0, frames1.shape[0], chunk_pairs):
-                part = slice(start, start + chunk_pairs)
-                pairs = len(frames1[part])
-                r1, r2 = split_pairs(reward_net(pair_observations(frames1[part], frames2[part], length)), pairs, length)
-                s, c = oracle_agreement(
-                    fragment_returns(r1, actions1[part]), fragment_returns(r2, actions2[part]),
-                    returns1[part], returns2[part],
-                )
-                score, counted = score + float(s), counted + int(c)
-    finally:
-        reward_net.train(was_training)
-    return score / counted if counted else math.nan
+    evaluated in eval mode; nan when every pair is a ground-truth tie."""
+    predicted1, predicted2 = predicted_returns(reward_net, frames1, actions1, frames2, actions2, chunk_pairs)
+    score, counted = oracle_agreement(predicted1, predicted2, returns1, returns2)
+    return float(score) / int(counted) if int(counted) else math.nan
+
+
+def ensemble_uncertainty(members: Sequence[torch.nn.Module], pairs: PairBatch, mode: str) -> torch.Tensor:
+    """Per-pair uncertainty (`agents.ensemble.query_uncertainty`) of the members' preference probabilities."""
+    returns = [predicted_returns(net, pairs.frames1, pairs.actions1, pairs.frames2, pairs.actions2) for net in members]
+    return query_uncertainty(preference_probabilities(torch.stack([r[0] for r in returns]),
+                                                      torch.stack([r[1] for r in returns])), mode)
+
+
+def mean_stats(stats: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Key-wise means of the ensemble members' epoch statistics (a key only some members report: their mean)."""
+    keys = dict.fromkeys(key for member in stats for key in member)
+    return {key: sum(m[key] for m in stats if key in m) / sum(key in m for m in stats) for key in keys}
 
 
 def reward_function(
@@ -412,20 +458,25 @@ class PreferenceLearner:
         self.run = run
         self.device = trainer.device
         try:
-            self.reward_net = RewardCNN(trainer.obs_shape, trainer.num_actions).to(self.device)
+            self.members = [RewardCNN(trainer.obs_shape, trainer.num_actions).to(self.device)
+                            for _ in range(args.ensemble)]
         except ValueError as err:
             raise UsageError(f"--env-id {args.env_id}: {err}") from None
-        self.optimizer = torch.optim.AdamW(
-            self.reward_net.parameters(), lr=args.reward_lr, weight_decay=args.reward_weight_decay
-        )
+        # What the policy, the accuracies and the losses' policy-side terms read: the model, or the members' mean.
+        self.reward_net = self.members[0] if args.ensemble == 1 else RewardEnsemble(self.members)
+        self.optimizers = [
+            torch.optim.AdamW(net.parameters(), lr=args.reward_lr, weight_decay=args.reward_weight_decay)
+            for net in self.members
+        ]
         # --compile trains through the compiled stock modules (the CPU kernels are an eager-mode optimisation).
-        self.reward_model = self.reward_net
+        self.trained_models = list(self.members)
         if args.compile:
-            self.reward_net.cpu_kernels = False
             # The diagnostics take gradients with retain_graph=True, which compiled graphs refuse when their
             # backward donates (frees) saved buffers.
             torch._functorch.config.donated_buffer = False
-            self.reward_model = torch.compile(self.reward_net, dynamic=True)
+            for net in self.members:
+                net.cpu_kernels = False
+            self.trained_models = [torch.compile(net, dynamic=True) for net in self.members]
         replay = trainer.buffer
         pair_bytes = PairBuffer.bytes_needed(args.pair_buffer, args.fragment_length, replay.frame_shape, replay.stack)
         replay_bytes = FrameReplayBuffer.bytes_needed(args.buffer_size, args.num_envs, trainer.obs_shape, replay.stack)
@@ -449,7 +500,8 @@ class PreferenceLearner:
         self.fresh_generator = torch.Generator(device=self.device).manual_seed(args.seed + 32452843)
         self.reward_net.eval()
         if args.per_fragment_batchnorm:
-            self.reward_net.batchnorm_group = args.fragment_length
+            for net in self.members:
+                net.batchnorm_group = args.fragment_length
         # Set from the start so that no SAC update ever sees the true reward.
         trainer.set_reward(reward_function(self.reward_net, args.reward_train_mode_in_sac))
         # Teachers. Each queried pair's id is the number of pairs queried before it (label logs are keyed by it).
@@ -488,14 +540,31 @@ class PreferenceLearner:
     # -- 1. query ----------------------------------------------------------------------------------------------------
 
     def query(self, count: int) -> PairBatch:
-        """`count` new pairs of fragments from the most recent rollouts (iteration 0: from the random phase)."""
-        a, trainer = self.args, self.trainer
+        """`count` new pairs of fragments from the most recent rollouts (iteration 0: from the random phase), drawn
+        uniformly or, with --query-selection, the most uncertain of --candidate-factor times as many (not in the
+        warm-up, whose reward model has not been trained yet)."""
+        a = self.args
         self.run.progress.set_phase("query")
+        if a.query_selection == "uniform" or self.iteration == 0 or count == 0:
+            return self.query_candidates(count, 2 * count * a.fragment_length)
+        candidates = count * a.candidate_factor
+        # The candidates come from the latest agent phase, or from just enough steps to hold them without overlap.
+        window = max(2 * count * a.fragment_length, min(2 * candidates * a.fragment_length, a.inner_steps))
+        pairs = self.query_candidates(candidates, window)
+        uncertainty = ensemble_uncertainty(self.members, pairs, a.query_selection)
+        chosen = most_uncertain(uncertainty, count)
+        step, log = self.global_step, self.run.logger.scalar
+        log("reward/query_uncertainty_candidates", float(uncertainty.mean()), step)
+        log("reward/query_uncertainty_selected", float(uncertainty[chosen].mean()), step)
+        return pairs.select(chosen.to(pairs.labels.device))
+
+    def query_candidates(self, count: int, window: int) -> PairBatch:
+        """`count` pairs of random fragments from the latest `window` env steps (iteration 0: from all the
+        uniform-random steps of the warm-up rollout, collected here first)."""
+        a, trainer = self.args, self.trainer
         if self.iteration == 0:
             trainer.collect_until_stored(a.warmup_rollout_per_env())
             window = trainer.steps_per_env_stored() * a.num_envs
-        else:
-            window = 2 * count * a.fragment_length
         return self.sample_pairs(count, window, self.fragment_generator)
 
     def sample_pairs(self, count: int, window_steps: int, generator: torch.Generator) -> PairBatch:
@@ -586,11 +655,15 @@ class PreferenceLearner:
         stats = None
         while self.epochs_done < epochs:
             self.run.signals.check()
-            stats = reward_epoch(
-                self.reward_model, self.optimizer, self.pairs, a.reward_batch_size, self.loss_fn, self.trainer.alpha,
-                self.global_step, self.loss_fn.policy_probs or self.trainer.policy_probs, self.shuffle_generator,
-                a.policy_chunk, self.run.signals.check, diagnose=self.epochs_done == epochs - 1,
-            )
+            last = self.epochs_done == epochs - 1
+            stats = mean_stats([
+                reward_epoch(
+                    model, optimizer, self.pairs, a.reward_batch_size, self.loss_fn, self.trainer.alpha,
+                    self.global_step, self.loss_fn.policy_probs or self.trainer.policy_probs, self.shuffle_generator,
+                    a.policy_chunk, self.run.signals.check, diagnose=last and k == 0, bootstrap=a.ensemble > 1,
+                )
+                for k, (model, optimizer) in enumerate(zip(self.trained_models, self.optimizers))
+            ])
             self.epochs_done += 1
             if epochs > 1:
                 self.run.progress.set_phase(f"reward warm-up {self.epochs_done}/{epochs}")
@@ -642,6 +715,9 @@ class PreferenceLearner:
             self.reward_net, p.frames1, p.actions1, p.frames2, p.actions2, p.returns1, p.returns2
         )
         self.run.logger.scalar("reward/accuracy_fresh", accuracy, self.global_step)
+        if len(self.members) > 1:
+            disagreement = ensemble_uncertainty(self.members, p, "disagreement")
+            self.run.logger.scalar("reward/ensemble_disagreement", float(disagreement.mean()), self.global_step)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------------
 
@@ -655,7 +731,7 @@ class PreferenceLearner:
             "epochs_done": self.epochs_done,
             "agent_phase_end": self.agent_phase_end,
             "reward_net": self.reward_net.state_dict(),
-            "reward_optimizer": self.optimizer.state_dict(),
+            "reward_optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
             "pairs": self.pairs.state_dict(),
             "pairs_queried": self.pairs_queried,
             "pending_pairs": None if self.human is None else self.human.state_dict(),
@@ -668,7 +744,9 @@ class PreferenceLearner:
         self.epochs_done, self.agent_phase_end = int(state["epochs_done"]), int(state["agent_phase_end"])
         self.reward_net.load_state_dict(state["reward_net"])
         self.reward_net.eval()
-        self.optimizer.load_state_dict(state["reward_optimizer"])
+        saved_optimizers = state.get("reward_optimizers") or [state["reward_optimizer"]]  # before --ensemble: one
+        for optimizer, saved in zip(self.optimizers, saved_optimizers, strict=True):
+            optimizer.load_state_dict(saved)
         self.pairs.load_state_dict(state["pairs"])
         self.pairs_queried = int(state.get("pairs_queried", 0))
         if self.human is not None and state.get("pending_pairs") is not None:

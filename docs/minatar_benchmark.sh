@@ -5,6 +5,7 @@
 #   bash docs/minatar_benchmark.sh baselines    # random policy and SAC-discrete on the true reward
 #   bash docs/minatar_benchmark.sh preference   # DRLHF, SoBiRL as specified, SoBiRL corrected
 #   bash docs/minatar_benchmark.sh peers        # A-PARL, penalty (PBRL form), AIHF (needs the baselines' SAC seed 1)
+#   bash docs/minatar_benchmark.sh robustness   # teachers x query selection, one game (ROBUST_GAME), 50k steps
 set -euo pipefail
 STAGE=${1:-all}
 RUNS=${RUNS:-runs}
@@ -52,6 +53,29 @@ jobs() {  # the command lines of one sweep, without running them
       jobs --algos aihf -- "${COMMON[@]}" "${PREF[@]}" --demos "$RUNS/demos/MinAtar-$GAME-v1.npz" --demo-weight 0.1
     fi
   done
+  if [[ $STAGE == robustness ]]; then
+    # DRLHF and the corrected SoBiRL under the oracle and three B-Pref teachers, uniform queries (one reward model,
+    # the paper's) or disagreement selection (3 bootstrapped models, 10 candidates per query), at half the main
+    # benchmark's steps and labels. Presets: the three that change labels on a game paying 0 or 1 per step (mistake
+    # flips 10%, noisy samples with beta 1, skip drops pairs where neither fragment scores); equal and myopic change
+    # few or none of them there.
+    ROBUST=(--env-id "MinAtar/${ROBUST_GAME:-Breakout}-v1" --total-timesteps 50000 --buffer-size 50000
+            --learning-starts 5000 --no-progress --runs-dir "$RUNS" --inner-steps 5000 --initial-pairs 100
+            --warmup-epochs 100 --total-pairs 500 --schedule-iterations 10 --pair-buffer 500)
+    for TEACHER in oracle mistake noisy skip; do
+      TEACH=(--teacher bpref --bpref-preset "$TEACHER")
+      [[ $TEACHER == oracle ]] && TEACH=(--teacher oracle)
+      SELECTIONS="uniform"
+      [[ $TEACHER == oracle || $TEACHER == mistake ]] && SELECTIONS="uniform disagreement"
+      for SELECTION in $SELECTIONS; do
+        SELECT=()
+        [[ $SELECTION == disagreement ]] && SELECT=(--ensemble 3 --query-selection disagreement --candidate-factor 10)
+        jobs --algos drlhf -- "${ROBUST[@]}" "${TEACH[@]}" "${SELECT[@]}" --exp-name "drlhf_${TEACHER}_$SELECTION"
+        jobs --algos sobirl -- "${ROBUST[@]}" "${TEACH[@]}" "${SELECT[@]}" --hyper-start 20000 \
+          --implicit-correction ratio-baseline --exp-name "sobirl_corrected_${TEACHER}_$SELECTION"
+      done
+    done
+  fi
 } | awk '{for (i = 1; i < NF; i++) if ($i == "--seed") print $(i + 1), $0}' | sort -s -n -k1,1 | cut -d' ' -f2- |
   nl -w1 -s' ' |  # seed 1 of every game and method first, so a benchmark stopped early still compares them all
-  xargs -P 2 -L 1 bash -c 'job=$0; echo "job $job: $*"; env "$@" > "'"$RUNS"'/sweep_logs/job$job.log" 2>&1; echo "job $job exit $?"'
+  xargs -P 2 -L 1 bash -c 'job=$0; echo "job $job: $*"; env "$@" > "'"$RUNS/sweep_logs/$STAGE"'-job$job.log" 2>&1; echo "job $job exit $?"'

@@ -49,8 +49,8 @@ def part_costs(learner) -> dict:
                                        np.ones(1, np.float32)), 2000),
         "sac_update_ms": per_call_ms(lambda: trainer.agent.update(batch, rewards), 200),
         "reward_epoch_ms": per_call_ms(
-            lambda: reward_epoch(learner.reward_model, learner.optimizer, learner.pairs, learner.args.reward_batch_size,
-                                 learner.loss_fn), 3),
+            lambda: reward_epoch(learner.trained_models[0], learner.optimizers[0], learner.pairs,
+                                 learner.args.reward_batch_size, learner.loss_fn), 3),
     }
 
 

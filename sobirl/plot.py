@@ -39,6 +39,9 @@ ALGO_STYLE = {
     "sac_discrete": ("SAC-discrete (true reward)", "C2"),
     "random": ("Random policy", "C7"),
     "sobirl_corrected": ("SoBiRL + ratio-baseline correction", "C1"),
+    "parl": ("A-PARL", "C4"),
+    "penalty": ("Penalty (PBRL form)", "C5"),
+    "aihf": ("AIHF (demonstrations + preferences)", "C6"),
 }
 # The entry point's --algo name differs from the exp_name it writes, so accept both in --algos.
 ALGO_ALIASES = {"sac": "sac_discrete"}
