@@ -15,7 +15,11 @@ Lower objective (the SAC actor objective, exact over the discrete actions), on a
 
 Each reward minibatch, once global_step > --parl-start:
     1. g      autograd of the surrogate mean_i[l_i.detach() * sum_t log pi_theta(a_t|s_t)] over the minibatch's pair
-              observations (the actor evaluated with gradient, --policy-chunk observations at a time);
+              observations (the actor evaluated with gradient, --policy-chunk observations at a time). The pairs
+              were gathered by older policies, so this is SoBiRL's off-policy score-function estimate, and it
+              drifts the same way; --implicit-correction applies SoBiRL's remedies to it: l_i minus the
+              leave-one-out mean (baseline), each step weighted by the clipped ratio pi/mu (ratio), or both. The
+              default, none, is the paper's on-policy estimator applied as it is;
     2. v      conjugate gradient on (-d2J/dtheta2 + lambda I) v = g, lambda = --cg-damping, --cg-iters iterations,
               the Hessian-vector products by double backward through the actor (Q and r detached) on --hvp-batch
               replay states drawn with this loss's own seeded generator; CG stops early at negative curvature;
@@ -47,7 +51,8 @@ from agents import sac_discrete as sac
 from agents.common import flag, require_non_negative, require_positive, run_cli
 from agents.losses import LossInputs
 from agents.pairs import pair_observations
-from agents.preference import PreferenceArgs, PreferenceLearner, run_preference_rl
+from agents.preference import PreferenceLearner, run_preference_rl
+from agents.sobirl import CORRECTIONS, CorrectionArgs, importance_weights, leave_one_out_baseline
 
 ALGO = "parl"
 
@@ -150,14 +155,20 @@ def soft_actor_objective(actor: nn.Module, states: torch.Tensor, q: torch.Tensor
 
 def score_gradient(
     actor: nn.Module, params: Sequence[torch.Tensor], obs: torch.Tensor, actions: torch.Tensor,
-    weights: torch.Tensor, chunk: int,
+    weights: torch.Tensor, chunk: int, behaviour: torch.Tensor | None = None, ratio_clip: float = 10.0,
 ) -> Tensors:
-    """grad_params sum_j weights_j log pi(actions_j | obs_j), over `chunk` observations at a time."""
+    """grad_params sum_j weights_j log pi(actions_j | obs_j), over `chunk` observations at a time; with `behaviour`
+    (mu(a_j|s_j) of the policy that acted), each weight also times the clipped ratio pi(a_j|s_j) / mu(a_j|s_j)."""
     total = [torch.zeros_like(p) for p in params]
-    for part_obs, part_actions, part_weights in zip(obs.split(chunk), actions.split(chunk), weights.split(chunk)):
+    mus = behaviour.split(chunk) if behaviour is not None else [None] * len(obs.split(chunk))
+    for part_obs, part_actions, part_weights, part_mu in zip(
+            obs.split(chunk), actions.split(chunk), weights.split(chunk), mus):
         log_pi = torch.log_softmax(actor(part_obs), dim=-1)
         taken = log_pi.gather(-1, part_actions.long().unsqueeze(-1)).squeeze(-1)
-        for acc, g in zip(total, gradients((part_weights.detach() * taken).sum(), params)):
+        part_weights = part_weights.detach()
+        if part_mu is not None:
+            part_weights = part_weights * importance_weights(taken.detach().exp(), part_mu, ratio_clip)
+        for acc, g in zip(total, gradients((part_weights * taken).sum(), params)):
             acc.add_(g)
     return total
 
@@ -199,6 +210,8 @@ class PARLLoss:
         cg_damping: float = 0.1,
         policy_chunk: int = 1600,
         reward_train_mode: bool = False,
+        correction: str = "none",
+        ratio_clip: float = 10.0,
     ):
         self.actor = actor
         self.critic = critic
@@ -209,6 +222,10 @@ class PARLLoss:
         self.cg_damping = cg_damping
         self.policy_chunk = policy_chunk
         self.reward_train_mode = reward_train_mode
+        if correction not in CORRECTIONS:
+            raise ValueError(f"unknown correction {correction!r}; expected one of {', '.join(CORRECTIONS)}")
+        self.correction = correction
+        self.ratio_clip = ratio_clip
 
     def needs_policy(self, global_step: int) -> bool:
         return False  # no constant policy probabilities: the actor is evaluated here, with gradient
@@ -225,8 +242,15 @@ class PARLLoss:
         # 1. g: the score-function gradient of the minibatch's mean cross-entropy (fragment 1s first, then 2s).
         obs = pair_observations(p.frames1, p.frames2, length)
         actions = torch.cat([p.actions1, p.actions2]).reshape(-1)
-        weights = (x.bce.detach().repeat(2) / batch).repeat_interleave(length)
-        g = flatten(score_gradient(self.actor, params, obs, actions, weights, self.policy_chunk))
+        losses = x.bce.detach()
+        if self.correction in ("baseline", "ratio-baseline"):
+            losses = losses - leave_one_out_baseline(losses)
+        weights = (losses.repeat(2) / batch).repeat_interleave(length)
+        behaviour = None
+        if self.correction in ("ratio", "ratio-baseline"):
+            behaviour = torch.cat([p.behaviour1, p.behaviour2]).reshape(-1)
+        g = flatten(score_gradient(self.actor, params, obs, actions, weights, self.policy_chunk, behaviour,
+                                   self.ratio_clip))
         del obs
         # 2. v = (-d2J/dtheta2 + lambda I)^-1 g on replay states.
         states = self.sample_states(self.generator)
@@ -281,7 +305,7 @@ class PARLLoss:
 
 
 @dataclass
-class Args(PreferenceArgs):
+class Args(CorrectionArgs):
     exp_name: str = flag("parl", "name of this experiment (part of the run name)")
     parl_start: int = flag(100_000, "the implicit term is on once global_step exceeds this (as SoBiRL's --hyper-start); "
                            "the mean cross-entropy alone before")
@@ -307,7 +331,7 @@ def make_loss(args: Args, trainer: sac.SACTrainer) -> PARLLoss:
 
     generator = torch.Generator(device=trainer.device).manual_seed(args.seed + 49979687)
     return PARLLoss(agent.actor, critic, sample_states, generator, args.parl_start, args.cg_iters, args.cg_damping,
-                    args.policy_chunk, args.reward_train_mode_in_sac)
+                    args.policy_chunk, args.reward_train_mode_in_sac, args.implicit_correction, args.ratio_clip)
 
 
 class PARLLearner(PreferenceLearner):

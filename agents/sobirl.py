@@ -179,17 +179,36 @@ class SoBiRLLoss:
 
 
 @dataclass
-class Args(PreferenceArgs):
+class CorrectionArgs(PreferenceArgs):
+    """The off-policy corrections of a score-function term on stored pairs (SoBiRL's implicit term, A-PARL's g)."""
+
+    implicit_correction: str = flag(
+        "none", "off-policy correction of the score-function term on stored pairs: none (the paper's estimator), "
+        "baseline (leave-one-out mean cross-entropy subtracted), ratio (per-step pi/mu weights), ratio-baseline "
+        "(both)", choices=CORRECTIONS,
+    )
+    ratio_clip: float = flag(10.0, "upper clip of the per-step importance ratios pi/mu")
+
+    def validate(self) -> None:
+        super().validate()
+        require_positive(self, "ratio_clip")
+
+    @property
+    def uses_ratios(self) -> bool:
+        return self.implicit_correction in ("ratio", "ratio-baseline")
+
+    @property
+    def uses_baseline(self) -> bool:
+        return self.implicit_correction in ("baseline", "ratio-baseline")
+
+
+@dataclass
+class Args(CorrectionArgs):
     exp_name: str = flag("sobirl", "name of this experiment (part of the run name)")
     hyper_start: int = flag(
         100_000, "the implicit term is on once global_step exceeds this (the reference code's threshold); 0 before"
     )
-    implicit_correction: str = flag(
-        "none", "off-policy correction of the implicit term: none (the paper's estimator), baseline (leave-one-out "
-        "mean cross-entropy subtracted), ratio (per-step pi/mu weights), ratio-baseline (both)", choices=CORRECTIONS,
-    )
     hyper_baseline: bool = flag(False, "the same as --implicit-correction baseline (kept for earlier commands)")
-    ratio_clip: float = flag(10.0, "upper clip of the per-step importance ratios pi/mu")
     implicit_pairs: str = flag("all", "pairs the implicit term uses: all, or learned (not those gathered while "
                                "actions were uniformly random)", choices=IMPLICIT_PAIRS)
     clamp_aware: bool = flag(False, "differentiate the implicit term through the [-1, 1] clamp SAC applies to r")
@@ -198,7 +217,7 @@ class Args(PreferenceArgs):
         "once more (nearly blank inputs); part of --reference-quirks"
     )
 
-    RESUMABLE: ClassVar[frozenset[str]] = PreferenceArgs.RESUMABLE
+    RESUMABLE: ClassVar[frozenset[str]] = CorrectionArgs.RESUMABLE
 
     def __post_init__(self):
         super().__post_init__()
@@ -210,7 +229,6 @@ class Args(PreferenceArgs):
     def validate(self) -> None:
         super().validate()
         require_non_negative(self, "hyper_start")
-        require_positive(self, "ratio_clip")
 
 
 def make_loss(args: Args, trainer) -> SoBiRLLoss:

@@ -4,7 +4,7 @@
 # `python sobirl/plot.py --runs-dir $RUNS --env-id MinAtar-<Game>-v1` draws each game's figure and table.
 #   bash docs/minatar_benchmark.sh baselines    # random policy and SAC-discrete on the true reward
 #   bash docs/minatar_benchmark.sh preference   # DRLHF, SoBiRL as specified, SoBiRL corrected
-#   bash docs/minatar_benchmark.sh peers        # A-PARL, penalty (PBRL form), AIHF (needs the baselines' SAC seed 1)
+#   bash docs/minatar_benchmark.sh peers        # A-PARL (as specified, corrected), penalty, AIHF (needs SAC seed 1)
 #   bash docs/minatar_benchmark.sh robustness   # teachers x query selection, one game (ROBUST_GAME), 50k steps
 set -euo pipefail
 STAGE=${1:-all}
@@ -48,6 +48,8 @@ jobs() {  # the command lines of one sweep, without running them
       # Second-order and penalty terms switch on when SoBiRL's does. The penalty method's two agents share the
       # budget and each runs half of an iteration's steps, so labels and iterations match the others'.
       jobs --algos parl -- "${COMMON[@]}" "${PREF[@]}" --parl-start 20000
+      jobs --algos parl -- "${COMMON[@]}" "${PREF[@]}" --parl-start 20000 --implicit-correction ratio-baseline \
+        --exp-name parl_corrected
       jobs --algos penalty -- "${COMMON[@]}" "${PREF[@]}" --penalty-start 20000 --inner-split half
       # w1 = 0.1: the default 1 blew up the reward scale in a tiny pre-benchmark run (see the AIHF section).
       jobs --algos aihf -- "${COMMON[@]}" "${PREF[@]}" --demos "$RUNS/demos/MinAtar-$GAME-v1.npz" --demo-weight 0.1

@@ -40,6 +40,7 @@ ALGO_STYLE = {
     "random": ("Random policy", "C7"),
     "sobirl_corrected": ("SoBiRL + ratio-baseline correction", "C1"),
     "parl": ("A-PARL", "C4"),
+    "parl_corrected": ("A-PARL + ratio-baseline correction", "C8"),
     "penalty": ("Penalty (PBRL form)", "C5"),
     "aihf": ("AIHF (demonstrations + preferences)", "C6"),
 }

@@ -84,7 +84,9 @@ def tabular_case(seed: int = 0, offset: float = 0.3):
     s1, s2 = (torch.randint(0, S, (B, H), generator=g) for _ in range(2))
     a1, a2 = (torch.randint(0, A, (B, H), generator=g) for _ in range(2))
     labels = torch.rand(B, generator=g, dtype=torch.float32)
-    pairs = PairBatch(onehot(s1), a1, onehot(s2), a2, labels, torch.zeros(B), torch.zeros(B))
+    # Behaviour probabilities of an older policy, some far below the actor's (ratios above the clip of 2 below).
+    mu1, mu2 = (0.02 + 0.6 * torch.rand(B, H, generator=g) for _ in range(2))
+    pairs = PairBatch(onehot(s1), a1, onehot(s2), a2, labels, torch.zeros(B), torch.zeros(B), mu1, mu2)
     return q_table, actor, reward, replay_states, pairs
 
 
@@ -102,8 +104,11 @@ def make_parl_loss(q_table, actor, replay_states, **kwargs) -> parl.PARLLoss:
     return parl.PARLLoss(actor, critic, lambda gen: replay_states, torch.Generator(), **options)
 
 
-def dense_expected_gradient(q_table, actor, reward, replay_states, pairs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_phi mean BCE + M^T (K + lambda I)^-1 g, M^T (K + lambda I)^-1 g), from dense autograd Hessians of J."""
+def dense_expected_gradient(
+    q_table, actor, reward, replay_states, pairs, correction: str = "none", ratio_clip: float = 10.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_phi mean BCE + M^T (K + lambda I)^-1 g, M^T (K + lambda I)^-1 g), from dense autograd Hessians of J;
+    g with the off-policy `correction` written out pair by pair and step by step."""
     n = S * A
     states = replay_states.to(DTYPE)
     r0 = states @ reward.table.detach()
@@ -124,10 +129,18 @@ def dense_expected_gradient(q_table, actor, reward, replay_states, pairs) -> tup
     bce = x.bce.detach()
     surrogate = 0.0
     for i in range(B):
-        for frames, actions in ((pairs.frames1, pairs.actions1), (pairs.frames2, pairs.actions2)):
+        weight = bce[i]
+        if correction in ("baseline", "ratio-baseline"):
+            weight = weight - (bce.sum() - bce[i]) / (B - 1)
+        for frames, actions, mu in ((pairs.frames1, pairs.actions1, pairs.behaviour1),
+                                    (pairs.frames2, pairs.actions2, pairs.behaviour2)):
             for t in range(H):
-                s = int(frames[i, t].argmax())
-                surrogate = surrogate + bce[i] * torch.log_softmax(theta[s], -1)[actions[i, t]] / B
+                s, a = int(frames[i, t].argmax()), int(actions[i, t])
+                log_pi = torch.log_softmax(theta[s], -1)[a]
+                ratio = 1.0
+                if correction in ("ratio", "ratio-baseline"):
+                    ratio = min(float(log_pi.detach().exp()) / float(mu[i, t]), ratio_clip)
+                surrogate = surrogate + weight * ratio * log_pi / B
     (g,) = torch.autograd.grad(surrogate, theta)
     implicit = M.T @ torch.linalg.solve(K + DAMPING * torch.eye(n, dtype=DTYPE), g.flatten())
     (explicit,) = torch.autograd.grad(x.bce.mean(), reward.table)
@@ -152,6 +165,19 @@ def test_parl_loss_reward_gradient_equals_the_dense_implicit_function_formula():
     # the value: mean BCE + mixed, so reward/hyper_term is the mixed term
     mixed = loss.detach() - x.bce.mean().detach()
     assert mixed != 0
+
+
+@pytest.mark.parametrize("correction", ["baseline", "ratio", "ratio-baseline"])
+def test_corrected_parl_gradient_equals_the_dense_formula_with_corrected_g(correction):
+    """SoBiRL's off-policy corrections applied to PARL's g: leave-one-out baseline on l, clipped per-step ratios."""
+    q_table, actor, reward, replay_states, pairs = tabular_case()
+    expected, implicit = dense_expected_gradient(q_table, actor, reward, replay_states, pairs, correction, 2.0)
+    plain, _ = dense_expected_gradient(q_table, actor, reward, replay_states, pairs)
+    loss, _ = make_parl_loss(q_table, actor, replay_states, correction=correction, ratio_clip=2.0)(
+        loss_inputs(pairs, reward))
+    loss.backward()
+    torch.testing.assert_close(reward.table.grad.flatten(), expected, rtol=1e-8, atol=1e-10)
+    assert relative_error(expected, plain) > 1e-3  # the correction changes the gradient
 
 
 def test_parl_loss_is_the_cross_entropy_before_parl_start():
