@@ -34,7 +34,7 @@ class RewardEnsemble(torch.nn.Module):
 
 def epoch_order(size: int, bootstrap: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """The rows one reward epoch visits: a permutation of range(size), or `size` rows drawn with replacement."""
-    if bootstrap:
+    if bootstrap and size > 0:
         return torch.randint(size, (size,), generator=generator)
     return torch.randperm(size, generator=generator)
 

@@ -52,6 +52,9 @@ class LossInputs:
     pi2: torch.Tensor | None = None
     # The reward model being trained (in training mode), for losses with terms beyond the pairs (demonstrations).
     model: torch.nn.Module | None = None
+    # The share of the policy's reward this model supplies: 1, or 1/K for one of K ensemble members (the policy
+    # learns their mean, so d pi / d phi_k carries 1/K). Terms that differentiate through the policy scale by it.
+    policy_share: float = 1.0
 
 
 class RewardLoss(Protocol):

@@ -284,7 +284,7 @@ class PARLLoss:
         mixed = torch.zeros((), dtype=bce.dtype, device=bce.device)
         if self.active(x.global_step):
             states, cg, g_norm, dpi = self.implicit_direction(x)
-            mixed = (dpi.to(bce.dtype) * self.reward_on(x.model, states)).sum(-1).mean()
+            mixed = x.policy_share * (dpi.to(bce.dtype) * self.reward_on(x.model, states)).sum(-1).mean()
             mixed_grads = gradients(mixed, phi)
             grads = [a + b for a, b in zip(grads, mixed_grads)]
             metrics.update(

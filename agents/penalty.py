@@ -189,9 +189,11 @@ class PenaltyLoss:
             raise ValueError("the penalty loss needs the reward model (LossInputs.model)")
         value_a, value_b = self.values(x.model)
         gap = value_a - value_b
+        # The agents follow the (ensemble's) mean reward, so this model's share of their values is policy_share.
+        penalty = x.policy_share * gap / self.sigma
         metrics.update(value_a=value_a.detach(), value_b=value_b.detach(), value_gap=gap.detach(),
-                       penalty_term=gap.detach() / self.sigma)
-        return upper + gap / self.sigma, metrics
+                       penalty_term=penalty.detach())
+        return upper + penalty, metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -445,6 +447,9 @@ class PenaltyLearner(PreferenceLearner):
         return self.global_step > self.args.penalty_start and self.trainer_b.global_step > self.args.learning_starts
 
     # -- 1. query ----------------------------------------------------------------------------------------------------
+
+    def phase_steps(self) -> int:
+        return self.args.agent_steps()
 
     def query_candidates(self, count: int, window: int):
         """Iteration 0: A's uniform-random phase (both agents' policy then). Later: B's rollouts (pbrl) or A's (seed).

@@ -239,8 +239,10 @@ def reward_update(
     weight: float = 1.0,
     policy_chunk: int = 1600,
     diagnose: bool = False,
+    policy_share: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """One optimizer step on `pairs` with `loss_fn`, its loss scaled by `weight`.
+    """One optimizer step on `pairs` with `loss_fn`, its loss scaled by `weight`; `policy_share` is
+    LossInputs.policy_share (1/K for an ensemble member).
 
     Returns detached tensors (no host round trip): the loss, the mean cross-entropy, hyper_term (the loss minus
     the cross-entropy: what the algorithm adds to DRLHF's fit), the loss's own metrics, the train-mode agreement
@@ -261,7 +263,7 @@ def reward_update(
     del obs
     return1, return2 = fragment_returns(r1, pairs.actions1), fragment_returns(r2, pairs.actions2)
     bce = bradley_terry_bce(return1, return2, pairs.labels)
-    loss, metrics = loss_fn(LossInputs(pairs, r1, r2, bce, alpha, global_step, pi1, pi2, reward_net))
+    loss, metrics = loss_fn(LossInputs(pairs, r1, r2, bce, alpha, global_step, pi1, pi2, reward_net, policy_share))
     if diagnose:
         metrics["extra_grad_ratio"] = gradient_norm_ratio(loss - bce.mean(), bce.mean(), reward_net)
     optimizer.zero_grad(set_to_none=True)
@@ -303,6 +305,7 @@ def reward_epoch(
     between_steps: Callable[[], None] = lambda: None,
     diagnose: bool = False,
     bootstrap: bool = False,
+    policy_share: float = 1.0,
 ) -> dict[str, float]:
     """One pass over the pair buffer in shuffled minibatches of `batch_size`, the net in training mode throughout
     (with `bootstrap`, over len(buffer) pairs drawn from it with replacement: an ensemble member's resample).
@@ -319,16 +322,17 @@ def reward_epoch(
         raise ValueError("this loss needs the current policy: pass policy_probs")
     reward_net.train()
     order = epoch_order(len(buffer), bootstrap, generator)
+    minibatches = order.split(batch_size) if len(order) else ()  # every pair dropped so far: nothing to fit
     rows = buffer.oldest_first()
     totals: dict[str, torch.Tensor] = {}
     sums = ("correct", "counted", "teacher_correct", "teacher_counted")
     first_step_only = ("extra_grad_ratio",)
     try:
-        for index, part in enumerate(order.split(batch_size)):
+        for index, part in enumerate(minibatches):
             between_steps()
             step = reward_update(
                 reward_net, optimizer, buffer.get(rows[part]), loss_fn, alpha, global_step, policy_probs,
-                len(part) / batch_size, policy_chunk, diagnose=diagnose and index == 0,
+                len(part) / batch_size, policy_chunk, diagnose=diagnose and index == 0, policy_share=policy_share,
             )
             for key, value in step.items():
                 scaled = value if key in sums else value * len(part)
@@ -342,7 +346,7 @@ def reward_epoch(
                                      "teacher_accuracy": ("teacher_correct", "teacher_counted")}.items():
         total = float(totals.get(counted, 0))
         out[name] = float(totals[correct]) / total if total else math.nan
-    out["steps"] = len(order.split(batch_size)) if len(buffer) else 0
+    out["steps"] = len(minibatches)
     return out
 
 
@@ -549,7 +553,7 @@ class PreferenceLearner:
             return self.query_candidates(count, 2 * count * a.fragment_length)
         candidates = count * a.candidate_factor
         # The candidates come from the latest agent phase, or from just enough steps to hold them without overlap.
-        window = max(2 * count * a.fragment_length, min(2 * candidates * a.fragment_length, a.inner_steps))
+        window = max(2 * count * a.fragment_length, min(2 * candidates * a.fragment_length, self.phase_steps()))
         pairs = self.query_candidates(candidates, window)
         uncertainty = ensemble_uncertainty(self.members, pairs, a.query_selection)
         chosen = most_uncertain(uncertainty, count)
@@ -557,6 +561,10 @@ class PreferenceLearner:
         log("reward/query_uncertainty_candidates", float(uncertainty.mean()), step)
         log("reward/query_uncertainty_selected", float(uncertainty[chosen].mean()), step)
         return pairs.select(chosen.to(pairs.labels.device))
+
+    def phase_steps(self) -> int:
+        """Env steps of the queried agent's latest phase."""
+        return self.args.inner_steps
 
     def query_candidates(self, count: int, window: int) -> PairBatch:
         """`count` pairs of random fragments from the latest `window` env steps (iteration 0: from all the
@@ -661,6 +669,7 @@ class PreferenceLearner:
                     model, optimizer, self.pairs, a.reward_batch_size, self.loss_fn, self.trainer.alpha,
                     self.global_step, self.loss_fn.policy_probs or self.trainer.policy_probs, self.shuffle_generator,
                     a.policy_chunk, self.run.signals.check, diagnose=last and k == 0, bootstrap=a.ensemble > 1,
+                    policy_share=1.0 / a.ensemble,
                 )
                 for k, (model, optimizer) in enumerate(zip(self.trained_models, self.optimizers))
             ])

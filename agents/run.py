@@ -280,11 +280,13 @@ def parse_or_resume(
     )
     saved, explicit = state["args"], explicit_flags(args_cls, argv)
     allowed = resumable_flags(args_cls)
+    # A flag the checkpoint does not record is newer than the run, which therefore ran with its default.
+    recorded = lambda name: saved.get(name, args_cls.__dataclass_fields__[name].default)
     for name in sorted(explicit - allowed):
-        if name in saved and saved[name] != getattr(args, name):
+        if recorded(name) != getattr(args, name):
             raise UsageError(
                 f"--resume {args.resume}: {flag_name(name)} {getattr(args, name)} differs from the run's "
-                f"{saved[name]!r}; a resumed run may change only {', '.join(sorted(map(flag_name, allowed)))}"
+                f"{recorded(name)!r}; a resumed run may change only {', '.join(sorted(map(flag_name, allowed)))}"
             )
     merged = {k: (getattr(args, k) if k in explicit else saved.get(k, getattr(args, k))) for k in vars(args)}
     merged["resume"] = args.resume

@@ -171,7 +171,7 @@ class SoBiRLLoss:
         hyper = implicit_term(x.bce, r1, p.actions1, x.pi1, r2, p.actions2, x.pi2, inv_alpha, baseline, w1, w2)
         if self.implicit_pairs == "learned":
             hyper = hyper * (p.collected >= self.learning_starts).to(hyper.dtype)
-        return bce + hyper.mean(), metrics
+        return bce + x.policy_share * hyper.mean(), metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,14 +192,6 @@ class CorrectionArgs(PreferenceArgs):
     def validate(self) -> None:
         super().validate()
         require_positive(self, "ratio_clip")
-
-    @property
-    def uses_ratios(self) -> bool:
-        return self.implicit_correction in ("ratio", "ratio-baseline")
-
-    @property
-    def uses_baseline(self) -> bool:
-        return self.implicit_correction in ("baseline", "ratio-baseline")
 
 
 @dataclass

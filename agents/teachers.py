@@ -116,7 +116,7 @@ class BPrefTeacher:
         returns1, returns2 = r1.sum(1), r2.sum(1)
         skip_threshold, equal_threshold = self.thresholds(returns1, returns2)
         keep = torch.ones(batch, dtype=torch.bool)
-        if self.eps_skip > 0:  # a batch where nothing scores (M = 0) is skipped whole, as B-Pref's rule says
+        if skip_threshold > 0:
             keep = torch.maximum(returns1, returns2) > skip_threshold
         weights = self.myopic_weights(length)
         gap = (r1 * weights).sum(1) - (r2 * weights).sum(1)

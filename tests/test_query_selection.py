@@ -99,9 +99,10 @@ def test_mean_stats_averages_what_each_member_reports():
     assert out == {"bce": 2.0, "extra_grad_ratio": 4.0}
 
 
-def test_ensemble_run_selects_disputed_pairs_and_resumes(tmp_path):
+def test_ensemble_run_keeps_the_schedule_and_a_resumed_run_continues_with_all_members(tmp_path):
     """A tiny DRLHF run with 3 members and disagreement selection: the schedule's pair counts are unchanged, the
-    selected pairs are more disputed than the candidates, and a resumed run continues with all members."""
+    selected pairs are more disputed than the candidates on average, and a resumed run continues with all
+    members (their disagreement is still logged and positive)."""
     flags = [*TINY, "--runs-dir", str(tmp_path), "--ensemble", "3", "--query-selection", "disagreement",
              "--candidate-factor", "4"]
     result = run_script("agents/drlhf.py", *flags, "--total-timesteps", "250")
@@ -115,7 +116,77 @@ def test_ensemble_run_selects_disputed_pairs_and_resumes(tmp_path):
         tags, "reward/query_uncertainty_candidates")
     assert len(selected) == 4  # every query after the warm-up, the resumed run's included
     assert all(s >= c for s, c in zip(selected, candidates)) and max(selected) > 0
-    assert all(d >= 0 for d in values(tags, "reward/ensemble_disagreement"))
+    disagreement = dict(tags["reward/ensemble_disagreement"])
+    assert max(step for step in disagreement) > 250 and all(d > 0 for d in disagreement.values())
+
+
+def test_the_teacher_gets_the_most_uncertain_candidates(tmp_path, monkeypatch):
+    """In the learner: the pairs handed to the teacher are exactly the top-uncertainty candidates, not the first
+    ones drawn."""
+    from agents import preference
+
+    scored, labelled = [], []
+    real_uncertainty, real_label = preference.ensemble_uncertainty, preference.PreferenceLearner.label
+
+    def spy_uncertainty(members, pairs, mode):
+        scored.append((pairs, real_uncertainty(members, pairs, mode)))
+        return scored[-1][1]
+
+    def spy_label(self, queries):
+        labelled.append(None if queries is None else queries.frames1.clone())
+        return real_label(self, queries)
+
+    monkeypatch.setattr(preference, "ensemble_uncertainty", spy_uncertainty)
+    monkeypatch.setattr(preference.PreferenceLearner, "label", spy_label)
+    drlhf.main([*TINY, "--runs-dir", str(tmp_path), "--ensemble", "2", "--query-selection", "entropy",
+                "--candidate-factor", "5"])
+    queries = [frames for frames in labelled[1:] if frames is not None and len(frames)]
+    candidate_scores = [(pairs, u) for pairs, u in scored if len(pairs) > 4]  # the fresh-pair logs score 4 pairs
+    assert len(queries) == len(candidate_scores) == 3
+    differs_from_first = False
+    for frames, (pairs, uncertainty) in zip(queries, candidate_scores):
+        chosen = most_uncertain(uncertainty, len(frames))
+        assert len(pairs) == 5 * len(frames)
+        assert torch.equal(frames, pairs.frames1[chosen])
+        differs_from_first |= not torch.equal(frames, pairs.frames1[:len(frames)])
+    assert differs_from_first
+
+
+def test_policy_side_terms_scale_with_the_members_share():
+    """An ensemble member supplies 1/K of the policy's reward: SoBiRL's implicit term scales by policy_share."""
+    from agents.losses import LossInputs
+    from agents.sobirl import SoBiRLLoss
+    from tests.test_parl import loss_inputs, make_parl_loss, tabular_case
+
+    q_table, actor, reward, replay_states, pairs = tabular_case()
+    x = loss_inputs(pairs, reward)
+    pi = torch.softmax(torch.randn(*x.r1.shape, generator=torch.Generator().manual_seed(0)), -1)
+    for share in (1.0, 1 / 3):
+        sobirl = SoBiRLLoss(hyper_start=0)(LossInputs(pairs, x.r1, x.r2, x.bce, 0.5, 10, pi, pi, reward, share))[0]
+        parl_loss = make_parl_loss(q_table, actor, replay_states)(
+            LossInputs(pairs, x.r1, x.r2, x.bce, x.alpha, 10, model=reward, policy_share=share))[0]
+        bce = float(x.bce.mean().detach())
+        if share == 1.0:
+            full_sobirl, full_parl = float(sobirl.detach()) - bce, float(parl_loss.detach()) - bce
+            assert abs(full_sobirl) > 1e-6 and abs(full_parl) > 1e-6
+        else:
+            assert float(sobirl.detach()) - bce == pytest.approx(full_sobirl / 3, rel=1e-9)
+            assert float(parl_loss.detach()) - bce == pytest.approx(full_parl / 3, rel=1e-9)
+
+
+def test_resume_refuses_a_selection_flag_the_checkpoint_predates(tmp_path, capsys):
+    """A checkpoint written before --ensemble existed ran with one model: resuming it with --ensemble 3 is refused."""
+    from agents.checkpoint import load_checkpoint, resolve_checkpoint, save_atomic
+
+    result = run_script("agents/drlhf.py", *TINY, "--runs-dir", str(tmp_path), "--total-timesteps", "60")
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = resolve_checkpoint(only_run_dir(tmp_path))
+    state = load_checkpoint(path)
+    for name in ("ensemble", "query_selection", "candidate_factor"):
+        del state["args"][name]
+    save_atomic(state, path)
+    line = cli_error(drlhf.main, ["--resume", str(path), "--ensemble", "3"], capsys)
+    assert "--ensemble 3" in line and "differs" in line
 
 
 @pytest.mark.parametrize(

