@@ -11,6 +11,7 @@ STAGE=${1:-all}
 RUNS=${RUNS:-runs}
 GAMES=${GAMES:-"SpaceInvaders Breakout Freeway"}
 SEEDS=${SEEDS:-3}
+START_SEED=${START_SEED:-1}  # START_SEED=2 SEEDS=2: seeds 2 and 3 only (to complete a benchmark stopped early)
 mkdir -p "$RUNS/sweep_logs"
 export OMP_NUM_THREADS=1  # one thread per job: MinAtar's networks are too small to split
 if [[ $STAGE == all || $STAGE == peers ]]; then
@@ -23,7 +24,7 @@ if [[ $STAGE == all || $STAGE == peers ]]; then
   done
 fi
 jobs() {  # the command lines of one sweep, without running them
-  python sobirl/sweep.py --num-seeds "$SEEDS" --workers 2 --dry-run "$@" | grep -v '^#'
+  python sobirl/sweep.py --num-seeds "$SEEDS" --start-seed "$START_SEED" --workers 2 --dry-run "$@" | grep -v '^#'
 }
 {
   for GAME in $GAMES; do

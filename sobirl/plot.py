@@ -25,7 +25,9 @@ RETURN_TAG = "charts/episodic_return"
 LENGTH_TAG = "charts/episodic_length"
 ACC_FRESH_TAG = "reward/accuracy_fresh"
 ACC_TRAIN_TAG = "reward/accuracy_train"
-# Whether SoBiRL's implicit term drifts: the cross-entropy, the implicit term and its gradient over the BCE's.
+# Whether the term an algorithm adds to the cross-entropy drifts (SoBiRL's implicit term, A-PARL's second-order
+# term, the penalty, AIHF's demonstration term: reward/hyper_term): the cross-entropy, that term and its gradient
+# over the BCE's.
 DRIFT_TAGS = {"final_bce": "reward/bce", "final_hyper_term": "reward/hyper_term",
               "final_grad_ratio": "reward/extra_grad_ratio"}
 # Below this many seeds the IQM trims away too much of the sample to mean anything (rliable uses it from 5 runs).
@@ -357,7 +359,7 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def format_table(rows: list[dict]) -> str:
     lines = [
         "| env | algorithm | seeds | steps | final return | estimator | 95% CI "
-        "| final acc (fresh) | final acc (train) | final BCE | final implicit term | implicit/BCE grad |",
+        "| final acc (fresh) | final acc (train) | final BCE | final extra term | extra/BCE grad |",
         "|-|-|-|-|-|-|-|-|-|-|-|-|",
     ]
     for row in rows:
