@@ -52,27 +52,28 @@ jobs() {  # the command lines of one sweep, without running them
       jobs --algos parl -- "${COMMON[@]}" "${PREF[@]}" --parl-start 20000 --implicit-correction ratio-baseline \
         --exp-name parl_corrected
       jobs --algos penalty -- "${COMMON[@]}" "${PREF[@]}" --penalty-start 20000 --inner-split half
-      # w1 = 0.1: the default 1 blew up the reward scale in a tiny pre-benchmark run (see the AIHF section).
+      # w1 = 0.1 (chosen after w1 = 1 blew up the reward in a tiny run), then 0.01 (after 0.1 ran away here).
       jobs --algos aihf -- "${COMMON[@]}" "${PREF[@]}" --demos "$RUNS/demos/MinAtar-$GAME-v1.npz" --demo-weight 0.1
+      jobs --algos aihf -- "${COMMON[@]}" "${PREF[@]}" --demos "$RUNS/demos/MinAtar-$GAME-v1.npz" --demo-weight 0.01 \
+        --exp-name aihf_w0.01
     fi
   done
   if [[ $STAGE == robustness ]]; then
-    # DRLHF and the corrected SoBiRL under the oracle and three B-Pref teachers, uniform queries (one reward model,
-    # the paper's) or disagreement selection (3 bootstrapped models, 10 candidates per query), at half the main
-    # benchmark's steps and labels. Presets: the three that change labels on a game paying 0 or 1 per step (mistake
-    # flips 10%, noisy samples with beta 1, skip drops pairs where neither fragment scores); equal and myopic change
-    # few or none of them there.
-    ROBUST=(--env-id "MinAtar/${ROBUST_GAME:-Breakout}-v1" --total-timesteps 50000 --buffer-size 50000
-            --learning-starts 5000 --no-progress --runs-dir "$RUNS" --inner-steps 5000 --initial-pairs 100
-            --warmup-epochs 100 --total-pairs 500 --schedule-iterations 10 --pair-buffer 500)
-    for TEACHER in oracle mistake noisy skip; do
+    # DRLHF and the corrected SoBiRL under the oracle and four B-Pref teachers, uniform queries (one reward model,
+    # the paper's), and for the oracle and the mistake teacher also disagreement selection (3 bootstrapped models,
+    # 10 candidates per query) and, for the oracle, uniform queries with the same 3 models; half the main
+    # benchmark's steps and labels. (B-Pref's equal preset changes no label of a game whose returns are integers
+    # about 2 apart: its threshold is 0.1 times the mean return.)
+    for TEACHER in oracle mistake noisy skip myopic; do
       TEACH=(--teacher bpref --bpref-preset "$TEACHER")
       [[ $TEACHER == oracle ]] && TEACH=(--teacher oracle)
       SELECTIONS="uniform"
-      [[ $TEACHER == oracle || $TEACHER == mistake ]] && SELECTIONS="uniform disagreement"
+      [[ $TEACHER == mistake ]] && SELECTIONS="uniform disagreement"
+      [[ $TEACHER == oracle ]] && SELECTIONS="uniform disagreement ensemble-uniform"
       for SELECTION in $SELECTIONS; do
         SELECT=()
         [[ $SELECTION == disagreement ]] && SELECT=(--ensemble 3 --query-selection disagreement --candidate-factor 10)
+        [[ $SELECTION == ensemble-uniform ]] && SELECT=(--ensemble 3)
         jobs --algos drlhf -- "${ROBUST[@]}" "${TEACH[@]}" "${SELECT[@]}" --exp-name "drlhf_${TEACHER}_$SELECTION"
         jobs --algos sobirl -- "${ROBUST[@]}" "${TEACH[@]}" "${SELECT[@]}" --hyper-start 20000 \
           --implicit-correction ratio-baseline --exp-name "sobirl_corrected_${TEACHER}_$SELECTION"

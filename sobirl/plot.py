@@ -45,6 +45,7 @@ ALGO_STYLE = {
     "parl_corrected": ("A-PARL + ratio-baseline correction", "C8"),
     "penalty": ("Penalty (PBRL form)", "C5"),
     "aihf": ("AIHF (demonstrations + preferences)", "C6"),
+    "aihf_w0.01": ("AIHF, demonstration weight 0.01", "C9"),
 }
 # The entry point's --algo name differs from the exp_name it writes, so accept both in --algos.
 ALGO_ALIASES = {"sac": "sac_discrete"}
