@@ -52,7 +52,7 @@ from agents.common import flag, require_non_negative, require_positive, run_cli
 from agents.losses import LossInputs
 from agents.pairs import pair_observations
 from agents.preference import PreferenceLearner, run_preference_rl
-from agents.sobirl import CORRECTIONS, CorrectionArgs, importance_weights, leave_one_out_baseline
+from agents.sobirl import CorrectionArgs, importance_weights, leave_one_out_baseline, parse_correction
 
 ALGO = "parl"
 
@@ -160,14 +160,13 @@ def score_gradient(
     """grad_params sum_j weights_j log pi(actions_j | obs_j), over `chunk` observations at a time; with `behaviour`
     (mu(a_j|s_j) of the policy that acted), each weight also times the clipped ratio pi(a_j|s_j) / mu(a_j|s_j)."""
     total = [torch.zeros_like(p) for p in params]
-    mus = behaviour.split(chunk) if behaviour is not None else [None] * len(obs.split(chunk))
-    for part_obs, part_actions, part_weights, part_mu in zip(
-            obs.split(chunk), actions.split(chunk), weights.split(chunk), mus):
-        log_pi = torch.log_softmax(actor(part_obs), dim=-1)
-        taken = log_pi.gather(-1, part_actions.long().unsqueeze(-1)).squeeze(-1)
-        part_weights = part_weights.detach()
-        if part_mu is not None:
-            part_weights = part_weights * importance_weights(taken.detach().exp(), part_mu, ratio_clip)
+    for start in range(0, len(obs), chunk):
+        part = slice(start, start + chunk)
+        log_pi = torch.log_softmax(actor(obs[part]), dim=-1)
+        taken = log_pi.gather(-1, actions[part].long().unsqueeze(-1)).squeeze(-1)
+        part_weights = weights[part].detach()
+        if behaviour is not None:
+            part_weights = part_weights * importance_weights(taken.detach().exp(), behaviour[part], ratio_clip)
         for acc, g in zip(total, gradients((part_weights * taken).sum(), params)):
             acc.add_(g)
     return total
@@ -222,9 +221,7 @@ class PARLLoss:
         self.cg_damping = cg_damping
         self.policy_chunk = policy_chunk
         self.reward_train_mode = reward_train_mode
-        if correction not in CORRECTIONS:
-            raise ValueError(f"unknown correction {correction!r}; expected one of {', '.join(CORRECTIONS)}")
-        self.correction = correction
+        self.correction = parse_correction(correction)
         self.ratio_clip = ratio_clip
 
     def needs_policy(self, global_step: int) -> bool:
@@ -243,12 +240,10 @@ class PARLLoss:
         obs = pair_observations(p.frames1, p.frames2, length)
         actions = torch.cat([p.actions1, p.actions2]).reshape(-1)
         losses = x.bce.detach()
-        if self.correction in ("baseline", "ratio-baseline"):
+        if self.correction.baseline:
             losses = losses - leave_one_out_baseline(losses)
         weights = (losses.repeat(2) / batch).repeat_interleave(length)
-        behaviour = None
-        if self.correction in ("ratio", "ratio-baseline"):
-            behaviour = torch.cat([p.behaviour1, p.behaviour2]).reshape(-1)
+        behaviour = torch.cat([p.behaviour1, p.behaviour2]).reshape(-1) if self.correction.ratios else None
         g = flatten(score_gradient(self.actor, params, obs, actions, weights, self.policy_chunk, behaviour,
                                    self.ratio_clip))
         del obs

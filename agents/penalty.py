@@ -96,8 +96,10 @@ import torch
 from agents import sac_discrete as sac
 from agents.common import flag, require, require_non_negative, require_positive, run_cli
 from agents.losses import LOGIT_CLAMP, LossInputs, bradley_terry_bce, fragment_returns
-from agents.pairs import fragment_observations, pair_observations, split_pairs
-from agents.preference import PreferenceArgs, PreferenceLearner, enable_huge_pages, reward_function
+from agents.pairs import fragment_observations, pair_observations
+from agents.preference import (
+    PreferenceArgs, PreferenceLearner, enable_huge_pages, predicted_returns, reward_function,
+)
 from agents.run import Logger, Run, launch
 from agents.sobirl import leave_one_out_baseline
 
@@ -521,10 +523,8 @@ class PenaltyLearner(PreferenceLearner):
             return None
         p = self.pairs.get(rows)
         count, length = p.actions1.shape
-        self.reward_net.eval()
-        r1, r2 = split_pairs(self.reward_net(pair_observations(p.frames1, p.frames2, length)), count, length)
-        weights = upper_losses(fragment_returns(r1, p.actions1), fragment_returns(r2, p.actions2), p.labels,
-                               self.args.upper_likelihood).float()
+        returns = predicted_returns(self.reward_net, p.frames1, p.actions1, p.frames2, p.actions2, chunk_pairs=count)
+        weights = upper_losses(*returns, p.labels, self.args.upper_likelihood).float()
         if self.args.penalty_baseline:
             weights = weights - leave_one_out_baseline(weights)
         actor, chunk = self.trainer_b.agent.actor, max(1, self.args.policy_chunk // (2 * length))

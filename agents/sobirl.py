@@ -17,7 +17,7 @@ estimator; with inv_alpha = 0 it is DRLHF's loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar, NamedTuple, Sequence
 
 import torch
 
@@ -130,6 +130,20 @@ CORRECTIONS = ("none", "baseline", "ratio", "ratio-baseline")
 IMPLICIT_PAIRS = ("all", "learned")
 
 
+class Correction(NamedTuple):
+    """The parts of an --implicit-correction: per-step ratios pi/mu, a leave-one-out baseline on the losses."""
+
+    ratios: bool
+    baseline: bool
+
+
+def parse_correction(correction: str) -> Correction:
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}; expected one of {', '.join(CORRECTIONS)}")
+    return Correction(ratios=correction in ("ratio", "ratio-baseline"),
+                      baseline=correction in ("baseline", "ratio-baseline"))
+
+
 class SoBiRLLoss:
     """Bradley-Terry cross-entropy plus the implicit term (1/alpha coefficient) once global_step > hyper_start."""
 
@@ -138,10 +152,8 @@ class SoBiRLLoss:
         clamp_aware: bool = False, implicit_pairs: str = "all", learning_starts: int = 0,
         policy_probs=None,
     ):
-        if correction not in CORRECTIONS:
-            raise ValueError(f"unknown correction {correction!r}; expected one of {', '.join(CORRECTIONS)}")
+        self.correction = parse_correction(correction)
         self.hyper_start = hyper_start
-        self.correction = correction
         self.ratio_clip = ratio_clip
         self.clamp_aware = clamp_aware
         self.implicit_pairs = implicit_pairs
@@ -160,15 +172,15 @@ class SoBiRLLoss:
         r1, r2 = (x.r1.clamp(-1.0, 1.0), x.r2.clamp(-1.0, 1.0)) if self.clamp_aware else (x.r1, x.r2)
         metrics = {"inv_alpha": torch.tensor(inv_alpha)}
         w1 = w2 = None
-        if self.correction in ("ratio", "ratio-baseline"):
+        if self.correction.ratios:
             taken = lambda pi, a: pi.gather(-1, a.long().unsqueeze(-1)).squeeze(-1)
             w1 = importance_weights(taken(x.pi1, p.actions1), p.behaviour1, self.ratio_clip)
             w2 = importance_weights(taken(x.pi2, p.actions2), p.behaviour2, self.ratio_clip)
             weights = torch.cat([w1, w2])
             metrics["ratio_mean"] = weights.mean()
             metrics["ratio_clipped"] = (weights >= self.ratio_clip).float().mean()
-        baseline = self.correction in ("baseline", "ratio-baseline")
-        hyper = implicit_term(x.bce, r1, p.actions1, x.pi1, r2, p.actions2, x.pi2, inv_alpha, baseline, w1, w2)
+        hyper = implicit_term(x.bce, r1, p.actions1, x.pi1, r2, p.actions2, x.pi2, inv_alpha,
+                              self.correction.baseline, w1, w2)
         if self.implicit_pairs == "learned":
             hyper = hyper * (p.collected >= self.learning_starts).to(hyper.dtype)
         return bce + x.policy_share * hyper.mean(), metrics
