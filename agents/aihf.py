@@ -49,9 +49,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -83,8 +84,15 @@ class AIHFLoss:
     policy_probs = None
 
     def __init__(
-        self, demo_fragments: FragmentSource, agent_fragments: FragmentSource, fragment_length: int, batch: int,
-        demo_weight: float = 1.0, gamma: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
+        self,
+        demo_fragments: FragmentSource,
+        agent_fragments: FragmentSource,
+        fragment_length: int,
+        batch: int,
+        demo_weight: float = 1.0,
+        gamma: float = 1.0,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
     ):
         self.demo_fragments = demo_fragments
         self.agent_fragments = agent_fragments
@@ -104,8 +112,12 @@ class AIHFLoss:
             raise ValueError("the AIHF loss scores demonstration and agent fragments: LossInputs.model is needed")
         p, gamma, length = x.pairs, self.gamma, self.fragment_length
         # The preference term with AIHF's return (with gamma = 1 it is the pipeline's cross-entropy as it stands).
-        preference = x.bce if gamma == 1.0 else bradley_terry_bce(
-            discounted_returns(x.r1, p.actions1, gamma), discounted_returns(x.r2, p.actions2, gamma), p.labels
+        preference = (
+            x.bce
+            if gamma == 1.0
+            else bradley_terry_bce(
+                discounted_returns(x.r1, p.actions1, gamma), discounted_returns(x.r2, p.actions2, gamma), p.labels
+            )
         )
         demo_frames, demo_actions = self.demo_fragments(self.batch, length, self.demo_generator)
         agent_frames, agent_actions = self.agent_fragments(self.batch, length, self.agent_generator)
@@ -118,8 +130,10 @@ class AIHFLoss:
         demo_term = self.demo_weight * (agent_return - demo_return)
         preference_term = preference.mean()
         metrics = {
-            "demo_return": demo_return.detach(), "agent_return": agent_return.detach(),
-            "demo_term": demo_term.detach(), "preference_term": preference_term.detach(),
+            "demo_return": demo_return.detach(),
+            "agent_return": agent_return.detach(),
+            "demo_term": demo_term.detach(),
+            "preference_term": preference_term.detach(),
         }
         return preference_term + demo_term, metrics
 
@@ -138,8 +152,19 @@ class AIHFLoss:
 
 FORMAT = "sobirl-demos"
 FORMAT_VERSION = 1
-ARRAYS = ("frames", "actions", "rewards", "raw_rewards", "terminated", "probs", "game_starts", "game_ends",
-          "game_returns", "game_truncated", "played_returns")
+ARRAYS = (
+    "frames",
+    "actions",
+    "rewards",
+    "raw_rewards",
+    "terminated",
+    "probs",
+    "game_starts",
+    "game_ends",
+    "game_returns",
+    "game_truncated",
+    "played_returns",
+)
 
 
 @dataclass
@@ -195,7 +220,7 @@ class Demonstrations:
     def game_frames(self, game: int) -> np.ndarray:
         """(L + stack - 1, *frame_shape) frames of one game."""
         start = int(self.arrays["game_starts"][game]) + game * (self.stack - 1)
-        return self.arrays["frames"][start: start + int(self.game_lengths[game]) + self.stack - 1]
+        return self.arrays["frames"][start : start + int(self.game_lengths[game]) + self.stack - 1]
 
     def game_observations(self, game: int) -> np.ndarray:
         """(L, *obs_shape) the observations the policy saw during one game, rebuilt from the frames."""
@@ -203,7 +228,7 @@ class Demonstrations:
         if self.stack == 1:
             return frames
         length = len(frames) - self.stack + 1
-        return np.stack([frames[t: t + self.stack] for t in range(length)])
+        return np.stack([frames[t : t + self.stack] for t in range(length)])
 
     def game_slice(self, game: int) -> slice:
         """The game's steps in actions, rewards, probs, ..."""
@@ -211,7 +236,7 @@ class Demonstrations:
 
     # -- sampling --------------------------------------------------------------------------------------------------
 
-    def to(self, device: torch.device | str) -> "Demonstrations":
+    def to(self, device: torch.device | str) -> Demonstrations:
         self.device = torch.device(device)
         self._frames = self._frames.to(self.device)
         self._actions = self._actions.to(self.device)
@@ -231,8 +256,9 @@ class Demonstrations:
             start = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
             step = self.arrays["game_starts"][game] + start
             frame = step + game * (self.stack - 1)
-            self._starts[length] = tuple(torch.as_tensor(x, dtype=torch.int64, device=self.device)
-                                         for x in (game, start, step, frame))
+            self._starts[length] = tuple(
+                torch.as_tensor(x, dtype=torch.int64, device=self.device) for x in (game, start, step, frame)
+            )
         return self._starts[length]
 
     def fragments(self, count: int, length: int, generator: torch.Generator | None = None) -> DemoFragments:
@@ -274,7 +300,7 @@ class Demonstrations:
             tmp.unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, path: str | Path, flag: str = "--demos", env_id: str | None = None) -> "Demonstrations":
+    def load(cls, path: str | Path, flag: str = "--demos", env_id: str | None = None) -> Demonstrations:
         """Read and check a file; every problem is a UsageError naming `flag` and the file. With `env_id`, the file
         must have been recorded on that environment."""
         where = f"{flag} {path}".strip()
@@ -324,12 +350,22 @@ class Demonstrations:
             (all(len(a[k]) == steps for k in ("rewards", "raw_rewards", "terminated", "probs")), "step arrays differ"),
             (a["probs"].ndim == 2 and a["probs"].shape[1] == self.num_actions, "probs are not one row per step"),
             (all(len(a[k]) == games for k in ("game_ends", "game_returns", "game_truncated")), "game arrays differ"),
-            (np.array_equal(a["game_starts"], np.concatenate([[0], a["game_ends"][:-1]])[:games]) and
-             (lengths > 0).all() and (games == 0 or a["game_ends"][-1] == steps), "games do not tile the steps"),
-            (a["frames"].dtype == np.uint8 and tuple(a["frames"].shape[1:]) == self.frame_shape and
-             len(a["frames"]) == steps + games * (stack - 1), "frame count does not match the games"),
-            (a["actions"].size == 0 or 0 <= a["actions"].min() <= a["actions"].max() < self.num_actions,
-             "actions out of range"),
+            (
+                np.array_equal(a["game_starts"], np.concatenate([[0], a["game_ends"][:-1]])[:games])
+                and (lengths > 0).all()
+                and (games == 0 or a["game_ends"][-1] == steps),
+                "games do not tile the steps",
+            ),
+            (
+                a["frames"].dtype == np.uint8
+                and tuple(a["frames"].shape[1:]) == self.frame_shape
+                and len(a["frames"]) == steps + games * (stack - 1),
+                "frame count does not match the games",
+            ),
+            (
+                a["actions"].size == 0 or 0 <= a["actions"].min() <= a["actions"].max() < self.num_actions,
+                "actions out of range",
+            ),
         ]
         return next((message for ok, message in checks if not ok), "")
 
@@ -343,23 +379,29 @@ class Args(PreferenceArgs):
     exp_name: str = flag("aihf", "name of this experiment (part of the run name)")
     demos: str = flag("", "demonstrations file recorded on this --env-id by `python sobirl/demos.py record` (required)")
     demo_weight: float = flag(
-        0.01, "w1, the weight of the demonstration term against the preference cross-entropy. The paper gives no value "
+        0.01,
+        "w1, the weight of the demonstration term against the preference cross-entropy. The paper gives no value "
         "for RL; 0.01 is the largest of its LLM ablation (1e-2 to 1e-4). On MinAtar 1 and 0.1 let the term run away "
-        "(the README's benchmark)"
+        "(the README's benchmark)",
     )
     discount_return: bool = flag(
-        True, "fragment returns R = sum_t gamma^t r with SAC's --gamma, in both terms, as in the AIHF paper; "
-        "--no-discount-return: the undiscounted sum DRLHF and SoBiRL use"
+        True,
+        "fragment returns R = sum_t gamma^t r with SAC's --gamma, in both terms, as in the AIHF paper; "
+        "--no-discount-return: the undiscounted sum DRLHF and SoBiRL use",
     )
-    demo_batch: int = flag(0, "demonstration fragments, and as many agent fragments, per reward minibatch "
-                           "(0: --reward-batch-size)")
+    demo_batch: int = flag(
+        0, "demonstration fragments, and as many agent fragments, per reward minibatch (0: --reward-batch-size)"
+    )
 
     RESUMABLE: ClassVar[frozenset[str]] = PreferenceArgs.RESUMABLE
 
     def validate(self) -> None:
         super().validate()
-        require(bool(self.demos), "--demos: AIHF needs a demonstrations file; record one with "
-                                  "python sobirl/demos.py record --checkpoint RUN --steps N --out FILE")
+        require(
+            bool(self.demos),
+            "--demos: AIHF needs a demonstrations file; record one with "
+            "python sobirl/demos.py record --checkpoint RUN --steps N --out FILE",
+        )
         require_non_negative(self, "demo_weight", "demo_batch")
 
 
@@ -373,8 +415,10 @@ def load_demonstrations(args: Args, trainer: sac.SACTrainer):
             f"run's are {replay.frame_shape} x {replay.stack}, {trainer.num_actions} actions"
         )
     if demos.longest_game() < args.fragment_length:
-        raise UsageError(f"--fragment-length {args.fragment_length}: no game in --demos {args.demos} is that long "
-                         f"(the longest has {demos.longest_game()} steps)")
+        raise UsageError(
+            f"--fragment-length {args.fragment_length}: no game in --demos {args.demos} is that long "
+            f"(the longest has {demos.longest_game()} steps)"
+        )
     return demos.to(trainer.device)
 
 
@@ -390,8 +434,16 @@ def make_loss(args: Args, trainer: sac.SACTrainer) -> AIHFLoss:
         fragments = trainer.recent_fragments(count, length, args.inner_steps, generator)
         return fragments.frames, fragments.actions
 
-    return AIHFLoss(demo_fragments, agent_fragments, args.fragment_length, args.demo_batch or args.reward_batch_size,
-                    args.demo_weight, args.gamma if args.discount_return else 1.0, args.seed, trainer.device)
+    return AIHFLoss(
+        demo_fragments,
+        agent_fragments,
+        args.fragment_length,
+        args.demo_batch or args.reward_batch_size,
+        args.demo_weight,
+        args.gamma if args.discount_return else 1.0,
+        args.seed,
+        trainer.device,
+    )
 
 
 class AIHFLearner(PreferenceLearner):

@@ -98,8 +98,12 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
             writer = _HashingWriter(f)
             torch.save(state, writer)
             header = {
-                "magic": MAGIC, "format_version": FORMAT_VERSION, "sha256": writer.sha.hexdigest(),
-                "payload_bytes": writer.size, "algo": state.get("algo"), "args": state.get("args"),
+                "magic": MAGIC,
+                "format_version": FORMAT_VERSION,
+                "sha256": writer.sha.hexdigest(),
+                "payload_bytes": writer.size,
+                "algo": state.get("algo"),
+                "args": state.get("args"),
                 "global_step": state.get("global_step"),
             }
             encoded = json.dumps(header, default=str).encode() + b"\n"
@@ -147,7 +151,9 @@ def _read_header(f, path: Path) -> dict[str, Any]:
     if not isinstance(header, dict) or header.get("magic") != MAGIC:
         raise UsageError(f"--resume {path}: not a sobirl checkpoint")
     if header.get("format_version") != FORMAT_VERSION:
-        raise UsageError(f"--resume {path}: checkpoint format {header.get('format_version')}, expected {FORMAT_VERSION}")
+        raise UsageError(
+            f"--resume {path}: checkpoint format {header.get('format_version')}, expected {FORMAT_VERSION}"
+        )
     return header
 
 

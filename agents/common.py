@@ -13,7 +13,8 @@ import dataclasses
 import math
 import sys
 import time
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from wrappers.errors import InvalidEnvError
 
@@ -45,11 +46,16 @@ def build_parser(args_cls: type, description: str | None = None) -> argparse.Arg
     for f in dataclasses.fields(args_cls):
         help_text = f.metadata.get("help", "")
         if isinstance(f.default, bool):
-            parser.add_argument(flag_name(f.name), dest=f.name, default=f.default, help=help_text,
-                                action=argparse.BooleanOptionalAction)
+            parser.add_argument(
+                flag_name(f.name), dest=f.name, default=f.default, help=help_text, action=argparse.BooleanOptionalAction
+            )
         else:
             parser.add_argument(
-                flag_name(f.name), dest=f.name, default=f.default, help=help_text, type=_flag_type(f.default),
+                flag_name(f.name),
+                dest=f.name,
+                default=f.default,
+                help=help_text,
+                type=_flag_type(f.default),
                 choices=f.metadata.get("choices"),
             )
     return parser

@@ -9,8 +9,8 @@ without regard to how it shapes the policy, and the policy is never evaluated fo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from agents.common import flag, run_cli
 from agents.losses import BradleyTerryLoss

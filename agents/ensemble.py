@@ -14,7 +14,7 @@ Everything here is a small pure function or module, so each can be tested alone.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -33,8 +33,8 @@ import threading
 import time
 import zlib
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import numpy as np
 from flask import Flask, Response, jsonify, request

@@ -16,8 +16,9 @@ The primitives every loss shares live here too: fragment returns and the Bradley
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F

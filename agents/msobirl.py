@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -84,7 +85,9 @@ def make_random_mdp(num_states: int, num_actions: int, x_dim: int, generator: to
             weights = torch.rand(k, generator=generator, dtype=torch.float64)
             P[s, a, support] = weights / weights.sum()
     # c_sa is a product of two uniforms, which skews the coefficients toward 0 as in the reference.
-    c = torch.rand(S, A, generator=generator, dtype=torch.float64) * torch.rand(S, A, generator=generator, dtype=torch.float64)
+    c = torch.rand(S, A, generator=generator, dtype=torch.float64) * torch.rand(
+        S, A, generator=generator, dtype=torch.float64
+    )
     M = torch.randn(n, n, generator=generator, dtype=torch.float64)
     x0 = torch.randn(n, generator=generator, dtype=torch.float64)
     return RandomMDP(P, c, M, x0)
@@ -115,7 +118,7 @@ def soft_q(P: torch.Tensor, reward: torch.Tensor, V: torch.Tensor, gamma: float)
 
 
 def soft_value(Q: torch.Tensor, tau: float) -> torch.Tensor:
-    """V(s) = τ log Σ_a exp(Q(s, a)/τ), via logsumexp: the default run's rewards pass 10³, beyond exp's float64 range."""
+    """V(s) = τ log Σ_a exp(Q(s, a)/τ), via logsumexp: the default run's rewards pass 10³, beyond float64's exp."""
     return tau * torch.logsumexp(Q / tau, dim=-1)
 
 
@@ -158,7 +161,9 @@ def policy_transition(P: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def upper_level_gradients(f: ObjectiveFn, x: torch.Tensor, pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def upper_level_gradients(
+    f: ObjectiveFn, x: torch.Tensor, pi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(f(x, π), ∇_x f, ∇_π f) with x and π treated as independent variables (partial derivatives)."""
     with torch.enable_grad():
         x_leaf = x.detach().requires_grad_(True)
@@ -344,7 +349,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
 
         # Warm start (line 10): V_k is already near V*_{x_{k+1}} when x moves by β·ĝ, so a constant N keeps up.
         with torch.no_grad():
-            V, _, pi, sweeps = soft_value_iteration(P, reward(x), gamma, tau, V0=V, max_sweeps=args.inner_iterations, tol=args.inner_tol)
+            V, _, pi, sweeps = soft_value_iteration(
+                P, reward(x), gamma, tau, V0=V, max_sweeps=args.inner_iterations, tol=args.inner_tol
+            )
 
         f_k, g_norm = f_value.item(), g_hat.norm().item()
         history["f"].append(f_k)
@@ -376,7 +383,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
     writer.close()
 
     if args.plot:
-        save_plot(args.plot, history["f"], history["grad_norm"], f_min, f"M-SoBiRL on {env_id}, n={args.x_dim}, seed {args.seed}")
+        save_plot(
+            args.plot,
+            history["f"],
+            history["grad_norm"],
+            f_min,
+            f"M-SoBiRL on {env_id}, n={args.x_dim}, seed {args.seed}",
+        )
     print(f"f={f_final:.10g} grad_norm={history['grad_norm'][-1]:.6g}")
     return history
 

@@ -13,9 +13,12 @@ from torch import nn
 
 def nature_cnn(in_channels: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, 32, 8, stride=4), nn.ReLU(),
-        nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, stride=1), nn.Flatten(),
+        nn.Conv2d(in_channels, 32, 8, stride=4),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 4, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=1),
+        nn.Flatten(),
     )
 
 
@@ -54,7 +57,7 @@ class DiscreteHead(nn.Module):
 
         self.channels_last = False
 
-    def use_fastest_layout(self) -> "DiscreteHead":
+    def use_fastest_layout(self) -> DiscreteHead:
         """NHWC activations for the Nature CNN, where oneDNN's convolution backward is about 1.6x faster on CPU; small
         boards stay NCHW, where NHWC costs layout copies and slower kernels (a MinAtar critic forward of batch 64:
         360 us NCHW vs 565 us NHWC)."""

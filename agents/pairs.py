@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+
 def stack_windows(frames: torch.Tensor, stack: int, frame_ndim: int = 2) -> torch.Tensor:
     """(..., H + stack - 1, *frame_shape) frames -> (..., H, stack, *frame_shape) observations, as a view.
 
@@ -44,7 +45,6 @@ def fragment_observations(frames: torch.Tensor, length: int) -> torch.Tensor:
     return obs.reshape(count, *obs.shape[2:])
 
 
-
 def round_preserving_sum(x: np.ndarray) -> np.ndarray:
     """Integers that sum to round(sum(x)) and are each within 1 of x: floor everything, then add one to the entries
     with the largest fractional parts (this minimises every Lp distance to x; it is imitation's rounding)."""
@@ -70,11 +70,9 @@ def pairs_schedule(initial_pairs: int, total_pairs: int, schedule_iterations: in
     return [initial_pairs] + round_preserving_sum(shares).tolist()
 
 
-
 @dataclass
 class PairBatch:
     """Labelled pairs of fragments (B of them, H steps each)."""
-
 
     frames1: torch.Tensor  # uint8 (B, H + stack - 1, *frame_shape)
     actions1: torch.Tensor  # int64 (B, H)
@@ -106,11 +104,11 @@ class PairBatch:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def select(self, index) -> "PairBatch":
+    def select(self, index) -> PairBatch:
         """The pairs at `index` (a slice, mask or index tensor)."""
         return PairBatch(*(_apply(getattr(self, f.name), lambda t: t[index]) for f in fields(PairBatch)))
 
-    def to(self, device: torch.device | str) -> "PairBatch":
+    def to(self, device: torch.device | str) -> PairBatch:
         return PairBatch(*(_apply(getattr(self, f.name), lambda t: t.to(device)) for f in fields(PairBatch)))
 
 
@@ -190,7 +188,6 @@ class PairBuffer:
         self.total_added = int(state["total_added"])
 
 
-
 # What the pair buffer stores (and checkpoints): every field but the per-step rewards, which only the teacher sees.
 FIELDS = tuple(f.name for f in fields(PairBatch) if f.name not in ("rewards1", "rewards2"))
 
@@ -207,5 +204,3 @@ def split_pairs(values: torch.Tensor, pairs: int, length: int) -> tuple[torch.Te
     """(2 B H, A) per-observation values of `pair_observations` -> (B, H, A) for fragment 1 and for fragment 2."""
     both = values.view(2, pairs, length, -1)
     return both[0], both[1]
-
-

@@ -41,8 +41,9 @@ reward/second_order_norm (||grad mixed||) cost no extra backward pass. reward/cg
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -70,7 +71,7 @@ def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Tensors:
     out, start = [], 0
     for t in like:
-        out.append(flat[start:start + t.numel()].view_as(t))
+        out.append(flat[start : start + t.numel()].view_as(t))
         start += t.numel()
     return out
 
@@ -130,10 +131,12 @@ def damped_implicit_vector(
 
     `objective` is a scalar built from `params` with autograd; g is flat. The sign makes the matrix positive
     semi-definite at a maximiser of the objective (the lower level maximises J)."""
-    grad = flatten([
-        torch.zeros_like(p) if g is None else g
-        for g, p in zip(torch.autograd.grad(objective, params, create_graph=True, allow_unused=True), params)
-    ])
+    grad = flatten(
+        [
+            torch.zeros_like(p) if g is None else g
+            for g, p in zip(torch.autograd.grad(objective, params, create_graph=True, allow_unused=True), params)
+        ]
+    )
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         hv = torch.autograd.grad(grad, params, grad_outputs=v, retain_graph=True, allow_unused=True)
@@ -154,8 +157,14 @@ def soft_actor_objective(actor: nn.Module, states: torch.Tensor, q: torch.Tensor
 
 
 def score_gradient(
-    actor: nn.Module, params: Sequence[torch.Tensor], obs: torch.Tensor, actions: torch.Tensor,
-    weights: torch.Tensor, chunk: int, behaviour: torch.Tensor | None = None, ratio_clip: float = 10.0,
+    actor: nn.Module,
+    params: Sequence[torch.Tensor],
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    weights: torch.Tensor,
+    chunk: int,
+    behaviour: torch.Tensor | None = None,
+    ratio_clip: float = 10.0,
 ) -> Tensors:
     """grad_params sum_j weights_j log pi(actions_j | obs_j), over `chunk` observations at a time; with `behaviour`
     (mu(a_j|s_j) of the policy that acted), each weight also times the clipped ratio pi(a_j|s_j) / mu(a_j|s_j)."""
@@ -244,8 +253,9 @@ class PARLLoss:
             losses = losses - leave_one_out_baseline(losses)
         weights = (losses.repeat(2) / batch).repeat_interleave(length)
         behaviour = torch.cat([p.behaviour1, p.behaviour2]).reshape(-1) if self.correction.ratios else None
-        g = flatten(score_gradient(self.actor, params, obs, actions, weights, self.policy_chunk, behaviour,
-                                   self.ratio_clip))
+        g = flatten(
+            score_gradient(self.actor, params, obs, actions, weights, self.policy_chunk, behaviour, self.ratio_clip)
+        )
         del obs
         # 2. v = (-d2J/dtheta2 + lambda I)^-1 g on replay states.
         states = self.sample_states(self.generator)
@@ -302,11 +312,17 @@ class PARLLoss:
 @dataclass
 class Args(CorrectionArgs):
     exp_name: str = flag("parl", "name of this experiment (part of the run name)")
-    parl_start: int = flag(100_000, "the implicit term is on once global_step exceeds this (as SoBiRL's --hyper-start); "
-                           "the mean cross-entropy alone before")
+    parl_start: int = flag(
+        100_000,
+        "the implicit term is on once global_step exceeds this (as SoBiRL's --hyper-start); "
+        "the mean cross-entropy alone before",
+    )
     cg_iters: int = flag(10, "conjugate-gradient iterations (Hessian-vector products) per reward minibatch")
-    cg_damping: float = flag(0.1, "lambda in (-d2J/dtheta2 + lambda I) v = g: regularises the solve where the actor's "
-                             "Hessian is singular (softmax shifts) or indefinite (away from the optimum)")
+    cg_damping: float = flag(
+        0.1,
+        "lambda in (-d2J/dtheta2 + lambda I) v = g: regularises the solve where the actor's "
+        "Hessian is singular (softmax shifts) or indefinite (away from the optimum)",
+    )
     hvp_batch: int = flag(256, "replay states on which J, its Hessian-vector products and the mixed term are taken")
 
     def validate(self) -> None:
@@ -325,8 +341,19 @@ def make_loss(args: Args, trainer: sac.SACTrainer) -> PARLLoss:
         return trainer.buffer.sample(args.hvp_batch, generator).obs
 
     generator = torch.Generator(device=trainer.device).manual_seed(args.seed + 49979687)
-    return PARLLoss(agent.actor, critic, sample_states, generator, args.parl_start, args.cg_iters, args.cg_damping,
-                    args.policy_chunk, args.reward_train_mode_in_sac, args.implicit_correction, args.ratio_clip)
+    return PARLLoss(
+        agent.actor,
+        critic,
+        sample_states,
+        generator,
+        args.parl_start,
+        args.cg_iters,
+        args.cg_damping,
+        args.policy_chunk,
+        args.reward_train_mode_in_sac,
+        args.implicit_correction,
+        args.ratio_clip,
+    )
 
 
 class PARLLearner(PreferenceLearner):

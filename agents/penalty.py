@@ -88,8 +88,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -98,7 +99,11 @@ from agents.common import flag, require, require_non_negative, require_positive,
 from agents.losses import LOGIT_CLAMP, LossInputs, bradley_terry_bce, fragment_returns
 from agents.pairs import fragment_observations, pair_observations
 from agents.preference import (
-    PreferenceArgs, PreferenceLearner, enable_huge_pages, predicted_returns, reward_function,
+    PreferenceArgs,
+    PreferenceLearner,
+    enable_huge_pages,
+    predicted_returns,
+    reward_function,
 )
 from agents.run import Logger, Run, launch
 from agents.sobirl import leave_one_out_baseline
@@ -193,8 +198,9 @@ class PenaltyLoss:
         gap = value_a - value_b
         # The agents follow the (ensemble's) mean reward, so this model's share of their values is policy_share.
         penalty = x.policy_share * gap / self.sigma
-        metrics.update(value_a=value_a.detach(), value_b=value_b.detach(), value_gap=gap.detach(),
-                       penalty_term=penalty.detach())
+        metrics.update(
+            value_a=value_a.detach(), value_b=value_b.detach(), value_gap=gap.detach(), penalty_term=penalty.detach()
+        )
         return upper + penalty, metrics
 
 
@@ -215,7 +221,10 @@ class PreferencePool(NamedTuple):
 
 
 def taken_log_probs(
-    actor: torch.nn.Module, frames1: torch.Tensor, actions1: torch.Tensor, frames2: torch.Tensor,
+    actor: torch.nn.Module,
+    frames1: torch.Tensor,
+    actions1: torch.Tensor,
+    frames2: torch.Tensor,
     actions2: torch.Tensor,
 ) -> torch.Tensor:
     """log pi(a_t|s_t) along both fragments of each pair, (2, pairs, H), with gradient in the actor."""
@@ -225,7 +234,11 @@ def taken_log_probs(
 
 
 def preference_surrogate(
-    log_pi: torch.Tensor, old_log_pi: torch.Tensor, weights: torch.Tensor, surrogate: str = "clip", clip: float = 0.2,
+    log_pi: torch.Tensor,
+    old_log_pi: torch.Tensor,
+    weights: torch.Tensor,
+    surrogate: str = "clip",
+    clip: float = 0.2,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """B's surrogate for grad l_up from log pi(a_t|s_t) (2, k, H) with gradient, the pool-time log pi_old (2, k, H)
     and the pairs' weights w (k,); and metrics. All three have the gradient mean_i w_i sum_t grad log pi(a_t|s_t) at
@@ -253,11 +266,16 @@ def preference_surrogate(
 
 
 def preference_term(
-    actor: torch.nn.Module, pool: PreferencePool, index: torch.Tensor, surrogate: str = "clip", clip: float = 0.2,
+    actor: torch.nn.Module,
+    pool: PreferencePool,
+    index: torch.Tensor,
+    surrogate: str = "clip",
+    clip: float = 0.2,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`preference_surrogate` over the pool's pairs at `index`, the actor evaluated with gradient."""
-    log_pi = taken_log_probs(actor, pool.frames1[index], pool.actions1[index], pool.frames2[index],
-                             pool.actions2[index])
+    log_pi = taken_log_probs(
+        actor, pool.frames1[index], pool.actions1[index], pool.frames2[index], pool.actions2[index]
+    )
     return preference_surrogate(log_pi, pool.old_log_probs[:, index], pool.weights[index], surrogate, clip)
 
 
@@ -269,7 +287,7 @@ def actor_penalty_coefficient(sigma: float, gamma: float, num_actions: int, unit
 class PenalisedSAC(sac.SACDiscrete):
     """SAC-discrete whose actor loss adds coefficient * the preference score term while `pool` is set."""
 
-    def __init__(self, obs_shape: tuple[int, ...], num_actions: int, args: "Args", device: torch.device):
+    def __init__(self, obs_shape: tuple[int, ...], num_actions: int, args: Args, device: torch.device):
         super().__init__(obs_shape, num_actions, args, device)
         self.coefficient = actor_penalty_coefficient(args.sigma, args.gamma, num_actions, args.penalty_units)
         self.actor_pairs = args.penalty_actor_pairs
@@ -283,8 +301,9 @@ class PenalisedSAC(sac.SACDiscrete):
         policy_loss, temperature_loss, metrics = self._sac_losses(obs, alpha)
         if self.pool is None:
             return policy_loss, temperature_loss, metrics
-        index = torch.randint(0, len(self.pool.weights), (self.actor_pairs,), device=self.device,
-                              generator=self.pool_generator)
+        index = torch.randint(
+            0, len(self.pool.weights), (self.actor_pairs,), device=self.device, generator=self.pool_generator
+        )
         term, extra = preference_term(self.actor, self.pool, index, self.surrogate, self.clip)
         metrics = {**metrics, **extra, "losses/preference_term": term.detach()}
         return policy_loss + self.coefficient * term, temperature_loss, metrics
@@ -293,7 +312,7 @@ class PenalisedSAC(sac.SACDiscrete):
 class AgentBTrainer(sac.SACTrainer):
     """A SACTrainer whose agent is PenalisedSAC (its environments, replay and generators from its own seed)."""
 
-    def __init__(self, args: "Args", device: torch.device, run: Run):
+    def __init__(self, args: Args, device: torch.device, run: Run):
         super().__init__(args, device, run)
         self.agent = PenalisedSAC(self.obs_shape, self.num_actions, args, device)
 
@@ -368,28 +387,52 @@ class CombinedStepProgress:
 @dataclass
 class Args(PreferenceArgs):
     exp_name: str = flag("penalty", "name of this experiment (part of the run name)")
-    sigma: float = flag(1.0, "penalty parameter sigma (> 0): B maximises J - sigma l_up, the reward loss adds "
-                        "(J_A - J_B) / sigma; the bias is O(sigma), the noise of the value gap O(1/sigma)")
-    penalty_form: str = flag("pbrl", "whose pairs are queried and labelled for the upper loss: pbrl (agent B's, "
-                             "the penalised policy: PBRL / Kwon et al.) or seed (agent A's: Gaur et al.'s Algorithm 1)",
-                             choices=FORMS)
-    upper_likelihood: str = flag("log", "upper loss per pair: log (Bradley-Terry cross-entropy) or plain (1 - the "
-                                 "label's likelihood, Gaur et al.'s G)", choices=LIKELIHOODS)
-    penalty_start: int = flag(0, "the penalty (value gap and B's score term) is on once global_step exceeds this and "
-                              "agent B has passed its --learning-starts")
-    inner_split: str = flag("each", "env steps per outer iteration: each (both agents run --inner-steps) or half "
-                            "(--inner-steps / 2 each)", choices=SPLITS)
-    value_fragments: int = flag(32, "fragments of each agent's latest rollouts for the value gap, drawn each reward "
-                                "phase")
+    sigma: float = flag(
+        1.0,
+        "penalty parameter sigma (> 0): B maximises J - sigma l_up, the reward loss adds "
+        "(J_A - J_B) / sigma; the bias is O(sigma), the noise of the value gap O(1/sigma)",
+    )
+    penalty_form: str = flag(
+        "pbrl",
+        "whose pairs are queried and labelled for the upper loss: pbrl (agent B's, "
+        "the penalised policy: PBRL / Kwon et al.) or seed (agent A's: Gaur et al.'s Algorithm 1)",
+        choices=FORMS,
+    )
+    upper_likelihood: str = flag(
+        "log",
+        "upper loss per pair: log (Bradley-Terry cross-entropy) or plain (1 - the label's likelihood, Gaur et al.'s G)",
+        choices=LIKELIHOODS,
+    )
+    penalty_start: int = flag(
+        0,
+        "the penalty (value gap and B's score term) is on once global_step exceeds this and "
+        "agent B has passed its --learning-starts",
+    )
+    inner_split: str = flag(
+        "each",
+        "env steps per outer iteration: each (both agents run --inner-steps) or half (--inner-steps / 2 each)",
+        choices=SPLITS,
+    )
+    value_fragments: int = flag(
+        32, "fragments of each agent's latest rollouts for the value gap, drawn each reward phase"
+    )
     penalty_pool: int = flag(64, "newest labelled pairs from which agent B's score term draws")
     penalty_actor_pairs: int = flag(8, "pairs per agent-B actor update in its score term")
-    penalty_units: str = flag("return", "scale of B's score term: return (sigma (1 - gamma) / A: SAC's actor loss "
-                              "in the units of J) or raw (sigma)", choices=UNITS)
-    penalty_surrogate: str = flag("clip", "B's surrogate for the score term on its fixed pool of pairs: clip (PPO-style "
-                                  "clipped ratios pi/pi_old), ratio (unclipped), score (w log pi, the literal form; "
-                                  "diverges on a pool held fixed for a whole phase)", choices=SURROGATES)
-    penalty_clip: float = flag(0.2, "--penalty-surrogate clip: eps, the relative change of pi(a_t|s_t) past which a "
-                               "step stops pushing")
+    penalty_units: str = flag(
+        "return",
+        "scale of B's score term: return (sigma (1 - gamma) / A: SAC's actor loss in the units of J) or raw (sigma)",
+        choices=UNITS,
+    )
+    penalty_surrogate: str = flag(
+        "clip",
+        "B's surrogate for the score term on its fixed pool of pairs: clip (PPO-style "
+        "clipped ratios pi/pi_old), ratio (unclipped), score (w log pi, the literal form; "
+        "diverges on a pool held fixed for a whole phase)",
+        choices=SURROGATES,
+    )
+    penalty_clip: float = flag(
+        0.2, "--penalty-surrogate clip: eps, the relative change of pi(a_t|s_t) past which a step stops pushing"
+    )
     penalty_baseline: bool = flag(False, "subtract the leave-one-out pool mean from B's score weights")
     b_buffer_size: int = flag(0, "agent B's replay capacity (0: --buffer-size)")
 
@@ -398,27 +441,37 @@ class Args(PreferenceArgs):
         require_positive(self, "sigma", "value_fragments", "penalty_pool", "penalty_actor_pairs", "penalty_clip")
         require_non_negative(self, "penalty_start", "b_buffer_size")
         per_agent = self.agent_steps()
-        require(per_agent >= self.num_envs,
-                f"--inner-steps {self.inner_steps} with --inner-split half leaves no env step for each agent")
+        require(
+            per_agent >= self.num_envs,
+            f"--inner-steps {self.inner_steps} with --inner-split half leaves no env step for each agent",
+        )
         # Pairs and value fragments come from each agent's latest rollout: L-step fragments need L + 2 stored steps
         # per env (the newest transition is incomplete), or the sampler would step agent B past the budget.
-        require(self.fragment_length + 2 <= per_agent // self.num_envs,
-                f"--fragment-length {self.fragment_length} needs {self.fragment_length + 2} steps per env of each "
-                f"agent's rollout: --inner-steps {self.inner_steps} with --inner-split {self.inner_split} gives "
-                f"{per_agent // self.num_envs}")
+        require(
+            self.fragment_length + 2 <= per_agent // self.num_envs,
+            f"--fragment-length {self.fragment_length} needs {self.fragment_length + 2} steps per env of each "
+            f"agent's rollout: --inner-steps {self.inner_steps} with --inner-split {self.inner_split} gives "
+            f"{per_agent // self.num_envs}",
+        )
         if self.b_buffer_size:
-            require(self.batch_size <= self.b_buffer_size,
-                    f"--batch-size {self.batch_size} is larger than --b-buffer-size {self.b_buffer_size}")
-            require(self.fragment_length + 8 <= self.b_buffer_size // self.num_envs,
-                    f"--fragment-length {self.fragment_length} does not fit agent B's replay: --b-buffer-size "
-                    f"{self.b_buffer_size} keeps {self.b_buffer_size // self.num_envs} steps per env")
+            require(
+                self.batch_size <= self.b_buffer_size,
+                f"--batch-size {self.batch_size} is larger than --b-buffer-size {self.b_buffer_size}",
+            )
+            require(
+                self.fragment_length + 8 <= self.b_buffer_size // self.num_envs,
+                f"--fragment-length {self.fragment_length} does not fit agent B's replay: --b-buffer-size "
+                f"{self.b_buffer_size} keeps {self.b_buffer_size // self.num_envs} steps per env",
+            )
 
     def agent_steps(self) -> int:
         """Env steps each agent runs per outer iteration."""
         return self.inner_steps if self.inner_split == "each" else self.inner_steps // 2
 
-    def agent_b_args(self) -> "Args":
-        return dataclasses.replace(self, seed=self.seed + B_SEED_OFFSET, buffer_size=self.b_buffer_size or self.buffer_size)
+    def agent_b_args(self) -> Args:
+        return dataclasses.replace(
+            self, seed=self.seed + B_SEED_OFFSET, buffer_size=self.b_buffer_size or self.buffer_size
+        )
 
 
 class PenaltyLearner(PreferenceLearner):
@@ -428,8 +481,9 @@ class PenaltyLearner(PreferenceLearner):
     (A's + B's) stays within --total-timesteps. Queries come from B's rollouts (pbrl) or A's (seed); the reward
     phase draws the value-gap fragments first."""
 
-    def __init__(self, args: Args, trainer: sac.SACTrainer, trainer_b: AgentBTrainer, loss_fn: PenaltyLoss,
-                 run: Run, run_b: Run):
+    def __init__(
+        self, args: Args, trainer: sac.SACTrainer, trainer_b: AgentBTrainer, loss_fn: PenaltyLoss, run: Run, run_b: Run
+    ):
         self.trainer_a, self.trainer_b, self.run_b = trainer, trainer_b, run_b
         super().__init__(args, trainer, loss_fn, run)
         trainer_b.set_reward(reward_function(self.reward_net, args.reward_train_mode_in_sac))
@@ -481,11 +535,16 @@ class PenaltyLearner(PreferenceLearner):
     def value_fragments(self) -> ValueFragments:
         a = self.args
         window = self.args.agent_steps()
-        draw = lambda trainer: trainer.recent_fragments(a.value_fragments, a.fragment_length, window,
-                                                        self.value_generator)
+        draw = lambda trainer: trainer.recent_fragments(
+            a.value_fragments, a.fragment_length, window, self.value_generator
+        )
         fa, fb = draw(self.trainer_a), draw(self.trainer_b)
-        return ValueFragments(fragment_observations(fa.frames, a.fragment_length), fa.actions,
-                              fragment_observations(fb.frames, a.fragment_length), fb.actions)
+        return ValueFragments(
+            fragment_observations(fa.frames, a.fragment_length),
+            fa.actions,
+            fragment_observations(fb.frames, a.fragment_length),
+            fb.actions,
+        )
 
     # -- 4. agents ---------------------------------------------------------------------------------------------------
 
@@ -518,7 +577,7 @@ class PenaltyLearner(PreferenceLearner):
     @torch.no_grad()
     def preference_pool(self) -> PreferencePool | None:
         """The newest --penalty-pool labelled pairs with their upper losses under the current reward model."""
-        rows = self.pairs.oldest_first()[-self.args.penalty_pool:]
+        rows = self.pairs.oldest_first()[-self.args.penalty_pool :]
         if len(rows) == 0:
             return None
         p = self.pairs.get(rows)
@@ -529,8 +588,13 @@ class PenaltyLearner(PreferenceLearner):
             weights = weights - leave_one_out_baseline(weights)
         actor, chunk = self.trainer_b.agent.actor, max(1, self.args.policy_chunk // (2 * length))
         parts = [slice(start, start + chunk) for start in range(0, count, chunk)]
-        old = torch.cat([taken_log_probs(actor, p.frames1[part], p.actions1[part], p.frames2[part], p.actions2[part])
-                         for part in parts], dim=1)
+        old = torch.cat(
+            [
+                taken_log_probs(actor, p.frames1[part], p.actions1[part], p.frames2[part], p.actions2[part])
+                for part in parts
+            ],
+            dim=1,
+        )
         return PreferencePool(p.frames1, p.actions1, p.frames2, p.actions2, weights, old)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------------
@@ -566,8 +630,14 @@ def build(args: Args, device: torch.device, run: Run) -> PenaltyLearner:
     progress = run.progress
     run.logger = CombinedStepLogger(clock)
     run.progress = CombinedStepProgress(progress, clock)
-    run_b = Run(args, ALGO, AgentBLogger(run.logger), CombinedStepProgress(progress, clock, "B "), run.signals,
-                save_hook=run.save)
+    run_b = Run(
+        args,
+        ALGO,
+        AgentBLogger(run.logger),
+        CombinedStepProgress(progress, clock, "B "),
+        run.signals,
+        save_hook=run.save,
+    )
     trainer_a = sac.SACTrainer(args, device, run)
     trainer_b = None
     try:

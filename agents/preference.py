@@ -13,23 +13,36 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 
 from agents import sac_discrete as sac
 from agents.common import UsageError, flag, flag_name, require, require_non_negative, require_positive
-from agents.losses import BradleyTerryLoss, LossInputs, RewardLoss, bradley_terry_bce, fragment_returns
 from agents.ensemble import (
-    QUERY_SELECTIONS, RewardEnsemble, epoch_order, most_uncertain, preference_probabilities, query_uncertainty,
+    QUERY_SELECTIONS,
+    RewardEnsemble,
+    epoch_order,
+    most_uncertain,
+    preference_probabilities,
+    query_uncertainty,
 )
+from agents.losses import BradleyTerryLoss, LossInputs, RewardLoss, bradley_terry_bce, fragment_returns
 from agents.pairs import PairBatch, PairBuffer, pair_observations, pairs_schedule, split_pairs
 from agents.replay import FrameReplayBuffer, format_bytes, require_memory
 from agents.reward_model import RewardCNN
 from agents.run import Run, launch
 from agents.teachers import (
-    BPREF_PARAMETERS, BPREF_PRESETS, LABEL_MODES, TEACHERS, BPrefTeacher, HumanTeacher, ReplayTeacher, cat_pairs,
+    BPREF_PARAMETERS,
+    BPREF_PRESETS,
+    LABEL_MODES,
+    TEACHERS,
+    BPrefTeacher,
+    HumanTeacher,
+    ReplayTeacher,
+    cat_pairs,
     label_pairs,
 )
 
@@ -46,32 +59,51 @@ def enable_huge_pages() -> None:
 @dataclass
 class PreferenceArgs(sac.Args):
     teacher: str = flag(
-        "oracle", "who labels the pairs: oracle (higher clipped return preferred, ties 0.5; the paper's text), "
+        "oracle",
+        "who labels the pairs: oracle (higher clipped return preferred, ties 0.5; the paper's text), "
         "bernoulli (Bradley-Terry sampled labels; the authors' code), bpref (B-Pref's imperfect teacher: "
         "--teacher-beta/-gamma/-eps-*, --bpref-preset), replay (the answers of a label log, --labels) or human (a "
-        "person, on a page this run serves: --label-port, --label-mode)", choices=TEACHERS,
+        "person, on a page this run serves: --label-port, --label-mode)",
+        choices=TEACHERS,
     )
-    teacher_beta: float = flag(-1.0, "--teacher bpref: rationality; <= 0: the higher return wins, > 0: Bradley-Terry "
-                               "label sampled with logit beta * (R1 - R2)")
-    teacher_gamma: float = flag(1.0, "--teacher bpref: myopia; step t of a fragment's H steps weighs gamma^(H-1-t) in "
-                                "the returns compared")
+    teacher_beta: float = flag(
+        -1.0,
+        "--teacher bpref: rationality; <= 0: the higher return wins, > 0: Bradley-Terry "
+        "label sampled with logit beta * (R1 - R2)",
+    )
+    teacher_gamma: float = flag(
+        1.0, "--teacher bpref: myopia; step t of a fragment's H steps weighs gamma^(H-1-t) in the returns compared"
+    )
     teacher_eps_mistake: float = flag(0.0, "--teacher bpref: probability of flipping a label")
-    teacher_eps_skip: float = flag(0.0, "--teacher bpref: skip a pair (neither labelled nor stored) when both returns "
-                                   "are at most eps * M, M the mean |return| of the fragments queried with it")
+    teacher_eps_skip: float = flag(
+        0.0,
+        "--teacher bpref: skip a pair (neither labelled nor stored) when both returns "
+        "are at most eps * M, M the mean |return| of the fragments queried with it",
+    )
     teacher_eps_equal: float = flag(0.0, "--teacher bpref: label 0.5 when the returns differ by less than eps * M")
-    bpref_preset: str = flag("none", "--teacher bpref: the B-Pref paper's teachers: oracle, mistake (eps-mistake "
-                             "0.1), noisy (beta 1), skip (eps-skip 0.1), myopic (gamma 0.9), equal (eps-equal 0.1)",
-                             choices=("none", *BPREF_PRESETS))
-    labels: str = flag("", "--teacher replay: the JSONL label log to take labels from (a --teacher human run's "
-                       "labels.jsonl), matched by pair id; pairs it does not answer are dropped")
+    bpref_preset: str = flag(
+        "none",
+        "--teacher bpref: the B-Pref paper's teachers: oracle, mistake (eps-mistake "
+        "0.1), noisy (beta 1), skip (eps-skip 0.1), myopic (gamma 0.9), equal (eps-equal 0.1)",
+        choices=("none", *BPREF_PRESETS),
+    )
+    labels: str = flag(
+        "",
+        "--teacher replay: the JSONL label log to take labels from (a --teacher human run's "
+        "labels.jsonl), matched by pair id; pairs it does not answer are dropped",
+    )
     label_port: int = flag(0, "--teacher human: port of the labelling page on 127.0.0.1 (0: a free one)")
-    label_mode: str = flag("sync", "--teacher human: sync (each iteration waits until its pairs are answered) or "
-                           "async (train on the answers that have arrived; the warm-up pairs are always waited for)",
-                           choices=LABEL_MODES)
+    label_mode: str = flag(
+        "sync",
+        "--teacher human: sync (each iteration waits until its pairs are answered) or "
+        "async (train on the answers that have arrived; the warm-up pairs are always waited for)",
+        choices=LABEL_MODES,
+    )
     initial_pairs: int = flag(600, "pairs labelled before the first reward training (the warm-up)")
     warmup_epochs: int = flag(512, "reward-model epochs over the initial pairs")
-    warmup_save_every: int = flag(32, "warm-up epochs between checkpoints, so a stopped warm-up resumes where it was "
-                                  "(0: none)")
+    warmup_save_every: int = flag(
+        32, "warm-up epochs between checkpoints, so a stopped warm-up resumes where it was (0: none)"
+    )
     total_pairs: int = flag(9_000, "query budget of the schedule, initial pairs included")
     schedule_iterations: int = flag(2_000, "outer iterations over which the hyperbolic schedule spreads the budget")
     inner_steps: int = flag(10_000, "SAC environment steps per outer iteration")
@@ -80,34 +112,50 @@ class PreferenceArgs(sac.Args):
     reward_batch_size: int = flag(64, "pairs per reward-model minibatch")
     reward_lr: float = flag(3e-4, "AdamW learning rate of the reward model")
     reward_weight_decay: float = flag(0.01, "AdamW weight decay of the reward model")
-    ensemble: int = flag(1, "reward models, each trained on its own bootstrap resample of the pair buffer every epoch "
-                         "(1: the paper's single model, trained on the buffer itself); the policy learns their mean")
+    ensemble: int = flag(
+        1,
+        "reward models, each trained on its own bootstrap resample of the pair buffer every epoch "
+        "(1: the paper's single model, trained on the buffer itself); the policy learns their mean",
+    )
     query_selection: str = flag(
-        "uniform", "which pairs go to the teacher: uniform (random recent fragments; the paper's), disagreement (the "
+        "uniform",
+        "which pairs go to the teacher: uniform (random recent fragments; the paper's), disagreement (the "
         "--candidate-factor times as many candidates' most disputed among the ensemble: std of the members' "
         "preference probabilities; needs --ensemble >= 2) or entropy (their highest mean predictive entropy)",
         choices=QUERY_SELECTIONS,
     )
     candidate_factor: int = flag(10, "--query-selection disagreement|entropy: candidate pairs drawn per pair queried")
-    fresh_pairs: int = flag(64, "fragment pairs of the latest policy scored for reward/accuracy_fresh (0: off); "
-                            "drawn from their own generator, so this never changes the training run")
+    fresh_pairs: int = flag(
+        64,
+        "fragment pairs of the latest policy scored for reward/accuracy_fresh (0: off); "
+        "drawn from their own generator, so this never changes the training run",
+    )
     accuracy_pairs: int = flag(0, "newest stored pairs scored for reward/accuracy_train (0: all)")
     policy_chunk: int = flag(1600, "observations per policy forward pass when a loss needs the policy (bounds memory)")
     reference_quirks: bool = flag(
-        False, "run as the authors' code did: --teacher bernoulli --reward-train-mode-in-sac --per-fragment-batchnorm "
-        "--fire-after-life-loss, and SoBiRL's --reference-pi-scale (see the README)"
+        False,
+        "run as the authors' code did: --teacher bernoulli --reward-train-mode-in-sac --per-fragment-batchnorm "
+        "--fire-after-life-loss, and SoBiRL's --reference-pi-scale (see the README)",
     )
     reward_train_mode_in_sac: bool = flag(
-        False, "authors' code: the reward net labels SAC's batches in training mode (dropout on, BatchNorm on the "
-        "batch's statistics, running statistics updated); default: evaluation mode"
+        False,
+        "authors' code: the reward net labels SAC's batches in training mode (dropout on, BatchNorm on the "
+        "batch's statistics, running statistics updated); default: evaluation mode",
     )
     per_fragment_batchnorm: bool = flag(
-        False, "authors' code: reward training normalises each 25-step fragment with its own BatchNorm statistics "
-        "(they ran fragments through the net one at a time); default: one batch of all pairs"
+        False,
+        "authors' code: reward training normalises each 25-step fragment with its own BatchNorm statistics "
+        "(they ran fragments through the net one at a time); default: one batch of all pairs",
     )
 
-    RESUMABLE: ClassVar[frozenset[str]] = sac.Args.RESUMABLE | {"warmup_save_every", "fresh_pairs", "accuracy_pairs",
-                                                                "policy_chunk", "label_port", "label_mode"}
+    RESUMABLE: ClassVar[frozenset[str]] = sac.Args.RESUMABLE | {
+        "warmup_save_every",
+        "fresh_pairs",
+        "accuracy_pairs",
+        "policy_chunk",
+        "label_port",
+        "label_mode",
+    }
 
     def __post_init__(self):
         super().__post_init__()
@@ -136,11 +184,24 @@ class PreferenceArgs(sac.Args):
     def validate(self) -> None:
         super().validate()
         require_positive(
-            self, "initial_pairs", "inner_steps", "fragment_length", "pair_buffer", "reward_batch_size", "reward_lr",
+            self,
+            "initial_pairs",
+            "inner_steps",
+            "fragment_length",
+            "pair_buffer",
+            "reward_batch_size",
+            "reward_lr",
             "policy_chunk",
         )
-        require_non_negative(self, "warmup_epochs", "warmup_save_every", "schedule_iterations", "fresh_pairs",
-                             "accuracy_pairs", "reward_weight_decay")
+        require_non_negative(
+            self,
+            "warmup_epochs",
+            "warmup_save_every",
+            "schedule_iterations",
+            "fresh_pairs",
+            "accuracy_pairs",
+            "reward_weight_decay",
+        )
         require(
             self.initial_pairs <= self.pair_buffer,
             f"--initial-pairs {self.initial_pairs} is more than --pair-buffer {self.pair_buffer} can hold",
@@ -164,47 +225,61 @@ class PreferenceArgs(sac.Args):
             f"keeps {slots} steps per env",
         )
         one_fragment = (self.fragment_length + 1) * self.num_envs
-        require(self.total_timesteps >= one_fragment,
-                f"--total-timesteps {self.total_timesteps} ends before one fragment is collected: --fragment-length "
-                f"{self.fragment_length} needs {one_fragment} env steps")
+        require(
+            self.total_timesteps >= one_fragment,
+            f"--total-timesteps {self.total_timesteps} ends before one fragment is collected: --fragment-length "
+            f"{self.fragment_length} needs {one_fragment} env steps",
+        )
 
     def warmup_rollout_per_env(self) -> int:
         """Complete transitions per env that iteration 0 stores before its first query: the initial pairs' worth,
         at most the uniform-random phase, at least one fragment."""
-        rollout = max(self.fragment_length + 1, min(2 * self.initial_pairs * self.fragment_length, self.learning_starts))
+        rollout = max(
+            self.fragment_length + 1, min(2 * self.initial_pairs * self.fragment_length, self.learning_starts)
+        )
         return -(-rollout // self.num_envs)
 
     def warmup_rollout_steps(self) -> int:
-        """Env steps of iteration 0's rollout (PreferenceLearner.query), plus the step completing its last transition."""
+        """Env steps of iteration 0's rollout (PreferenceLearner.query) plus the step completing its last transition."""
         return (self.warmup_rollout_per_env() + 1) * self.num_envs
 
     def budget_notes(self) -> list[str]:
         notes = super().budget_notes()
         rollout = self.warmup_rollout_steps()
         if self.total_timesteps < rollout:
-            notes.append(f"--total-timesteps {self.total_timesteps} ends before the warm-up's rollout of {rollout} env "
-                         f"steps: the {self.initial_pairs} initial pairs come from the {self.total_timesteps} steps "
-                         f"taken, and no agent phase follows")
+            notes.append(
+                f"--total-timesteps {self.total_timesteps} ends before the warm-up's rollout of {rollout} env "
+                f"steps: the {self.initial_pairs} initial pairs come from the {self.total_timesteps} steps "
+                f"taken, and no agent phase follows"
+            )
         return notes
 
     def validate_query_selection(self) -> None:
         require_positive(self, "ensemble", "candidate_factor")
-        require(self.query_selection != "disagreement" or self.ensemble >= 2,
-                f"--query-selection disagreement needs --ensemble 2 or more, got --ensemble {self.ensemble}")
-        require(self.query_selection != "uniform" or self.candidate_factor == type(self).candidate_factor,
-                "--candidate-factor applies to --query-selection disagreement|entropy only (this run's is uniform)")
+        require(
+            self.query_selection != "disagreement" or self.ensemble >= 2,
+            f"--query-selection disagreement needs --ensemble 2 or more, got --ensemble {self.ensemble}",
+        )
+        require(
+            self.query_selection != "uniform" or self.candidate_factor == type(self).candidate_factor,
+            "--candidate-factor applies to --query-selection disagreement|entropy only (this run's is uniform)",
+        )
 
     def validate_teacher(self) -> None:
         require(0.0 <= self.teacher_gamma <= 1.0, f"--teacher-gamma must be in [0, 1], got {self.teacher_gamma}")
-        require(0.0 <= self.teacher_eps_mistake <= 1.0,
-                f"--teacher-eps-mistake must be in [0, 1], got {self.teacher_eps_mistake}")
+        require(
+            0.0 <= self.teacher_eps_mistake <= 1.0,
+            f"--teacher-eps-mistake must be in [0, 1], got {self.teacher_eps_mistake}",
+        )
         require_non_negative(self, "teacher_eps_skip", "teacher_eps_equal")
         require(0 <= self.label_port <= 65535, f"--label-port must be in [0, 65535], got {self.label_port}")
         # Flags of one teacher given with another would be silently ignored: refuse them.
         default = BPrefTeacher()
         own = {
-            "bpref": (["bpref_preset"] if self.bpref_preset != "none" else []) + [
-                f"teacher_{name}" for name in BPREF_PARAMETERS
+            "bpref": (["bpref_preset"] if self.bpref_preset != "none" else [])
+            + [
+                f"teacher_{name}"
+                for name in BPREF_PARAMETERS
                 if getattr(self, f"teacher_{name}") != getattr(default, name)
             ],
             "replay": ["labels"] if self.labels else [],
@@ -212,8 +287,9 @@ class PreferenceArgs(sac.Args):
         }
         for teacher, names in own.items():
             if teacher != self.teacher and names:
-                raise UsageError(f"{flag_name(names[0])} applies to --teacher {teacher} only (this run's teacher is "
-                                 f"{self.teacher})")
+                raise UsageError(
+                    f"{flag_name(names[0])} applies to --teacher {teacher} only (this run's teacher is {self.teacher})"
+                )
         if self.teacher == "replay":
             ReplayTeacher.from_log(self.labels)  # a missing or corrupt log is refused before the run starts
 
@@ -275,8 +351,13 @@ def reward_update(
         bce_mean = bce.mean()
         out = {"loss": loss.detach(), "bce": bce_mean, "hyper_term": loss.detach() - bce_mean}
     out.update({key: torch.as_tensor(value).detach() for key, value in metrics.items()})
-    return {**out, "correct": correct, "counted": counted, "teacher_correct": teacher_correct,
-            "teacher_counted": teacher_counted}
+    return {
+        **out,
+        "correct": correct,
+        "counted": counted,
+        "teacher_correct": teacher_correct,
+        "teacher_counted": teacher_counted,
+    }
 
 
 def gradient_norm_ratio(extra: torch.Tensor, bce: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
@@ -284,10 +365,14 @@ def gradient_norm_ratio(extra: torch.Tensor, bce: torch.Tensor, model: torch.nn.
     params = [p for p in model.parameters() if p.requires_grad]
     if not extra.requires_grad:
         return torch.zeros((), device=bce.device)
-    norm = lambda loss: torch.linalg.vector_norm(torch.cat([
-        (g if g is not None else torch.zeros_like(p)).flatten()
-        for g, p in zip(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), params)
-    ]))
+    norm = lambda loss: torch.linalg.vector_norm(
+        torch.cat(
+            [
+                (g if g is not None else torch.zeros_like(p)).flatten()
+                for g, p in zip(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), params)
+            ]
+        )
+    )
     return norm(extra) / norm(bce).clamp_min(1e-12)
 
 
@@ -331,8 +416,17 @@ def reward_epoch(
         for index, part in enumerate(minibatches):
             between_steps()
             step = reward_update(
-                reward_net, optimizer, buffer.get(rows[part]), loss_fn, alpha, global_step, policy_probs,
-                len(part) / batch_size, policy_chunk, diagnose=diagnose and index == 0, policy_share=policy_share,
+                reward_net,
+                optimizer,
+                buffer.get(rows[part]),
+                loss_fn,
+                alpha,
+                global_step,
+                policy_probs,
+                len(part) / batch_size,
+                policy_chunk,
+                diagnose=diagnose and index == 0,
+                policy_share=policy_share,
             )
             for key, value in step.items():
                 scaled = value if key in sums else value * len(part)
@@ -340,10 +434,11 @@ def reward_epoch(
     finally:
         reward_net.eval()
     n = max(len(buffer), 1)
-    out = {key: float(value) / (1 if key in first_step_only else n)
-           for key, value in totals.items() if key not in sums}
-    for name, (correct, counted) in {"accuracy": ("correct", "counted"),
-                                     "teacher_accuracy": ("teacher_correct", "teacher_counted")}.items():
+    out = {key: float(value) / (1 if key in first_step_only else n) for key, value in totals.items() if key not in sums}
+    for name, (correct, counted) in {
+        "accuracy": ("correct", "counted"),
+        "teacher_accuracy": ("teacher_correct", "teacher_counted"),
+    }.items():
         total = float(totals.get(counted, 0))
         out[name] = float(totals[correct]) / total if total else math.nan
     out["steps"] = len(minibatches)
@@ -378,8 +473,10 @@ def label_agreement(
 @torch.no_grad()
 def predicted_returns(
     reward_net: torch.nn.Module,
-    frames1: torch.Tensor, actions1: torch.Tensor,
-    frames2: torch.Tensor, actions2: torch.Tensor,
+    frames1: torch.Tensor,
+    actions1: torch.Tensor,
+    frames2: torch.Tensor,
+    actions2: torch.Tensor,
     chunk_pairs: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reward model's returns (N,) of both fragments of N pairs, in eval mode, `chunk_pairs` pairs per forward
@@ -403,9 +500,12 @@ def predicted_returns(
 
 def preference_accuracy(
     reward_net: torch.nn.Module,
-    frames1: torch.Tensor, actions1: torch.Tensor,
-    frames2: torch.Tensor, actions2: torch.Tensor,
-    returns1: torch.Tensor, returns2: torch.Tensor,
+    frames1: torch.Tensor,
+    actions1: torch.Tensor,
+    frames2: torch.Tensor,
+    actions2: torch.Tensor,
+    returns1: torch.Tensor,
+    returns2: torch.Tensor,
     chunk_pairs: int = 64,
 ) -> float:
     """How often the reward model orders a pair of fragments as the noise-free oracle does (see `oracle_agreement`),
@@ -418,8 +518,9 @@ def preference_accuracy(
 def ensemble_uncertainty(members: Sequence[torch.nn.Module], pairs: PairBatch, mode: str) -> torch.Tensor:
     """Per-pair uncertainty (`agents.ensemble.query_uncertainty`) of the members' preference probabilities."""
     returns = [predicted_returns(net, pairs.frames1, pairs.actions1, pairs.frames2, pairs.actions2) for net in members]
-    return query_uncertainty(preference_probabilities(torch.stack([r[0] for r in returns]),
-                                                      torch.stack([r[1] for r in returns])), mode)
+    return query_uncertainty(
+        preference_probabilities(torch.stack([r[0] for r in returns]), torch.stack([r[1] for r in returns])), mode
+    )
 
 
 def mean_stats(stats: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -462,8 +563,9 @@ class PreferenceLearner:
         self.run = run
         self.device = trainer.device
         try:
-            self.members = [RewardCNN(trainer.obs_shape, trainer.num_actions).to(self.device)
-                            for _ in range(args.ensemble)]
+            self.members = [
+                RewardCNN(trainer.obs_shape, trainer.num_actions).to(self.device) for _ in range(args.ensemble)
+            ]
         except ValueError as err:
             raise UsageError(f"--env-id {args.env_id}: {err}") from None
         # What the policy, the accuracies and the losses' policy-side terms read: the model, or the members' mean.
@@ -485,8 +587,13 @@ class PreferenceLearner:
         pair_bytes = PairBuffer.bytes_needed(args.pair_buffer, args.fragment_length, replay.frame_shape, replay.stack)
         replay_bytes = FrameReplayBuffer.bytes_needed(args.buffer_size, args.num_envs, trainer.obs_shape, replay.stack)
         try:  # both buffers live on the device and fill in as the run goes: together they must fit
-            require_memory("--pair-buffer", args.pair_buffer, f"a full pair buffer ({format_bytes(pair_bytes)}) with "
-                           f"the replay ({format_bytes(replay_bytes)})", pair_bytes + replay_bytes, self.device)
+            require_memory(
+                "--pair-buffer",
+                args.pair_buffer,
+                f"a full pair buffer ({format_bytes(pair_bytes)}) with the replay ({format_bytes(replay_bytes)})",
+                pair_bytes + replay_bytes,
+                self.device,
+            )
         except ValueError as err:
             raise UsageError(str(err)) from None
         self.pairs = PairBuffer(args.pair_buffer, args.fragment_length, replay.frame_shape, replay.stack, self.device)
@@ -512,8 +619,7 @@ class PreferenceLearner:
         self.pairs_queried = 0
         self.bpref = args.bpref_teacher() if args.teacher == "bpref" else None
         self.replay_teacher = ReplayTeacher.from_log(args.labels) if args.teacher == "replay" else None
-        self.human = (HumanTeacher(args.label_port, max_pending=args.pair_buffer) if args.teacher == "human"
-                      else None)
+        self.human = HumanTeacher(args.label_port, max_pending=args.pair_buffer) if args.teacher == "human" else None
 
     @property
     def global_step(self) -> int:
@@ -583,10 +689,18 @@ class PreferenceLearner:
         started = self.global_step - (fragments.age + 1) * self.args.num_envs
         collected = torch.minimum(started[first], started[second])
         return PairBatch(
-            fragments.frames[first], fragments.actions[first], fragments.frames[second], fragments.actions[second],
-            torch.full((count,), math.nan, device=returns.device), returns[first], returns[second],
-            fragments.behaviour[first], fragments.behaviour[second], collected,
-            rewards1=fragments.rewards[first], rewards2=fragments.rewards[second],
+            fragments.frames[first],
+            fragments.actions[first],
+            fragments.frames[second],
+            fragments.actions[second],
+            torch.full((count,), math.nan, device=returns.device),
+            returns[first],
+            returns[second],
+            fragments.behaviour[first],
+            fragments.behaviour[second],
+            collected,
+            rewards1=fragments.rewards[first],
+            rewards2=fragments.rewards[second],
         )
 
     # -- 2. label ----------------------------------------------------------------------------------------------------
@@ -664,15 +778,27 @@ class PreferenceLearner:
         while self.epochs_done < epochs:
             self.run.signals.check()
             last = self.epochs_done == epochs - 1
-            stats = mean_stats([
-                reward_epoch(
-                    model, optimizer, self.pairs, a.reward_batch_size, self.loss_fn, self.trainer.alpha,
-                    self.global_step, self.loss_fn.policy_probs or self.trainer.policy_probs, self.shuffle_generator,
-                    a.policy_chunk, self.run.signals.check, diagnose=last and k == 0, bootstrap=a.ensemble > 1,
-                    policy_share=1.0 / a.ensemble,
-                )
-                for k, (model, optimizer) in enumerate(zip(self.trained_models, self.optimizers))
-            ])
+            stats = mean_stats(
+                [
+                    reward_epoch(
+                        model,
+                        optimizer,
+                        self.pairs,
+                        a.reward_batch_size,
+                        self.loss_fn,
+                        self.trainer.alpha,
+                        self.global_step,
+                        self.loss_fn.policy_probs or self.trainer.policy_probs,
+                        self.shuffle_generator,
+                        a.policy_chunk,
+                        self.run.signals.check,
+                        diagnose=last and k == 0,
+                        bootstrap=a.ensemble > 1,
+                        policy_share=1.0 / a.ensemble,
+                    )
+                    for k, (model, optimizer) in enumerate(zip(self.trained_models, self.optimizers))
+                ]
+            )
             self.epochs_done += 1
             if epochs > 1:
                 self.run.progress.set_phase(f"reward warm-up {self.epochs_done}/{epochs}")
@@ -691,7 +817,7 @@ class PreferenceLearner:
     def stored_accuracy(self) -> float:
         rows = self.pairs.oldest_first()
         if self.args.accuracy_pairs:
-            rows = rows[-self.args.accuracy_pairs:]
+            rows = rows[-self.args.accuracy_pairs :]
         p = self.pairs.get(rows)
         return preference_accuracy(
             self.reward_net, p.frames1, p.actions1, p.frames2, p.actions2, p.returns1, p.returns2

@@ -112,8 +112,7 @@ def require_memory(flag: str, value: object, what: str, needed: float, device: t
     available, where = memory_available(device)
     if needed > available:
         raise ValueError(
-            f"{flag} {value}: {what} needs {format_bytes(needed)} but {where} {format_bytes(available)}; "
-            f"lower {flag}"
+            f"{flag} {value}: {what} needs {format_bytes(needed)} but {where} {format_bytes(available)}; lower {flag}"
         )
 
 
@@ -135,7 +134,9 @@ class FrameReplayBuffer:
         slots = capacity // num_envs
         return slots * num_envs * (math.prod(frame_shape) + cls.EXTRA_BYTES_PER_TRANSITION)
 
-    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple[int, ...], stack: int, device: torch.device | str):
+    def __init__(
+        self, capacity: int, num_envs: int, obs_shape: tuple[int, ...], stack: int, device: torch.device | str
+    ):
         if stack < 1:
             raise ValueError(f"stack must be at least 1, got {stack}")
         if stack > 1 and obs_shape[0] != stack:
@@ -143,7 +144,8 @@ class FrameReplayBuffer:
         self.slots = capacity // num_envs
         if self.slots < stack + 2:
             raise ValueError(
-                f"buffer of {capacity} transitions leaves {self.slots} per env for {num_envs} envs; need at least {stack + 2}"
+                f"buffer of {capacity} transitions leaves {self.slots} per env for {num_envs} envs; "
+                f"need at least {stack + 2}"
             )
         self.num_envs = num_envs
         self.obs_shape = tuple(obs_shape)
@@ -213,10 +215,16 @@ class FrameReplayBuffer:
     def state_dict(self) -> dict:
         """The written slots only (the ring fills slots 0, 1, ... before it wraps), so a checkpoint's size follows the
         steps collected, not the capacity."""
-        filled = {name: written_rows(getattr(self, name), self.written)
-                  for name in self._STATE if name != "_next_first"}
-        return {"slots": self.slots, "pos": self.pos, "written": self.written, "_next_first": self._next_first.cpu(),
-                **filled}
+        filled = {
+            name: written_rows(getattr(self, name), self.written) for name in self._STATE if name != "_next_first"
+        }
+        return {
+            "slots": self.slots,
+            "pos": self.pos,
+            "written": self.written,
+            "_next_first": self._next_first.cpu(),
+            **filled,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["slots"]) != self.slots or state["frames"].shape[1:] != self.frames.shape[1:]:

@@ -111,8 +111,14 @@ def norm_act_dropout(x: torch.Tensor, norm: nn.BatchNorm2d, slope: float, p: flo
     if norm.track_running_stats:
         norm.num_batches_tracked.add_(1)
     z = F.batch_norm(
-        x, norm.running_mean, norm.running_var, norm.weight * scale, norm.bias * scale,
-        training=True, momentum=norm.momentum, eps=norm.eps,
+        x,
+        norm.running_mean,
+        norm.running_var,
+        norm.weight * scale,
+        norm.bias * scale,
+        training=True,
+        momentum=norm.momentum,
+        eps=norm.eps,
     )
     return _LeakyReLUDropoutInplace.apply(z, slope, p)
 
@@ -134,8 +140,17 @@ class _ConvFromPixels(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         obs, weight = ctx.saved_tensors
         _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad_out, pixels_to_float(obs, weight.dtype), weight, [weight.shape[0]], list(ctx.stride), [0, 0], [1, 1],
-            False, [0, 0], 1, [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]],
+            grad_out,
+            pixels_to_float(obs, weight.dtype),
+            weight,
+            [weight.shape[0]],
+            list(ctx.stride),
+            [0, 0],
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]],
         )
         return None, grad_weight, grad_bias, None
 

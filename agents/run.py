@@ -24,16 +24,23 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from agents.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from agents.common import (
-    UsageError, explicit_flags, flag_name, hyperparameter_table, make_run_name, parse_args, require,
+    UsageError,
+    explicit_flags,
+    flag_name,
+    hyperparameter_table,
+    make_run_name,
+    parse_args,
+    require,
 )
 
 
@@ -125,8 +132,14 @@ class Progress:
     def start(self) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=self.total, initial=self.n, disable=not self.enabled, unit="step", dynamic_ncols=True,
-                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+        self.bar = tqdm(
+            total=self.total,
+            initial=self.n,
+            disable=not self.enabled,
+            unit="step",
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+        )
 
     def restart_clock(self, step: int) -> None:
         self.n = step
@@ -160,7 +173,9 @@ class Progress:
         if self.bar is None:
             return
         eta = self.eta_seconds()
-        eta_text = "-" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 3600:.0f}h"
+        eta_text = (
+            "-" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 3600:.0f}h"
+        )
         self.bar.n = self.n
         self.bar.set_postfix_str(f"phase={self.phase} SPS={self.sps(self.n):.0f} ETA={eta_text} {self.extra}")
 
@@ -316,8 +331,12 @@ def open_writer(args: Any, directory: Path, purge_step: int | None):
         import wandb
 
         wandb.init(
-            project=args.wandb_project_name, entity=args.wandb_entity or None, sync_tensorboard=True,
-            config=vars(args), name=directory.name, save_code=True,
+            project=args.wandb_project_name,
+            entity=args.wandb_entity or None,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=directory.name,
+            save_code=True,
         )
     # purge_step hides anything a killed run logged after its checkpoint, so resumed curves continue without overlap.
     writer = SummaryWriter(str(directory), purge_step=purge_step)
@@ -340,8 +359,7 @@ def launch(
     directory_flag = "--runs-dir" if state is None else "--resume"
     check_writable(directory, directory_flag)
     device = prepare(args)
-    run = Run(args, algo, Logger(), Progress(args.total_timesteps, args.progress, args.learning_starts),
-              StopSignals())
+    run = Run(args, algo, Logger(), Progress(args.total_timesteps, args.progress, args.learning_starts), StopSignals())
     algorithm = build(args, device, run)  # raises UsageError for bad settings before the run directory exists
     created = [d for d in (directory, *directory.parents) if not d.exists()]  # what this run will create
     try:
@@ -356,8 +374,12 @@ def launch(
         except OSError as err:  # e.g. a full disk, or a directory that became unwritable since the check
             raise UsageError(f"{directory_flag} {directory}: {err}") from None
         run.save_hook = lambda: save_atomic(
-            {"algo": algo, "args": vars(args).copy(), "global_step": algorithm.global_step,
-             "algorithm": algorithm.state_dict()},
+            {
+                "algo": algo,
+                "args": vars(args).copy(),
+                "global_step": algorithm.global_step,
+                "algorithm": algorithm.state_dict(),
+            },
             run.checkpoint_path,
         )
         print(f"run {directory.name} ({algo}) on {device}: logs in {directory}", flush=True)
@@ -409,12 +431,18 @@ def run_to_completion(run: Run, algorithm: Algorithm) -> None:
             run.save()
         except StopTraining as stop:
             run.save()
-            print(f"\n{stop} at step {algorithm.global_step}: checkpoint saved; "
-                  f"continue with: {resume_command(run)}", file=sys.stderr, flush=True)
+            print(
+                f"\n{stop} at step {algorithm.global_step}: checkpoint saved; continue with: {resume_command(run)}",
+                file=sys.stderr,
+                flush=True,
+            )
             raise SystemExit(EXIT_STATUS[stop.signum]) from None
     except KeyboardInterrupt as interrupt:  # StopNow (a second signal), or Ctrl-C with the handlers not installed
-        last = (f"the last checkpoint, in {run.directory}, is unchanged"
-                if run.checkpoint_path is not None and run.checkpoint_path.exists() else "no checkpoint was written")
+        last = (
+            f"the last checkpoint, in {run.directory}, is unchanged"
+            if run.checkpoint_path is not None and run.checkpoint_path.exists()
+            else "no checkpoint was written"
+        )
         print(f"\nstopped at step {algorithm.global_step} without saving; {last}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_STATUS.get(getattr(interrupt, "signum", signal.SIGINT), 130)) from None
     finally:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Sequence
+from typing import ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -36,21 +37,32 @@ class Args:
     seed: int = flag(1, "seed of the experiment (environments, networks, sampling)")
     torch_deterministic: bool = flag(True, "set torch.backends.cudnn.deterministic")
     cuda: bool = flag(True, "use CUDA when available")
-    compile: bool = flag(False, "torch.compile the SAC update (and the reward-model update): same math, less "
-                         "per-operation overhead; compiling takes a minute at start-up")
+    compile: bool = flag(
+        False,
+        "torch.compile the SAC update (and the reward-model update): same math, less "
+        "per-operation overhead; compiling takes a minute at start-up",
+    )
     track: bool = flag(False, "mirror the TensorBoard logs to Weights & Biases")
     wandb_project_name: str = flag("sobirl", "W&B project name (with --track)")
     wandb_entity: str = flag("", "W&B entity (team), empty for the default")
-    capture_video: bool = flag(False, "record a video of a greedy game under videos/{run_name} at each evaluation and at the end")
+    capture_video: bool = flag(
+        False, "record a video of a greedy game under videos/{run_name} at each evaluation and at the end"
+    )
     runs_dir: str = flag("runs", "directory for TensorBoard runs")
     progress: bool = flag(True, "show a progress bar")
-    save_every: int = flag(100_000, "env steps between checkpoints in the run directory, besides the ones written when "
-                           "the run is stopped (SIGINT, SIGTERM) and at its end (0: only those)")
+    save_every: int = flag(
+        100_000,
+        "env steps between checkpoints in the run directory, besides the ones written when "
+        "the run is stopped (SIGINT, SIGTERM) and at its end (0: only those)",
+    )
     save_replay: bool = flag(True, "include the replay buffer in checkpoints (without it a resumed run refills it)")
-    resume: str = flag("", "continue the run of this checkpoint (or run directory); see RESUMABLE for the flags "
-                       "that may change")
+    resume: str = flag(
+        "", "continue the run of this checkpoint (or run directory); see RESUMABLE for the flags that may change"
+    )
     eval_every: int = flag(0, "env steps between evaluations on a separate environment (0: never)")
-    eval_episodes: int = flag(5, "games per evaluation (one per parallel env), played with sampled and with greedy actions")
+    eval_episodes: int = flag(
+        5, "games per evaluation (one per parallel env), played with sampled and with greedy actions"
+    )
 
     # Algorithm specific arguments
     env_id: str = flag("BeamRiderNoFrameskip-v4", "environment id")
@@ -71,35 +83,67 @@ class Args:
     target_entropy_scale: float = flag(0.89, "target entropy = scale * ln(number of actions)")
     max_episode_frames: int = flag(108_000, "emulator frames after which a game is truncated (ALE's default)")
     log_every: int = flag(100, "gradient updates between loss logs (metrics stay on the device in between)")
-    fire_after_life_loss: bool = flag(False, "Atari: press FIRE after every lost life, as SB3's AtariWrapper (the "
-                                      "authors' code) does; ale-py fires only at a game's start. Needs --num-envs 1")
+    fire_after_life_loss: bool = flag(
+        False,
+        "Atari: press FIRE after every lost life, as SB3's AtariWrapper (the "
+        "authors' code) does; ale-py fires only at a game's start. Needs --num-envs 1",
+    )
 
     # Flags a resumed run may change; every other flag is the run's identity (agents/run.py).
-    RESUMABLE: ClassVar[frozenset[str]] = frozenset({
-        "total_timesteps", "save_every", "save_replay", "eval_every", "eval_episodes", "log_every", "progress",
-        "cuda", "compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "runs_dir",
-    })
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset(
+        {
+            "total_timesteps",
+            "save_every",
+            "save_replay",
+            "eval_every",
+            "eval_episodes",
+            "log_every",
+            "progress",
+            "cuda",
+            "compile",
+            "track",
+            "wandb_project_name",
+            "wandb_entity",
+            "capture_video",
+            "runs_dir",
+        }
+    )
 
     def __post_init__(self):
         pass  # subclasses expand presets here (--reference-quirks)
 
     def validate(self) -> None:
         require_positive(
-            self, "num_envs", "total_timesteps", "buffer_size", "batch_size", "update_frequency",
-            "target_network_frequency", "policy_lr", "q_lr", "adam_eps", "alpha", "log_every", "max_episode_frames",
+            self,
+            "num_envs",
+            "total_timesteps",
+            "buffer_size",
+            "batch_size",
+            "update_frequency",
+            "target_network_frequency",
+            "policy_lr",
+            "q_lr",
+            "adam_eps",
+            "alpha",
+            "log_every",
+            "max_episode_frames",
             "eval_episodes",
         )
         require_non_negative(self, "learning_starts", "save_every", "eval_every", "anneal_steps")
         if self.capture_video:
-            require(importlib.util.find_spec("moviepy") is not None,
-                    '--capture-video needs moviepy: pip install -e ".[video]"')
+            require(
+                importlib.util.find_spec("moviepy") is not None,
+                '--capture-video needs moviepy: pip install -e ".[video]"',
+            )
         require(0.0 <= self.gamma < 1.0, f"--gamma must be in [0, 1), got {self.gamma}")
         require(
             self.batch_size <= self.buffer_size,
             f"--batch-size {self.batch_size} is larger than --buffer-size {self.buffer_size}",
         )
-        require(0.0 < self.target_entropy_scale <= 1.0,
-                f"--target-entropy-scale must be in (0, 1], got {self.target_entropy_scale}")
+        require(
+            0.0 < self.target_entropy_scale <= 1.0,
+            f"--target-entropy-scale must be in (0, 1], got {self.target_entropy_scale}",
+        )
 
     def budget_notes(self) -> list[str]:
         """Settings that are valid but probably not what was meant: printed as notes when the run starts."""
@@ -120,26 +164,36 @@ def target_entropy(num_actions: int, scale: float) -> float:
     return scale * float(np.log(num_actions))
 
 
-def soft_state_value(probs: torch.Tensor, log_probs: torch.Tensor, q: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+def soft_state_value(
+    probs: torch.Tensor, log_probs: torch.Tensor, q: torch.Tensor, alpha: float | torch.Tensor
+) -> torch.Tensor:
     """V(s) = sum_a pi(a|s) (Q(s, a) - alpha log pi(a|s)), exact for discrete actions."""
     return (probs * (q - alpha * log_probs)).sum(-1)
 
 
-def critic_target(rewards: torch.Tensor, terminated: torch.Tensor, next_value: torch.Tensor, gamma: float) -> torch.Tensor:
+def critic_target(
+    rewards: torch.Tensor, terminated: torch.Tensor, next_value: torch.Tensor, gamma: float
+) -> torch.Tensor:
     """y = r + gamma (1 - terminated) V(s'); a truncated episode still bootstraps."""
     return rewards + gamma * (1.0 - terminated) * next_value
 
 
-def critic_losses(q1_taken: torch.Tensor, q2_taken: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def critic_losses(
+    q1_taken: torch.Tensor, q2_taken: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     return F.mse_loss(q1_taken, target), F.mse_loss(q2_taken, target)
 
 
-def actor_loss(probs: torch.Tensor, log_probs: torch.Tensor, q: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+def actor_loss(
+    probs: torch.Tensor, log_probs: torch.Tensor, q: torch.Tensor, alpha: float | torch.Tensor
+) -> torch.Tensor:
     """E_s sum_a pi(a|s)(alpha log pi(a|s) - Q(s, a)), averaged over batch x actions as the paper's code does."""
     return (probs * (alpha * log_probs - q)).mean()
 
 
-def alpha_loss(probs: torch.Tensor, log_probs: torch.Tensor, log_alpha: torch.Tensor, entropy_target: float) -> torch.Tensor:
+def alpha_loss(
+    probs: torch.Tensor, log_probs: torch.Tensor, log_alpha: torch.Tensor, entropy_target: float
+) -> torch.Tensor:
     """Raises alpha while the policy entropy is below the target, lowers it above (batch x actions mean)."""
     return (probs.detach() * (-log_alpha.exp() * (log_probs.detach() + entropy_target))).mean()
 
@@ -196,7 +250,9 @@ class SACDiscrete:
     def set_learning_rates(self, global_step: int) -> None:
         a = self.args
         for optimizer, base in (
-            (self.q_optimizer, a.q_lr), (self.actor_optimizer, a.policy_lr), (self.alpha_optimizer, a.q_lr)
+            (self.q_optimizer, a.q_lr),
+            (self.actor_optimizer, a.policy_lr),
+            (self.alpha_optimizer, a.q_lr),
         ):
             optimizer.param_groups[0]["lr"] = annealed_lr(base, global_step, a.anneal_steps)
 
@@ -304,8 +360,13 @@ class SACTrainer:
         try:
             # Checked before anything large is allocated: the buffer's pages fill in as steps are stored, so an
             # oversized one would otherwise start fine and run out of memory hours later.
-            require_memory("--buffer-size", args.buffer_size, "a full replay buffer", FrameReplayBuffer.bytes_needed(
-                args.buffer_size, args.num_envs, self.obs_shape, stack), device)
+            require_memory(
+                "--buffer-size",
+                args.buffer_size,
+                "a full replay buffer",
+                FrameReplayBuffer.bytes_needed(args.buffer_size, args.num_envs, self.obs_shape, stack),
+                device,
+            )
         except ValueError as err:
             raise UsageError(str(err)) from None
         self.agent = SACDiscrete(self.obs_shape, self.num_actions, args, device)
@@ -436,8 +497,14 @@ class SACTrainer:
         with torch.no_grad():
             raw = self._reward_fn(batch.obs, batch.actions).float()
             # Running sums on the device, read at the next log: how the learned reward looks to SAC.
-            stats = torch.stack([raw.sum(), raw.square().sum(), (raw.abs() >= 1.0).float().sum(),
-                                 torch.tensor(float(raw.numel()), device=raw.device)])
+            stats = torch.stack(
+                [
+                    raw.sum(),
+                    raw.square().sum(),
+                    (raw.abs() >= 1.0).float().sum(),
+                    torch.tensor(float(raw.numel()), device=raw.device),
+                ]
+            )
             self._reward_stats = stats if self._reward_stats is None else self._reward_stats + stats
             return raw.clamp(-1.0, 1.0)
 
@@ -446,8 +513,11 @@ class SACTrainer:
             return
         total, squares, saturated, count = self._reward_stats.tolist()
         mean = total / count
-        for tag, value in (("mean", mean), ("std", max(squares / count - mean * mean, 0.0) ** 0.5),
-                           ("saturated", saturated / count)):
+        for tag, value in (
+            ("mean", mean),
+            ("std", max(squares / count - mean * mean, 0.0) ** 0.5),
+            ("saturated", saturated / count),
+        ):
             self.run.logger.scalar(f"reward/sac_reward_{tag}", value, self.global_step)
         self._reward_stats = None
 
@@ -473,8 +543,9 @@ class SACTrainer:
             self.last_score = float(info["episode"]["r"][env])
             self.run.logger.scalar("charts/episodic_return", self.last_score, self.global_step)
             self.run.logger.scalar("charts/episodic_length", int(info["episode"]["l"][env]), self.global_step)
-            self.run.logger.scalar("charts/episodic_length_frames", int(info["episode"]["frames"][env]),
-                                   self.global_step)
+            self.run.logger.scalar(
+                "charts/episodic_length_frames", int(info["episode"]["frames"][env]), self.global_step
+            )
 
     def _log_speed(self) -> None:
         progress = self.run.progress

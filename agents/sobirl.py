@@ -16,8 +16,9 @@ estimator; with inv_alpha = 0 it is DRLHF's loss.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, Sequence
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -63,9 +64,17 @@ def importance_weights(pi_taken: torch.Tensor, mu_taken: torch.Tensor, clip: flo
 
 
 def implicit_term(
-    bce: torch.Tensor, r1: torch.Tensor, a1: torch.Tensor, pi1: torch.Tensor,
-    r2: torch.Tensor, a2: torch.Tensor, pi2: torch.Tensor, inv_alpha: float, baseline: bool = False,
-    w1: torch.Tensor | None = None, w2: torch.Tensor | None = None,
+    bce: torch.Tensor,
+    r1: torch.Tensor,
+    a1: torch.Tensor,
+    pi1: torch.Tensor,
+    r2: torch.Tensor,
+    a2: torch.Tensor,
+    pi2: torch.Tensor,
+    inv_alpha: float,
+    baseline: bool = False,
+    w1: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-pair surrogate (l - b) * (1/alpha) * (weighted advantage sums of both fragments), (B,), l a constant;
     b the leave-one-out baseline with `baseline`, else 0; w1, w2 optional per-step weights (B, H)."""
@@ -76,9 +85,15 @@ def implicit_term(
 
 
 def sobirl_loss_terms(
-    r1: torch.Tensor, a1: torch.Tensor, pi1: torch.Tensor | None,
-    r2: torch.Tensor, a2: torch.Tensor, pi2: torch.Tensor | None,
-    y: torch.Tensor, inv_alpha: float, baseline: bool = False,
+    r1: torch.Tensor,
+    a1: torch.Tensor,
+    pi1: torch.Tensor | None,
+    r2: torch.Tensor,
+    a2: torch.Tensor,
+    pi2: torch.Tensor | None,
+    y: torch.Tensor,
+    inv_alpha: float,
+    baseline: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, mean BCE, mean implicit term); loss = mean BCE + mean implicit term. See `sobirl_loss`."""
     bce = bradley_terry_bce(fragment_returns(r1, a1), fragment_returns(r2, a2), y)
@@ -92,9 +107,15 @@ def sobirl_loss_terms(
 
 
 def sobirl_loss(
-    r1: torch.Tensor, a1: torch.Tensor, pi1: torch.Tensor | None,
-    r2: torch.Tensor, a2: torch.Tensor, pi2: torch.Tensor | None,
-    y: torch.Tensor, inv_alpha: float, baseline: bool = False,
+    r1: torch.Tensor,
+    a1: torch.Tensor,
+    pi1: torch.Tensor | None,
+    r2: torch.Tensor,
+    a2: torch.Tensor,
+    pi2: torch.Tensor | None,
+    y: torch.Tensor,
+    inv_alpha: float,
+    baseline: bool = False,
 ) -> torch.Tensor:
     """The SoBiRL upper-level surrogate loss for a batch of B preference pairs (the paper's estimator (78)).
 
@@ -140,16 +161,22 @@ class Correction(NamedTuple):
 def parse_correction(correction: str) -> Correction:
     if correction not in CORRECTIONS:
         raise ValueError(f"unknown correction {correction!r}; expected one of {', '.join(CORRECTIONS)}")
-    return Correction(ratios=correction in ("ratio", "ratio-baseline"),
-                      baseline=correction in ("baseline", "ratio-baseline"))
+    return Correction(
+        ratios=correction in ("ratio", "ratio-baseline"), baseline=correction in ("baseline", "ratio-baseline")
+    )
 
 
 class SoBiRLLoss:
     """Bradley-Terry cross-entropy plus the implicit term (1/alpha coefficient) once global_step > hyper_start."""
 
     def __init__(
-        self, hyper_start: int = 100_000, correction: str = "none", ratio_clip: float = 10.0,
-        clamp_aware: bool = False, implicit_pairs: str = "all", learning_starts: int = 0,
+        self,
+        hyper_start: int = 100_000,
+        correction: str = "none",
+        ratio_clip: float = 10.0,
+        clamp_aware: bool = False,
+        implicit_pairs: str = "all",
+        learning_starts: int = 0,
         policy_probs=None,
     ):
         self.correction = parse_correction(correction)
@@ -179,8 +206,9 @@ class SoBiRLLoss:
             weights = torch.cat([w1, w2])
             metrics["ratio_mean"] = weights.mean()
             metrics["ratio_clipped"] = (weights >= self.ratio_clip).float().mean()
-        hyper = implicit_term(x.bce, r1, p.actions1, x.pi1, r2, p.actions2, x.pi2, inv_alpha,
-                              self.correction.baseline, w1, w2)
+        hyper = implicit_term(
+            x.bce, r1, p.actions1, x.pi1, r2, p.actions2, x.pi2, inv_alpha, self.correction.baseline, w1, w2
+        )
         if self.implicit_pairs == "learned":
             hyper = hyper * (p.collected >= self.learning_starts).to(hyper.dtype)
         return bce + x.policy_share * hyper.mean(), metrics
@@ -195,9 +223,11 @@ class CorrectionArgs(PreferenceArgs):
     """The off-policy corrections of a score-function term on stored pairs (SoBiRL's implicit term, A-PARL's g)."""
 
     implicit_correction: str = flag(
-        "none", "off-policy correction of the score-function term on stored pairs: none (the paper's estimator), "
+        "none",
+        "off-policy correction of the score-function term on stored pairs: none (the paper's estimator), "
         "baseline (leave-one-out mean cross-entropy subtracted), ratio (per-step pi/mu weights), ratio-baseline "
-        "(both)", choices=CORRECTIONS,
+        "(both)",
+        choices=CORRECTIONS,
     )
     ratio_clip: float = flag(10.0, "upper clip of the per-step importance ratios pi/mu")
 
@@ -213,12 +243,16 @@ class Args(CorrectionArgs):
         100_000, "the implicit term is on once global_step exceeds this (the reference code's threshold); 0 before"
     )
     hyper_baseline: bool = flag(False, "the same as --implicit-correction baseline (kept for earlier commands)")
-    implicit_pairs: str = flag("all", "pairs the implicit term uses: all, or learned (not those gathered while "
-                               "actions were uniformly random)", choices=IMPLICIT_PAIRS)
+    implicit_pairs: str = flag(
+        "all",
+        "pairs the implicit term uses: all, or learned (not those gathered while actions were uniformly random)",
+        choices=IMPLICIT_PAIRS,
+    )
     clamp_aware: bool = flag(False, "differentiate the implicit term through the [-1, 1] clamp SAC applies to r")
     reference_pi_scale: bool = flag(
-        False, "authors' code: the actor that supplies pi for the implicit term sees observations divided by 255 "
-        "once more (nearly blank inputs); part of --reference-quirks"
+        False,
+        "authors' code: the actor that supplies pi for the implicit term sees observations divided by 255 "
+        "once more (nearly blank inputs); part of --reference-quirks",
     )
 
     RESUMABLE: ClassVar[frozenset[str]] = CorrectionArgs.RESUMABLE
@@ -240,8 +274,15 @@ def make_loss(args: Args, trainer) -> SoBiRLLoss:
     if args.reference_pi_scale:
         # The actor divides by 255 itself; handing it float pixels already divided by 255 reproduces obs / 65025.
         policy = lambda obs: trainer.policy_probs(obs.float() / 255.0)
-    return SoBiRLLoss(args.hyper_start, args.implicit_correction, args.ratio_clip, args.clamp_aware,
-                      args.implicit_pairs, args.learning_starts, policy)
+    return SoBiRLLoss(
+        args.hyper_start,
+        args.implicit_correction,
+        args.ratio_clip,
+        args.clamp_aware,
+        args.implicit_pairs,
+        args.learning_starts,
+        policy,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> PreferenceLearner:

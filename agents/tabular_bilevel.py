@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -248,7 +249,9 @@ def _score_weights(phi: torch.Tensor, pi: torch.Tensor, inst: TabularInstance, f
     return w.sum(1) + w.sum(0)
 
 
-def score_function_gradient(phi: torch.Tensor, pi: torch.Tensor, inst: TabularInstance, frags: Fragments) -> torch.Tensor:
+def score_function_gradient(
+    phi: torch.Tensor, pi: torch.Tensor, inst: TabularInstance, frags: Fragments
+) -> torch.Tensor:
     """g = ∇_θ ℓ_up(φ, softmax θ) at π = softmax θ, by the likelihood-ratio identity, (S, A).
 
     g = Σ_{i,j} p_i p_j ℓ_ij Σ_{t ∈ τ_i ∪ τ_j} ∇_θ log π_θ(a_t|s_t), with ∂ log π_θ(a_t|s_t)/∂θ(s, a) =
@@ -324,8 +327,13 @@ def msobirl_closed_form(phi: torch.Tensor, inst: TabularInstance, frags: Fragmen
     ∇F = ∇_φ f + (1/τ) Σ_{s,a} π*(a|s) ∂f/∂π(a|s) [∇Q*(s,a) − ∇V*(s)], evaluated with one S × S solve.
     """
     return exact_hypergradient(
-        inst.P, lambda x: reward(inst.features, x), lambda x, pi: upper_loss(x, pi, inst, frags),
-        phi, inst.gamma, inst.tau, tol=1e-13,
+        inst.P,
+        lambda x: reward(inst.features, x),
+        lambda x, pi: upper_loss(x, pi, inst, frags),
+        phi,
+        inst.gamma,
+        inst.tau,
+        tol=1e-13,
     )
 
 
@@ -456,7 +464,9 @@ def penalised_logits(
         lam, g = candidate, g_candidate
     if g.abs().max() < tol:
         return lam.view(S, A)
-    raise RuntimeError(f"Newton did not reach ‖∇Ψ‖ < {tol} in {max_steps} steps (σ = {sigma}, ‖∇Ψ‖ = {g.abs().max():.3g})")
+    raise RuntimeError(
+        f"Newton did not reach ‖∇Ψ‖ < {tol} in {max_steps} steps (σ = {sigma}, ‖∇Ψ‖ = {g.abs().max():.3g})"
+    )
 
 
 def penalty_value(phi: torch.Tensor, sigma: float, inst: TabularInstance, frags: Fragments) -> torch.Tensor:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 import pathlib
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import numpy as np
 import torch
@@ -108,8 +108,10 @@ class BPrefTeacher:
         the batch, skipped or not, so one pair's draws do not depend on the others' returns.
         """
         if rewards1.dim() != 2 or rewards1.shape != rewards2.shape:
-            raise ValueError(f"per-step rewards must be two (B, H) tensors of one shape, got "
-                             f"{tuple(rewards1.shape)} and {tuple(rewards2.shape)}")
+            raise ValueError(
+                f"per-step rewards must be two (B, H) tensors of one shape, got "
+                f"{tuple(rewards1.shape)} and {tuple(rewards2.shape)}"
+            )
         device = rewards1.device
         r1, r2 = rewards1.detach().double().cpu(), rewards2.detach().double().cpu()
         batch, length = r1.shape

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from agents.common import OneLineErrorParser, require, run_cli
 
-ALGORITHMS = {"sobirl": "agents.sobirl", "drlhf": "agents.drlhf", "sac": "agents.sac_discrete", "aihf": "agents.aihf",
-              "parl": "agents.parl", "penalty": "agents.penalty"}
+ALGORITHMS = {
+    "sobirl": "agents.sobirl",
+    "drlhf": "agents.drlhf",
+    "sac": "agents.sac_discrete",
+    "aihf": "agents.aihf",
+    "parl": "agents.parl",
+    "penalty": "agents.penalty",
+}
 DEFAULT_ALGO = "sobirl"
 
 
@@ -31,8 +37,9 @@ def checkpoint_algo(resume: str) -> str:
 
 def main(argv: Sequence[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = OneLineErrorParser(description=__doc__, add_help=False,
-                                usage=f"%(prog)s [--algo {{{','.join(ALGORITHMS)}}}] [algorithm flags]")
+    parser = OneLineErrorParser(
+        description=__doc__, add_help=False, usage=f"%(prog)s [--algo {{{','.join(ALGORITHMS)}}}] [algorithm flags]"
+    )
     parser.add_argument("--algo", default=None, choices=list(ALGORITHMS), help="which algorithm to run")
     known, rest = parser.parse_known_args(argv)
     resume = OneLineErrorParser(add_help=False)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -59,8 +59,12 @@ def sac_learning_sps(device: torch.device, steps: int, compile_: bool = False) -
 
     warmup = 1_000
     args = Args(
-        buffer_size=20_000, learning_starts=warmup, total_timesteps=warmup + 2 * steps, progress=False,
-        cuda=device.type == "cuda", compile=compile_,
+        buffer_size=20_000,
+        learning_starts=warmup,
+        total_timesteps=warmup + 2 * steps,
+        progress=False,
+        cuda=device.type == "cuda",
+        compile=compile_,
     )
     trainer = SACTrainer(args, device)
     trainer.collect(warmup + 100)  # random phase, then the first updates (allocations, kernel selection)

@@ -16,8 +16,17 @@ import time
 
 ENV_ID = "MinAtar/SpaceInvaders-v1"
 PROVING_GROUND = dict(
-    env_id=ENV_ID, buffer_size=100_000, learning_starts=5_000, inner_steps=5_000, initial_pairs=100,
-    warmup_epochs=100, total_pairs=1_000, schedule_iterations=20, pair_buffer=1_000, progress=False, cuda=False,
+    env_id=ENV_ID,
+    buffer_size=100_000,
+    learning_starts=5_000,
+    inner_steps=5_000,
+    initial_pairs=100,
+    warmup_epochs=100,
+    total_pairs=1_000,
+    schedule_iterations=20,
+    pair_buffer=1_000,
+    progress=False,
+    cuda=False,
 )
 
 
@@ -45,12 +54,22 @@ def part_costs(learner) -> dict:
         "env_step_ms": per_call_ms(lambda: trainer.envs.step(actions), 2000),
         "act_ms": per_call_ms(lambda: trainer.agent.act(obs), 2000),
         "replay_add_ms": per_call_ms(
-            lambda: trainer.buffer.add(trainer.obs, actions, np.zeros(1), np.zeros(1, bool), np.zeros(1, bool),
-                                       np.ones(1, np.float32)), 2000),
+            lambda: trainer.buffer.add(
+                trainer.obs, actions, np.zeros(1), np.zeros(1, bool), np.zeros(1, bool), np.ones(1, np.float32)
+            ),
+            2000,
+        ),
         "sac_update_ms": per_call_ms(lambda: trainer.agent.update(batch, rewards), 200),
         "reward_epoch_ms": per_call_ms(
-            lambda: reward_epoch(learner.trained_models[0], learner.optimizers[0], learner.pairs,
-                                 learner.args.reward_batch_size, learner.loss_fn), 3),
+            lambda: reward_epoch(
+                learner.trained_models[0],
+                learner.optimizers[0],
+                learner.pairs,
+                learner.args.reward_batch_size,
+                learner.loss_fn,
+            ),
+            3,
+        ),
     }
 
 
@@ -75,7 +94,9 @@ def measure_in_process(total: int, burn_in: int, compile_: bool) -> dict:
     seconds = time.perf_counter() - start
     result = {
         "proving_ground_sps": (learner.global_step - step) / seconds,
-        "measured_steps": learner.global_step - step, "seconds": seconds, "compile": compile_,
+        "measured_steps": learner.global_step - step,
+        "seconds": seconds,
+        "compile": compile_,
         **part_costs(learner),
     }
     learner.close()

@@ -37,10 +37,16 @@ def _stand_in_actor(obs_shape: tuple[int, ...], num_actions: int):
         def __init__(self):
             super().__init__()
             self.net = nn.Sequential(
-                nn.Conv2d(obs_shape[0], 32, 8, stride=4), nn.ReLU(),
-                nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-                nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten(),
-                nn.Linear(3136, 512), nn.ReLU(), nn.Linear(512, num_actions),
+                nn.Conv2d(obs_shape[0], 32, 8, stride=4),
+                nn.ReLU(),
+                nn.Conv2d(32, 64, 4, stride=2),
+                nn.ReLU(),
+                nn.Conv2d(64, 64, 3, stride=1),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.Linear(3136, 512),
+                nn.ReLU(),
+                nn.Linear(512, num_actions),
             )
 
         def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -65,8 +71,8 @@ def measure_in_process(device: str, threads: int, repeats: int) -> dict:
 
     from agents.pairs import PairBatch
     from agents.preference import reward_update
-    from agents.sobirl import SoBiRLLoss
     from agents.reward_model import RewardCNN
+    from agents.sobirl import SoBiRLLoss
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -94,8 +100,9 @@ def measure_in_process(device: str, threads: int, repeats: int) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         start = time.perf_counter()
-        reward_update(reward_net, optimizer, pairs, SoBiRLLoss(hyper_start=0), alpha=1.0, global_step=1,
-                      policy_probs=policy_probs)
+        reward_update(
+            reward_net, optimizer, pairs, SoBiRLLoss(hyper_start=0), alpha=1.0, global_step=1, policy_probs=policy_probs
+        )
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return time.perf_counter() - start
@@ -134,7 +141,9 @@ def in_fresh_process(script: str, arguments: list[str], threads: int) -> dict:
 
 def reward_update_benchmark(device: str = "cpu", threads: int = 2, repeats: int = 5) -> dict:
     """Median seconds and peak memory (MB) of one SoBiRL reward update, measured in a fresh subprocess."""
-    return in_fresh_process(__file__, ["--device", device, "--threads", str(threads), "--repeats", str(repeats)], threads)
+    return in_fresh_process(
+        __file__, ["--device", device, "--threads", str(threads), "--repeats", str(repeats)], threads
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

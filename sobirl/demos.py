@@ -41,8 +41,9 @@ import argparse
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,8 +80,13 @@ def load_checkpoint_actor(checkpoint: str):
     sac = _sac_state(state.get("algorithm"))
     if sac is None:
         raise UsageError(f"--checkpoint {checkpoint}: the {state.get('algo')!r} run holds no SAC actor")
-    return path, state["args"], state.get("algo"), int(state.get("global_step", sac.get("global_step", 0))), \
-        sac["agent"]["actor"]
+    return (
+        path,
+        state["args"],
+        state.get("algo"),
+        int(state.get("global_step", sac.get("global_step", 0))),
+        sac["agent"]["actor"],
+    )
 
 
 def record(
@@ -101,8 +107,9 @@ def record(
         try:
             actor.load_state_dict(actor_state)
         except RuntimeError as err:
-            raise UsageError(f"--checkpoint {checkpoint}: its actor does not fit {env_id} "
-                             f"({str(err).splitlines()[0]})") from None
+            raise UsageError(
+                f"--checkpoint {checkpoint}: its actor does not fit {env_id} ({str(err).splitlines()[0]})"
+            ) from None
         actor.use_fastest_layout().eval()
         generator = torch.Generator().manual_seed(seed)
         newest = (lambda obs: obs[-1]) if stack > 1 else (lambda obs: obs)
@@ -144,8 +151,11 @@ def record(
     lengths = np.array([len(g["actions"]) for g in games], dtype=np.int64)
     ends = np.cumsum(lengths)
     frame_shape = tuple(obs_shape[1:]) if stack > 1 else tuple(obs_shape)
-    concat = lambda key, dtype, shape=(): (np.concatenate([np.asarray(g[key], dtype=dtype) for g in games])
-                                           if games else np.zeros((0, *shape), dtype=dtype))
+    concat = lambda key, dtype, shape=(): (
+        np.concatenate([np.asarray(g[key], dtype=dtype) for g in games])
+        if games
+        else np.zeros((0, *shape), dtype=dtype)
+    )
     arrays = {
         "frames": concat("frames", np.uint8, frame_shape),
         "actions": concat("actions", np.int64),
@@ -160,10 +170,20 @@ def record(
         "played_returns": np.array(played, dtype=np.float64),
     }
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "env_id": env_id, "frame_stack": stack,
-        "frame_shape": list(frame_shape), "num_actions": num_actions, "seed": seed, "greedy": greedy,
-        "min_return": min_return, "steps_rolled_out": steps, "max_episode_frames": max_frames,
-        "checkpoint": str(path), "checkpoint_algo": algo, "checkpoint_step": global_step,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "env_id": env_id,
+        "frame_stack": stack,
+        "frame_shape": list(frame_shape),
+        "num_actions": num_actions,
+        "seed": seed,
+        "greedy": greedy,
+        "min_return": min_return,
+        "steps_rolled_out": steps,
+        "max_episode_frames": max_frames,
+        "checkpoint": str(path),
+        "checkpoint_algo": algo,
+        "checkpoint_step": global_step,
         "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return Demonstrations(meta, arrays, ""), {"played": len(played), "unfinished_steps": len(game["actions"])}
@@ -201,14 +221,25 @@ def describe(demos: Demonstrations) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{record,info}")
-    rec = commands.add_parser("record", help="play a checkpoint's policy and save its whole games",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    rec = commands.add_parser(
+        "record",
+        help="play a checkpoint's policy and save its whole games",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     rec.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory holding one")
-    rec.add_argument("--steps", required=True, type=integer,
-                     help="agent steps to roll out (autoreset steps between games not counted)")
+    rec.add_argument(
+        "--steps",
+        required=True,
+        type=integer,
+        help="agent steps to roll out (autoreset steps between games not counted)",
+    )
     rec.add_argument("--out", required=True, help="file to write (np.savez_compressed archive)")
-    rec.add_argument("--min-return", type=float, default=None,
-                     help="keep only games whose true score is at least this (default: every whole game)")
+    rec.add_argument(
+        "--min-return",
+        type=float,
+        default=None,
+        help="keep only games whose true score is at least this (default: every whole game)",
+    )
     rec.add_argument("--seed", type=integer, default=1, help="seed of the environment and of the sampled actions")
     rec.add_argument("--greedy", action="store_true", help="play the most probable action instead of sampling")
     info = commands.add_parser("info", help="describe a demonstrations file")
@@ -223,22 +254,29 @@ def main(argv: Sequence[str] | None = None) -> Demonstrations:
         print(f"{args.file}: {os.path.getsize(args.file) / 1e6:.2f} MB\n{describe(demos)}")
         return demos
     require(args.steps > 0, f"--steps must be positive, got {args.steps}")
-    require(args.min_return is None or math.isfinite(args.min_return),
-            f"--min-return must be a finite number, got {args.min_return}")
+    require(
+        args.min_return is None or math.isfinite(args.min_return),
+        f"--min-return must be a finite number, got {args.min_return}",
+    )
     out = Path(args.out)
-    require(out.parent.is_dir() and os.access(out.parent, os.W_OK | os.X_OK),
-            f"--out {out}: {out.parent} is not a writable directory")
+    require(
+        out.parent.is_dir() and os.access(out.parent, os.W_OK | os.X_OK),
+        f"--out {out}: {out.parent} is not a writable directory",
+    )
     require(not out.is_dir(), f"--out {out}: is a directory")
     demos, rollout = record(args.checkpoint, args.steps, args.min_return, args.seed, args.greedy)
     if demos.num_games == 0:
         raise UsageError(
             f"--min-return {args.min_return:g}: none of the {rollout['played']} games played scored that much"
-            if rollout["played"] else f"--steps {args.steps}: no game ended within the budget; raise --steps"
+            if rollout["played"]
+            else f"--steps {args.steps}: no game ended within the budget; raise --steps"
         )
     demos.save(out)
     demos.path = str(out)
-    print(f"wrote {out}: {demos.num_games} games, {demos.num_steps} steps "
-          f"({rollout['unfinished_steps']} steps of an unfinished game dropped)\n{describe(demos)}")
+    print(
+        f"wrote {out}: {demos.num_games} games, {demos.num_steps} steps "
+        f"({rollout['unfinished_steps']} steps of an unfinished game dropped)\n{describe(demos)}"
+    )
     return demos
 
 

@@ -14,8 +14,8 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -28,8 +28,11 @@ ACC_TRAIN_TAG = "reward/accuracy_train"
 # Whether the term an algorithm adds to the cross-entropy drifts (SoBiRL's implicit term, A-PARL's second-order
 # term, the penalty, AIHF's demonstration term: reward/hyper_term): the cross-entropy, that term and its gradient
 # over the BCE's.
-DRIFT_TAGS = {"final_bce": "reward/bce", "final_hyper_term": "reward/hyper_term",
-              "final_grad_ratio": "reward/extra_grad_ratio"}
+DRIFT_TAGS = {
+    "final_bce": "reward/bce",
+    "final_hyper_term": "reward/hyper_term",
+    "final_grad_ratio": "reward/extra_grad_ratio",
+}
 # Below this many seeds the IQM trims away too much of the sample to mean anything (rliable uses it from 5 runs).
 IQM_MIN_SEEDS = 5
 CONFIDENCE = 0.95
@@ -113,8 +116,14 @@ def _read_event_file(path: Path) -> dict[str, list[tuple[float, int, float]]]:
     # sees all the files of a run at once.
     acc = ea.EventAccumulator(
         str(path),
-        size_guidance={ea.SCALARS: 0, ea.TENSORS: 0, ea.HISTOGRAMS: 1, ea.IMAGES: 1, ea.AUDIO: 1,
-                       ea.COMPRESSED_HISTOGRAMS: 1},
+        size_guidance={
+            ea.SCALARS: 0,
+            ea.TENSORS: 0,
+            ea.HISTOGRAMS: 1,
+            ea.IMAGES: 1,
+            ea.AUDIO: 1,
+            ea.COMPRESSED_HISTOGRAMS: 1,
+        },
         purge_orphaned_data=False,
     )
     acc.Reload()
@@ -243,8 +252,9 @@ def final_value(values: np.ndarray, fraction: float) -> float:
     return float(values[-k:].mean())
 
 
-def aggregate_curve(per_run: Sequence[tuple[np.ndarray, np.ndarray]], num_points: int, smooth: int, reps: int,
-                    rng: np.random.Generator) -> Curve:
+def aggregate_curve(
+    per_run: Sequence[tuple[np.ndarray, np.ndarray]], num_points: int, smooth: int, reps: int, rng: np.random.Generator
+) -> Curve:
     grid = common_grid([steps for steps, _ in per_run], num_points)
     matrix = np.stack([resample(steps, rolling_mean(values, smooth), grid) for steps, values in per_run])
     _, stat = estimator_for(len(per_run))
@@ -283,8 +293,10 @@ def keep_newest_per_seed(runs: list[Run]) -> tuple[list[Run], list[str]]:
     for run in sorted(runs, key=lambda r: r.start_time):
         key = (run.env_id, run.algo, run.seed)
         if key in newest:
-            notes.append(f"note: {run.algo} seed {run.seed} on {run.env_id} has several runs; "
-                         f"using the newest, {run.path.name}, not {newest[key].path.name}")
+            notes.append(
+                f"note: {run.algo} seed {run.seed} on {run.env_id} has several runs; "
+                f"using the newest, {run.path.name}, not {newest[key].path.name}"
+            )
         newest[key] = run
     return list(newest.values()), notes
 
@@ -327,8 +339,12 @@ def summarize(groups: dict[tuple[str, str], list[Run]], args: Args, rng: np.rand
     rows = []
     for (env_id, algo), runs in groups.items():
         with_return = [r for r in runs if args.return_tag in r.scalars]
-        row: dict = {"env_id": env_id, "algo": algo, "seeds": [r.seed for r in with_return],
-                     "num_seeds": len(with_return)}
+        row: dict = {
+            "env_id": env_id,
+            "algo": algo,
+            "seeds": [r.seed for r in with_return],
+            "num_seeds": len(with_return),
+        }
         if with_return:
             finals = np.array([final_value(r.scalars[args.return_tag][1], args.final_fraction) for r in with_return])
             name, stat = estimator_for(len(finals))
@@ -343,8 +359,11 @@ def summarize(groups: dict[tuple[str, str], list[Run]], args: Args, rng: np.rand
                 row.update(ci_low=float(low), ci_high=float(high))
             else:
                 row.update(ci_low=None, ci_high=None)
-        for key, tag in (("final_accuracy_fresh", ACC_FRESH_TAG), ("final_accuracy_train", ACC_TRAIN_TAG),
-                         *DRIFT_TAGS.items()):
+        for key, tag in (
+            ("final_accuracy_fresh", ACC_FRESH_TAG),
+            ("final_accuracy_train", ACC_TRAIN_TAG),
+            *DRIFT_TAGS.items(),
+        ):
             accs = [final_value(r.scalars[tag][1], args.final_fraction) for r in runs if tag in r.scalars]
             row[key] = float(estimator_for(len(accs))[1](np.array(accs))) if accs else None
         rows.append(row)
@@ -385,8 +404,11 @@ def _curve_for(runs: list[Run], tag: str, args: Args, smooth: int, rng: np.rando
     curve = aggregate_curve(per_run, args.num_points, smooth, args.bootstrap_reps, rng)
     longest = max(int(steps[-1]) for steps, _ in per_run)
     if len(per_run) > 1 and curve.grid[-1] < 0.95 * longest:
-        print(f"note: {runs[0].algo} {tag} stops at step {int(curve.grid[-1])}, where the shortest of "
-              f"{len(per_run)} runs ends (longest: {longest})", file=sys.stderr)
+        print(
+            f"note: {runs[0].algo} {tag} stops at step {int(curve.grid[-1])}, where the shortest of "
+            f"{len(per_run)} runs ends (longest: {longest})",
+            file=sys.stderr,
+        )
     return curve
 
 
@@ -403,21 +425,20 @@ def draw_figure(groups: dict[tuple[str, str], list[Run]], args: Args, rng: np.ra
     import matplotlib.pyplot as plt
 
     env_ids = sorted({env for env, _ in groups})
-    has_accuracy = any(tag in r.scalars for runs in groups.values() for r in runs
-                       for tag in (ACC_FRESH_TAG, ACC_TRAIN_TAG))
+    has_accuracy = any(
+        tag in r.scalars for runs in groups.values() for r in runs for tag in (ACC_FRESH_TAG, ACC_TRAIN_TAG)
+    )
     panels = [(args.return_tag, "true episodic return"), (LENGTH_TAG, "episodic length")]
     if has_accuracy:
         panels.append((None, "preference accuracy"))
-    fig, axes = plt.subplots(len(env_ids), len(panels), figsize=(5.0 * len(panels), 3.6 * len(env_ids)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(env_ids), len(panels), figsize=(5.0 * len(panels), 3.6 * len(env_ids)), squeeze=False)
     for row, env_id in enumerate(env_ids):
-        for i, ((env, algo), runs) in enumerate(item for item in groups.items() if item[0][0] == env_id):
+        for i, ((_, algo), runs) in enumerate(item for item in groups.items() if item[0][0] == env_id):
             label, color = _style(algo, i)
             for col, (tag, _) in enumerate(panels[:2]):
                 curve = _curve_for(runs, tag, args, args.smooth, rng)
                 if curve is not None:
-                    _draw(axes[row][col], curve, f"{label} ({curve.num_runs} seed{'s' * (curve.num_runs != 1)})",
-                          color)
+                    _draw(axes[row][col], curve, f"{label} ({curve.num_runs} seed{'s' * (curve.num_runs != 1)})", color)
             if has_accuracy:
                 ax = axes[row][2]
                 fresh = _curve_for(runs, ACC_FRESH_TAG, args, 1, rng)
@@ -453,8 +474,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         run.scalars = load_run(run.path)
     empty = [r for r in runs if args.return_tag not in r.scalars]
     for run in empty:
-        print(f"note: {run.path} has no {args.return_tag} yet; left out of the return panel and the table",
-              file=sys.stderr)
+        print(
+            f"note: {run.path} has no {args.return_tag} yet; left out of the return panel and the table",
+            file=sys.stderr,
+        )
     require(len(empty) < len(runs), f"none of the selected runs has logged {args.return_tag}")
     groups = group_runs(runs)
     rng = np.random.default_rng(args.seed)
@@ -464,8 +487,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"\nfigure written to {args.output}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        summary = {"return_tag": args.return_tag, "final_fraction": args.final_fraction, "confidence": CONFIDENCE,
-                   "groups": rows}
+        summary = {
+            "return_tag": args.return_tag,
+            "final_fraction": args.final_fraction,
+            "confidence": CONFIDENCE,
+            "groups": rows,
+        }
         Path(args.json).write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n")
     return rows
 

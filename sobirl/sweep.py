@@ -25,9 +25,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from agents.common import UsageError, build_parser, flag, require, run_cli
 
@@ -42,11 +42,15 @@ class Args:
     num_seeds: int = flag(3, "number of consecutive seeds, used when --seeds is not given")
     start_seed: int = flag(1, "first of the --num-seeds consecutive seeds")
     script: str = flag("sobirl/beamrider.py", "entry point run by every job")
-    backend: str = flag("local", "local: worker processes on this machine; slurm: a submitit job array",
-                        choices=["local", "slurm"])
+    backend: str = flag(
+        "local", "local: worker processes on this machine; slurm: a submitit job array", choices=["local", "slurm"]
+    )
     workers: int = flag(1, "jobs running at once (local processes, or the Slurm array's parallelism cap)")
-    gpus: str = flag("", "local: comma-separated GPU ids dealt round-robin to jobs through CUDA_VISIBLE_DEVICES "
-                         "(empty: leave it alone, so all workers share the visible GPU)")
+    gpus: str = flag(
+        "",
+        "local: comma-separated GPU ids dealt round-robin to jobs through CUDA_VISIBLE_DEVICES "
+        "(empty: leave it alone, so all workers share the visible GPU)",
+    )
     log_dir: str = flag("runs/sweep_logs", "one <job>.log per local job; submitit's folder for Slurm")
     dry_run: bool = flag(False, "print the commands and exit without running anything")
     slurm_partition: str = flag("", "Slurm partition; empty: the cluster's default")
@@ -97,8 +101,9 @@ def flag_args(name: str, value: str) -> list[str]:
     return [f"--{name}", value]
 
 
-def expand_grid(algos: Sequence[str], seeds: Sequence[int], grid: Mapping[str, Sequence[str]] | None = None
-                ) -> list[list[str]]:
+def expand_grid(
+    algos: Sequence[str], seeds: Sequence[int], grid: Mapping[str, Sequence[str]] | None = None
+) -> list[list[str]]:
     """Every (seed, algo, grid point) as the entry point's arguments, without interpreter, script or passthrough.
 
     Seeds vary slowest, so a sweep stopped half-way has every algorithm on the first seeds rather than every seed
@@ -134,8 +139,14 @@ def job_name(tail: Sequence[str]) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", "__".join(parts))
 
 
-def build_jobs(script: str, algos: Sequence[str], seeds: Sequence[int], grid: Mapping[str, Sequence[str]],
-               passthrough: Sequence[str], python: str = sys.executable) -> list[Job]:
+def build_jobs(
+    script: str,
+    algos: Sequence[str],
+    seeds: Sequence[int],
+    grid: Mapping[str, Sequence[str]],
+    passthrough: Sequence[str],
+    python: str = sys.executable,
+) -> list[Job]:
     jobs, seen = [], set()
     for i, tail in enumerate(expand_grid(algos, seeds, grid)):
         name = job_name(tail)
@@ -174,8 +185,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOPPED_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # what a job stopped by either signal exits with
 
 
-def run_local(jobs: Sequence[Job], workers: int, log_dir: Path, gpus: Sequence[str]
-              ) -> list[tuple[Job, int | None, float]]:
+def run_local(
+    jobs: Sequence[Job], workers: int, log_dir: Path, gpus: Sequence[str]
+) -> list[tuple[Job, int | None, float]]:
     """Run the jobs `workers` at a time; returns (job, exit code, seconds) in the jobs' order.
 
     SIGINT or SIGTERM to the sweep is forwarded to every running job (each signal once: a second Ctrl-C makes a
@@ -203,8 +215,14 @@ def run_local(jobs: Sequence[Job], workers: int, log_dir: Path, gpus: Sequence[s
             log.write(f"# OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {prefix}{shlex.join(job.cmd)}\n")
             log.flush()
             try:
-                proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, start_new_session=True)
+                proc = subprocess.Popen(
+                    job.cmd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                )
             except BaseException:
                 log.close()
                 raise
@@ -234,8 +252,13 @@ def run_local(jobs: Sequence[Job], workers: int, log_dir: Path, gpus: Sequence[s
                 pass
         name = signal.Signals(signum).name
         # os.write, not print: the handler may interrupt a print of the main thread.
-        os.write(2, (f"\n{name}: passed on to {len(procs)} running job(s), which save a checkpoint and exit; "
-                     f"queued jobs will not start. Waiting for the running jobs...\n").encode())
+        os.write(
+            2,
+            (
+                f"\n{name}: passed on to {len(procs)} running job(s), which save a checkpoint and exit; "
+                f"queued jobs will not start. Waiting for the running jobs...\n"
+            ).encode(),
+        )
 
     handle_signals = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS} if handle_signals else {}
@@ -251,8 +274,9 @@ def run_local(jobs: Sequence[Job], workers: int, log_dir: Path, gpus: Sequence[s
     return results
 
 
-def report(results: Sequence[tuple[Job, int | None, float]], log_dir: Path | None = None,
-           stopped: int | None = None) -> None:
+def report(
+    results: Sequence[tuple[Job, int | None, float]], log_dir: Path | None = None, stopped: int | None = None
+) -> None:
     """Print how the jobs ended; exit 1 if any failed (unless the sweep was stopped by signal `stopped`: then the
     caller exits with that signal's status)."""
     not_started = [job for job, rc, _ in results if rc is None]
@@ -261,8 +285,11 @@ def report(results: Sequence[tuple[Job, int | None, float]], log_dir: Path | Non
     failed = [(job, rc) for job, rc in ended if rc != 0 and (job, rc) not in interrupted]
     print(f"\n{sum(rc == 0 for _, rc in ended)} of {len(results)} jobs succeeded")
     if stopped is not None:
-        print(f"stopped by {signal.Signals(stopped).name}: {len(interrupted)} job(s) saved a checkpoint and exited, "
-              f"{len(not_started)} not started", file=sys.stderr)
+        print(
+            f"stopped by {signal.Signals(stopped).name}: {len(interrupted)} job(s) saved a checkpoint and exited, "
+            f"{len(not_started)} not started",
+            file=sys.stderr,
+        )
         for job, rc in interrupted:
             where = f"; the command that continues it is in {log_dir / f'{job.name}.log'}" if log_dir else ""
             print(f"  stopped: {job.name} (exit {rc}){where}", file=sys.stderr)
@@ -317,8 +344,10 @@ def submit_slurm(jobs: Sequence[Job], args: Args, cluster: str = "slurm") -> lis
     executor = make_executor(args, len(jobs), cluster)
     cwd = os.getcwd()
     submitted = executor.map_array(run_job, [job.cmd for job in jobs], [cwd] * len(jobs))
-    print(f"submitted {len(submitted)} tasks as array {submitted[0].job_id.split('_')[0]} "
-          f"({executor.cluster}); submitit logs in {Path(args.log_dir) / 'slurm'}")
+    print(
+        f"submitted {len(submitted)} tasks as array {submitted[0].job_id.split('_')[0]} "
+        f"({executor.cluster}); submitit logs in {Path(args.log_dir) / 'slurm'}"
+    )
     for job, task in zip(jobs, submitted):
         print(f"  {task.job_id}: {job.name}")
     return submitted
@@ -362,10 +391,15 @@ def parse_sweep_args(argv: Sequence[str] | None) -> tuple[Args, dict[str, list[s
     passthrough: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, passthrough = argv[:cut], argv[cut + 1:]
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     parser = build_parser(Args, description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", action="append", default=[], metavar="FLAG=V1,V2",
-                        help="values of one entry-point flag to sweep; repeat for a cartesian product")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="FLAG=V1,V2",
+        help="values of one entry-point flag to sweep; repeat for a cartesian product",
+    )
     namespace = vars(parser.parse_args(argv))
     grid = parse_grid(namespace.pop("grid"))
     return Args(**namespace), grid, passthrough
@@ -387,8 +421,10 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Job, int, float]]:
 
     if args.dry_run:
         points = len(jobs) // (len(algos) * len(seeds))
-        print(f"# {len(jobs)} jobs: {len(algos)} algos x {len(seeds)} seeds x {points} grid points "
-              f"({args.backend} backend)")
+        print(
+            f"# {len(jobs)} jobs: {len(algos)} algos x {len(seeds)} seeds x {points} grid points "
+            f"({args.backend} backend)"
+        )
         workers = min(args.workers, len(jobs))
         for i, job in enumerate(jobs):
             if args.backend == "local":
@@ -408,13 +444,18 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Job, int, float]]:
             results = wait_slurm(jobs, submitted)
         except KeyboardInterrupt:
             array = submitted[0].job_id.split("_")[0]
-            print(f"\nstopped waiting; array {array} keeps running on the cluster (scancel {array} cancels it)",
-                  file=sys.stderr)
+            print(
+                f"\nstopped waiting; array {array} keeps running on the cluster (scancel {array} cancels it)",
+                file=sys.stderr,
+            )
             raise SystemExit(130) from None
     else:
         workers = min(args.workers, len(jobs))
-        print(f"running {len(jobs)} jobs, {workers} at a time, "
-              f"OMP_NUM_THREADS={local_env(workers, None)['OMP_NUM_THREADS']}, logs in {args.log_dir}/", flush=True)
+        print(
+            f"running {len(jobs)} jobs, {workers} at a time, "
+            f"OMP_NUM_THREADS={local_env(workers, None)['OMP_NUM_THREADS']}, logs in {args.log_dir}/",
+            flush=True,
+        )
         try:
             results = run_local(jobs, args.workers, Path(args.log_dir), gpus)
         except SweepStopped as stop:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -34,8 +34,8 @@ from agents.tabular_bilevel import (
     parl_hypergradient,
     penalty_gradient,
     relative_error,
-    soft_optimal,
     sobirl_practical_gradient,
+    soft_optimal,
 )
 
 MAX_FRAGMENTS = 1500  # (S·A)^H; the pair matrix has this many squared entries
@@ -43,7 +43,9 @@ MAX_FRAGMENTS = 1500  # (S·A)^H; the pair matrix has this many squared entries
 
 def build_parser() -> argparse.ArgumentParser:
     # bad input: one line on stderr naming the flag, exit status 2
-    parser = OneLineErrorParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the instance (MDP, features, φ, labeller)")
     parser.add_argument("--num-states", type=int, default=3, help="number of states S")
     parser.add_argument("--num-actions", type=int, default=2, help="number of actions A")
@@ -77,7 +79,10 @@ def compare(args: argparse.Namespace) -> list[tuple[str, torch.Tensor]]:
     phi = inst.phi
     _, _, pi_star = soft_optimal(inst, phi)
     rows = [
-        ("finite differences (truth)", central_difference(lambda x: hyper_objective(x, inst, frags), phi, args.fd_step)),
+        (
+            "finite differences (truth)",
+            central_difference(lambda x: hyper_objective(x, inst, frags), phi, args.fd_step),
+        ),
         ("M-SoBiRL closed form (9)", msobirl_closed_form(phi, inst, frags)),
         ("SoBiRL practical (one-step truncation)", sobirl_practical_gradient(phi, inst, frags)),
         ("BCE term only (DRLHF, no implicit term)", explicit_gradient(phi, pi_star, inst, frags)),
@@ -85,7 +90,9 @@ def compare(args: argparse.Namespace) -> list[tuple[str, torch.Tensor]]:
         ("PARL, damping λ = 1e-2", parl_hypergradient(phi, inst, frags, "damped", damping=1e-2)),
     ]
     for sigma in (0.1, 0.01, 0.001):
-        rows.append((f"penalty σ = {sigma:g} (Kwon / PBRL: ℓ at λ'_σ)", penalty_gradient(phi, sigma, inst, frags, "kwon")))
+        rows.append(
+            (f"penalty σ = {sigma:g} (Kwon / PBRL: ℓ at λ'_σ)", penalty_gradient(phi, sigma, inst, frags, "kwon"))
+        )
     rows.append(("penalty σ = 0.01 (Gaur et al. eq. 11: ℓ at λ*)", penalty_gradient(phi, 0.01, inst, frags, "seed")))
     return rows
 

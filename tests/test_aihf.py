@@ -64,7 +64,7 @@ def explicit_return(model: nn.Module, frames: torch.Tensor, actions: torch.Tenso
     total = 0.0
     for frame, action in zip(frames, actions):
         for t in range(H):
-            total = total + gamma**t * model(frame[t: t + 1])[0, action[t]]
+            total = total + gamma**t * model(frame[t : t + 1])[0, action[t]]
     return total / len(frames)
 
 
@@ -87,7 +87,8 @@ def test_demo_term_gradient_is_w1_times_agent_minus_demo_return_gradients(gamma)
     got = parameter_gradient(loss, model)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     assert torch.isclose(metrics["demo_return"], demo_return.detach()) and torch.isclose(
-        metrics["agent_return"], agent_return.detach())
+        metrics["agent_return"], agent_return.detach()
+    )
     assert torch.isclose(metrics["demo_term"], w1 * (agent_return - demo_return).detach())
 
     # Central differences of the loss's demonstration term along a random direction agree with its gradient.
@@ -99,7 +100,7 @@ def test_demo_term_gradient_is_w1_times_agent_minus_demo_return_gradients(gamma)
         with torch.no_grad():
             offset = 0
             for p in params:
-                p.copy_(point[offset: offset + p.numel()].view_as(p))
+                p.copy_(point[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
             return float(loss_fn(loss_inputs(model))[1]["demo_term"])
 
@@ -139,8 +140,10 @@ def test_a_descent_step_raises_demo_returns_over_agent_returns():
 
 
 def test_generators_round_trip_through_a_checkpoint_state():
-    draws = lambda loss_fn: (torch.randint(0, 10**6, (3,), generator=loss_fn.demo_generator).tolist(),
-                             torch.randint(0, 10**6, (3,), generator=loss_fn.agent_generator).tolist())
+    draws = lambda loss_fn: (
+        torch.randint(0, 10**6, (3,), generator=loss_fn.demo_generator).tolist(),
+        torch.randint(0, 10**6, (3,), generator=loss_fn.agent_generator).tolist(),
+    )
     first = fixed_loss(2, 1.0, 1.0)
     draws(first)
     state = first.state_dict()
@@ -153,10 +156,37 @@ def test_generators_round_trip_through_a_checkpoint_state():
 # The script
 
 TINY = [
-    "--env-id", BREAKOUT, "--total-timesteps", "400", "--learning-starts", "100", "--buffer-size", "1000",
-    "--batch-size", "8", "--initial-pairs", "4", "--warmup-epochs", "2", "--inner-steps", "100",
-    "--fragment-length", "5", "--pair-buffer", "9", "--reward-batch-size", "4", "--total-pairs", "20",
-    "--schedule-iterations", "10", "--fresh-pairs", "4", "--log-every", "5", "--no-progress",
+    "--env-id",
+    BREAKOUT,
+    "--total-timesteps",
+    "400",
+    "--learning-starts",
+    "100",
+    "--buffer-size",
+    "1000",
+    "--batch-size",
+    "8",
+    "--initial-pairs",
+    "4",
+    "--warmup-epochs",
+    "2",
+    "--inner-steps",
+    "100",
+    "--fragment-length",
+    "5",
+    "--pair-buffer",
+    "9",
+    "--reward-batch-size",
+    "4",
+    "--total-pairs",
+    "20",
+    "--schedule-iterations",
+    "10",
+    "--fresh-pairs",
+    "4",
+    "--log-every",
+    "5",
+    "--no-progress",
 ]
 
 
@@ -172,8 +202,18 @@ def demo_file(tmp_path_factory):
 
 def test_aihf_runs_on_minatar_from_the_entry_point(demo_file, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    result = run_script("sobirl/beamrider.py", "--algo", "aihf", "--demos", str(demo_file), "--demo-weight", "0.5",
-                        *TINY, "--runs-dir", str(tmp_path))
+    result = run_script(
+        "sobirl/beamrider.py",
+        "--algo",
+        "aihf",
+        "--demos",
+        str(demo_file),
+        "--demo-weight",
+        "0.5",
+        *TINY,
+        "--runs-dir",
+        str(tmp_path),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     assert run_dir.name.startswith("MinAtar-Breakout-v1__aihf__1__")
@@ -183,8 +223,9 @@ def test_aihf_runs_on_minatar_from_the_entry_point(demo_file, tmp_path, monkeypa
     for key in ("demo_return", "agent_return", "demo_term", "preference_term", "loss", "bce", "hyper_term"):
         tags[key] = [value for _, value in tags[f"reward/{key}"]]
     for i in range(4):
-        assert tags["demo_term"][i] == pytest.approx(0.5 * (tags["agent_return"][i] - tags["demo_return"][i]),
-                                                     rel=1e-4, abs=1e-6)
+        assert tags["demo_term"][i] == pytest.approx(
+            0.5 * (tags["agent_return"][i] - tags["demo_return"][i]), rel=1e-4, abs=1e-6
+        )
         assert tags["loss"][i] == pytest.approx(tags["preference_term"][i] + tags["demo_term"][i], rel=1e-4, abs=1e-6)
         assert tags["loss"][i] == pytest.approx(tags["bce"][i] + tags["hyper_term"][i], rel=1e-4, abs=1e-6)
 

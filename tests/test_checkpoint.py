@@ -12,8 +12,19 @@ from agents.common import UsageError
 from agents.sac_discrete import Args, SACTrainer
 from tests.conftest import REPO, assert_usage_error, only_run_dir, run_script, scalar_tags
 
-TINY = ["--learning-starts", "200", "--buffer-size", "1000", "--batch-size", "8", "--log-every", "1",
-        "--max-episode-frames", "400", "--no-progress"]
+TINY = [
+    "--learning-starts",
+    "200",
+    "--buffer-size",
+    "1000",
+    "--batch-size",
+    "8",
+    "--log-every",
+    "1",
+    "--max-episode-frames",
+    "400",
+    "--no-progress",
+]
 
 
 def tiny_trainer(**overrides) -> SACTrainer:
@@ -33,7 +44,9 @@ def test_round_trip_restores_networks_optimizers_and_replay(tmp_path):
     restored.load_state_dict(load_checkpoint(tmp_path / "checkpoint.pt"))
     obs = torch.as_tensor(trainer.obs)
     for name in ("actor", "qf1", "qf2", "qf1_target", "qf2_target"):
-        torch.testing.assert_close(getattr(restored.agent, name)(obs), getattr(trainer.agent, name)(obs), rtol=0, atol=0)
+        torch.testing.assert_close(
+            getattr(restored.agent, name)(obs), getattr(trainer.agent, name)(obs), rtol=0, atol=0
+        )
     saved_opt, restored_opt = trainer.agent.q_optimizer.state_dict(), restored.agent.q_optimizer.state_dict()
     for key, value in saved_opt["state"].items():
         torch.testing.assert_close(restored_opt["state"][key]["exp_avg"], value["exp_avg"], rtol=0, atol=0)
@@ -66,7 +79,10 @@ def test_truncated_checkpoint_is_refused_with_one_line(tmp_path):
 def start(runs_dir, *flags):
     return subprocess.Popen(
         [sys.executable, "agents/sac_discrete.py", "--runs-dir", str(runs_dir), *TINY, *flags],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -114,8 +130,23 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
 
 def test_same_seed_and_command_give_the_same_losses_for_1000_updates(tmp_path):
     # One update per env step and small batches keep 1,000 updates cheap; the code path is the paper's.
-    flags = ["--total-timesteps", "1100", "--learning-starts", "100", "--update-frequency", "1", "--buffer-size",
-             "2000", "--batch-size", "4", "--log-every", "1", "--max-episode-frames", "2000", "--no-progress"]
+    flags = [
+        "--total-timesteps",
+        "1100",
+        "--learning-starts",
+        "100",
+        "--update-frequency",
+        "1",
+        "--buffer-size",
+        "2000",
+        "--batch-size",
+        "4",
+        "--log-every",
+        "1",
+        "--max-episode-frames",
+        "2000",
+        "--no-progress",
+    ]
     runs = []
     for name in ("a", "b"):
         result = run_script("agents/sac_discrete.py", *flags, "--runs-dir", str(tmp_path / name), timeout=900)

@@ -18,8 +18,13 @@ OBS = (4, 10, 10)
 
 def batch(generator: torch.Generator, size: int = 16) -> Batch:
     obs = lambda: torch.randint(0, 256, (size, *OBS), dtype=torch.uint8, generator=generator)
-    return Batch(obs(), torch.randint(0, 3, (size,), generator=generator), torch.rand(size, generator=generator),
-                 obs(), (torch.rand(size, generator=generator) < 0.1).float())
+    return Batch(
+        obs(),
+        torch.randint(0, 3, (size,), generator=generator),
+        torch.rand(size, generator=generator),
+        obs(),
+        (torch.rand(size, generator=generator) < 0.1).float(),
+    )
 
 
 def test_compiled_sac_update_matches_eager():

@@ -35,10 +35,23 @@ def expert(tmp_path_factory):
     threads = torch.get_num_threads()
     runs = tmp_path_factory.mktemp("expert")
     try:
-        sac_discrete.main([
-            "--env-id", BREAKOUT, "--total-timesteps", "400", "--learning-starts", "100", "--buffer-size", "1000",
-            "--batch-size", "16", "--no-progress", "--runs-dir", str(runs),
-        ])
+        sac_discrete.main(
+            [
+                "--env-id",
+                BREAKOUT,
+                "--total-timesteps",
+                "400",
+                "--learning-starts",
+                "100",
+                "--buffer-size",
+                "1000",
+                "--batch-size",
+                "16",
+                "--no-progress",
+                "--runs-dir",
+                str(runs),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     (run_dir,) = [d for d in runs.iterdir() if d.is_dir()]
@@ -59,8 +72,15 @@ def actor_checkpoint(path, env_id: str, max_frames: int, seed: int = 0) -> None:
     envs.close()
     torch.manual_seed(seed)
     sac_state = {"global_step": 0, "agent": {"actor": Actor(shape, actions).state_dict()}}
-    save_atomic({"algo": "drlhf", "args": {"env_id": env_id, "max_episode_frames": max_frames}, "global_step": 0,
-                 "algorithm": {"sac": sac_state, "iteration": 0}}, path)
+    save_atomic(
+        {
+            "algo": "drlhf",
+            "args": {"env_id": env_id, "max_episode_frames": max_frames},
+            "global_step": 0,
+            "algorithm": {"sac": sac_state, "iteration": 0},
+        },
+        path,
+    )
 
 
 def replay_games(demos: Demonstrations, seed: int) -> list[np.ndarray]:
@@ -102,8 +122,9 @@ def test_round_trip_replays_the_games_and_fragments_are_windows_of_them(expert, 
     actor = Actor((4, 10, 10), 3)
     actor.load_state_dict(load_checkpoint_actor(str(expert))[4])
     with torch.no_grad():
-        probs = actor.probs(torch.as_tensor(np.concatenate([demos.game_observations(g)
-                                                            for g in range(demos.num_games)])))[0]
+        probs = actor.probs(
+            torch.as_tensor(np.concatenate([demos.game_observations(g) for g in range(demos.num_games)]))
+        )[0]
     np.testing.assert_allclose(demos.arrays["probs"], probs.numpy(), rtol=1e-5, atol=1e-6)
 
     length = 5
@@ -113,9 +134,10 @@ def test_round_trip_replays_the_games_and_fragments_are_windows_of_them(expert, 
     for i in range(200):
         g, start = int(fragments.game[i]), int(fragments.start[i])
         assert start + length <= demos.game_lengths[g], "fragments stay inside one game"
-        np.testing.assert_array_equal(obs[i].numpy(), demos.game_observations(g)[start:start + length])
-        np.testing.assert_array_equal(fragments.actions[i].numpy(), demos.arrays["actions"][demos.game_slice(g)][
-            start:start + length])
+        np.testing.assert_array_equal(obs[i].numpy(), demos.game_observations(g)[start : start + length])
+        np.testing.assert_array_equal(
+            fragments.actions[i].numpy(), demos.arrays["actions"][demos.game_slice(g)][start : start + length]
+        )
     assert len(set(fragments.game.tolist())) > 5
 
 
@@ -134,8 +156,21 @@ def test_min_return_keeps_the_high_scoring_games_of_the_same_rollout(expert, rec
     if not (scores >= threshold).any():
         threshold = float(scores.max())
     out = tmp_path / "high.npz"
-    demos_cli.main(["record", "--checkpoint", str(expert), "--steps", "610", "--seed", "3", "--out", str(out),
-                    "--min-return", str(threshold)])
+    demos_cli.main(
+        [
+            "record",
+            "--checkpoint",
+            str(expert),
+            "--steps",
+            "610",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--min-return",
+            str(threshold),
+        ]
+    )
     high = Demonstrations.load(out)
     keep = np.nonzero(scores >= threshold)[0]
     assert high.num_games == len(keep) < every.num_games and high.meta["min_return"] == threshold
@@ -143,8 +178,9 @@ def test_min_return_keeps_the_high_scoring_games_of_the_same_rollout(expert, rec
     for mine, theirs in enumerate(keep):
         np.testing.assert_array_equal(high.game_frames(mine), every.game_frames(theirs))
         for key in ("actions", "raw_rewards", "probs"):
-            np.testing.assert_array_equal(high.arrays[key][high.game_slice(mine)],
-                                          every.arrays[key][every.game_slice(theirs)])
+            np.testing.assert_array_equal(
+                high.arrays[key][high.game_slice(mine)], every.arrays[key][every.game_slice(theirs)]
+            )
 
 
 def test_atari_stacks_are_zero_padded_at_game_start_and_match_the_env(tmp_path):
@@ -158,13 +194,14 @@ def test_atari_stacks_are_zero_padded_at_game_start_and_match_the_env(tmp_path):
     for g, observed in enumerate(replay_games(demos, seed=1)):
         np.testing.assert_array_equal(demos.game_observations(g), observed)
         assert not demos.game_frames(g)[:3].any() and demos.game_frames(g)[3].any()
-        np.testing.assert_array_equal(demos.arrays["actions"][demos.game_slice(g)],
-                                      demos.arrays["probs"][demos.game_slice(g)].argmax(1))
+        np.testing.assert_array_equal(
+            demos.arrays["actions"][demos.game_slice(g)], demos.arrays["probs"][demos.game_slice(g)].argmax(1)
+        )
     fragments = demos.fragments(64, 25, torch.Generator().manual_seed(1))
     assert fragments.frames.shape == (64, 28, 84, 84)
     for i in range(64):
         g, start = int(fragments.game[i]), int(fragments.start[i])
-        np.testing.assert_array_equal(fragments.frames[i].numpy(), demos.game_frames(g)[start:start + 28])
+        np.testing.assert_array_equal(fragments.frames[i].numpy(), demos.game_frames(g)[start : start + 28])
 
 
 def demos_error(argv: list[str], capsys) -> str:
@@ -191,11 +228,14 @@ def test_bad_files_are_one_line_errors(recorded, tmp_path, capsys):
 
 def test_bad_record_flags_are_one_line_errors(expert, tmp_path, capsys):
     out = str(tmp_path / "x.npz")
-    assert "--checkpoint" in demos_error(["record", "--checkpoint", str(tmp_path / "none"), "--steps", "9",
-                                        "--out", out], capsys)
-    assert "--min-return" in demos_error(["record", "--checkpoint", str(expert), "--steps", "50", "--out", out,
-                                        "--min-return", "1000"], capsys)
+    assert "--checkpoint" in demos_error(
+        ["record", "--checkpoint", str(tmp_path / "none"), "--steps", "9", "--out", out], capsys
+    )
+    assert "--min-return" in demos_error(
+        ["record", "--checkpoint", str(expert), "--steps", "50", "--out", out, "--min-return", "1000"], capsys
+    )
     assert "--steps" in demos_error(["record", "--checkpoint", str(expert), "--steps", "0", "--out", out], capsys)
-    assert "--out" in demos_error(["record", "--checkpoint", str(expert), "--steps", "9", "--out",
-                                 str(tmp_path / "no" / "dir.npz")], capsys)
+    assert "--out" in demos_error(
+        ["record", "--checkpoint", str(expert), "--steps", "9", "--out", str(tmp_path / "no" / "dir.npz")], capsys
+    )
     assert not (tmp_path / "x.npz").exists()

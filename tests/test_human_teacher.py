@@ -37,7 +37,8 @@ def get(url: str) -> dict:
 
 def post_label(url: str, pair_id: int, choice: str) -> dict:
     request = urllib.request.Request(
-        url + "api/label", data=json.dumps({"pair_id": pair_id, "choice": choice, "annotator": "test"}).encode(),
+        url + "api/label",
+        data=json.dumps({"pair_id": pair_id, "choice": choice, "annotator": "test"}).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
@@ -166,11 +167,41 @@ def test_a_port_in_use_is_an_error_not_an_exit(tmp_path, teachers):
 # A whole run
 
 TINY_MINATAR = [
-    "--env-id", "MinAtar/Breakout-v1", "--total-timesteps", "400", "--learning-starts", "100", "--buffer-size", "1000",
-    "--batch-size", "8", "--initial-pairs", "4", "--warmup-epochs", "2", "--inner-steps", "100",
-    "--fragment-length", "5", "--pair-buffer", "9", "--reward-batch-size", "4", "--total-pairs", "20",
-    "--schedule-iterations", "10", "--fresh-pairs", "4", "--max-episode-frames", "400", "--num-envs", "1",
-    "--log-every", "5", "--no-progress",
+    "--env-id",
+    "MinAtar/Breakout-v1",
+    "--total-timesteps",
+    "400",
+    "--learning-starts",
+    "100",
+    "--buffer-size",
+    "1000",
+    "--batch-size",
+    "8",
+    "--initial-pairs",
+    "4",
+    "--warmup-epochs",
+    "2",
+    "--inner-steps",
+    "100",
+    "--fragment-length",
+    "5",
+    "--pair-buffer",
+    "9",
+    "--reward-batch-size",
+    "4",
+    "--total-pairs",
+    "20",
+    "--schedule-iterations",
+    "10",
+    "--fresh-pairs",
+    "4",
+    "--max-episode-frames",
+    "400",
+    "--num-envs",
+    "1",
+    "--log-every",
+    "5",
+    "--no-progress",
 ]
 CHOICES = ("skip", "left", "right", "equal")  # the answer to pair i is CHOICES[i % 4]
 
@@ -180,9 +211,22 @@ def label_a_run(runs_dir: Path, timeout: float = 120) -> tuple[subprocess.Comple
     pytest.importorskip("minatar")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "agents/drlhf.py"), *TINY_MINATAR, "--runs-dir", str(runs_dir),
-         "--teacher", "human", "--label-mode", "sync"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(REPO / "agents/drlhf.py"),
+            *TINY_MINATAR,
+            "--runs-dir",
+            str(runs_dir),
+            "--teacher",
+            "human",
+            "--label-mode",
+            "sync",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     output: list[str] = []
     url: list[str] = []
@@ -243,8 +287,17 @@ def test_a_run_labelled_through_the_page_then_replayed_from_its_log(tmp_path):
 
     # The same run with --teacher replay (in this process: no second start-up) queries the same pairs, with the
     # same ids, and learns the same reward.
-    drlhf.main([*TINY_MINATAR, "--runs-dir", str(tmp_path / "replay"), "--teacher", "replay",
-                "--labels", str(run_dir / "labels.jsonl")])
+    drlhf.main(
+        [
+            *TINY_MINATAR,
+            "--runs-dir",
+            str(tmp_path / "replay"),
+            "--teacher",
+            "replay",
+            "--labels",
+            str(run_dir / "labels.jsonl"),
+        ]
+    )
     replayed = scalar_tags(only_run_dir(tmp_path / "replay"))
     for tag in ("reward/num_pairs", "reward/dropped_pairs", "reward/bce"):
         assert replayed[tag] == tags[tag], tag

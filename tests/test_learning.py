@@ -35,8 +35,16 @@ def mean_score(actor: nn.Module, games: int = 32) -> float:
 def test_sac_learns_minatar_breakout():
     pytest.importorskip("minatar")
     torch.manual_seed(1)
-    args = Args(env_id="MinAtar/Breakout-v1", total_timesteps=12_000, learning_starts=1_000, buffer_size=20_000,
-                target_network_frequency=1_000, max_episode_frames=2_000, progress=False, cuda=False)
+    args = Args(
+        env_id="MinAtar/Breakout-v1",
+        total_timesteps=12_000,
+        learning_starts=1_000,
+        buffer_size=20_000,
+        target_network_frequency=1_000,
+        max_episode_frames=2_000,
+        progress=False,
+        cuda=False,
+    )
     trainer = SACTrainer(args, torch.device("cpu"))
     trainer.train()
     random_score = mean_score(UniformPolicy(trainer.num_actions))

@@ -138,9 +138,22 @@ def test_sac_runs_on_minatar(minatar, tmp_path, monkeypatch):
     # Tiny networks: intra-op threads only add synchronization, and CI runs tests side by side.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     result = run_script(
-        "agents/sac_discrete.py", "--env-id", "MinAtar/Breakout-v1", "--total-timesteps", "400",
-        "--learning-starts", "200", "--buffer-size", "1000", "--batch-size", "32", "--log-every", "10",
-        "--no-progress", "--runs-dir", str(tmp_path),
+        "agents/sac_discrete.py",
+        "--env-id",
+        "MinAtar/Breakout-v1",
+        "--total-timesteps",
+        "400",
+        "--learning-starts",
+        "200",
+        "--buffer-size",
+        "1000",
+        "--batch-size",
+        "32",
+        "--log-every",
+        "10",
+        "--no-progress",
+        "--runs-dir",
+        str(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
@@ -154,11 +167,36 @@ def test_sac_runs_on_minatar(minatar, tmp_path, monkeypatch):
 def test_sobirl_runs_on_minatar(minatar, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     result = run_script(
-        "agents/sobirl.py", "--env-id", "MinAtar/SpaceInvaders-v1", "--total-timesteps", "600",
-        "--learning-starts", "100", "--buffer-size", "2000", "--batch-size", "16", "--initial-pairs", "8",
-        "--warmup-epochs", "2", "--inner-steps", "100", "--fragment-length", "10", "--pair-buffer", "40",
-        "--total-pairs", "40", "--schedule-iterations", "5", "--hyper-start", "200", "--no-progress",
-        "--runs-dir", str(tmp_path),
+        "agents/sobirl.py",
+        "--env-id",
+        "MinAtar/SpaceInvaders-v1",
+        "--total-timesteps",
+        "600",
+        "--learning-starts",
+        "100",
+        "--buffer-size",
+        "2000",
+        "--batch-size",
+        "16",
+        "--initial-pairs",
+        "8",
+        "--warmup-epochs",
+        "2",
+        "--inner-steps",
+        "100",
+        "--fragment-length",
+        "10",
+        "--pair-buffer",
+        "40",
+        "--total-pairs",
+        "40",
+        "--schedule-iterations",
+        "5",
+        "--hyper-start",
+        "200",
+        "--no-progress",
+        "--runs-dir",
+        str(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     tags = scalar_tags(only_run_dir(tmp_path))

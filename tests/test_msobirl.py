@@ -67,7 +67,9 @@ def central_differences(P, reward, f, x, gamma, tau, h=1e-5) -> torch.Tensor:
     for i in range(x.numel()):
         e = torch.zeros_like(x)
         e[i] = h
-        grad[i] = (hyper_objective(P, reward, f, x + e, gamma, tau) - hyper_objective(P, reward, f, x - e, gamma, tau)) / (2 * h)
+        grad[i] = (
+            hyper_objective(P, reward, f, x + e, gamma, tau) - hyper_objective(P, reward, f, x - e, gamma, tau)
+        ) / (2 * h)
     return grad
 
 
@@ -149,10 +151,13 @@ def test_soft_value_iteration_fixed_point_is_soft_consistent(gamma, tau):
     torch.testing.assert_close(Q, r + gamma * torch.einsum("sat,t->sa", P, V), rtol=0, atol=1e-12)
     # (7) V is the soft maximum of Q
     torch.testing.assert_close(V, tau * torch.logsumexp(Q / tau, dim=-1), rtol=0, atol=atol)
+
     # V is the entropy-regularized value of π, and no other policy does better
     def soft_value_of(policy):
         P_pi = policy_transition(P, policy)
-        return torch.linalg.solve(torch.eye(S, dtype=torch.float64) - gamma * P_pi, (policy * (r - tau * policy.log())).sum(-1))
+        return torch.linalg.solve(
+            torch.eye(S, dtype=torch.float64) - gamma * P_pi, (policy * (r - tau * policy.log())).sum(-1)
+        )
 
     # normalized first: the unnormalized π_k's residual mass would otherwise enter linearly, times 1/(1−γ)
     torch.testing.assert_close(soft_value_of(pi / pi.sum(-1, keepdim=True)), V, rtol=0, atol=atol)
@@ -179,8 +184,19 @@ def test_random_mdp_is_a_sparse_stochastic_tensor_determined_by_the_seed():
 def test_short_run_reaches_the_minimum(tmp_path):
     S, A = 4, 2
     history = main(
-        ["--num-states", str(S), "--num-actions", str(A), "--x-dim", "10", "--iterations", "500", "--no-cuda",
-         "--runs-dir", str(tmp_path)]
+        [
+            "--num-states",
+            str(S),
+            "--num-actions",
+            str(A),
+            "--x-dim",
+            "10",
+            "--iterations",
+            "500",
+            "--no-cuda",
+            "--runs-dir",
+            str(tmp_path),
+        ]
     )
     f_min = S / (2 * A)
     assert abs(history["f"][-1] - f_min) <= 0.01 * f_min
@@ -188,7 +204,18 @@ def test_short_run_reaches_the_minimum(tmp_path):
 
 
 def test_same_seed_same_run(tmp_path):
-    argv = ["--num-states", "4", "--num-actions", "3", "--x-dim", "8", "--iterations", "30", "--runs-dir", str(tmp_path)]
+    argv = [
+        "--num-states",
+        "4",
+        "--num-actions",
+        "3",
+        "--x-dim",
+        "8",
+        "--iterations",
+        "30",
+        "--runs-dir",
+        str(tmp_path),
+    ]
     first, second = main(argv + ["--seed", "5"]), main(argv + ["--seed", "5"])
     assert first == second
     assert main(argv + ["--seed", "6"])["f"] != first["f"]
@@ -214,7 +241,9 @@ def test_bad_flags_raise_usage_error(flags, message, tmp_path):
 
 def _run_script(*flags: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_script_smoke(tmp_path):

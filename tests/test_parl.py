@@ -13,11 +13,18 @@ from agents.common import run_cli
 from agents.losses import LossInputs, bradley_terry_bce, fragment_returns
 from agents.pairs import PairBatch, pair_observations, split_pairs
 from agents.tabular_bilevel import (
-    enumerate_fragments, explicit_gradient, lower_objective, make_instance, optimal_logits, parl_hypergradient,
-    relative_error, score_function_gradient,
+    enumerate_fragments,
+    explicit_gradient,
+    lower_objective,
+    make_instance,
+    optimal_logits,
+    parl_hypergradient,
+    relative_error,
+    score_function_gradient,
 )
 from sobirl import beamrider
-from tests.conftest import TableModule as Table, only_run_dir, run_script, scalar_tags
+from tests.conftest import TableModule as Table
+from tests.conftest import only_run_dir, run_script, scalar_tags
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DTYPE = torch.float64
@@ -54,8 +61,9 @@ def test_damped_cg_and_mixed_term_reproduce_the_tabular_parl_hypergradient():
     theta = optimal_logits(inst, inst.phi).clone().requires_grad_(True)
     pi = torch.softmax(theta.detach(), -1)
     g = score_function_gradient(inst.phi, pi, inst, frags).flatten()
-    cg = parl.damped_implicit_vector(lower_objective(theta, inst.phi, inst), [theta], g, iterations=100,
-                                     damping=damping)
+    cg = parl.damped_implicit_vector(
+        lower_objective(theta, inst.phi, inst), [theta], g, iterations=100, damping=damping
+    )
     assert cg.relative_residual < 1e-10
     phi = inst.phi.clone().requires_grad_(True)
     (grad_theta,) = torch.autograd.grad(lower_objective(theta, phi, inst), theta, create_graph=True)
@@ -92,8 +100,9 @@ def tabular_case(seed: int = 0, offset: float = 0.3):
 
 def loss_inputs(pairs: PairBatch, reward: nn.Module, global_step: int = 10) -> LossInputs:
     r1, r2 = split_pairs(reward(pair_observations(pairs.frames1, pairs.frames2, H)), B, H)
-    bce = bradley_terry_bce(fragment_returns(r1, pairs.actions1), fragment_returns(r2, pairs.actions2),
-                            pairs.labels.to(DTYPE))
+    bce = bradley_terry_bce(
+        fragment_returns(r1, pairs.actions1), fragment_returns(r2, pairs.actions2), pairs.labels.to(DTYPE)
+    )
     return LossInputs(pairs, r1, r2, bce, ALPHA, global_step, model=reward)
 
 
@@ -105,7 +114,13 @@ def make_parl_loss(q_table, actor, replay_states, **kwargs) -> parl.PARLLoss:
 
 
 def dense_expected_gradient(
-    q_table, actor, reward, replay_states, pairs, correction: str = "none", ratio_clip: float = 10.0,
+    q_table,
+    actor,
+    reward,
+    replay_states,
+    pairs,
+    correction: str = "none",
+    ratio_clip: float = 10.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_phi mean BCE + M^T (K + lambda I)^-1 g, M^T (K + lambda I)^-1 g), from dense autograd Hessians of J;
     g with the off-policy `correction` written out pair by pair and step by step."""
@@ -119,8 +134,9 @@ def dense_expected_gradient(
         q_tilde = states @ q_table + states @ phi - r0
         return (log_pi.exp() * (q_tilde - ALPHA * log_pi)).sum(-1).mean()
 
-    hessian = torch.autograd.functional.hessian(J, torch.cat([actor.table.detach().flatten(),
-                                                              reward.table.detach().flatten()]))
+    hessian = torch.autograd.functional.hessian(
+        J, torch.cat([actor.table.detach().flatten(), reward.table.detach().flatten()])
+    )
     K, M = -hessian[:n, :n], hessian[:n, n:]
     assert torch.linalg.eigvalsh(K + DAMPING * torch.eye(n, dtype=DTYPE)).min() > 0  # CG's assumption holds
     # g: grad_theta of mean_i l_i (sum_t log pi(a_t|s_t) over both fragments), written out step by step
@@ -132,8 +148,10 @@ def dense_expected_gradient(
         weight = bce[i]
         if correction in ("baseline", "ratio-baseline"):
             weight = weight - (bce.sum() - bce[i]) / (B - 1)
-        for frames, actions, mu in ((pairs.frames1, pairs.actions1, pairs.behaviour1),
-                                    (pairs.frames2, pairs.actions2, pairs.behaviour2)):
+        for frames, actions, mu in (
+            (pairs.frames1, pairs.actions1, pairs.behaviour1),
+            (pairs.frames2, pairs.actions2, pairs.behaviour2),
+        ):
             for t in range(H):
                 s, a = int(frames[i, t].argmax()), int(actions[i, t])
                 log_pi = torch.log_softmax(theta[s], -1)[a]
@@ -160,8 +178,7 @@ def test_parl_loss_reward_gradient_equals_the_dense_implicit_function_formula():
     assert actor.table.grad is None  # the actor is only differentiated through, never updated
     assert float(metrics["cg_residual"]) < 1e-10
     torch.testing.assert_close(float(metrics["second_order_norm"]), float(implicit.norm()), rtol=1e-8, atol=0)
-    torch.testing.assert_close(float(metrics["bce_grad_norm"]), float((expected - implicit).norm()), rtol=1e-8,
-                               atol=0)
+    torch.testing.assert_close(float(metrics["bce_grad_norm"]), float((expected - implicit).norm()), rtol=1e-8, atol=0)
     # the value: mean BCE + mixed, so reward/hyper_term is the mixed term
     mixed = loss.detach() - x.bce.mean().detach()
     assert mixed != 0
@@ -174,7 +191,8 @@ def test_corrected_parl_gradient_equals_the_dense_formula_with_corrected_g(corre
     expected, implicit = dense_expected_gradient(q_table, actor, reward, replay_states, pairs, correction, 2.0)
     plain, _ = dense_expected_gradient(q_table, actor, reward, replay_states, pairs)
     loss, _ = make_parl_loss(q_table, actor, replay_states, correction=correction, ratio_clip=2.0)(
-        loss_inputs(pairs, reward))
+        loss_inputs(pairs, reward)
+    )
     loss.backward()
     torch.testing.assert_close(reward.table.grad.flatten(), expected, rtol=1e-8, atol=1e-10)
     assert relative_error(expected, plain) > 1e-3  # the correction changes the gradient
@@ -196,26 +214,72 @@ def test_parl_loss_is_the_cross_entropy_before_parl_start():
 # End to end on MinAtar
 
 MINATAR = [
-    "--env-id", "MinAtar/Breakout-v1", "--learning-starts", "50", "--buffer-size", "1000", "--batch-size", "8",
-    "--initial-pairs", "4", "--warmup-epochs", "2", "--inner-steps", "50", "--fragment-length", "5",
-    "--pair-buffer", "20", "--total-pairs", "20", "--schedule-iterations", "4", "--reward-batch-size", "4",
-    "--fresh-pairs", "4", "--log-every", "5", "--no-progress", "--hvp-batch", "32", "--cg-iters", "3",
+    "--env-id",
+    "MinAtar/Breakout-v1",
+    "--learning-starts",
+    "50",
+    "--buffer-size",
+    "1000",
+    "--batch-size",
+    "8",
+    "--initial-pairs",
+    "4",
+    "--warmup-epochs",
+    "2",
+    "--inner-steps",
+    "50",
+    "--fragment-length",
+    "5",
+    "--pair-buffer",
+    "20",
+    "--total-pairs",
+    "20",
+    "--schedule-iterations",
+    "4",
+    "--reward-batch-size",
+    "4",
+    "--fresh-pairs",
+    "4",
+    "--log-every",
+    "5",
+    "--no-progress",
+    "--hvp-batch",
+    "32",
+    "--cg-iters",
+    "3",
 ]
 
 
 def test_parl_runs_on_minatar_and_resumes(tmp_path, monkeypatch):
     pytest.importorskip("minatar")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    result = run_script("sobirl/beamrider.py", "--algo", "parl", *MINATAR, "--total-timesteps", "150",
-                        "--parl-start", "100", "--runs-dir", str(tmp_path))
+    result = run_script(
+        "sobirl/beamrider.py",
+        "--algo",
+        "parl",
+        *MINATAR,
+        "--total-timesteps",
+        "150",
+        "--parl-start",
+        "100",
+        "--runs-dir",
+        str(tmp_path),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     assert run_dir.name.startswith("MinAtar-Breakout-v1__parl__1__")
     result = run_script("sobirl/beamrider.py", "--resume", str(run_dir), "--total-timesteps", "250", "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     tags = scalar_tags(run_dir)
-    assert {"reward/loss", "reward/bce", "reward/hyper_term", "reward/accuracy_train", "reward/accuracy_fresh",
-            "charts/episodic_return", "reward/bce_grad_norm"} <= set(tags)
+    assert {
+        "reward/loss",
+        "reward/bce",
+        "reward/hyper_term",
+        "reward/accuracy_train",
+        "reward/accuracy_fresh",
+        "charts/episodic_return",
+        "reward/bce_grad_norm",
+    } <= set(tags)
     # reward phases at 41 and 91 (before --parl-start 100: no implicit term), 141, then 150 and 200 (resumed)
     assert [step for step, _ in tags["reward/loss"]] == [41, 91, 141, 150, 200]
     hyper = dict(tags["reward/hyper_term"])
@@ -226,12 +290,15 @@ def test_parl_runs_on_minatar_and_resumes(tmp_path, monkeypatch):
     assert all(value > 0 for _, value in tags["reward/second_order_norm"])
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--cg-iters", "0"], ["--cg-iters", "positive"]),
-    (["--cg-damping", "-0.1"], ["--cg-damping", "non-negative"]),
-    (["--hvp-batch", "0"], ["--hvp-batch"]),
-    (["--parl-start", "-1"], ["--parl-start"]),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--cg-iters", "0"], ["--cg-iters", "positive"]),
+        (["--cg-damping", "-0.1"], ["--cg-damping", "non-negative"]),
+        (["--hvp-batch", "0"], ["--hvp-batch"]),
+        (["--parl-start", "-1"], ["--parl-start"]),
+    ],
+)
 def test_parl_bad_flags_are_one_line_errors(tmp_path, capsys, flags, words):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(beamrider.main, ["--algo", "parl", *flags, "--runs-dir", str(tmp_path)])

@@ -14,7 +14,8 @@ from agents import penalty
 from agents.losses import LossInputs, bradley_terry_bce, fragment_returns
 from agents.pairs import PairBatch, pair_observations, split_pairs
 from agents.run import StopTraining, detached_run
-from tests.conftest import TableModule as Table, cli_error, only_run_dir, run_script, scalar_tags
+from tests.conftest import TableModule as Table
+from tests.conftest import cli_error, only_run_dir, run_script, scalar_tags
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DTYPE = torch.float64
@@ -33,15 +34,17 @@ def case(seed: int = 0):
     pairs = PairBatch(onehot(s1), a1, onehot(s2), a2, torch.rand(B, generator=g), torch.zeros(B), torch.zeros(B))
     states_a, states_b = torch.randint(0, S, (6, H), generator=g), torch.randint(0, S, (2, H), generator=g)
     actions_a, actions_b = torch.randint(0, A, (6, H), generator=g), torch.randint(0, A, (2, H), generator=g)
-    fragments = penalty.ValueFragments(onehot(states_a).reshape(-1, S), actions_a, onehot(states_b).reshape(-1, S),
-                                       actions_b)
+    fragments = penalty.ValueFragments(
+        onehot(states_a).reshape(-1, S), actions_a, onehot(states_b).reshape(-1, S), actions_b
+    )
     return model, pairs, fragments, (states_a, actions_a, states_b, actions_b)
 
 
 def inputs(model: nn.Module, pairs: PairBatch) -> LossInputs:
     r1, r2 = split_pairs(model(pair_observations(pairs.frames1, pairs.frames2, H)), B, H)
-    bce = bradley_terry_bce(fragment_returns(r1, pairs.actions1), fragment_returns(r2, pairs.actions2),
-                            pairs.labels.to(DTYPE))
+    bce = bradley_terry_bce(
+        fragment_returns(r1, pairs.actions1), fragment_returns(r2, pairs.actions2), pairs.labels.to(DTYPE)
+    )
     return LossInputs(pairs, r1, r2, bce, 0.5, 1000, model=model)
 
 
@@ -50,7 +53,7 @@ def discounted_visits(states: torch.Tensor, actions: torch.Tensor) -> torch.Tens
     visits = torch.zeros(S, A, dtype=DTYPE)
     for n in range(states.shape[0]):
         for t in range(H):
-            visits[states[n, t], actions[n, t]] += GAMMA ** t
+            visits[states[n, t], actions[n, t]] += GAMMA**t
     return visits / states.shape[0]
 
 
@@ -89,8 +92,9 @@ def test_plain_likelihood_is_one_minus_the_label_likelihood():
     torch.testing.assert_close(plain.detach(), 1 - (y * p + (1 - y) * (1 - p)))
     (grad,) = torch.autograd.grad(plain.sum(), returns1)
     torch.testing.assert_close(grad, -(2 * y - 1) * p * (1 - p))  # vs BCE's p - y: bounded, saturating
-    torch.testing.assert_close(penalty.upper_losses(returns1, returns2, labels, "log"),
-                               bradley_terry_bce(returns1, returns2, labels))
+    torch.testing.assert_close(
+        penalty.upper_losses(returns1, returns2, labels, "log"), bradley_terry_bce(returns1, returns2, labels)
+    )
 
 
 def test_plain_likelihood_reward_loss_uses_it():
@@ -102,8 +106,15 @@ def test_plain_likelihood_reward_loss_uses_it():
 
 
 def b_agent_with_pool(surrogate: str):
-    args = penalty.Args(env_id="MinAtar/Breakout-v1", sigma=0.5, gamma=0.9, penalty_actor_pairs=3, cuda=False,
-                        penalty_surrogate=surrogate, penalty_clip=0.2)
+    args = penalty.Args(
+        env_id="MinAtar/Breakout-v1",
+        sigma=0.5,
+        gamma=0.9,
+        penalty_actor_pairs=3,
+        cuda=False,
+        penalty_surrogate=surrogate,
+        penalty_clip=0.2,
+    )
     obs_shape, actions = (4, 10, 10), 3
     torch.manual_seed(0)
     agent = penalty.PenalisedSAC(obs_shape, actions, args, torch.device("cpu"))
@@ -179,28 +190,70 @@ def test_clipped_surrogate_stops_pushing_past_the_trust_region():
 # End to end on MinAtar: A then B each agent phase, 100 env steps each
 
 MINATAR = [
-    "--env-id", "MinAtar/Breakout-v1", "--learning-starts", "50", "--buffer-size", "1000", "--batch-size", "8",
-    "--initial-pairs", "4", "--warmup-epochs", "2", "--inner-steps", "50", "--fragment-length", "5",
-    "--pair-buffer", "20", "--total-pairs", "20", "--schedule-iterations", "4", "--reward-batch-size", "4",
-    "--fresh-pairs", "4", "--log-every", "5", "--no-progress", "--value-fragments", "8", "--penalty-pool", "8",
-    "--penalty-actor-pairs", "2",
+    "--env-id",
+    "MinAtar/Breakout-v1",
+    "--learning-starts",
+    "50",
+    "--buffer-size",
+    "1000",
+    "--batch-size",
+    "8",
+    "--initial-pairs",
+    "4",
+    "--warmup-epochs",
+    "2",
+    "--inner-steps",
+    "50",
+    "--fragment-length",
+    "5",
+    "--pair-buffer",
+    "20",
+    "--total-pairs",
+    "20",
+    "--schedule-iterations",
+    "4",
+    "--reward-batch-size",
+    "4",
+    "--fresh-pairs",
+    "4",
+    "--log-every",
+    "5",
+    "--no-progress",
+    "--value-fragments",
+    "8",
+    "--penalty-pool",
+    "8",
+    "--penalty-actor-pairs",
+    "2",
 ]
 
 
 def test_penalty_runs_two_agents_on_minatar_and_resumes(tmp_path, monkeypatch):
     pytest.importorskip("minatar")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    result = run_script("sobirl/beamrider.py", "--algo", "penalty", *MINATAR, "--total-timesteps", "250",
-                        "--runs-dir", str(tmp_path))
+    result = run_script(
+        "sobirl/beamrider.py", "--algo", "penalty", *MINATAR, "--total-timesteps", "250", "--runs-dir", str(tmp_path)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     assert run_dir.name.startswith("MinAtar-Breakout-v1__penalty__1__")
     result = run_script("sobirl/beamrider.py", "--resume", str(run_dir), "--total-timesteps", "400", "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     tags = scalar_tags(run_dir)
-    assert {"reward/loss", "reward/bce", "reward/hyper_term", "reward/accuracy_train", "reward/accuracy_fresh",
-            "charts/episodic_return", "charts_b/episodic_return", "losses/actor_loss", "losses_b/actor_loss",
-            "losses_b/preference_term", "charts/agent_seconds", "charts_b/agent_seconds"} <= set(tags)
+    assert {
+        "reward/loss",
+        "reward/bce",
+        "reward/hyper_term",
+        "reward/accuracy_train",
+        "reward/accuracy_fresh",
+        "charts/episodic_return",
+        "charts_b/episodic_return",
+        "losses/actor_loss",
+        "losses_b/actor_loss",
+        "losses_b/preference_term",
+        "charts/agent_seconds",
+        "charts_b/agent_seconds",
+    } <= set(tags)
     # Iteration 0: A's 41 random steps; then 50 steps of A, then 50 of B, per phase, with --total-timesteps a cap
     # on both: the first run's last phase gets A 5 and B 4 (to 250), the resumed run's last A 25 and B 25 (to 400).
     assert [step for step, _ in tags["reward/loss"]] == [41, 141, 241, 250, 350]
@@ -217,17 +270,34 @@ def test_penalty_runs_two_agents_on_minatar_and_resumes(tmp_path, monkeypatch):
 def test_penalty_seed_form_plain_likelihood_half_split(tmp_path, monkeypatch):
     pytest.importorskip("minatar")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    result = run_script("agents/penalty.py", *MINATAR, "--inner-steps", "100", "--total-timesteps", "350",
-                        "--penalty-form", "seed", "--upper-likelihood", "plain", "--inner-split", "half",
-                        "--sigma", "0.5", "--penalty-baseline", "--runs-dir", str(tmp_path))
+    result = run_script(
+        "agents/penalty.py",
+        *MINATAR,
+        "--inner-steps",
+        "100",
+        "--total-timesteps",
+        "350",
+        "--penalty-form",
+        "seed",
+        "--upper-likelihood",
+        "plain",
+        "--inner-split",
+        "half",
+        "--sigma",
+        "0.5",
+        "--penalty-baseline",
+        "--runs-dir",
+        str(tmp_path),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     tags = scalar_tags(only_run_dir(tmp_path))
     # half: 50 steps of each agent per phase, as with --inner-steps 50 each
     assert [step for step, _ in tags["reward/loss"]] == [41, 141, 241, 341]
     assert max(step for step, _ in tags["charts_b/SPS"]) == 350
     # plain likelihood: the upper loss is no longer the cross-entropy (hyper_term = loss - bce includes the change)
-    assert all(upper != pytest.approx(bce) for (_, upper), (_, bce) in zip(tags["reward/upper_loss"],
-                                                                           tags["reward/bce"]))
+    assert all(
+        upper != pytest.approx(bce) for (_, upper), (_, bce) in zip(tags["reward/upper_loss"], tags["reward/bce"])
+    )
     assert dict(tags["reward/penalty_active"])[241] == 1.0
 
 
@@ -237,10 +307,25 @@ def test_a_run_stopped_inside_agent_b_phase_resumes_its_plan(monkeypatch):
     pytest.importorskip("minatar")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = penalty.Args(
-        env_id="MinAtar/Breakout-v1", learning_starts=50, buffer_size=1000, batch_size=8, initial_pairs=4,
-        warmup_epochs=1, inner_steps=60, fragment_length=5, pair_buffer=20, total_pairs=20, schedule_iterations=4,
-        reward_batch_size=4, fresh_pairs=0, value_fragments=4, penalty_pool=8, penalty_actor_pairs=2,
-        total_timesteps=400, progress=False, cuda=False,
+        env_id="MinAtar/Breakout-v1",
+        learning_starts=50,
+        buffer_size=1000,
+        batch_size=8,
+        initial_pairs=4,
+        warmup_epochs=1,
+        inner_steps=60,
+        fragment_length=5,
+        pair_buffer=20,
+        total_pairs=20,
+        schedule_iterations=4,
+        reward_batch_size=4,
+        fresh_pairs=0,
+        value_fragments=4,
+        penalty_pool=8,
+        penalty_actor_pairs=2,
+        total_timesteps=400,
+        progress=False,
+        cuda=False,
     )
 
     def learner():
@@ -250,8 +335,11 @@ def test_a_run_stopped_inside_agent_b_phase_resumes_its_plan(monkeypatch):
         """(A's, B's) step counts at every reward phase."""
         phases = []
         train_reward = run.train_reward
-        monkeypatch.setattr(run, "train_reward", lambda: (phases.append(
-            (run.trainer_a.global_step, run.trainer_b.global_step)), train_reward()))
+        monkeypatch.setattr(
+            run,
+            "train_reward",
+            lambda: (phases.append((run.trainer_a.global_step, run.trainer_b.global_step)), train_reward()),
+        )
         return phases
 
     whole = learner()
@@ -286,13 +374,16 @@ def test_a_run_stopped_inside_agent_b_phase_resumes_its_plan(monkeypatch):
     assert (resumed.trainer_a.global_step, resumed.trainer_b.global_step) == (221, 179)
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--sigma", "-1"], ["--sigma", "positive"]),
-    (["--sigma", "0"], ["--sigma", "positive"]),
-    (["--inner-split", "half", "--inner-steps", "40", "--fragment-length", "25"], ["--fragment-length", "half"]),
-    (["--penalty-form", "kwon"], ["--penalty-form"]),
-    (["--penalty-actor-pairs", "0"], ["--penalty-actor-pairs"]),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--sigma", "-1"], ["--sigma", "positive"]),
+        (["--sigma", "0"], ["--sigma", "positive"]),
+        (["--inner-split", "half", "--inner-steps", "40", "--fragment-length", "25"], ["--fragment-length", "half"]),
+        (["--penalty-form", "kwon"], ["--penalty-form"]),
+        (["--penalty-actor-pairs", "0"], ["--penalty-actor-pairs"]),
+    ],
+)
 def test_penalty_bad_flags_are_one_line_errors(tmp_path, capsys, flags, words):
     line = cli_error(penalty.main, [*flags, "--runs-dir", str(tmp_path)], capsys)
     assert all(word in line for word in words), line

@@ -16,8 +16,15 @@ ENV = "BeamRiderNoFrameskip-v4"
 EPISODE_STEPS = np.arange(100, 2001, 100)  # 20 episodes per run
 
 
-def write_run(runs_dir: Path, algo: str, seed: int, scalars: dict[str, tuple], start_time: int = 1_700_000_000,
-              env_id: str = ENV, walltime: float = 1000.0) -> Path:
+def write_run(
+    runs_dir: Path,
+    algo: str,
+    seed: int,
+    scalars: dict[str, tuple],
+    start_time: int = 1_700_000_000,
+    env_id: str = ENV,
+    walltime: float = 1000.0,
+) -> Path:
     """scalars: tag -> (steps, values). Returns the run folder."""
     run_dir = runs_dir / f"{env_id}__{algo}__{seed}__{start_time}"
     writer = SummaryWriter(str(run_dir))
@@ -40,18 +47,28 @@ def runs_dir(tmp_path_factory) -> Path:
     """sobirl returns 10*seed, drlhf returns 5 everywhere; lengths 50; constant accuracies."""
     root = tmp_path_factory.mktemp("runs")
     for seed in (1, 2, 3):
-        write_run(root, "sobirl", seed, {
-            plot.RETURN_TAG: returns(10.0 * seed),
-            plot.LENGTH_TAG: returns(50.0),
-            plot.ACC_FRESH_TAG: (ACC_STEPS, np.full(ACC_STEPS.shape, 0.8)),
-            plot.ACC_TRAIN_TAG: (ACC_STEPS, np.full(ACC_STEPS.shape, 0.9)),
-        })
-        write_run(root, "drlhf", seed, {
-            plot.RETURN_TAG: returns(5.0),
-            plot.LENGTH_TAG: returns(50.0),
-            plot.ACC_FRESH_TAG: (ACC_STEPS, np.full(ACC_STEPS.shape, 0.7)),
-            plot.ACC_TRAIN_TAG: (ACC_STEPS, np.full(ACC_STEPS.shape, 0.95)),
-        })
+        write_run(
+            root,
+            "sobirl",
+            seed,
+            {
+                plot.RETURN_TAG: returns(10.0 * seed),
+                plot.LENGTH_TAG: returns(50.0),
+                plot.ACC_FRESH_TAG: (ACC_STEPS, np.full(ACC_STEPS.shape, 0.8)),
+                plot.ACC_TRAIN_TAG: (ACC_STEPS, np.full(ACC_STEPS.shape, 0.9)),
+            },
+        )
+        write_run(
+            root,
+            "drlhf",
+            seed,
+            {
+                plot.RETURN_TAG: returns(5.0),
+                plot.LENGTH_TAG: returns(50.0),
+                plot.ACC_FRESH_TAG: (ACC_STEPS, np.full(ACC_STEPS.shape, 0.7)),
+                plot.ACC_TRAIN_TAG: (ACC_STEPS, np.full(ACC_STEPS.shape, 0.95)),
+            },
+        )
     # A folder that is not a run: must be skipped, not crash.
     SummaryWriter(str(root / "scratch")).close()
     return root
@@ -111,8 +128,9 @@ def test_load_run_reads_known_values(runs_dir):
 
 
 def test_load_run_merges_resumed_event_files(tmp_path):
-    run_dir = write_run(tmp_path, "sobirl", 1, {plot.RETURN_TAG: (np.arange(0, 1001, 100), np.ones(11))},
-                        walltime=1000.0)
+    run_dir = write_run(
+        tmp_path, "sobirl", 1, {plot.RETURN_TAG: (np.arange(0, 1001, 100), np.ones(11))}, walltime=1000.0
+    )
     # The resumed process restarts from a checkpoint at step 600 and writes a second file into the same folder;
     # two episodes ending at step 700 (vector envs) must both survive.
     writer = SummaryWriter(str(run_dir))
@@ -130,8 +148,20 @@ def test_load_run_merges_resumed_event_files(tmp_path):
 
 def test_main_writes_figure_table_and_json(runs_dir, tmp_path, capsys):
     png, js = tmp_path / "out" / "fig.png", tmp_path / "summary.json"
-    rows = plot.main(["--runs-dir", str(runs_dir), "--output", str(png), "--json", str(js),
-                      "--bootstrap-reps", "500", "--num-points", "20"])
+    rows = plot.main(
+        [
+            "--runs-dir",
+            str(runs_dir),
+            "--output",
+            str(png),
+            "--json",
+            str(js),
+            "--bootstrap-reps",
+            "500",
+            "--num-points",
+            "20",
+        ]
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     by_algo = {row["algo"]: row for row in rows}
     assert [row["algo"] for row in rows] == ["sobirl", "drlhf"]  # paper order, not alphabetical
@@ -168,8 +198,20 @@ def test_filters_iqm_and_newest_duplicate(tmp_path, capsys):
     # Seed 1 rerun from scratch later: only the newest folder counts.
     write_run(tmp_path, "sac_discrete", 1, {plot.RETURN_TAG: returns(1.5)}, start_time=1_800_000_000)
     write_run(tmp_path, "sobirl", 1, {plot.RETURN_TAG: returns(7.0)}, env_id="OtherEnv-v0")
-    rows = plot.main(["--runs-dir", str(tmp_path), "--algos", "sac", "--env-id", ENV,
-                      "--output", str(tmp_path / "f.png"), "--bootstrap-reps", "200"])
+    rows = plot.main(
+        [
+            "--runs-dir",
+            str(tmp_path),
+            "--algos",
+            "sac",
+            "--env-id",
+            ENV,
+            "--output",
+            str(tmp_path / "f.png"),
+            "--bootstrap-reps",
+            "200",
+        ]
+    )
     assert len(rows) == 1
     row = rows[0]
     assert row["algo"] == "sac_discrete" and row["num_seeds"] == 5 and row["estimator"] == "IQM"

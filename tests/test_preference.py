@@ -10,12 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from agents.pairs import PairBatch, PairBuffer, fragment_observations, pairs_schedule, round_preserving_sum, stack_windows
+from agents.pairs import (
+    PairBatch,
+    PairBuffer,
+    fragment_observations,
+    pairs_schedule,
+    round_preserving_sum,
+    stack_windows,
+)
 from agents.preference import preference_accuracy, reward_epoch, reward_function
+from agents.reward_model import RewardCNN, conv_output_sizes, drop_units_, random_bits
 from agents.sobirl import SoBiRLLoss
 from agents.teachers import bernoulli_labels, label_pairs, oracle_labels
-from agents.reward_model import RewardCNN, conv_output_sizes, drop_units_, random_bits
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -300,8 +306,9 @@ def test_reward_epoch_with_implicit_term_evaluates_the_policy_once_per_observati
         return torch.full((len(obs), 3), 1 / 3)
 
     sobirl = SoBiRLLoss(hyper_start=0)
-    stats = reward_epoch(net, optimizer, buffer, 10, sobirl, alpha=2.0, global_step=1, policy_probs=uniform_policy,
-                         policy_chunk=32)
+    stats = reward_epoch(
+        net, optimizer, buffer, 10, sobirl, alpha=2.0, global_step=1, policy_probs=uniform_policy, policy_chunk=32
+    )
     assert sum(calls) == 24 * 2 * 4 and max(calls) <= 32
     assert stats["hyper_term"] != 0.0
     assert math.isclose(stats["loss"], stats["bce"] + stats["hyper_term"], rel_tol=1e-5, abs_tol=1e-7)

@@ -11,7 +11,12 @@ from torch import nn
 
 from agents import drlhf
 from agents.ensemble import (
-    RewardEnsemble, binary_entropy, epoch_order, most_uncertain, preference_probabilities, query_uncertainty,
+    RewardEnsemble,
+    binary_entropy,
+    epoch_order,
+    most_uncertain,
+    preference_probabilities,
+    query_uncertainty,
 )
 from agents.preference import ensemble_uncertainty, mean_stats, predicted_returns, reward_epoch
 from agents.reward_model import RewardCNN
@@ -59,7 +64,7 @@ def test_query_uncertainty_by_hand():
     # Three members, three pairs: members agree on pair 0, split on pair 1, agree (near 0.5) on pair 2.
     p = torch.tensor([[0.9, 0.9, 0.5], [0.9, 0.1, 0.55], [0.9, 0.5, 0.45]])
     disagreement = query_uncertainty(p, "disagreement")
-    expected = torch.tensor([0.0, math.sqrt(((0.4) ** 2 + 0.4 ** 2 + 0) / 3), math.sqrt(2 * 0.05 ** 2 / 3)])
+    expected = torch.tensor([0.0, math.sqrt(((0.4) ** 2 + 0.4**2 + 0) / 3), math.sqrt(2 * 0.05**2 / 3)])
     assert torch.allclose(disagreement, expected, atol=1e-6)
     entropy = query_uncertainty(p, "entropy")
     assert torch.allclose(entropy, binary_entropy(p).mean(0))
@@ -103,8 +108,17 @@ def test_ensemble_run_keeps_the_schedule_and_a_resumed_run_continues_with_all_me
     """A tiny DRLHF run with 3 members and disagreement selection: the schedule's pair counts are unchanged, the
     selected pairs are more disputed than the candidates on average, and a resumed run continues with all
     members (their disagreement is still logged and positive)."""
-    flags = [*TINY, "--runs-dir", str(tmp_path), "--ensemble", "3", "--query-selection", "disagreement",
-             "--candidate-factor", "4"]
+    flags = [
+        *TINY,
+        "--runs-dir",
+        str(tmp_path),
+        "--ensemble",
+        "3",
+        "--query-selection",
+        "disagreement",
+        "--candidate-factor",
+        "4",
+    ]
     result = run_script("agents/drlhf.py", *flags, "--total-timesteps", "250")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
@@ -112,8 +126,10 @@ def test_ensemble_run_keeps_the_schedule_and_a_resumed_run_continues_with_all_me
     assert result.returncode == 0, result.stderr[-3000:]
     tags = scalar_tags(run_dir)
     assert values(tags, "reward/num_pairs") == [4, 6, 8, 9, 9]
-    selected, candidates = values(tags, "reward/query_uncertainty_selected"), values(
-        tags, "reward/query_uncertainty_candidates")
+    selected, candidates = (
+        values(tags, "reward/query_uncertainty_selected"),
+        values(tags, "reward/query_uncertainty_candidates"),
+    )
     assert len(selected) == 4  # every query after the warm-up, the resumed run's included
     assert all(s >= c for s, c in zip(selected, candidates)) and max(selected) > 0
     disagreement = dict(tags["reward/ensemble_disagreement"])
@@ -138,8 +154,19 @@ def test_the_teacher_gets_the_most_uncertain_candidates(tmp_path, monkeypatch):
 
     monkeypatch.setattr(preference, "ensemble_uncertainty", spy_uncertainty)
     monkeypatch.setattr(preference.PreferenceLearner, "label", spy_label)
-    drlhf.main([*TINY, "--runs-dir", str(tmp_path), "--ensemble", "2", "--query-selection", "entropy",
-                "--candidate-factor", "5"])
+    drlhf.main(
+        [
+            *TINY,
+            "--runs-dir",
+            str(tmp_path),
+            "--ensemble",
+            "2",
+            "--query-selection",
+            "entropy",
+            "--candidate-factor",
+            "5",
+        ]
+    )
     queries = [frames for frames in labelled[1:] if frames is not None and len(frames)]
     candidate_scores = [(pairs, u) for pairs, u in scored if len(pairs) > 4]  # the fresh-pair logs score 4 pairs
     assert len(queries) == len(candidate_scores) == 3
@@ -148,7 +175,7 @@ def test_the_teacher_gets_the_most_uncertain_candidates(tmp_path, monkeypatch):
         chosen = most_uncertain(uncertainty, len(frames))
         assert len(pairs) == 5 * len(frames)
         assert torch.equal(frames, pairs.frames1[chosen])
-        differs_from_first |= not torch.equal(frames, pairs.frames1[:len(frames)])
+        differs_from_first |= not torch.equal(frames, pairs.frames1[: len(frames)])
     assert differs_from_first
 
 
@@ -164,7 +191,8 @@ def test_policy_side_terms_scale_with_the_members_share():
     for share in (1.0, 1 / 3):
         sobirl = SoBiRLLoss(hyper_start=0)(LossInputs(pairs, x.r1, x.r2, x.bce, 0.5, 10, pi, pi, reward, share))[0]
         parl_loss = make_parl_loss(q_table, actor, replay_states)(
-            LossInputs(pairs, x.r1, x.r2, x.bce, x.alpha, 10, model=reward, policy_share=share))[0]
+            LossInputs(pairs, x.r1, x.r2, x.bce, x.alpha, 10, model=reward, policy_share=share)
+        )[0]
         bce = float(x.bce.mean().detach())
         if share == 1.0:
             full_sobirl, full_parl = float(sobirl.detach()) - bce, float(parl_loss.detach()) - bce

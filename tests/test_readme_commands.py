@@ -46,15 +46,18 @@ def test_documented_sweep_runs_as_a_dry_run_with_real_flags(command):
         cut = argv.index("--")
         sweep_args, passthrough = argv[:cut], argv[cut:]
     sweep_args = [a for a in sweep_args if a not in ("--slurm-wait",)]
-    sweep_args = [a for i, a in enumerate(sweep_args)
-                  if not (a.startswith("--slurm-") or (i > 0 and sweep_args[i - 1].startswith("--slurm-")))]
+    sweep_args = [
+        a
+        for i, a in enumerate(sweep_args)
+        if not (a.startswith("--slurm-") or (i > 0 and sweep_args[i - 1].startswith("--slurm-")))
+    ]
     result = run_script("sobirl/sweep.py", *sweep_args, "--dry-run", *passthrough)
     assert result.returncode == 0, result.stderr
     jobs = [line for line in result.stdout.splitlines() if line and not line.startswith("#")]
     assert jobs
     for job in jobs:
         tokens = shlex.split(job)
-        tail = tokens[tokens.index("sobirl/beamrider.py") + 1:]
+        tail = tokens[tokens.index("sobirl/beamrider.py") + 1 :]
         algo = tail[tail.index("--algo") + 1]
         flags = [t for i, t in enumerate(tail) if t != "--algo" and (i == 0 or tail[i - 1] != "--algo")]
         args_cls = importlib.import_module(ALGORITHMS[algo]).Args

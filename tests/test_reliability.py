@@ -31,14 +31,52 @@ from agents.run import Logger, Progress, Run, StopSignals, StopTraining, run_to_
 from sobirl import beamrider, plot, sweep
 from tests.conftest import REPO, only_run_dir
 
-MINATAR = ["--env-id", "MinAtar/Breakout-v1", "--learning-starts", "100", "--buffer-size", "1000", "--batch-size", "8",
-           "--max-episode-frames", "400", "--no-progress"]
+MINATAR = [
+    "--env-id",
+    "MinAtar/Breakout-v1",
+    "--learning-starts",
+    "100",
+    "--buffer-size",
+    "1000",
+    "--batch-size",
+    "8",
+    "--max-episode-frames",
+    "400",
+    "--no-progress",
+]
 # A 40-step rollout for the 4 warm-up pairs, then reward phases every 100 steps (tests/test_preference_scripts.py).
 PREFERENCE = [
-    "--learning-starts", "100", "--buffer-size", "1000", "--batch-size", "8", "--initial-pairs", "4",
-    "--warmup-epochs", "2", "--inner-steps", "100", "--fragment-length", "5", "--pair-buffer", "9",
-    "--reward-batch-size", "4", "--total-pairs", "20", "--schedule-iterations", "10", "--fresh-pairs", "4",
-    "--max-episode-frames", "400", "--num-envs", "1", "--log-every", "5", "--no-progress",
+    "--learning-starts",
+    "100",
+    "--buffer-size",
+    "1000",
+    "--batch-size",
+    "8",
+    "--initial-pairs",
+    "4",
+    "--warmup-epochs",
+    "2",
+    "--inner-steps",
+    "100",
+    "--fragment-length",
+    "5",
+    "--pair-buffer",
+    "9",
+    "--reward-batch-size",
+    "4",
+    "--total-pairs",
+    "20",
+    "--schedule-iterations",
+    "10",
+    "--fresh-pairs",
+    "4",
+    "--max-episode-frames",
+    "400",
+    "--num-envs",
+    "1",
+    "--log-every",
+    "5",
+    "--no-progress",
 ]
 
 
@@ -92,8 +130,9 @@ def script(*args: str) -> list[str]:
 
 
 def finished(command: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -133,8 +172,18 @@ def test_resume_through_the_entry_point_continues_a_minatar_run(minatar_run, tmp
 
 def test_resume_through_the_entry_point_on_a_non_default_atari_id_and_mismatches_refused(tmp_path, capsys):
     runs = tmp_path / "runs"
-    code, _, _ = entry_point("--algo", "sobirl", "--env-id", "PongNoFrameskip-v4", *PREFERENCE,
-                             "--total-timesteps", "60", "--runs-dir", str(runs), capsys=capsys)
+    code, _, _ = entry_point(
+        "--algo",
+        "sobirl",
+        "--env-id",
+        "PongNoFrameskip-v4",
+        *PREFERENCE,
+        "--total-timesteps",
+        "60",
+        "--runs-dir",
+        str(runs),
+        capsys=capsys,
+    )
     assert code == 0
     run_dir = only_run_dir(runs)
     assert run_dir.name.startswith("PongNoFrameskip-v4__sobirl__1__")
@@ -152,8 +201,9 @@ def test_resume_through_the_entry_point_on_a_non_default_atari_id_and_mismatches
 
     # The same algorithm (SoBiRL) and game continue to the new budget. A flag given again with the run's own
     # value is no change, so it is accepted.
-    code, out, err = entry_point("--resume", str(run_dir), "--env-id", "PongNoFrameskip-v4", "--total-timesteps",
-                                 "110", capsys=capsys)
+    code, out, err = entry_point(
+        "--resume", str(run_dir), "--env-id", "PongNoFrameskip-v4", "--total-timesteps", "110", capsys=capsys
+    )
     assert code == 0, err
     assert f"run {run_dir.name} (sobirl)" in out
     state = load_checkpoint(run_dir)
@@ -166,8 +216,14 @@ def test_resume_through_the_entry_point_on_a_non_default_atari_id_and_mismatches
 
 
 def start(*flags: str) -> subprocess.Popen:
-    return subprocess.Popen(script(*flags), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return subprocess.Popen(
+        script(*flags),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
 
 
 def wait_until(condition, process: subprocess.Popen, timeout: float = 120):
@@ -192,8 +248,9 @@ def training(runs: Path, process: subprocess.Popen) -> Path:
 def test_sigterm_saves_a_checkpoint_exits_143_and_the_printed_command_continues_the_run(tmp_path):
     """A real process and the command line as a user copies it from the terminal."""
     runs = tmp_path / "runs"
-    process = start("--algo", "sac", *MINATAR, "--total-timesteps", "1e8", "--save-every", "50",
-                    "--runs-dir", str(runs))
+    process = start(
+        "--algo", "sac", *MINATAR, "--total-timesteps", "1e8", "--save-every", "50", "--runs-dir", str(runs)
+    )
     run_dir = training(runs, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
@@ -214,8 +271,9 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_printed_command_continues_
 def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path, capsys):
     runs = tmp_path / "runs"
     with signal_myself(signal.SIGINT, when=lambda: list(runs.glob("*/events.*"))):
-        code, _, err = entry_point("--algo", "sac", *MINATAR, "--total-timesteps", "1e8", "--runs-dir", str(runs),
-                                   capsys=capsys)
+        code, _, err = entry_point(
+            "--algo", "sac", *MINATAR, "--total-timesteps", "1e8", "--runs-dir", str(runs), capsys=capsys
+        )
     assert code == 130, err
     state = load_checkpoint(only_run_dir(runs))
     assert state["algo"] == "sac" and state["global_step"] > 0
@@ -238,12 +296,26 @@ def test_a_second_signal_during_the_save_waits_for_it(tmp_path):
 
     def save():
         assert signals.saving
-        save_atomic({"algo": "fake", "args": {}, "global_step": algorithm.global_step,
-                     "algorithm": {"weights": torch.arange(10_000)}}, run.checkpoint_path)
+        save_atomic(
+            {
+                "algo": "fake",
+                "args": {},
+                "global_step": algorithm.global_step,
+                "algorithm": {"weights": torch.arange(10_000)},
+            },
+            run.checkpoint_path,
+        )
         os.kill(os.getpid(), signal.SIGINT)  # handled at once, between two bytecodes of this save
         interrupted_saves.append(signals.signum)
-        save_atomic({"algo": "fake", "args": {}, "global_step": algorithm.global_step,
-                     "algorithm": {"weights": torch.arange(20_000)}}, run.checkpoint_path)
+        save_atomic(
+            {
+                "algo": "fake",
+                "args": {},
+                "global_step": algorithm.global_step,
+                "algorithm": {"weights": torch.arange(20_000)},
+            },
+            run.checkpoint_path,
+        )
 
     algorithm.train = train
     run.save_hook = save
@@ -309,8 +381,19 @@ def test_stale_temporary_files_of_dead_processes_are_removed_at_the_next_save(tm
 
 def test_a_warm_up_stopped_half_way_resumes_where_it_was(tmp_path, capsys):
     runs = tmp_path / "runs"
-    flags = ["--algo", "drlhf", "--env-id", "MinAtar/Breakout-v1", *PREFERENCE, "--total-timesteps", "60",
-             "--warmup-epochs", "5000", "--warmup-save-every", "1"]
+    flags = [
+        "--algo",
+        "drlhf",
+        "--env-id",
+        "MinAtar/Breakout-v1",
+        *PREFERENCE,
+        "--total-timesteps",
+        "60",
+        "--warmup-epochs",
+        "5000",
+        "--warmup-save-every",
+        "1",
+    ]
 
     def warm_up_checkpoint(minimum: int):
         found = list(runs.glob("*/checkpoint.pt"))
@@ -354,8 +437,20 @@ def test_checkpoint_size_follows_the_steps_not_the_capacity(tmp_path, capsys):
     def checkpoint_bytes(name: str, capacity: int, steps: int) -> int:
         runs = tmp_path / name
         # No updates (learning starts after the budget), so the three checkpoints differ only in their replay.
-        code, _, _ = entry_point("--algo", "sac", *MINATAR, "--learning-starts", "100000", "--buffer-size",
-                                 str(capacity), "--total-timesteps", str(steps), "--runs-dir", str(runs), capsys=capsys)
+        code, _, _ = entry_point(
+            "--algo",
+            "sac",
+            *MINATAR,
+            "--learning-starts",
+            "100000",
+            "--buffer-size",
+            str(capacity),
+            "--total-timesteps",
+            str(steps),
+            "--runs-dir",
+            str(runs),
+            capsys=capsys,
+        )
         assert code == 0
         return (only_run_dir(runs) / "checkpoint.pt").stat().st_size
 
@@ -372,8 +467,20 @@ def test_checkpoint_size_follows_the_steps_not_the_capacity(tmp_path, capsys):
 
 @pytest.mark.parametrize("algo", ["drlhf", "sobirl"])
 def test_a_budget_ending_before_learning_starts_ends_exactly_there_with_a_note(algo, tmp_path, capsys):
-    code, _, err = entry_point("--algo", algo, "--env-id", "MinAtar/Breakout-v1", *PREFERENCE, "--learning-starts",
-                               "1000", "--total-timesteps", "100", "--runs-dir", str(tmp_path), capsys=capsys)
+    code, _, err = entry_point(
+        "--algo",
+        algo,
+        "--env-id",
+        "MinAtar/Breakout-v1",
+        *PREFERENCE,
+        "--learning-starts",
+        "1000",
+        "--total-timesteps",
+        "100",
+        "--runs-dir",
+        str(tmp_path),
+        capsys=capsys,
+    )
     assert code == 0 and "Traceback" not in err
     notes = [line for line in err.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "--total-timesteps 100" in notes[0] and "--learning-starts 1000" in notes[0], err
@@ -383,16 +490,36 @@ def test_a_budget_ending_before_learning_starts_ends_exactly_there_with_a_note(a
 
 
 def test_a_budget_ending_inside_the_warm_up_rollout_ends_exactly_there(tmp_path, capsys):
-    code, _, err = entry_point("--algo", "drlhf", "--env-id", "MinAtar/Breakout-v1", *PREFERENCE,
-                               "--total-timesteps", "20", "--runs-dir", str(tmp_path), capsys=capsys)
+    code, _, err = entry_point(
+        "--algo",
+        "drlhf",
+        "--env-id",
+        "MinAtar/Breakout-v1",
+        *PREFERENCE,
+        "--total-timesteps",
+        "20",
+        "--runs-dir",
+        str(tmp_path),
+        capsys=capsys,
+    )
     assert code == 0 and "Traceback" not in err
     state = load_checkpoint(only_run_dir(tmp_path))
     assert state["global_step"] == 20 and state["algorithm"]["stage"] == "agent"
 
 
 def test_a_budget_shorter_than_one_fragment_is_refused_and_writes_nothing(tmp_path, capsys):
-    code, _, err = entry_point("--algo", "drlhf", "--env-id", "MinAtar/Breakout-v1", *PREFERENCE,
-                               "--total-timesteps", "3", "--runs-dir", str(tmp_path / "runs"), capsys=capsys)
+    code, _, err = entry_point(
+        "--algo",
+        "drlhf",
+        "--env-id",
+        "MinAtar/Breakout-v1",
+        *PREFERENCE,
+        "--total-timesteps",
+        "3",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        capsys=capsys,
+    )
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and "Traceback" not in err and len(errors) == 1, err
     assert "--total-timesteps 3" in errors[0] and "--fragment-length 5" in errors[0]
@@ -436,7 +563,7 @@ def test_a_corrupted_checkpoint_is_refused_with_a_checksum_message(minatar_run, 
     checkpoint = run_dir / "checkpoint.pt"
     data = bytearray(checkpoint.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 1000] = bytes(b ^ 0xFF for b in data[middle:middle + 1000])
+    data[middle : middle + 1000] = bytes(b ^ 0xFF for b in data[middle : middle + 1000])
     checkpoint.write_bytes(bytes(data))
     before = files_under(tmp_path)
     line = refused(capsys, "--resume", str(run_dir), "--total-timesteps", "300")
@@ -451,15 +578,30 @@ def test_plot_json_is_strict_with_null_for_missing_values(tmp_path):
 
     steps = np.array([500, 1000])
     for seed in (1, 2):
-        write_run(tmp_path / "runs", "drlhf", seed, {
-            plot.RETURN_TAG: returns(5.0 * seed),
-            plot.ACC_FRESH_TAG: (steps, np.full(2, math.nan)),  # every fresh pair a ground-truth tie
-            plot.ACC_TRAIN_TAG: (steps, np.array([0.5, math.inf])),
-        })
+        write_run(
+            tmp_path / "runs",
+            "drlhf",
+            seed,
+            {
+                plot.RETURN_TAG: returns(5.0 * seed),
+                plot.ACC_FRESH_TAG: (steps, np.full(2, math.nan)),  # every fresh pair a ground-truth tie
+                plot.ACC_TRAIN_TAG: (steps, np.array([0.5, math.inf])),
+            },
+        )
     write_run(tmp_path / "runs", "sobirl", 1, {plot.RETURN_TAG: returns(3.0)})
     summary = tmp_path / "summary.json"
-    plot.main(["--runs-dir", str(tmp_path / "runs"), "--output", str(tmp_path / "fig.png"), "--json", str(summary),
-               "--bootstrap-reps", "50"])
+    plot.main(
+        [
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--output",
+            str(tmp_path / "fig.png"),
+            "--json",
+            str(summary),
+            "--bootstrap-reps",
+            "50",
+        ]
+    )
 
     def reject(constant):
         raise AssertionError(f"{constant} in {summary}")
@@ -497,9 +639,28 @@ def test_ctrl_c_to_a_local_sweep_is_passed_on_to_its_running_jobs_once(tmp_path)
     logs = tmp_path / "logs"
     # Its own process group, as a shell gives a foreground command: Ctrl-C signals the whole group.
     process = subprocess.Popen(
-        [sys.executable, "sobirl/sweep.py", "--script", str(job), "--algos", "fake", "--seeds", "1,2,3", "--workers",
-         "2", "--log-dir", str(logs), "--", "--out", str(out)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "sobirl/sweep.py",
+            "--script",
+            str(job),
+            "--algos",
+            "fake",
+            "--seeds",
+            "1,2,3",
+            "--workers",
+            "2",
+            "--log-dir",
+            str(logs),
+            "--",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     wait_until(lambda: (out / "1.ready").exists() and (out / "2.ready").exists(), process, timeout=60)
     os.killpg(process.pid, signal.SIGINT)

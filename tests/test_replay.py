@@ -38,7 +38,10 @@ class CountingFrames(gym.Env):
 
 
 def make_fake_envs(num_envs: int):
-    fns = [lambda i=i: gym.wrappers.FrameStackObservation(CountingFrames(i), STACK, padding_type="zero") for i in range(num_envs)]
+    fns = [
+        lambda i=i: gym.wrappers.FrameStackObservation(CountingFrames(i), STACK, padding_type="zero")
+        for i in range(num_envs)
+    ]
     return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 
 
@@ -57,7 +60,13 @@ def fill(buffer, envs, steps, seed=0):
         buffer.add(obs, actions, rewards, terminated, autoreset, behaviour)
         for e in range(envs.num_envs):
             truth[(slot, e)] = (
-                obs[e].copy(), actions[e], rewards[e], next_obs[e].copy(), terminated[e], not autoreset[e], behaviour[e]
+                obs[e].copy(),
+                actions[e],
+                rewards[e],
+                next_obs[e].copy(),
+                terminated[e],
+                not autoreset[e],
+                behaviour[e],
             )
         obs, autoreset = next_obs, terminated | truncated
     return truth
@@ -117,8 +126,9 @@ def test_fragments_stay_inside_one_episode_and_match_the_env(capacity, steps):
     # Observations are unique per env and step (CountingFrames), so each identifies its transition.
     by_obs = {v[0].tobytes(): (k, v) for k, v in truth.items() if v[5]}
     starts = 0
-    for f, a, r, mu in zip(*(x.numpy() for x in (fragments.frames, fragments.actions, fragments.rewards,
-                                                  fragments.behaviour))):
+    for f, a, r, mu in zip(
+        *(x.numpy() for x in (fragments.frames, fragments.actions, fragments.rewards, fragments.behaviour))
+    ):
         starts += int(not f[0].any())
         for h in range(length):
             key = f[h : h + STACK].tobytes()

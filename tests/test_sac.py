@@ -8,15 +8,44 @@ import torch
 
 from agents.common import UsageError
 from agents.sac_discrete import (
-    actor_loss, alpha_loss, annealed_lr, check_env_spaces, critic_losses, critic_target, soft_state_value,
+    actor_loss,
+    alpha_loss,
+    annealed_lr,
+    check_env_spaces,
+    critic_losses,
+    critic_target,
+    soft_state_value,
     target_entropy,
 )
 from tests.conftest import assert_usage_error, only_run_dir, run_script, scalar_tags
 
-TINY = ["--total-timesteps", "240", "--learning-starts", "200", "--buffer-size", "400", "--batch-size", "8",
-        "--log-every", "1", "--max-episode-frames", "400", "--num-envs", "2", "--no-progress"]
-SAC_TAGS = {"charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/qf1_loss", "losses/qf_loss",
-            "losses/actor_loss", "losses/alpha", "losses/alpha_loss"}
+TINY = [
+    "--total-timesteps",
+    "240",
+    "--learning-starts",
+    "200",
+    "--buffer-size",
+    "400",
+    "--batch-size",
+    "8",
+    "--log-every",
+    "1",
+    "--max-episode-frames",
+    "400",
+    "--num-envs",
+    "2",
+    "--no-progress",
+]
+SAC_TAGS = {
+    "charts/episodic_return",
+    "charts/episodic_length",
+    "charts/SPS",
+    "losses/qf1_loss",
+    "losses/qf_loss",
+    "losses/actor_loss",
+    "losses/alpha",
+    "losses/alpha_loss",
+}
 
 
 def test_target_entropy_is_089_ln_actions():
@@ -101,8 +130,16 @@ def test_entry_point_runs_sac(tmp_path):
 def test_evaluation_logs_true_scores_and_records_videos(tmp_path):
     pytest.importorskip("moviepy")
     result = run_script(
-        "agents/sac_discrete.py", *TINY, "--runs-dir", str(tmp_path / "runs"), "--eval-every", "200",
-        "--eval-episodes", "2", "--capture-video", cwd=tmp_path,
+        "agents/sac_discrete.py",
+        *TINY,
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--eval-every",
+        "200",
+        "--eval-episodes",
+        "2",
+        "--capture-video",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     tags = scalar_tags(only_run_dir(tmp_path / "runs"))

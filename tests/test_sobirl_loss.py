@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from agents.sobirl import sobirl_loss, sobirl_loss_terms
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,7 +227,8 @@ def test_baseline_subtracts_the_other_pairs_mean_cross_entropy_from_the_implicit
     _, _, centred = sobirl_loss_terms(r1, a1, pi1, r2, a2, pi2, y, inv_alpha, baseline=True)
     per_pair = F.binary_cross_entropy_with_logits(
         r1.gather(-1, a1[..., None]).squeeze(-1).sum(1) - r2.gather(-1, a2[..., None]).squeeze(-1).sum(1),
-        y, reduction="none",
+        y,
+        reduction="none",
     )
     h = sum(
         (r.gather(-1, a[..., None]).squeeze(-1) - (r * pi).sum(-1)).sum(1)

@@ -41,25 +41,49 @@ def test_expand_grid_cartesian_product_seed_major():
 
 def test_parse_grid_and_job_names():
     assert sweep.parse_grid(["learning_rate=1e-4, 3e-4", "--tau=0.005"]) == {
-        "learning-rate": ["1e-4", "3e-4"], "tau": ["0.005"]}
+        "learning-rate": ["1e-4", "3e-4"],
+        "tau": ["0.005"],
+    }
     for bad, message in [("lr", "FLAG=V1"), ("seed=1,2", "--seeds"), ("lr=1,", "empty value")]:
         with pytest.raises(UsageError, match=message):
             sweep.parse_grid([bad])
     with pytest.raises(UsageError, match="twice"):
         sweep.parse_grid(["lr=1", "lr=2"])
-    assert sweep.job_name(["--algo", "sobirl", "--seed", "3", "--learning-rate", "1e-4", "--no-cuda"]) == \
-        "sobirl__seed3__learning-rate=1e-4__no-cuda"
-    assert sweep.job_name(["--algo", "a", "--seed", "1", "--env-id", "ALE/BeamRider-v5"]) == \
-        "a__seed1__env-id=ALE_BeamRider-v5"
+    assert (
+        sweep.job_name(["--algo", "sobirl", "--seed", "3", "--learning-rate", "1e-4", "--no-cuda"])
+        == "sobirl__seed3__learning-rate=1e-4__no-cuda"
+    )
+    assert (
+        sweep.job_name(["--algo", "a", "--seed", "1", "--env-id", "ALE/BeamRider-v5"])
+        == "a__seed1__env-id=ALE_BeamRider-v5"
+    )
 
 
 def test_two_local_jobs_run_with_passthrough(fake, tmp_path, monkeypatch, capsys):
     script, out = fake
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     logs = tmp_path / "logs"
-    results = sweep.main(["--script", str(script), "--algos", "sobirl", "--seeds", "1,2", "--workers", "2",
-                          "--grid", "tau=0.5", "--log-dir", str(logs),
-                          "--", "--out", str(out), "--total-timesteps", "10"])
+    results = sweep.main(
+        [
+            "--script",
+            str(script),
+            "--algos",
+            "sobirl",
+            "--seeds",
+            "1,2",
+            "--workers",
+            "2",
+            "--grid",
+            "tau=0.5",
+            "--log-dir",
+            str(logs),
+            "--",
+            "--out",
+            str(out),
+            "--total-timesteps",
+            "10",
+        ]
+    )
     assert [rc for _, rc, _ in results] == [0, 0]
     for seed in (1, 2):
         argv, omp = (out / f"sobirl_{seed}.txt").read_text().splitlines()
@@ -71,8 +95,25 @@ def test_two_local_jobs_run_with_passthrough(fake, tmp_path, monkeypatch, capsys
 
 def test_dry_run_prints_commands_and_runs_nothing(fake, tmp_path, capsys):
     script, out = fake
-    assert sweep.main(["--script", str(script), "--num-seeds", "2", "--start-seed", "5", "--dry-run",
-                       "--log-dir", str(tmp_path / "logs"), "--", "--out", str(out)]) == []
+    assert (
+        sweep.main(
+            [
+                "--script",
+                str(script),
+                "--num-seeds",
+                "2",
+                "--start-seed",
+                "5",
+                "--dry-run",
+                "--log-dir",
+                str(tmp_path / "logs"),
+                "--",
+                "--out",
+                str(out),
+            ]
+        )
+        == []
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# 6 jobs: 3 algos x 2 seeds")
     assert lines[1].endswith(f"{script} --algo sobirl --seed 5 --out {out}") and sys.executable in lines[1]
@@ -83,8 +124,23 @@ def test_dry_run_prints_commands_and_runs_nothing(fake, tmp_path, capsys):
 def test_failing_job_makes_the_sweep_fail(fake, tmp_path, capsys):
     script, out = fake
     with pytest.raises(SystemExit) as exc:
-        sweep.main(["--script", str(script), "--algos", "drlhf", "--seeds", "1,13", "--workers", "2",
-                    "--log-dir", str(tmp_path / "logs"), "--", "--out", str(out)])
+        sweep.main(
+            [
+                "--script",
+                str(script),
+                "--algos",
+                "drlhf",
+                "--seeds",
+                "1,13",
+                "--workers",
+                "2",
+                "--log-dir",
+                str(tmp_path / "logs"),
+                "--",
+                "--out",
+                str(out),
+            ]
+        )
     assert exc.value.code == 1
     assert (out / "drlhf_1.txt").exists() and (out / "drlhf_13.txt").exists()  # the other job still ran
     captured = capsys.readouterr()
@@ -125,9 +181,31 @@ def test_slurm_array_through_fake_sbatch(fake, tmp_path, monkeypatch, capsys):
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     logs = tmp_path / "logs"
-    sweep.main(["--script", str(script), "--backend", "slurm", "--algos", "sobirl,drlhf", "--seeds", "1",
-                "--workers", "1", "--slurm-partition", "gpu", "--slurm-gpus-per-task", "1", "--slurm-time-min", "90",
-                "--log-dir", str(logs), "--", "--out", str(out)])
+    sweep.main(
+        [
+            "--script",
+            str(script),
+            "--backend",
+            "slurm",
+            "--algos",
+            "sobirl,drlhf",
+            "--seeds",
+            "1",
+            "--workers",
+            "1",
+            "--slurm-partition",
+            "gpu",
+            "--slurm-gpus-per-task",
+            "1",
+            "--slurm-time-min",
+            "90",
+            "--log-dir",
+            str(logs),
+            "--",
+            "--out",
+            str(out),
+        ]
+    )
     text = copy.read_text()
     for line in ("--array=0-1%1", "--partition=gpu", "--gpus-per-task=1", "--time=90", "--cpus-per-task=8"):
         assert f"#SBATCH {line}" in text

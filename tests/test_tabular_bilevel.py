@@ -31,10 +31,10 @@ from agents.tabular_bilevel import (
     penalty_value,
     relative_error,
     score_function_gradient,
-    soft_optimal,
-    soft_value_gradients,
     sobirl_practical_gradient,
     sobirl_untruncated_gradient,
+    soft_optimal,
+    soft_value_gradients,
     state_occupancy,
     upper_loss,
 )
@@ -114,7 +114,9 @@ def test_explicit_and_score_function_gradients_equal_autograd(problem):
     theta = torch.randn(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     phi = inst.phi.clone().requires_grad_(True)
     theta_leaf = theta.clone().requires_grad_(True)
-    grad_phi, grad_theta = torch.autograd.grad(upper_loss(phi, torch.softmax(theta_leaf, -1), inst, frags), (phi, theta_leaf))
+    grad_phi, grad_theta = torch.autograd.grad(
+        upper_loss(phi, torch.softmax(theta_leaf, -1), inst, frags), (phi, theta_leaf)
+    )
     pi = torch.softmax(theta, -1)
     torch.testing.assert_close(explicit_gradient(inst.phi, pi, inst, frags), grad_phi, rtol=1e-12, atol=1e-14)
     g = score_function_gradient(inst.phi, pi, inst, frags)
@@ -173,7 +175,9 @@ def test_parl_is_gauge_independent(problem):
     inst, frags, fd = problem
     theta = optimal_logits(inst, inst.phi)
     derivs = lower_derivatives(theta, inst.phi, inst)
-    jacobians = [implicit_jacobian(derivs, 2, "pinv")] + [implicit_jacobian(derivs, 2, "gauge", fixed_action=a) for a in (0, 1)]
+    jacobians = [implicit_jacobian(derivs, 2, "pinv")] + [
+        implicit_jacobian(derivs, 2, "gauge", fixed_action=a) for a in (0, 1)
+    ]
     # SoBiRL's ∇Q*/τ (the Jacobian of θ* = Q*/τ) is one more gauge: it solves K J = M too.
     dQ, _ = soft_value_gradients(inst, torch.softmax(theta, -1))
     jacobians.append((dQ / inst.tau).reshape(6, -1))
@@ -255,8 +259,12 @@ def test_penalty_gradient_error_is_linear_in_sigma(problem, form):
 
 def test_penalty_forms_differ_at_order_sigma(problem):
     inst, frags, _ = problem
-    gaps = [relative_error(penalty_gradient(inst.phi, s, inst, frags, "seed"), penalty_gradient(inst.phi, s, inst, frags, "kwon"))
-            for s in SIGMAS]
+    gaps = [
+        relative_error(
+            penalty_gradient(inst.phi, s, inst, frags, "seed"), penalty_gradient(inst.phi, s, inst, frags, "kwon")
+        )
+        for s in SIGMAS
+    ]
     assert gaps[0] > 1e-3
     assert abs(log_log_slope(SIGMAS, gaps) - 1.0) < 0.1
 

@@ -145,8 +145,10 @@ def test_preset_flags_set_the_teacher_parameters():
 @pytest.mark.parametrize(
     "flags,words",
     [
-        (["--teacher", "bpref", "--bpref-preset", "noisy", "--teacher-beta", "3"],
-         ["--bpref-preset", "--teacher-beta"]),
+        (
+            ["--teacher", "bpref", "--bpref-preset", "noisy", "--teacher-beta", "3"],
+            ["--bpref-preset", "--teacher-beta"],
+        ),
         (["--bpref-preset", "skip"], ["--bpref-preset", "--teacher bpref"]),
         (["--teacher-eps-mistake", "0.1"], ["--teacher-eps-mistake", "--teacher bpref"]),
         (["--teacher", "bpref", "--teacher-eps-mistake", "1.5"], ["--teacher-eps-mistake"]),
@@ -185,10 +187,18 @@ def answer(pair_id: int, label, annotator: str = "alice") -> dict:
 
 def test_replay_teacher_answers_the_pairs_its_log_covers(tmp_path):
     log = tmp_path / "labels.jsonl"
-    write_log(log, [
-        answer(0, 1.0), answer(1, 0.0), answer(2, 0.5), answer(3, None), answer(5, 1.0),
-        {"pair_id": 5, "undo": True, "annotator": "alice", "time": 2.0}, answer(5, 0.0),
-    ])
+    write_log(
+        log,
+        [
+            answer(0, 1.0),
+            answer(1, 0.0),
+            answer(2, 0.5),
+            answer(3, None),
+            answer(5, 1.0),
+            {"pair_id": 5, "undo": True, "annotator": "alice", "time": 2.0},
+            answer(5, 0.0),
+        ],
+    )
     teacher = ReplayTeacher.from_log(str(log))
     labels, covered = teacher.label([0, 1, 2, 3, 4, 5, 6])
     assert covered.tolist() == [True, True, True, True, False, True, False]
@@ -249,8 +259,17 @@ def queries(returns1: list[float], returns2: list[float], length: int = 3) -> Pa
     r1, r2 = rewards_with_returns(*returns1, length=length), rewards_with_returns(*returns2, length=length)
     frames = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1, 1).expand(n, length, 2, 10, 10).clone()
     actions = torch.zeros(n, length, dtype=torch.long)
-    return PairBatch(frames, actions, frames + 100, actions, torch.full((n,), math.nan), r1.sum(1), r2.sum(1),
-                     rewards1=r1, rewards2=r2)
+    return PairBatch(
+        frames,
+        actions,
+        frames + 100,
+        actions,
+        torch.full((n,), math.nan),
+        r1.sum(1),
+        r2.sum(1),
+        rewards1=r1,
+        rewards2=r2,
+    )
 
 
 def test_label_step_gives_pair_ids_and_drops_skipped_pairs():

@@ -23,7 +23,7 @@ def make_envs(
     *,
     max_episode_frames: int = 108_000,
     **options,
-) -> "gym.vector.VectorEnv":
+) -> gym.vector.VectorEnv:
     """The vector env for `env_id`: `MinAtar/<Game>-v1` ids go to `make_minatar_envs`, all others to the Atari
     `make_atari_envs`, each with its own keyword `options`.
 

@@ -21,7 +21,6 @@ import numpy as np
 
 from wrappers.errors import InvalidEnvError
 
-
 # gymnasium's Atari ids and the sticky-action probability each implies; frame skipping is done by the wrapper, so
 # ids with built-in (or random) frame skipping other than v5's fixed 4 are refused rather than silently changed.
 _ATARI_ID = re.compile(r"^(?:(?P<game>[A-Za-z]+)NoFrameskip-v(?P<version>[04])|ALE/(?P<v5game>[A-Za-z]+)-v5)$")
@@ -58,7 +57,11 @@ class GameStatistics(gym.vector.VectorWrapper):
     """
 
     def __init__(
-        self, env: gym.vector.VectorEnv, clip_rewards: bool = True, seed: int | None = None, frame_stack: int = 4,
+        self,
+        env: gym.vector.VectorEnv,
+        clip_rewards: bool = True,
+        seed: int | None = None,
+        frame_stack: int = 4,
         fire_after_life_loss: bool = False,
     ):
         super().__init__(env)
@@ -161,5 +164,6 @@ def make_atari_envs(
         reward_clipping=False,
         use_fire_reset=fire_reset,
     )
-    return GameStatistics(envs, clip_rewards=clip_rewards, seed=seed, frame_stack=stack,
-                          fire_after_life_loss=fire_after_life_loss)
+    return GameStatistics(
+        envs, clip_rewards=clip_rewards, seed=seed, frame_stack=stack, fire_after_life_loss=fire_after_life_loss
+    )

@@ -24,7 +24,11 @@ def make_render_env(env_id: str, video_dir: str, max_episode_frames: int = 108_0
 
 @torch.no_grad()
 def record_greedy_episode(
-    env_id: str, actor: torch.nn.Module, device: torch.device, video_dir: str, seed: int,
+    env_id: str,
+    actor: torch.nn.Module,
+    device: torch.device,
+    video_dir: str,
+    seed: int,
     max_episode_frames: int = 108_000,
 ) -> float:
     """Play one game with the most probable action and save its video; returns the game score."""
