@@ -1,8 +1,8 @@
 """AIHF ("Learning reward and policy jointly from demonstration and preference improves alignment"): the reward
 model fits the preference pairs and, at the same time, scores expert demonstrations above the agent's own play.
 
-The pipeline is DRLHF's and SoBiRL's (agents/preference.py: reward CNN, synthetic teacher, query schedule, pair FIFO,
-SAC-discrete on r_phi as the lower level); only the reward loss differs. Each reward minibatch minimises
+The pipeline is DRLHF's and SoBiRL's (agents/pipeline/learner.py: reward CNN, synthetic teacher, query schedule,
+pair FIFO, SAC-discrete on r_phi as the lower level); only the reward loss differs. Each reward minibatch minimises
 
     loss = mean over pairs of BCE(sigmoid(R(tau1) - R(tau2)), y)                          (the paper's L2, BTL)
          + w1 * (mean over agent fragments of R(tau^A) - mean over demo fragments of R(tau^E))   (its L1)
@@ -19,7 +19,7 @@ w1 (R(tau^A) - R(tau^E)) steps along +w1 (grad R(tau^E) - grad R(tau^A)), and mi
 along the second part. In expectation the demonstration term's gradient is -w1 beta times the gradient of the
 demonstration log-likelihood L1: by the paper's Lemma 4.1, grad L1 = (1/beta)(E_{pi^E}[sum_t gamma^t grad r] -
 E_{pi_phi}[sum_t gamma^t grad r]) for the soft-optimal pi_phi at temperature beta (SAC's alpha); the 1/beta is
-absorbed into w1. `agents.tabular_bilevel.demonstration_gradient` computes that identity exactly and
+absorbed into w1. `agents.exact.tabular_bilevel.demonstration_gradient` computes that identity exactly and
 tests/test_tabular_bilevel.py::test_aihf_demonstration_gradient_equals_finite_differences checks it against finite
 differences of L1. (Here the sums run over H-step fragments taken anywhere in a game, not whole trajectories from
 the initial state: the usual truncation of a fragment-based method.)
@@ -33,8 +33,8 @@ returns near +900 and +3,600 per fragment, 99% of SAC's rewards at the clamp) wh
 0.01, the largest weight the paper reports (its LLM ablation; it gives none for RL).
 
 BatchNorm. The reward CNN is in training mode during the update, so each forward pass normalises with its own batch
-statistics. The pairs go through one forward pass in agents/preference.py; the demonstration and agent fragments go
-through a second one, together: normalising them apart would remove most of the difference between their mean
+statistics. The pairs go through one forward pass in agents/pipeline/learner.py; the demonstration and agent fragments
+go through a second one, together: normalising them apart would remove most of the difference between their mean
 rewards, which is the whole signal of the term. (So the running statistics are updated twice per minibatch, the
 second time on demo and agent observations in equal parts.)
 
@@ -58,10 +58,10 @@ import numpy as np
 import torch
 
 from agents import sac_discrete as sac
-from agents.common import UsageError, flag, require, require_non_negative, run_cli
-from agents.losses import LossInputs, bradley_terry_bce, fragment_returns
-from agents.pairs import fragment_observations
-from agents.preference import PreferenceArgs, PreferenceLearner, run_preference_rl
+from agents.infra.cli import UsageError, flag, require, require_non_negative, run_cli
+from agents.pipeline.learner import PreferenceArgs, PreferenceLearner, run_preference_rl
+from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
+from agents.pipeline.pairs import fragment_observations
 
 ALGO = "aihf"
 
@@ -169,7 +169,7 @@ ARRAYS = (
 
 @dataclass
 class DemoFragments:
-    frames: torch.Tensor  # uint8 (N, length + stack - 1, *frame_shape), as agents.replay.Fragments
+    frames: torch.Tensor  # uint8 (N, length + stack - 1, *frame_shape), as agents.pipeline.replay.Fragments
     actions: torch.Tensor  # int64 (N, length)
     game: torch.Tensor  # int64 (N,), the game each fragment comes from
     start: torch.Tensor  # int64 (N,), its first step within that game

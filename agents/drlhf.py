@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agents.common import flag, run_cli
-from agents.losses import BradleyTerryLoss
-from agents.preference import PreferenceArgs, PreferenceLearner, run_preference_rl
+from agents.infra.cli import flag, run_cli
+from agents.pipeline.learner import PreferenceArgs, PreferenceLearner, run_preference_rl
+from agents.pipeline.losses import BradleyTerryLoss
 
 ALGO = "drlhf"
 

@@ -25,8 +25,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from agents.common import flag, hyperparameter_table, make_run_name, parse_args, require, require_positive, run_cli
-from agents.run import limit_cpu_threads, pick_device
+from agents.infra.cli import flag, hyperparameter_table, make_run_name, parse_args, require, require_positive, run_cli
+from agents.infra.run import limit_cpu_threads, pick_device
 
 DESCRIPTION = "M-SoBiRL (Algorithm 1) on the authors' synthetic random-MDP bilevel problem."
 

@@ -49,10 +49,10 @@ import torch
 from torch import nn
 
 from agents import sac_discrete as sac
-from agents.common import flag, require_non_negative, require_positive, run_cli
-from agents.losses import LossInputs
-from agents.pairs import pair_observations
-from agents.preference import PreferenceLearner, run_preference_rl
+from agents.infra.cli import flag, require_non_negative, require_positive, run_cli
+from agents.pipeline.learner import PreferenceLearner, run_preference_rl
+from agents.pipeline.losses import LossInputs
+from agents.pipeline.pairs import pair_observations
 from agents.sobirl import CorrectionArgs, importance_weights, leave_one_out_baseline, parse_correction
 
 ALGO = "parl"
@@ -306,7 +306,7 @@ class PARLLoss:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The algorithm: DRLHF's pipeline (agents/preference.py) with PARL's loss
+# The algorithm: DRLHF's pipeline (agents/pipeline/learner.py) with PARL's loss
 
 
 @dataclass

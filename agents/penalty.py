@@ -12,7 +12,7 @@ lower level's value under r_phi,
     lambda'_sigma  = argmax_lambda J(lambda; phi) - sigma l_up(phi, lambda)   agent B, SAC on r_phi plus a penalty
 
 and by Danskin's theorem grad L_sigma = grad_phi l_up(phi, lambda'_sigma) + (1/sigma)[grad_phi J(lambda*) -
-grad_phi J(lambda'_sigma)], an O(sigma) approximation of the bilevel hyper-gradient (agents/tabular_bilevel.py,
+grad_phi J(lambda'_sigma)], an O(sigma) approximation of the bilevel hyper-gradient (agents/exact/tabular_bilevel.py,
 `penalty_gradient`, checks this exactly on tabular problems).
 
 Reward loss, per minibatch of labelled pairs, once the penalty is on:
@@ -95,17 +95,17 @@ from typing import NamedTuple
 import torch
 
 from agents import sac_discrete as sac
-from agents.common import flag, require, require_non_negative, require_positive, run_cli
-from agents.losses import LOGIT_CLAMP, LossInputs, bradley_terry_bce, fragment_returns
-from agents.pairs import fragment_observations, pair_observations
-from agents.preference import (
+from agents.infra.cli import flag, require, require_non_negative, require_positive, run_cli
+from agents.infra.run import Logger, Run, launch
+from agents.pipeline.learner import (
     PreferenceArgs,
     PreferenceLearner,
     enable_huge_pages,
     predicted_returns,
     reward_function,
 )
-from agents.run import Logger, Run, launch
+from agents.pipeline.losses import LOGIT_CLAMP, LossInputs, bradley_terry_bce, fragment_returns
+from agents.pipeline.pairs import fragment_observations, pair_observations
 from agents.sobirl import leave_one_out_baseline
 
 ALGO = "penalty"

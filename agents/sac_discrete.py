@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agents.common import UsageError, flag, require, require_non_negative, require_positive, run_cli
-from agents.networks import Actor, SoftQNetwork, encoder_for
-from agents.replay import Batch, Fragments, FrameReplayBuffer, require_memory
-from agents.run import Run, detached_run, launch, limit_cpu_threads
+from agents.infra.cli import UsageError, flag, require, require_non_negative, require_positive, run_cli
+from agents.infra.run import Run, detached_run, launch, limit_cpu_threads
+from agents.pipeline.networks import Actor, SoftQNetwork, encoder_for
+from agents.pipeline.replay import Batch, Fragments, FrameReplayBuffer, require_memory
 from wrappers import make_envs
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -89,7 +89,7 @@ class Args:
         "authors' code) does; ale-py fires only at a game's start. Needs --num-envs 1",
     )
 
-    # Flags a resumed run may change; every other flag is the run's identity (agents/run.py).
+    # Flags a resumed run may change; every other flag is the run's identity (agents/infra/run.py).
     RESUMABLE: ClassVar[frozenset[str]] = frozenset(
         {
             "total_timesteps",
@@ -557,7 +557,7 @@ class SACTrainer:
     def evaluate(self) -> None:
         """Play `eval_episodes` games on fresh environments with sampled and with greedy actions (and record a video
         of a greedy game with --capture-video)."""
-        from agents.evaluation import play_games
+        from agents.pipeline.evaluation import play_games
 
         a = self.args
         seed = a.seed + 1_000_003 + self.global_step  # games never seen in training
@@ -584,7 +584,7 @@ class SACTrainer:
     # -- checkpoints ---------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        from agents.checkpoint import rng_state
+        from agents.infra.checkpoint import rng_state
 
         return {
             "global_step": self.global_step,
@@ -597,7 +597,7 @@ class SACTrainer:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a checkpoint. Environments cannot be snapshotted, so the games in progress are abandoned
         and new ones start, seeded by the step count."""
-        from agents.checkpoint import restore_rng_state
+        from agents.infra.checkpoint import restore_rng_state
 
         self.global_step = int(state["global_step"])
         self.num_updates = int(state["num_updates"])

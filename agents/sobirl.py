@@ -22,9 +22,9 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from agents.common import flag, require_non_negative, require_positive, run_cli
-from agents.losses import LossInputs, bradley_terry_bce, fragment_returns
-from agents.preference import PreferenceArgs, PreferenceLearner, run_preference_rl
+from agents.infra.cli import flag, require_non_negative, require_positive, run_cli
+from agents.pipeline.learner import PreferenceArgs, PreferenceLearner, run_preference_rl
+from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
 
 ALGO = "sobirl"
 
@@ -185,7 +185,7 @@ class SoBiRLLoss:
         self.clamp_aware = clamp_aware
         self.implicit_pairs = implicit_pairs
         self.learning_starts = learning_starts
-        self.policy_probs = policy_probs  # None: the learner's own (see agents/losses.py)
+        self.policy_probs = policy_probs  # None: the learner's own (see agents/pipeline/losses.py)
 
     def needs_policy(self, global_step: int) -> bool:
         return global_step > self.hyper_start
@@ -215,7 +215,7 @@ class SoBiRLLoss:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The algorithm: DRLHF's pipeline (agents/preference.py) with the implicit term.
+# The algorithm: DRLHF's pipeline (agents/pipeline/learner.py) with the implicit term.
 
 
 @dataclass

@@ -16,7 +16,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from agents.common import OneLineErrorParser, require, run_cli
+from agents.infra.cli import OneLineErrorParser, require, run_cli
 
 ALGORITHMS = {
     "sobirl": "agents.sobirl",
@@ -30,7 +30,7 @@ DEFAULT_ALGO = "sobirl"
 
 
 def checkpoint_algo(resume: str) -> str:
-    from agents.checkpoint import load_checkpoint_metadata
+    from agents.infra.checkpoint import load_checkpoint_metadata
 
     return load_checkpoint_metadata(resume)["algo"]
 

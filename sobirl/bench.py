@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agents.common import flag, parse_args, require_positive, run_cli
-from agents.run import limit_cpu_threads, pick_device
+from agents.infra.cli import flag, parse_args, require_positive, run_cli
+from agents.infra.run import limit_cpu_threads, pick_device
 
 ENV_ID = "BeamRiderNoFrameskip-v4"
 
@@ -80,7 +80,7 @@ def sac_learning_sps(device: torch.device, steps: int, compile_: bool = False) -
 
 
 def replay_bytes_per_transition() -> float:
-    from agents.replay import FrameReplayBuffer
+    from agents.pipeline.replay import FrameReplayBuffer
 
     return FrameReplayBuffer(10_000, 1, (4, 84, 84), 4, "cpu").bytes_per_transition
 

@@ -48,7 +48,7 @@ def part_costs(learner) -> dict:
     obs = torch.as_tensor(trainer.obs)
     batch = trainer.buffer.sample(trainer.args.batch_size, trainer.sample_generator)
     rewards = trainer._batch_rewards(batch)
-    from agents.preference import reward_epoch
+    from agents.pipeline.learner import reward_epoch
 
     return {
         "env_step_ms": per_call_ms(lambda: trainer.envs.step(actions), 2000),
@@ -77,9 +77,9 @@ def measure_in_process(total: int, burn_in: int, compile_: bool) -> dict:
     import torch
 
     from agents.drlhf import Args
-    from agents.losses import BradleyTerryLoss
-    from agents.preference import PreferenceLearner
-    from agents.run import detached_run
+    from agents.infra.run import detached_run
+    from agents.pipeline.learner import PreferenceLearner
+    from agents.pipeline.losses import BradleyTerryLoss
     from agents.sac_discrete import SACTrainer
 
     torch.set_num_threads(1)

@@ -19,7 +19,7 @@ File layout (one `np.savez_compressed` archive, loadable with allow_pickle=False
                   checkpoint_step (its global step), recorded (UTC time), sha256 (of the arrays: checked on load)
     frames        uint8 (sum over games of L_g + stack - 1, *frame_shape): each game's first observation whole (its
                   stack - 1 older frames are the environment's zero padding), then the newest frame of every later
-                  observation, the replay buffer's layout (agents/replay.py): step t of game g sees
+                  observation, the replay buffer's layout (agents/pipeline/replay.py): step t of game g sees
                   frames[frame_start_g + t : frame_start_g + t + stack], frame_start_g = game_starts[g] + g (stack - 1)
     actions       int64 (T,), T = sum of L_g, the games one after the other
     rewards       float32 (T,) sign-clipped rewards (what the learner sees); raw_rewards float32 (T,) the game's points
@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from agents.aihf import FORMAT, FORMAT_VERSION, DemoFragments, Demonstrations  # noqa: F401 - re-exported
-from agents.common import OneLineErrorParser, UsageError, integer, require, run_cli
+from agents.infra.cli import OneLineErrorParser, UsageError, integer, require, run_cli
 
 # ---------------------------------------------------------------------------------------------------------------
 # Recording
@@ -70,7 +70,7 @@ def _sac_state(state: Any) -> dict | None:
 
 def load_checkpoint_actor(checkpoint: str):
     """(checkpoint path, its flags, algorithm, global step, actor state dict), or a UsageError naming --checkpoint."""
-    from agents.checkpoint import load_checkpoint, resolve_checkpoint
+    from agents.infra.checkpoint import load_checkpoint, resolve_checkpoint
 
     try:
         path = resolve_checkpoint(checkpoint)
@@ -93,7 +93,7 @@ def record(
     checkpoint: str, steps: int, min_return: float | None = None, seed: int = 1, greedy: bool = False
 ) -> tuple[Demonstrations, dict[str, Any]]:
     """Play the checkpoint's policy for `steps` agent steps; return the kept games and a summary of the rollout."""
-    from agents.networks import Actor
+    from agents.pipeline.networks import Actor
     from agents.sac_discrete import check_env_spaces
     from wrappers import make_envs
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.common import flag, parse_args, require, run_cli
+from agents.infra.cli import flag, parse_args, require, run_cli
 
 RETURN_TAG = "charts/episodic_return"
 LENGTH_TAG = "charts/episodic_length"

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from agents.common import UsageError, build_parser, flag, require, run_cli
+from agents.infra.cli import UsageError, build_parser, flag, require, run_cli
 
 # Flags the sweep itself sets on every job; a second copy in --grid or after `--` would silently win in argparse.
 RESERVED_FLAGS = ("algo", "seed")
@@ -72,7 +72,7 @@ class Job:
 
 
 def _flag_name(name: str) -> str:
-    # Entry-point flags are --kebab-case (agents.common), so learning_rate and --learning-rate both work.
+    # Entry-point flags are --kebab-case (agents.infra.cli), so learning_rate and --learning-rate both work.
     return name.strip().lstrip("-").replace("_", "-")
 
 

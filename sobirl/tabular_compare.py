@@ -2,7 +2,7 @@
 
 The truth is a central finite difference of the exact hyper-objective F(φ) = E_{τ1,τ2 ~ π*_φ}[BCE] (all fragment
 pairs enumerated, π*_φ the soft-optimal policy). Each other row is one method's gradient at the same φ, computed
-exactly in expectation by `agents.tabular_bilevel`:
+exactly in expectation by `agents.exact.tabular_bilevel`:
 
 - M-SoBiRL's closed form (9) and SoBiRL's practical one-step-truncated estimator (arXiv 2405.19697);
 - PARL's implicit-function hyper-gradient (Chakraborty et al., ICLR 2024), with the pseudo-inverse of the singular
@@ -22,8 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from agents.common import OneLineErrorParser
-from agents.tabular_bilevel import (
+from agents.exact.tabular_bilevel import (
     central_difference,
     cosine_similarity,
     enumerate_fragments,
@@ -37,6 +36,7 @@ from agents.tabular_bilevel import (
     sobirl_practical_gradient,
     soft_optimal,
 )
+from agents.infra.cli import OneLineErrorParser
 
 MAX_FRAGMENTS = 1500  # (S·A)^H; the pair matrix has this many squared entries
 

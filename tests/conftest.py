@@ -34,7 +34,7 @@ def assert_usage_error(result: subprocess.CompletedProcess, *words: str) -> None
 def cli_error(main, argv: list[str], capsys) -> str:
     """Run a script's main as its command line does, in this process; return the one-line error it reports
     (exit status 2, no traceback)."""
-    from agents.common import run_cli
+    from agents.infra.cli import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main, argv)

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from agents.checkpoint import load_checkpoint, save_atomic
-from agents.common import UsageError
+from agents.infra.checkpoint import load_checkpoint, save_atomic
+from agents.infra.cli import UsageError
 from agents.sac_discrete import Args, SACTrainer
 from tests.conftest import REPO, assert_usage_error, only_run_dir, run_script, scalar_tags
 

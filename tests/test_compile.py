@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from agents.replay import Batch
-from agents.reward_model import RewardCNN
+from agents.pipeline.replay import Batch
+from agents.pipeline.reward_model import RewardCNN
 from agents.sac_discrete import Args, SACDiscrete
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from agents.checkpoint import save_atomic
-from agents.common import UsageError
-from agents.networks import Actor
-from agents.pairs import fragment_observations
+from agents.infra.checkpoint import save_atomic
+from agents.infra.cli import UsageError
+from agents.pipeline.networks import Actor
+from agents.pipeline.pairs import fragment_observations
 from sobirl import demos as demos_cli
 from sobirl.demos import Demonstrations, load_checkpoint_actor
 from tests.conftest import cli_error, run_script
@@ -20,7 +20,7 @@ BREAKOUT = "MinAtar/Breakout-v1"
 
 @pytest.fixture(autouse=True)
 def keep_torch_threads():
-    """In-process runs set torch's thread count (agents/run.py); give the other tests theirs back."""
+    """In-process runs set torch's thread count (agents/infra/run.py); give the other tests theirs back."""
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)

@@ -20,10 +20,10 @@ import torch
 
 pytest.importorskip("flask")
 
-import agents.labelling as labelling  # noqa: E402
+import agents.feedback.labelling as labelling  # noqa: E402
 from agents import drlhf  # noqa: E402
-from agents.labelling import load_label_log, shown_left_for  # noqa: E402
-from agents.teachers import HumanTeacher, fragment_clip  # noqa: E402
+from agents.feedback.labelling import load_label_log, shown_left_for  # noqa: E402
+from agents.feedback.teachers import HumanTeacher, fragment_clip  # noqa: E402
 from tests.conftest import REPO, only_run_dir, scalar_tags  # noqa: E402
 from tests.test_teachers import queries  # noqa: E402
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agents.labelling import (
+from agents.feedback.labelling import (
     MINATAR_PALETTE,
     REFUSED_AFTER_TAKE,
     Label,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from agents.evaluation import play_games
+from agents.pipeline.evaluation import play_games
 from agents.sac_discrete import Args, SACTrainer
 from wrappers import make_envs
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from agents.common import UsageError
+from agents.infra.cli import UsageError
 from agents.msobirl import (
     amortized_w_step,
     exact_hypergradient,

@@ -9,10 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents import parl
-from agents.common import run_cli
-from agents.losses import LossInputs, bradley_terry_bce, fragment_returns
-from agents.pairs import PairBatch, pair_observations, split_pairs
-from agents.tabular_bilevel import (
+from agents.exact.tabular_bilevel import (
     enumerate_fragments,
     explicit_gradient,
     lower_objective,
@@ -22,6 +19,9 @@ from agents.tabular_bilevel import (
     relative_error,
     score_function_gradient,
 )
+from agents.infra.cli import run_cli
+from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
+from agents.pipeline.pairs import PairBatch, pair_observations, split_pairs
 from sobirl import beamrider
 from tests.conftest import TableModule as Table
 from tests.conftest import only_run_dir, run_script, scalar_tags
@@ -54,7 +54,7 @@ def test_conjugate_gradient_stops_at_negative_curvature():
 
 def test_damped_cg_and_mixed_term_reproduce_the_tabular_parl_hypergradient():
     """Signs: (-d2J + lambda I) v = g by CG, then + grad_phi <grad_theta J, v>, equals the exact damped PARL
-    hyper-gradient of agents/tabular_bilevel.py (dense K = -d2J, M = d2J/dtheta dphi, K + lambda I solved)."""
+    hyper-gradient of agents/exact/tabular_bilevel.py (dense K = -d2J, M = d2J/dtheta dphi, K + lambda I solved)."""
     inst = make_instance(gamma=0.5, tau=0.7, seed=0)
     frags = enumerate_fragments(inst, 2)
     damping = 1e-3

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents import penalty
-from agents.losses import LossInputs, bradley_terry_bce, fragment_returns
-from agents.pairs import PairBatch, pair_observations, split_pairs
-from agents.run import StopTraining, detached_run
+from agents.infra.run import StopTraining, detached_run
+from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
+from agents.pipeline.pairs import PairBatch, pair_observations, split_pairs
 from tests.conftest import TableModule as Table
 from tests.conftest import cli_error, only_run_dir, run_script, scalar_tags
 

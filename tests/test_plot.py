@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from agents.common import UsageError, run_cli
+from agents.infra.cli import UsageError, run_cli
 from sobirl import plot
 
 ENV = "BeamRiderNoFrameskip-v4"

@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from agents.pairs import (
+from agents.feedback.teachers import bernoulli_labels, label_pairs, oracle_labels
+from agents.pipeline.learner import preference_accuracy, reward_epoch, reward_function
+from agents.pipeline.pairs import (
     PairBatch,
     PairBuffer,
     fragment_observations,
@@ -18,10 +20,8 @@ from agents.pairs import (
     round_preserving_sum,
     stack_windows,
 )
-from agents.preference import preference_accuracy, reward_epoch, reward_function
-from agents.reward_model import RewardCNN, conv_output_sizes, drop_units_, random_bits
+from agents.pipeline.reward_model import RewardCNN, conv_output_sizes, drop_units_, random_bits
 from agents.sobirl import SoBiRLLoss
-from agents.teachers import bernoulli_labels, label_pairs, oracle_labels
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

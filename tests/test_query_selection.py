@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from agents import drlhf
-from agents.ensemble import (
+from agents.pipeline.ensemble import (
     RewardEnsemble,
     binary_entropy,
     epoch_order,
@@ -18,8 +18,8 @@ from agents.ensemble import (
     preference_probabilities,
     query_uncertainty,
 )
-from agents.preference import ensemble_uncertainty, mean_stats, predicted_returns, reward_epoch
-from agents.reward_model import RewardCNN
+from agents.pipeline.learner import ensemble_uncertainty, mean_stats, predicted_returns, reward_epoch
+from agents.pipeline.reward_model import RewardCNN
 from tests.conftest import cli_error, only_run_dir, run_script, scalar_tags
 from tests.test_preference import SMALL, bright_pairs, synthetic_buffer
 from tests.test_preference_scripts import TINY, values
@@ -139,7 +139,7 @@ def test_ensemble_run_keeps_the_schedule_and_a_resumed_run_continues_with_all_me
 def test_the_teacher_gets_the_most_uncertain_candidates(tmp_path, monkeypatch):
     """In the learner: the pairs handed to the teacher are exactly the top-uncertainty candidates, not the first
     ones drawn."""
-    from agents import preference
+    from agents.pipeline import learner as preference
 
     scored, labelled = [], []
     real_uncertainty, real_label = preference.ensemble_uncertainty, preference.PreferenceLearner.label
@@ -181,7 +181,7 @@ def test_the_teacher_gets_the_most_uncertain_candidates(tmp_path, monkeypatch):
 
 def test_policy_side_terms_scale_with_the_members_share():
     """An ensemble member supplies 1/K of the policy's reward: SoBiRL's implicit term scales by policy_share."""
-    from agents.losses import LossInputs
+    from agents.pipeline.losses import LossInputs
     from agents.sobirl import SoBiRLLoss
     from tests.test_parl import loss_inputs, make_parl_loss, tabular_case
 
@@ -204,7 +204,7 @@ def test_policy_side_terms_scale_with_the_members_share():
 
 def test_resume_refuses_a_selection_flag_the_checkpoint_predates(tmp_path, capsys):
     """A checkpoint written before --ensemble existed ran with one model: resuming it with --ensemble 3 is refused."""
-    from agents.checkpoint import load_checkpoint, resolve_checkpoint, save_atomic
+    from agents.infra.checkpoint import load_checkpoint, resolve_checkpoint, save_atomic
 
     result = run_script("agents/drlhf.py", *TINY, "--runs-dir", str(tmp_path), "--total-timesteps", "60")
     assert result.returncode == 0, result.stderr[-3000:]

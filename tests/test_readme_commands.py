@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 
-from agents.common import build_parser
+from agents.infra.cli import build_parser
 from sobirl.beamrider import ALGORITHMS
 from tests.conftest import REPO, run_script
 

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 import torch
 
-from agents.checkpoint import load_checkpoint, load_checkpoint_metadata, save_atomic
-from agents.common import run_cli
-from agents.run import Logger, Progress, Run, StopSignals, StopTraining, run_to_completion
+from agents.infra.checkpoint import load_checkpoint, load_checkpoint_metadata, save_atomic
+from agents.infra.cli import run_cli
+from agents.infra.run import Logger, Progress, Run, StopSignals, StopTraining, run_to_completion
 from sobirl import beamrider, plot, sweep
 from tests.conftest import REPO, only_run_dir
 
@@ -83,7 +83,7 @@ PREFERENCE = [
 def entry_point(*flags: str, capsys=None) -> tuple[int, str, str]:
     """`python sobirl/beamrider.py FLAGS` in this process (no interpreter start-up): exit status, stdout, stderr
     (both empty without `capsys`)."""
-    threads = torch.get_num_threads()  # a run may set it (agents.run.limit_cpu_threads); later tests keep theirs
+    threads = torch.get_num_threads()  # a run may set it (agents.infra.run.limit_cpu_threads); later tests keep theirs
     try:
         run_cli(beamrider.main, list(flags))
         code = 0

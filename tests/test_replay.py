@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.replay import FrameReplayBuffer
+from agents.pipeline.replay import FrameReplayBuffer
 
 STACK = 4
 

@@ -6,7 +6,7 @@ import gymnasium as gym
 import pytest
 import torch
 
-from agents.common import UsageError
+from agents.infra.cli import UsageError
 from agents.sac_discrete import (
     actor_loss,
     alpha_loss,

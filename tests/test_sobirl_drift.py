@@ -12,11 +12,11 @@ import itertools
 import pytest
 import torch
 
-from agents.losses import LossInputs, bradley_terry_bce, fragment_returns
-from agents.pairs import PairBatch
-from agents.reward_model import RewardCNN
+from agents.feedback.teachers import oracle_labels
+from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
+from agents.pipeline.pairs import PairBatch
+from agents.pipeline.reward_model import RewardCNN
 from agents.sobirl import SoBiRLLoss, implicit_term
-from agents.teachers import oracle_labels
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.common import UsageError, run_cli
+from agents.infra.cli import UsageError, run_cli
 from sobirl import sweep
 
 # Stands in for sobirl/beamrider.py: records its argv (and thread cap) in --out, fails for --seed 13.

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from agents.tabular_bilevel import (
+from agents.exact.tabular_bilevel import (
     central_difference,
     cosine_similarity,
     demonstration_gradient,

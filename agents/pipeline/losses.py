@@ -1,7 +1,7 @@
 """The seam between the preference pipeline and the algorithms: upper-level reward losses.
 
-Each preference algorithm is the shared outer loop (`agents/preference.py`) plus one reward loss. A loss is a small
-object with two methods:
+Each preference algorithm is the shared outer loop (`agents/pipeline/learner.py`) plus one reward loss. A loss is a
+small object with two methods:
 
     needs_policy(global_step) -> bool      # evaluate the current policy on the minibatch's observations?
     __call__(inputs: LossInputs) -> (loss, metrics)
@@ -43,7 +43,7 @@ def bradley_terry_bce(return1: torch.Tensor, return2: torch.Tensor, y: torch.Ten
 class LossInputs:
     """One minibatch of B labelled pairs of H-step fragments, as the reward losses see it."""
 
-    pairs: Any  # agents.pairs.PairBatch: frames, actions, labels, behaviour probabilities, collection steps
+    pairs: Any  # agents.pipeline.pairs.PairBatch: frames, actions, labels, behaviour probabilities, collection steps
     r1: torch.Tensor  # (B, H, A) reward-model outputs for fragment 1's observations, carrying gradient
     r2: torch.Tensor  # (B, H, A) for fragment 2
     bce: torch.Tensor  # (B,) Bradley-Terry cross-entropy of each pair, carrying gradient

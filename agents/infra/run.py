@@ -32,8 +32,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from agents.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
-from agents.common import (
+from agents.infra.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
+from agents.infra.cli import (
     UsageError,
     explicit_flags,
     flag_name,

@@ -1,5 +1,5 @@
 """The preference-learning pipeline every preference algorithm shares: the outer loop of SoBiRL's Algorithm 3
-(and DRLHF's), with the upper-level reward loss as its one point of variation (`agents/losses.py`).
+(and DRLHF's), with the upper-level reward loss as its one point of variation (`agents/pipeline/losses.py`).
 
 Outer iteration i, as in the paper's algorithm box:
     1. query    gather schedule[i] new fragment pairs from the agent's most recent rollouts
@@ -20,21 +20,7 @@ from typing import ClassVar
 import torch
 
 from agents import sac_discrete as sac
-from agents.common import UsageError, flag, flag_name, require, require_non_negative, require_positive
-from agents.ensemble import (
-    QUERY_SELECTIONS,
-    RewardEnsemble,
-    epoch_order,
-    most_uncertain,
-    preference_probabilities,
-    query_uncertainty,
-)
-from agents.losses import BradleyTerryLoss, LossInputs, RewardLoss, bradley_terry_bce, fragment_returns
-from agents.pairs import PairBatch, PairBuffer, pair_observations, pairs_schedule, split_pairs
-from agents.replay import FrameReplayBuffer, format_bytes, require_memory
-from agents.reward_model import RewardCNN
-from agents.run import Run, launch
-from agents.teachers import (
+from agents.feedback.teachers import (
     BPREF_PARAMETERS,
     BPREF_PRESETS,
     LABEL_MODES,
@@ -45,6 +31,20 @@ from agents.teachers import (
     cat_pairs,
     label_pairs,
 )
+from agents.infra.cli import UsageError, flag, flag_name, require, require_non_negative, require_positive
+from agents.infra.run import Run, launch
+from agents.pipeline.ensemble import (
+    QUERY_SELECTIONS,
+    RewardEnsemble,
+    epoch_order,
+    most_uncertain,
+    preference_probabilities,
+    query_uncertainty,
+)
+from agents.pipeline.losses import BradleyTerryLoss, LossInputs, RewardLoss, bradley_terry_bce, fragment_returns
+from agents.pipeline.pairs import PairBatch, PairBuffer, pair_observations, pairs_schedule, split_pairs
+from agents.pipeline.replay import FrameReplayBuffer, format_bytes, require_memory
+from agents.pipeline.reward_model import RewardCNN
 
 PolicyProbs = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, *obs_shape) -> (N, A) action probabilities
 
@@ -516,7 +516,7 @@ def preference_accuracy(
 
 
 def ensemble_uncertainty(members: Sequence[torch.nn.Module], pairs: PairBatch, mode: str) -> torch.Tensor:
-    """Per-pair uncertainty (`agents.ensemble.query_uncertainty`) of the members' preference probabilities."""
+    """Per-pair uncertainty (`agents.pipeline.ensemble.query_uncertainty`) of the members' preference probabilities."""
     returns = [predicted_returns(net, pairs.frames1, pairs.actions1, pairs.frames2, pairs.actions2) for net in members]
     return query_uncertainty(
         preference_probabilities(torch.stack([r[0] for r in returns]), torch.stack([r[1] for r in returns])), mode

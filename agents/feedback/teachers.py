@@ -4,12 +4,12 @@
   authors' code).
 - bpref: B-Pref's (Lee et al. 2021) model of an imperfect teacher: rationality, myopia, mistakes, skipped and
   "equally good" queries, with the paper's presets.
-- replay: the answers of a JSONL label log (agents/labelling.py's format), looked up by pair id.
-- human: a person in a browser, through agents/labelling.py's LabelServer.
+- replay: the answers of a JSONL label log (agents/feedback/labelling.py's format), looked up by pair id.
+- human: a person in a browser, through agents/feedback/labelling.py's LabelServer.
 
 Every queried pair has an id, the number of pairs the run had queried before it (see PreferenceLearner.label), so
 that a label log written by a run can be matched to the pairs of a later run with the same flags and seed.
-agents/labelling.py (and with it flask, the optional extra `human`) is imported only by the replay and human
+agents/feedback/labelling.py (and with it flask, the optional extra `human`) is imported only by the replay and human
 teachers.
 """
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from agents.common import UsageError
-from agents.losses import LOGIT_CLAMP
-from agents.pairs import FIELDS, PairBatch
+from agents.infra.cli import UsageError
+from agents.pipeline.losses import LOGIT_CLAMP
+from agents.pipeline.pairs import FIELDS, PairBatch
 
 TEACHERS = ("oracle", "bernoulli", "bpref", "replay", "human")
 LABEL_MODES = ("sync", "async")
@@ -151,12 +151,12 @@ BPREF_PARAMETERS = tuple(f.name for f in fields(BPrefTeacher))  # each is the fl
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Label logs (agents/labelling.py, imported on first use: it needs flask)
+# Label logs (agents/feedback/labelling.py, imported on first use: it needs flask)
 
 
 def labelling_module(teacher: str):
     try:
-        import agents.labelling as labelling
+        import agents.feedback.labelling as labelling
     except ImportError as err:
         raise UsageError(
             f"--teacher {teacher} needs flask ({err}); install it with: pip install -e '.[human]'"

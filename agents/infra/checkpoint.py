@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.common import UsageError
+from agents.infra.cli import UsageError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MAGIC = "sobirl-checkpoint"
