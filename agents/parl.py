@@ -50,10 +50,10 @@ from torch import nn
 
 from agents import sac_discrete as sac
 from agents.infra.cli import flag, require_non_negative, require_positive, run_cli
+from agents.pipeline.corrections import CorrectionArgs, importance_weights, leave_one_out_baseline, parse_correction
 from agents.pipeline.learner import PreferenceLearner, run_preference_rl
 from agents.pipeline.losses import LossInputs
 from agents.pipeline.pairs import pair_observations
-from agents.sobirl import CorrectionArgs, importance_weights, leave_one_out_baseline, parse_correction
 
 ALGO = "parl"
 

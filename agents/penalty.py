@@ -97,16 +97,11 @@ import torch
 from agents import sac_discrete as sac
 from agents.infra.cli import flag, require, require_non_negative, require_positive, run_cli
 from agents.infra.run import Logger, Run, launch
-from agents.pipeline.learner import (
-    PreferenceArgs,
-    PreferenceLearner,
-    enable_huge_pages,
-    predicted_returns,
-    reward_function,
-)
+from agents.pipeline.corrections import leave_one_out_baseline
+from agents.pipeline.learner import PreferenceArgs, PreferenceLearner, enable_huge_pages
 from agents.pipeline.losses import LOGIT_CLAMP, LossInputs, bradley_terry_bce, fragment_returns
 from agents.pipeline.pairs import fragment_observations, pair_observations
-from agents.sobirl import leave_one_out_baseline
+from agents.pipeline.reward_training import predicted_returns, reward_function
 
 ALGO = "penalty"
 FORMS = ("pbrl", "seed")

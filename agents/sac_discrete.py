@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from agents.infra.cli import UsageError, flag, require, require_non_negative, require_positive, run_cli
+from agents.infra.memory import require_memory
 from agents.infra.run import Run, detached_run, launch, limit_cpu_threads
 from agents.pipeline.networks import Actor, SoftQNetwork, encoder_for
-from agents.pipeline.replay import Batch, Fragments, FrameReplayBuffer, require_memory
+from agents.pipeline.replay import Batch, Fragments, FrameReplayBuffer
 from wrappers import make_envs
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 
-from agents.infra.cli import flag, require_non_negative, require_positive, run_cli
-from agents.pipeline.learner import PreferenceArgs, PreferenceLearner, run_preference_rl
+from agents.infra.cli import flag, require_non_negative, run_cli
+from agents.pipeline.corrections import CorrectionArgs, importance_weights, leave_one_out_baseline, parse_correction
+from agents.pipeline.learner import PreferenceLearner, run_preference_rl
 from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
 
 ALGO = "sobirl"
@@ -43,24 +44,6 @@ def advantage_sum(
     if weights is not None:
         advantage = advantage * weights.detach()
     return advantage.sum(-1)
-
-
-def leave_one_out_baseline(losses: torch.Tensor) -> torch.Tensor:
-    """For each pair, the mean cross-entropy of the other pairs of the minibatch (0 for a minibatch of one).
-
-    Subtracting it keeps the estimator unbiased: the baseline of pair i does not depend on pair i, and the score
-    function has mean zero under the policy that drew it. (The plain minibatch mean includes pair i itself and
-    shrinks the on-policy gradient by the factor 1 - 1/B.)
-    """
-    count = losses.shape[0]
-    if count < 2:
-        return torch.zeros_like(losses)
-    return (losses.sum() - losses) / (count - 1)
-
-
-def importance_weights(pi_taken: torch.Tensor, mu_taken: torch.Tensor, clip: float) -> torch.Tensor:
-    """Per-step ratios pi(a_t|s_t) / mu(a_t|s_t), clipped above at `clip` (they are weights, never gradients)."""
-    return (pi_taken / mu_taken.clamp_min(1e-8)).clamp(max=clip)
 
 
 def implicit_term(
@@ -130,40 +113,8 @@ def sobirl_loss(
     return sobirl_loss_terms(r1, a1, pi1, r2, a2, pi2, y, inv_alpha, baseline)[0]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Off-policy corrections of the implicit term
-#
-# Estimator (78) is derived for fragments drawn from the current policy pi. The pair buffer holds fragments of
-# older policies mu (at switch-on most pairs are the uniform-random warm-up pairs). At a stored step the implicit
-# term's gradient on r(s, .) is (l / alpha)(e_{a_t} - pi(.|s)); its expectation is (l / alpha)(mu - pi), a push
-# that does not depend on the reward parameters. The term is linear in r, Adam normalises the step, so the push
-# accumulates without bound: the implicit term's value runs away and the reward stops fitting the preferences.
-#   none            estimator (78) as the paper and the authors' code apply it (the default)
-#   baseline        l minus the leave-one-out mean: removes the constant part of l only
-#   ratio           each step's score term weighted by pi(a_t|s_t) / mu(a_t|s_t), clipped at --ratio-clip: then
-#                   E_mu[(pi/mu)(e_a - pi)] = 0 and the parameter-independent push is gone (a per-step, not a
-#                   per-fragment, correction: not exactly unbiased for a whole fragment, but the drift goes)
-#   ratio-baseline  both
-# --implicit-pairs learned leaves pairs gathered during the uniform-random phase out of the implicit term (their mu
-# is furthest from pi); --clamp-aware differentiates the term through the [-1, 1] clamp the lower level sees.
-
-CORRECTIONS = ("none", "baseline", "ratio", "ratio-baseline")
+# Which pairs the implicit term uses: all, or only those collected after the uniform-random phase.
 IMPLICIT_PAIRS = ("all", "learned")
-
-
-class Correction(NamedTuple):
-    """The parts of an --implicit-correction: per-step ratios pi/mu, a leave-one-out baseline on the losses."""
-
-    ratios: bool
-    baseline: bool
-
-
-def parse_correction(correction: str) -> Correction:
-    if correction not in CORRECTIONS:
-        raise ValueError(f"unknown correction {correction!r}; expected one of {', '.join(CORRECTIONS)}")
-    return Correction(
-        ratios=correction in ("ratio", "ratio-baseline"), baseline=correction in ("baseline", "ratio-baseline")
-    )
 
 
 class SoBiRLLoss:
@@ -216,24 +167,6 @@ class SoBiRLLoss:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The algorithm: DRLHF's pipeline (agents/pipeline/learner.py) with the implicit term.
-
-
-@dataclass
-class CorrectionArgs(PreferenceArgs):
-    """The off-policy corrections of a score-function term on stored pairs (SoBiRL's implicit term, A-PARL's g)."""
-
-    implicit_correction: str = flag(
-        "none",
-        "off-policy correction of the score-function term on stored pairs: none (the paper's estimator), "
-        "baseline (leave-one-out mean cross-entropy subtracted), ratio (per-step pi/mu weights), ratio-baseline "
-        "(both)",
-        choices=CORRECTIONS,
-    )
-    ratio_clip: float = flag(10.0, "upper clip of the per-step importance ratios pi/mu")
-
-    def validate(self) -> None:
-        super().validate()
-        require_positive(self, "ratio_clip")
 
 
 @dataclass

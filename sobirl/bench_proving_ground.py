@@ -48,7 +48,7 @@ def part_costs(learner) -> dict:
     obs = torch.as_tensor(trainer.obs)
     batch = trainer.buffer.sample(trainer.args.batch_size, trainer.sample_generator)
     rewards = trainer._batch_rewards(batch)
-    from agents.pipeline.learner import reward_epoch
+    from agents.pipeline.reward_training import reward_epoch
 
     return {
         "env_step_ms": per_call_ms(lambda: trainer.envs.step(actions), 2000),

@@ -69,9 +69,9 @@ def measure_in_process(device: str, threads: int, repeats: int) -> dict:
 
     import torch
 
-    from agents.pipeline.learner import reward_update
     from agents.pipeline.pairs import PairBatch
     from agents.pipeline.reward_model import RewardCNN
+    from agents.pipeline.reward_training import reward_update
     from agents.sobirl import SoBiRLLoss
 
     torch.set_num_threads(threads)

@@ -12,27 +12,7 @@ score is at least R, the AIHF paper's "high bucket" of demonstrations. The autor
 an agent step and is not counted. Games are played without --fire-after-life-loss whatever the checkpoint's flags:
 frames are stored once, and those extra presses would put unrecorded frames into the stacks.
 
-File layout (one `np.savez_compressed` archive, loadable with allow_pickle=False):
-
-    meta          JSON: format, format_version, env_id, frame_stack, frame_shape, num_actions, seed, greedy,
-                  min_return, steps_rolled_out, max_episode_frames, checkpoint (path), checkpoint_algo,
-                  checkpoint_step (its global step), recorded (UTC time), sha256 (of the arrays: checked on load)
-    frames        uint8 (sum over games of L_g + stack - 1, *frame_shape): each game's first observation whole (its
-                  stack - 1 older frames are the environment's zero padding), then the newest frame of every later
-                  observation, the replay buffer's layout (agents/pipeline/replay.py): step t of game g sees
-                  frames[frame_start_g + t : frame_start_g + t + stack], frame_start_g = game_starts[g] + g (stack - 1)
-    actions       int64 (T,), T = sum of L_g, the games one after the other
-    rewards       float32 (T,) sign-clipped rewards (what the learner sees); raw_rewards float32 (T,) the game's points
-    terminated    bool (T,) a life or the game ended at this step (Atari flags lost lives, as in training)
-    probs         float32 (T, A) the policy's full action distribution at each step
-    game_starts   int64 (G,) first step of each game in the step arrays; game_ends int64 (G,) one past its last step
-    game_returns  float64 (G,) true scores; game_truncated bool (G,) cut by --max-episode-frames, not a game over
-    played_returns float64: the scores of every whole game played, before --min-return
-
-`Demonstrations.load` (in agents/aihf.py, re-exported here) checks all of it: a missing, truncated or corrupt file,
-one for another --env-id or of another format is a one-line error naming the flag and the file.
-`Demonstrations.fragments(count, length, generator)` draws fragments of `length` steps inside games, uniformly over all
-such windows, in the replay's fragment layout.
+The file format, its checks and fragment sampling live in agents/feedback/demos.py.
 """
 
 from __future__ import annotations
@@ -48,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.aihf import FORMAT, FORMAT_VERSION, DemoFragments, Demonstrations  # noqa: F401 - re-exported
+from agents.feedback.demos import FORMAT, FORMAT_VERSION, DemoFragments, Demonstrations  # noqa: F401 - re-exported
 from agents.infra.cli import OneLineErrorParser, UsageError, integer, require, run_cli
 
 # ---------------------------------------------------------------------------------------------------------------

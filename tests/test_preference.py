@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from agents.feedback.teachers import bernoulli_labels, label_pairs, oracle_labels
-from agents.pipeline.learner import preference_accuracy, reward_epoch, reward_function
 from agents.pipeline.pairs import (
     PairBatch,
     PairBuffer,
@@ -21,6 +20,7 @@ from agents.pipeline.pairs import (
     stack_windows,
 )
 from agents.pipeline.reward_model import RewardCNN, conv_output_sizes, drop_units_, random_bits
+from agents.pipeline.reward_training import preference_accuracy, reward_epoch, reward_function
 from agents.sobirl import SoBiRLLoss
 
 pytestmark = pytest.mark.usefixtures("single_thread")

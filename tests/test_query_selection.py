@@ -18,8 +18,8 @@ from agents.pipeline.ensemble import (
     preference_probabilities,
     query_uncertainty,
 )
-from agents.pipeline.learner import ensemble_uncertainty, mean_stats, predicted_returns, reward_epoch
 from agents.pipeline.reward_model import RewardCNN
+from agents.pipeline.reward_training import ensemble_uncertainty, mean_stats, predicted_returns, reward_epoch
 from tests.conftest import cli_error, only_run_dir, run_script, scalar_tags
 from tests.test_preference import SMALL, bright_pairs, synthetic_buffer
 from tests.test_preference_scripts import TINY, values

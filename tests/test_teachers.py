@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from agents import drlhf
-from agents.feedback.teachers import BPREF_PRESETS, BPrefTeacher, ReplayTeacher, oracle_labels
+from agents.feedback.teachers import BPREF_PRESETS, BPrefTeacher, ReplayTeacher, make_teacher, oracle_labels
 from agents.infra.cli import UsageError, parse_args
 from agents.infra.run import detached_run
 from agents.pipeline.learner import PreferenceLearner
@@ -36,7 +36,7 @@ def test_deterministic_teacher_prefers_the_higher_return_and_ties_are_half():
     r1 = rewards_with_returns(3.0, 0.0, 2.0, -1.0, 0.0)
     r2 = rewards_with_returns(1.0, 1.0, 2.0, -1.0, -0.5)
     for beta in (-1.0, 0.0):  # beta <= 0: the higher return wins
-        labels, keep = BPrefTeacher(beta=beta).label(r1, r2, torch.Generator().manual_seed(0))
+        labels, keep = BPrefTeacher(beta=beta).label_rewards(r1, r2, torch.Generator().manual_seed(0))
         assert labels.tolist() == [1.0, 0.0, 0.5, 0.5, 1.0]
         assert keep.all()
 
@@ -45,7 +45,7 @@ def test_noisy_teacher_samples_bradley_terry_labels_with_rationality_beta():
     n, beta = 20_000, 0.5
     gaps = torch.tensor([1.0, -2.0, 4.0, 0.0])
     r1 = rewards_with_returns(*gaps.repeat_interleave(n).tolist())
-    labels, _ = BPrefTeacher(beta=beta).label(r1, torch.zeros_like(r1), torch.Generator().manual_seed(0))
+    labels, _ = BPrefTeacher(beta=beta).label_rewards(r1, torch.zeros_like(r1), torch.Generator().manual_seed(0))
     by_gap = labels.view(len(gaps), n)
     assert set(by_gap[:3].unique().tolist()) == {0.0, 1.0}
     assert (by_gap[:3].mean(1) - torch.sigmoid(beta * gaps[:3])).abs().max() < 0.015
@@ -56,11 +56,11 @@ def test_mistakes_flip_labels_at_the_given_rate_and_leave_ties():
     n = 20_000
     r1 = rewards_with_returns(*([1.0] * n + [0.0] * 100))
     r2 = torch.zeros_like(r1)
-    labels, _ = BPrefTeacher(eps_mistake=0.1).label(r1, r2, torch.Generator().manual_seed(0))
+    labels, _ = BPrefTeacher(eps_mistake=0.1).label_rewards(r1, r2, torch.Generator().manual_seed(0))
     assert abs((labels[:n] == 0.0).float().mean().item() - 0.1) < 0.01
     assert set(labels[:n].unique().tolist()) == {0.0, 1.0}
     assert (labels[n:] == 0.5).all()
-    always, _ = BPrefTeacher(eps_mistake=1.0).label(r1[:3], r2[:3])
+    always, _ = BPrefTeacher(eps_mistake=1.0).label_rewards(r1[:3], r2[:3])
     assert always.tolist() == [0.0, 0.0, 0.0]
 
 
@@ -70,22 +70,22 @@ def test_skip_drops_pairs_whose_returns_are_both_at_most_eps_times_the_mean_abs_
     r2 = rewards_with_returns(4.0, -3.0, 0.0, 0.0)
     teacher = BPrefTeacher(eps_skip=0.5)
     assert teacher.thresholds(r1.sum(1), r2.sum(1)) == (1.25, 0.0)
-    labels, keep = teacher.label(r1, r2)
+    labels, keep = teacher.label_rewards(r1, r2)
     assert keep.tolist() == [True, False, True, False]
     assert labels[keep].tolist() == [1.0, 1.0]
     assert labels[~keep].isnan().all()
     # All returns zero: the threshold is 0 and nothing is skipped (the pairs are ties).
-    labels, keep = teacher.label(torch.zeros(3, 4), torch.zeros(3, 4))
+    labels, keep = teacher.label_rewards(torch.zeros(3, 4), torch.zeros(3, 4))
     assert keep.all() and labels.tolist() == [0.5] * 3
 
 
 def test_equal_labels_half_when_the_gap_is_below_eps_times_the_mean_abs_return():
     # Mean |return| = (10 + 9 + 1 + 4) / 4 = 6; eps 0.2 -> threshold 1.2: gaps 1 (equal) and 3 (not).
     r1, r2 = rewards_with_returns(10.0, 4.0), rewards_with_returns(9.0, 1.0)
-    labels, _ = BPrefTeacher(eps_equal=0.2).label(r1, r2)
+    labels, _ = BPrefTeacher(eps_equal=0.2).label_rewards(r1, r2)
     assert labels.tolist() == [0.5, 1.0]
     # "Equal" is decided after the mistakes (B-Pref's order), so mistakes never touch those pairs.
-    labels, _ = BPrefTeacher(eps_equal=0.2, eps_mistake=1.0).label(r1, r2)
+    labels, _ = BPrefTeacher(eps_equal=0.2, eps_mistake=1.0).label_rewards(r1, r2)
     assert labels.tolist() == [0.5, 0.0]
 
 
@@ -96,12 +96,12 @@ def test_myopic_teacher_weighs_step_t_by_gamma_to_the_steps_after_it():
     # prefers fragment 2 although fragment 1's return is higher.
     r1 = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     r2 = torch.tensor([[0.0, 0.0, 0.0, 0.8]])
-    assert BPrefTeacher(gamma=0.9).label(r1, r2)[0].tolist() == [0.0]
-    assert BPrefTeacher(gamma=1.0).label(r1, r2)[0].tolist() == [1.0]
+    assert BPrefTeacher(gamma=0.9).label_rewards(r1, r2)[0].tolist() == [0.0]
+    assert BPrefTeacher(gamma=1.0).label_rewards(r1, r2)[0].tolist() == [1.0]
     # Equal myopic returns are a tie: 1 at the last step against 2 one step earlier, at gamma 0.5.
     r3 = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
     r4 = torch.tensor([[0.0, 0.0, 2.0, 0.0]])
-    assert BPrefTeacher(gamma=0.5).label(r3, r4)[0].tolist() == [0.5]
+    assert BPrefTeacher(gamma=0.5).label_rewards(r3, r4)[0].tolist() == [0.5]
 
 
 def test_presets_are_the_papers_teachers_and_the_oracle_matches_the_oracle_teacher():
@@ -115,7 +115,7 @@ def test_presets_are_the_papers_teachers_and_the_oracle_matches_the_oracle_teach
     }
     r1 = torch.randint(-2, 3, (500, 5)).float()
     r2 = torch.randint(-2, 3, (500, 5)).float()
-    labels, keep = BPREF_PRESETS["oracle"].label(r1, r2)
+    labels, keep = BPREF_PRESETS["oracle"].label_rewards(r1, r2)
     assert keep.all() and torch.equal(labels, oracle_labels(r1.sum(1), r2.sum(1)))
 
 
@@ -123,9 +123,9 @@ def test_teacher_randomness_follows_the_generator():
     r1 = torch.randn(200, 5)
     r2 = torch.randn(200, 5)
     teacher = BPrefTeacher(beta=1.0, eps_mistake=0.2)
-    first = teacher.label(r1, r2, torch.Generator().manual_seed(3))[0]
-    assert torch.equal(first, teacher.label(r1, r2, torch.Generator().manual_seed(3))[0])
-    assert not torch.equal(first, teacher.label(r1, r2, torch.Generator().manual_seed(4))[0])
+    first = teacher.label_rewards(r1, r2, torch.Generator().manual_seed(3))[0]
+    assert torch.equal(first, teacher.label_rewards(r1, r2, torch.Generator().manual_seed(3))[0])
+    assert not torch.equal(first, teacher.label_rewards(r1, r2, torch.Generator().manual_seed(4))[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_replay_teacher_answers_the_pairs_its_log_covers(tmp_path):
         ],
     )
     teacher = ReplayTeacher.from_log(str(log))
-    labels, covered = teacher.label([0, 1, 2, 3, 4, 5, 6])
+    labels, covered = teacher.answers_for([0, 1, 2, 3, 4, 5, 6])
     assert covered.tolist() == [True, True, True, True, False, True, False]
     assert labels[covered & ~labels.isnan()].tolist() == [1.0, 0.0, 0.5, 0.0]  # the undo is applied
     assert labels[3].isnan(), "can't tell"
@@ -248,9 +248,8 @@ def label_step(flags: list[str]) -> PreferenceLearner:
     learner.run.logger = Recorder()
     learner.pairs_queried = 0
     learner.label_generator = torch.Generator().manual_seed(0)
-    learner.bpref = args.bpref_teacher() if args.teacher == "bpref" else None
-    learner.replay_teacher = ReplayTeacher.from_log(args.labels) if args.teacher == "replay" else None
-    learner.human = None
+    learner.iteration = 1
+    learner.teacher = make_teacher(args)
     return learner
 
 

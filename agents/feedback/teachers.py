@@ -1,5 +1,12 @@
 """Teachers: label y = P(fragment 1 preferred) for queried fragment pairs.
 
+Every teacher is an object with one method the learner calls, like the reward loss:
+
+    label(queries, ids, context) -> Labelled(pairs to store with their labels, counts to log)
+
+`make_teacher(args)` builds the one a run asks for; the learner never switches on teacher names. A teacher with
+state of its own (a person's pending pairs) also overrides `open`, `state_dict`, `load_state_dict` and `close`.
+
 - oracle / bernoulli: synthetic, from the fragments' sums of clipped ground-truth rewards (the paper's text and the
   authors' code).
 - bpref: B-Pref's (Lee et al. 2021) model of an imperfect teacher: rationality, myopia, mistakes, skipped and
@@ -19,7 +26,8 @@ import math
 import pathlib
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -59,11 +67,67 @@ def label_pairs(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The seam
+
+
+@dataclass
+class LabelContext:
+    """What a teacher may use from the run while it labels one iteration's queries."""
+
+    generator: torch.Generator  # the run's label generator (checkpointed with it): Bernoulli draws, mistakes
+    warmup: bool = False  # iteration 0: nothing trains before these pairs are labelled
+    stopping: Callable[[], bool] = lambda: False  # a stop signal has arrived (a waiting teacher stops waiting)
+    check: Callable[[], None] = lambda: None  # raises to stop the run at this boundary
+    set_phase: Callable[[str], None] = field(default=lambda phase: None)  # the progress bar's phase text
+
+
+class Labelled(NamedTuple):
+    """A label step's outcome: the pairs to store, labels set (None: none yet), and counts logged as
+    reward/<name>_pairs."""
+
+    pairs: PairBatch | None
+    counts: dict[str, int]
+
+
+class Teacher:
+    """Labels the pairs the learner queries. `ids[i]` is the id of queries row i; `queries` is None only when a
+    checkpoint interrupted a label step, which a teacher with pending pairs continues."""
+
+    def open(self, directory: pathlib.Path | None, next_pair_id: int) -> tuple[int, PairBatch | None]:
+        """Called once before training: (the id the next queried pair gets, pairs answered since the checkpoint)."""
+        return next_pair_id, None
+
+    def label(self, queries: PairBatch | None, ids: list[int], context: LabelContext) -> Labelled:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, state: dict, device: torch.device | str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ReturnTeacher(Teacher):
+    """oracle (the paper's text) or bernoulli (the authors' code): labels from the fragments' clipped returns."""
+
+    def __init__(self, kind: str):
+        label_pairs(kind, torch.zeros(1), torch.zeros(1))  # refuses an unknown kind now
+        self.kind = kind
+
+    def label(self, queries: PairBatch | None, ids: list[int], context: LabelContext) -> Labelled:
+        queries.labels = label_pairs(self.kind, queries.returns1, queries.returns2, context.generator)
+        return Labelled(queries, {})
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # B-Pref's simulated teacher
 
 
 @dataclass(frozen=True)
-class BPrefTeacher:
+class BPrefTeacher(Teacher):
     """B-Pref's teacher (Lee et al. 2021, "B-Pref: Benchmarking Preference-Based Reinforcement Learning"), with its
     parameter names. For each pair, in B-Pref's order:
 
@@ -99,7 +163,12 @@ class BPrefTeacher:
         """gamma^(H-1-t) for t = 0..H-1: the latest step counts fully, earlier ones fade."""
         return self.gamma ** torch.arange(length - 1, -1, -1, dtype=torch.float64)
 
-    def label(
+    def label(self, queries: PairBatch | None, ids: list[int], context: LabelContext) -> Labelled:
+        """The seam: skipped pairs are neither labelled nor stored (reward/dropped_pairs counts them)."""
+        queries.labels, keep = self.label_rewards(queries.rewards1, queries.rewards2, context.generator)
+        return Labelled(queries.select(keep), {"dropped": int((~keep).sum())})
+
+    def label_rewards(
         self, rewards1: torch.Tensor, rewards2: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-step rewards (B, H) of both fragments -> (labels (B,) float32, NaN where skipped; keep (B,) bool).
@@ -164,7 +233,7 @@ def labelling_module(teacher: str):
     return labelling
 
 
-class ReplayTeacher:
+class ReplayTeacher(Teacher):
     """The answers of a label log: pair id -> 1.0, 0.0, 0.5, or None ("can't tell": the pair is dropped).
 
     The ids are those of the run that wrote the log, so the pairs match only in a run with the same flags and seed
@@ -193,7 +262,16 @@ class ReplayTeacher:
             raise UsageError(f"--labels {path}: the log holds no answers")
         return cls({pair_id: answer.label for pair_id, answer in answers.items()})
 
-    def label(self, pair_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def label(self, queries: PairBatch | None, ids: list[int], context: LabelContext) -> Labelled:
+        """The seam: the log's labels; pairs it does not answer (reward/unlabelled_pairs) or answered "can't tell"
+        (reward/dropped_pairs) are not stored."""
+        labels, covered = self.answers_for(ids)
+        queries.labels = labels.to(queries.labels.device)
+        answered = covered & ~labels.isnan()
+        counts = {"dropped": int((covered & labels.isnan()).sum()), "unlabelled": int((~covered).sum())}
+        return Labelled(queries.select(answered.to(queries.labels.device)), counts)
+
+    def answers_for(self, pair_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(labels (B,) float32, NaN where there is none; covered (B,) bool: the log answers the pair). Covered
         pairs with a NaN label were answered "can't tell"."""
         covered = torch.tensor([pair_id in self.answers for pair_id in pair_ids], dtype=torch.bool)
@@ -229,7 +307,7 @@ class _StopFlag:
         self.is_set = stopping
 
 
-class HumanTeacher:
+class HumanTeacher(Teacher):
     """A LabelServer on this machine plus the pairs waiting for its answers.
 
     `submit` queues pairs (by id) and keeps their data in `pending` until a person answers; `collect` hands back the
@@ -244,14 +322,47 @@ class HumanTeacher:
     (it plays new games): `start` returns the first pair id above them, where the run's ids continue.
     """
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1", max_pending: int = 3_000):
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", max_pending: int = 3_000, mode: str = "sync"):
         self.labelling = labelling_module("human")
-        self.port, self.host, self.max_pending = port, host, max_pending
+        self.port, self.host, self.max_pending, self.mode = port, host, max_pending, mode
         self.server = None
         self.log_path: pathlib.Path | None = None
         self.pending: dict[int, PairBatch] = {}  # id -> that pair (one row), oldest first
         self._taken: list = []  # answers already taken (from the log, or by a stopped collect), not handed back
         self.ignored = 0  # answers to pairs no longer pending
+
+    # -- the seam ----------------------------------------------------------------------------------------------------
+
+    def open(self, directory: pathlib.Path | None, next_pair_id: int) -> tuple[int, PairBatch | None]:
+        """Serve the labelling page, logging answers to <run dir>/labels.jsonl; a resumed run gets back the answers
+        its checkpoint's pending pairs received after the checkpoint, and queues the others again."""
+        if directory is None:
+            raise UsageError("--teacher human needs a run directory for its label log")
+        try:
+            next_pair_id = self.start(pathlib.Path(directory) / "labels.jsonl", next_pair_id)
+        except OSError as err:
+            raise UsageError(f"--label-port {self.port}: cannot serve the labelling page: {err}") from None
+        except ValueError as err:  # a corrupt log in the run directory
+            raise UsageError(f"--teacher human: {err}") from None
+        print(f"label preferences at {self.url} (answers saved to {self.log_path})", flush=True)
+        answered, _ = self.collect(wait=False)
+        return next_pair_id, cat_pairs(answered) if answered else None
+
+    def label(self, queries: PairBatch | None, ids: list[int], context: LabelContext) -> Labelled:
+        """Queue `queries` on the page and hand back the pairs answered so far, these or earlier ones; --label-mode
+        sync (and the warm-up, whose pairs everything waits for) first waits until none is pending."""
+        if queries is not None:
+            self.submit(ids, queries)
+        wait = self.mode == "sync" or context.warmup
+        if wait and self.pending:
+            context.set_phase(f"label: {len(self.pending)} pairs at {self.url}")
+        answered, dropped = self.collect(wait, context.stopping, context.check)
+        return Labelled(cat_pairs(answered) if answered else None, {"dropped": dropped, "pending": len(self.pending)})
+
+    def close(self) -> None:
+        self.stop()
+
+    # -- the page ----------------------------------------------------------------------------------------------------
 
     @property
     def started(self) -> bool:
@@ -347,3 +458,14 @@ class HumanTeacher:
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
+
+
+def make_teacher(args: Any) -> Teacher:
+    """The teacher a run's flags (agents.pipeline.learner.PreferenceArgs) ask for."""
+    if args.teacher == "bpref":
+        return args.bpref_teacher()
+    if args.teacher == "replay":
+        return ReplayTeacher.from_log(args.labels)
+    if args.teacher == "human":
+        return HumanTeacher(args.label_port, max_pending=args.pair_buffer, mode=args.label_mode)
+    return ReturnTeacher(args.teacher)

@@ -26,27 +26,29 @@ from agents.feedback.teachers import (
     LABEL_MODES,
     TEACHERS,
     BPrefTeacher,
-    HumanTeacher,
+    LabelContext,
     ReplayTeacher,
-    cat_pairs,
-    label_pairs,
+    make_teacher,
 )
 from agents.infra.cli import UsageError, flag, flag_name, require, require_non_negative, require_positive
+from agents.infra.memory import format_bytes, require_memory
 from agents.infra.run import Run, launch
 from agents.pipeline.ensemble import (
     QUERY_SELECTIONS,
     RewardEnsemble,
-    epoch_order,
     most_uncertain,
-    preference_probabilities,
-    query_uncertainty,
 )
-from agents.pipeline.losses import BradleyTerryLoss, LossInputs, RewardLoss, bradley_terry_bce, fragment_returns
-from agents.pipeline.pairs import PairBatch, PairBuffer, pair_observations, pairs_schedule, split_pairs
-from agents.pipeline.replay import FrameReplayBuffer, format_bytes, require_memory
+from agents.pipeline.losses import RewardLoss
+from agents.pipeline.pairs import PairBatch, PairBuffer, pairs_schedule
+from agents.pipeline.replay import FrameReplayBuffer
 from agents.pipeline.reward_model import RewardCNN
-
-PolicyProbs = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, *obs_shape) -> (N, A) action probabilities
+from agents.pipeline.reward_training import (
+    ensemble_uncertainty,
+    mean_stats,
+    preference_accuracy,
+    reward_epoch,
+    reward_function,
+)
 
 
 def enable_huge_pages() -> None:
@@ -295,256 +297,6 @@ class PreferenceArgs(sac.Args):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reward-model updates
-
-
-def probs_in_chunks(policy_probs: PolicyProbs, obs: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Policy probabilities for (N, *obs_shape) observations, `chunk` at a time so activations stay small."""
-    with torch.no_grad():
-        return torch.cat([policy_probs(part) for part in obs.split(chunk)])
-
-
-def reward_update(
-    reward_net: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    pairs: PairBatch,
-    loss_fn: RewardLoss,
-    alpha: float = 1.0,
-    global_step: int = 0,
-    policy_probs: PolicyProbs | None = None,
-    weight: float = 1.0,
-    policy_chunk: int = 1600,
-    diagnose: bool = False,
-    policy_share: float = 1.0,
-) -> dict[str, torch.Tensor]:
-    """One optimizer step on `pairs` with `loss_fn`, its loss scaled by `weight`; `policy_share` is
-    LossInputs.policy_share (1/K for an ensemble member).
-
-    Returns detached tensors (no host round trip): the loss, the mean cross-entropy, hyper_term (the loss minus
-    the cross-entropy: what the algorithm adds to DRLHF's fit), the loss's own metrics, the train-mode agreement
-    with the noise-free oracle (`correct` / `counted`) and with the teacher's labels (`teacher_correct` /
-    `teacher_counted`, the accuracy the authors' code logged). With `diagnose`, also `extra_grad_ratio`: the norm
-    of hyper_term's gradient over the cross-entropy's (two extra backward passes).
-    """
-    batch, length = pairs.actions1.shape
-    obs = pair_observations(pairs.frames1, pairs.frames2, length)
-    pi1 = pi2 = None
-    if loss_fn.needs_policy(global_step):
-        if policy_probs is None:
-            raise ValueError("this loss needs the current policy: pass policy_probs")
-        # Before the reward forward pass: the policy's activations are freed before the reward model's, which
-        # autograd keeps until backward, are allocated, so the two never add up in peak memory.
-        pi1, pi2 = split_pairs(probs_in_chunks(policy_probs, obs, policy_chunk).float(), batch, length)
-    r1, r2 = split_pairs(reward_net(obs), batch, length)
-    del obs
-    return1, return2 = fragment_returns(r1, pairs.actions1), fragment_returns(r2, pairs.actions2)
-    bce = bradley_terry_bce(return1, return2, pairs.labels)
-    loss, metrics = loss_fn(LossInputs(pairs, r1, r2, bce, alpha, global_step, pi1, pi2, reward_net, policy_share))
-    if diagnose:
-        metrics["extra_grad_ratio"] = gradient_norm_ratio(loss - bce.mean(), bce.mean(), reward_net)
-    optimizer.zero_grad(set_to_none=True)
-    (loss * weight).backward()
-    optimizer.step()
-    with torch.no_grad():
-        correct, counted = oracle_agreement(return1, return2, pairs.returns1, pairs.returns2)
-        teacher_correct, teacher_counted = label_agreement(return1, return2, pairs.labels)
-        bce_mean = bce.mean()
-        out = {"loss": loss.detach(), "bce": bce_mean, "hyper_term": loss.detach() - bce_mean}
-    out.update({key: torch.as_tensor(value).detach() for key, value in metrics.items()})
-    return {
-        **out,
-        "correct": correct,
-        "counted": counted,
-        "teacher_correct": teacher_correct,
-        "teacher_counted": teacher_counted,
-    }
-
-
-def gradient_norm_ratio(extra: torch.Tensor, bce: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    """||grad extra|| / ||grad bce|| over the model's parameters (0 when the extra term has no gradient)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not extra.requires_grad:
-        return torch.zeros((), device=bce.device)
-    norm = lambda loss: torch.linalg.vector_norm(
-        torch.cat(
-            [
-                (g if g is not None else torch.zeros_like(p)).flatten()
-                for g, p in zip(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), params)
-            ]
-        )
-    )
-    return norm(extra) / norm(bce).clamp_min(1e-12)
-
-
-def reward_epoch(
-    reward_net: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    buffer: PairBuffer,
-    batch_size: int,
-    loss_fn: RewardLoss | None = None,
-    alpha: float = 1.0,
-    global_step: int = 0,
-    policy_probs: PolicyProbs | None = None,
-    generator: torch.Generator | None = None,
-    policy_chunk: int = 1600,
-    between_steps: Callable[[], None] = lambda: None,
-    diagnose: bool = False,
-    bootstrap: bool = False,
-    policy_share: float = 1.0,
-) -> dict[str, float]:
-    """One pass over the pair buffer in shuffled minibatches of `batch_size`, the net in training mode throughout
-    (with `bootstrap`, over len(buffer) pairs drawn from it with replacement: an ensemble member's resample).
-
-    As in imitation's trainer (which the reference uses), the last, partial minibatch still takes a step, with its
-    loss scaled by len / batch_size. The net is left in evaluation mode, ready to produce rewards for SAC.
-    `between_steps` runs before every minibatch (the run's stop check). Returns pair-weighted means of loss, bce,
-    hyper_term and the loss's metrics, the train-mode accuracy against the oracle (`accuracy`) and against the
-    teacher's labels (`teacher_accuracy`), the number of steps, and with `diagnose` the first minibatch's
-    `extra_grad_ratio`.
-    """
-    loss_fn = loss_fn or BradleyTerryLoss()
-    if loss_fn.needs_policy(global_step) and policy_probs is None:
-        raise ValueError("this loss needs the current policy: pass policy_probs")
-    reward_net.train()
-    order = epoch_order(len(buffer), bootstrap, generator)
-    minibatches = order.split(batch_size) if len(order) else ()  # every pair dropped so far: nothing to fit
-    rows = buffer.oldest_first()
-    totals: dict[str, torch.Tensor] = {}
-    sums = ("correct", "counted", "teacher_correct", "teacher_counted")
-    first_step_only = ("extra_grad_ratio",)
-    try:
-        for index, part in enumerate(minibatches):
-            between_steps()
-            step = reward_update(
-                reward_net,
-                optimizer,
-                buffer.get(rows[part]),
-                loss_fn,
-                alpha,
-                global_step,
-                policy_probs,
-                len(part) / batch_size,
-                policy_chunk,
-                diagnose=diagnose and index == 0,
-                policy_share=policy_share,
-            )
-            for key, value in step.items():
-                scaled = value if key in sums else value * len(part)
-                totals[key] = totals[key] + scaled if key in totals else scaled
-    finally:
-        reward_net.eval()
-    n = max(len(buffer), 1)
-    out = {key: float(value) / (1 if key in first_step_only else n) for key, value in totals.items() if key not in sums}
-    for name, (correct, counted) in {
-        "accuracy": ("correct", "counted"),
-        "teacher_accuracy": ("teacher_correct", "teacher_counted"),
-    }.items():
-        total = float(totals.get(counted, 0))
-        out[name] = float(totals[correct]) / total if total else math.nan
-    out["steps"] = len(minibatches)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def oracle_agreement(
-    predicted1: torch.Tensor, predicted2: torch.Tensor, returns1: torch.Tensor, returns2: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(score, pairs counted) as tensors: pairs whose ground-truth returns tie are left out (the noise-free oracle
-    has no preference); the others score 1 when the predicted order matches, 0.5 on a predicted tie and 0
-    otherwise."""
-    truth = torch.sign(returns1 - returns2)
-    guess = torch.sign(predicted1 - predicted2)
-    counted = truth != 0
-    score = torch.where(guess == 0, 0.5, (guess == truth).float())
-    return (score * counted).sum(), counted.sum()
-
-
-def label_agreement(
-    predicted1: torch.Tensor, predicted2: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(score, pairs counted) against the teacher's labels, as the authors' code measured accuracy: pairs labelled
-    0.5 are left out, the others score 1 when the predicted order matches the label's side."""
-    return oracle_agreement(predicted1, predicted2, labels, torch.full_like(labels, 0.5))
-
-
-@torch.no_grad()
-def predicted_returns(
-    reward_net: torch.nn.Module,
-    frames1: torch.Tensor,
-    actions1: torch.Tensor,
-    frames2: torch.Tensor,
-    actions2: torch.Tensor,
-    chunk_pairs: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reward model's returns (N,) of both fragments of N pairs, in eval mode, `chunk_pairs` pairs per forward
-    pass. The net's mode is restored afterwards."""
-    was_training = reward_net.training
-    reward_net.eval()
-    length = actions1.shape[1]
-    parts1, parts2 = [], []
-    try:
-        for start in range(0, frames1.shape[0], chunk_pairs):
-            part = slice(start, start + chunk_pairs)
-            pairs = len(frames1[part])
-            r1, r2 = split_pairs(reward_net(pair_observations(frames1[part], frames2[part], length)), pairs, length)
-            parts1.append(fragment_returns(r1, actions1[part]))
-            parts2.append(fragment_returns(r2, actions2[part]))
-    finally:
-        reward_net.train(was_training)
-    empty = frames1.new_zeros(0, dtype=torch.float32)
-    return (torch.cat(parts1), torch.cat(parts2)) if parts1 else (empty, empty)
-
-
-def preference_accuracy(
-    reward_net: torch.nn.Module,
-    frames1: torch.Tensor,
-    actions1: torch.Tensor,
-    frames2: torch.Tensor,
-    actions2: torch.Tensor,
-    returns1: torch.Tensor,
-    returns2: torch.Tensor,
-    chunk_pairs: int = 64,
-) -> float:
-    """How often the reward model orders a pair of fragments as the noise-free oracle does (see `oracle_agreement`),
-    evaluated in eval mode; nan when every pair is a ground-truth tie."""
-    predicted1, predicted2 = predicted_returns(reward_net, frames1, actions1, frames2, actions2, chunk_pairs)
-    score, counted = oracle_agreement(predicted1, predicted2, returns1, returns2)
-    return float(score) / int(counted) if int(counted) else math.nan
-
-
-def ensemble_uncertainty(members: Sequence[torch.nn.Module], pairs: PairBatch, mode: str) -> torch.Tensor:
-    """Per-pair uncertainty (`agents.pipeline.ensemble.query_uncertainty`) of the members' preference probabilities."""
-    returns = [predicted_returns(net, pairs.frames1, pairs.actions1, pairs.frames2, pairs.actions2) for net in members]
-    return query_uncertainty(
-        preference_probabilities(torch.stack([r[0] for r in returns]), torch.stack([r[1] for r in returns])), mode
-    )
-
-
-def mean_stats(stats: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Key-wise means of the ensemble members' epoch statistics (a key only some members report: their mean)."""
-    keys = dict.fromkeys(key for member in stats for key in member)
-    return {key: sum(m[key] for m in stats if key in m) / sum(key in m for m in stats) for key in keys}
-
-
-def reward_function(
-    reward_net: torch.nn.Module, train_mode: bool = False
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """r_phi(s, a) for the policy learner: (B, *obs_shape) uint8 and (B,) actions -> (B,), in evaluation mode (or in
-    training mode, as the authors' code did, with `train_mode`)."""
-
-    def rewards(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        if reward_net.training != train_mode:
-            reward_net.train(train_mode)
-        with torch.no_grad():
-            return reward_net(obs).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-
-    return rewards
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The outer loop
 
 
@@ -599,8 +351,7 @@ class PreferenceLearner:
         self.pairs = PairBuffer(args.pair_buffer, args.fragment_length, replay.frame_shape, replay.stack, self.device)
         self.schedule = pairs_schedule(args.initial_pairs, args.total_pairs, args.schedule_iterations)
         self.iteration = 0  # the outer iteration in progress
-        # The next step of that iteration: query, label (--teacher human: the queried pairs wait for answers),
-        # reward or agent.
+        # The next step of that iteration, one of STAGES (a checkpoint resumes there).
         self.stage = "query"
         self.epochs_done = 0  # reward epochs of this iteration already taken (the warm-up resumes from here)
         self.agent_phase_end = 0  # global step where the agent phase ends
@@ -615,21 +366,35 @@ class PreferenceLearner:
                 net.batchnorm_group = args.fragment_length
         # Set from the start so that no SAC update ever sees the true reward.
         trainer.set_reward(reward_function(self.reward_net, args.reward_train_mode_in_sac))
-        # Teachers. Each queried pair's id is the number of pairs queried before it (label logs are keyed by it).
+        # Each queried pair's id is the number of pairs queried before it (label logs are keyed by it).
         self.pairs_queried = 0
-        self.bpref = args.bpref_teacher() if args.teacher == "bpref" else None
-        self.replay_teacher = ReplayTeacher.from_log(args.labels) if args.teacher == "replay" else None
-        self.human = HumanTeacher(args.label_port, max_pending=args.pair_buffer) if args.teacher == "human" else None
+        self.queries: PairBatch | None = None  # the pairs queried this iteration, until the teacher has them
+        self.teacher = make_teacher(args)
 
     @property
     def global_step(self) -> int:
         return self.trainer.global_step
 
+    STAGES = ("query", "label", "reward", "agent")  # one outer iteration, in the order of the paper's Algorithm 3
+
     def train(self) -> None:
+        """The outer loop: each iteration queries, labels, trains the reward and then the agent, from whichever
+        stage a checkpoint stopped in."""
         total = self.args.total_timesteps
-        if self.human is not None:
-            self.start_label_server()
+        self.open_teacher()
         while True:
+            if self.stage == "query":
+                self.queries = self.query(self.new_pairs())
+                self.stage = "label"
+            if self.stage == "label":
+                labelled = self.label(self.queries)  # a resumed label step (a person's pending pairs) gets None
+                self.pairs.add(labelled)
+                self.queries = None
+                self.stage, self.epochs_done = "reward", 0
+            if self.stage == "reward":
+                self.train_reward()
+                self.agent_phase_end = min(self.global_step + self.args.inner_steps, total)
+                self.stage = "agent"
             if self.stage == "agent":
                 self.train_agent()
                 if self.global_step >= total:
@@ -637,12 +402,6 @@ class PreferenceLearner:
                 self.log_fresh_accuracy()
                 self.iteration += 1
                 self.stage = "query"
-            if self.stage in ("query", "label"):
-                self.pairs.add(self.label(self.query(self.new_pairs()) if self.stage == "query" else None))
-                self.stage, self.epochs_done = "reward", 0
-            self.train_reward()
-            self.agent_phase_end = min(self.global_step + self.args.inner_steps, total)
-            self.stage = "agent"
 
     def new_pairs(self) -> int:
         return self.schedule[self.iteration] if self.iteration < len(self.schedule) else 0
@@ -706,61 +465,30 @@ class PreferenceLearner:
     # -- 2. label ----------------------------------------------------------------------------------------------------
 
     def label(self, queries: PairBatch | None) -> PairBatch:
-        """The teacher's labels for `queries` (None: continue the human label step a checkpoint interrupted): the
-        pairs to store, labels set. bpref may skip pairs; replay drops the pairs its log does not answer; human
-        returns the pairs answered so far, these or earlier ones (--label-mode). A pair answered "can't tell" is
-        dropped. Every queried pair takes an id, skipped or not."""
-        a = self.args
+        """The teacher's labels for `queries` (None: continue a label step a checkpoint interrupted): the pairs to
+        store, labels set. Every queried pair takes an id, whether the teacher keeps it or not."""
         ids = []
         if queries is not None:
             ids = list(range(self.pairs_queried, self.pairs_queried + len(queries)))
             self.pairs_queried += len(queries)
-        if a.teacher in ("oracle", "bernoulli"):
-            queries.labels = label_pairs(a.teacher, queries.returns1, queries.returns2, self.label_generator)
-            return queries
-        if a.teacher == "bpref":
-            queries.labels, keep = self.bpref.label(queries.rewards1, queries.rewards2, self.label_generator)
-            self.log_label_step(dropped=int((~keep).sum()))
-            return queries.select(keep)
-        if a.teacher == "replay":
-            labels, covered = self.replay_teacher.label(ids)
-            queries.labels = labels.to(queries.labels.device)
-            answered = covered & ~labels.isnan()
-            self.log_label_step(dropped=int((covered & labels.isnan()).sum()), unlabelled=int((~covered).sum()))
-            return queries.select(answered.to(queries.labels.device))
-        return self.label_by_human(queries, ids)
+        signals = self.run.signals
+        context = LabelContext(
+            self.label_generator,
+            self.iteration == 0,
+            lambda: signals.signum is not None,
+            signals.check,
+            self.run.progress.set_phase,
+        )
+        labelled, counts = self.teacher.label(queries, ids, context)
+        if counts:
+            self.log_label_step(**counts)
+        return labelled if labelled is not None else self.pairs.get(torch.zeros(0, dtype=torch.long))
 
-    def label_by_human(self, queries: PairBatch | None, ids: list[int]) -> PairBatch:
-        human, signals = self.start_label_server(), self.run.signals
-        if queries is not None:
-            human.submit(ids, queries)
-            self.stage = "label"  # a checkpoint taken while waiting keeps the pairs (pending) and waits again
-        wait = self.args.label_mode == "sync" or self.iteration == 0  # the warm-up needs its labels
-        if wait and human.pending:
-            self.run.progress.set_phase(f"label: {len(human.pending)} pairs at {human.url}")
-        answered, dropped = human.collect(wait, lambda: signals.signum is not None, signals.check)
-        self.log_label_step(dropped=dropped, pending=len(human.pending))
-        return cat_pairs(answered) if answered else self.pairs.get(torch.zeros(0, dtype=torch.long))
-
-    def start_label_server(self) -> HumanTeacher:
-        """Serve the labelling page (once), logging answers to <run dir>/labels.jsonl; a resumed run stores the answers
-        its checkpoint's pending pairs received after the checkpoint, and queues the others again."""
-        human = self.human
-        if human.started:
-            return human
-        if self.run.directory is None:
-            raise UsageError("--teacher human needs a run directory for its label log")
-        try:
-            self.pairs_queried = human.start(self.run.directory / "labels.jsonl", self.pairs_queried)
-        except OSError as err:
-            raise UsageError(f"--label-port {self.args.label_port}: cannot serve the labelling page: {err}") from None
-        except ValueError as err:  # a corrupt log in the run directory
-            raise UsageError(f"--teacher human: {err}") from None
-        print(f"label preferences at {human.url} (answers saved to {human.log_path})", flush=True)
-        answered, _ = human.collect(wait=False)
-        if answered:
-            self.pairs.add(cat_pairs(answered))
-        return human
+    def open_teacher(self) -> None:
+        """Start the teacher (a person's labelling page); pairs answered while the run was stopped are stored."""
+        self.pairs_queried, answered = self.teacher.open(self.run.directory, self.pairs_queried)
+        if answered is not None:
+            self.pairs.add(answered)
 
     def log_label_step(self, **counts: int) -> None:
         """reward/dropped_pairs (skipped or "can't tell"), reward/unlabelled_pairs (not in the replayed log),
@@ -869,7 +597,7 @@ class PreferenceLearner:
             "reward_optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
             "pairs": self.pairs.state_dict(),
             "pairs_queried": self.pairs_queried,
-            "pending_pairs": None if self.human is None else self.human.state_dict(),
+            "pending_pairs": self.teacher.state_dict(),
             **{name: getattr(self, name).get_state() for name in self._GENERATORS},
         }
 
@@ -884,15 +612,14 @@ class PreferenceLearner:
             optimizer.load_state_dict(saved)
         self.pairs.load_state_dict(state["pairs"])
         self.pairs_queried = int(state.get("pairs_queried", 0))
-        if self.human is not None and state.get("pending_pairs") is not None:
-            self.human.load_state_dict(state["pending_pairs"], self.device)
+        if state.get("pending_pairs") is not None:
+            self.teacher.load_state_dict(state["pending_pairs"], self.device)
         for name in self._GENERATORS:
             getattr(self, name).set_state(state[name].cpu())
 
     def close(self) -> None:
         try:
-            if self.human is not None:
-                self.human.stop()
+            self.teacher.close()
         finally:
             self.trainer.close()
 
