@@ -50,6 +50,11 @@ class Args:
         False, "record a video of a greedy game under videos/{run_name} at each evaluation and at the end"
     )
     runs_dir: str = flag("runs", "directory for TensorBoard runs")
+    run_name: str = flag(
+        "",
+        "the run's folder under --runs-dir (empty: {env_id}__{exp_name}__{seed}__{unix time}); a folder that "
+        "already holds files is refused (continue a stopped run with --resume)",
+    )
     progress: bool = flag(True, "show a progress bar")
     save_every: int = flag(
         100_000,
@@ -107,6 +112,7 @@ class Args:
             "wandb_entity",
             "capture_video",
             "runs_dir",
+            "run_name",
         }
     )
 
@@ -131,6 +137,10 @@ class Args:
             "eval_episodes",
         )
         require_non_negative(self, "learning_starts", "save_every", "eval_every", "anneal_steps")
+        require(
+            "/" not in self.run_name and self.run_name not in (".", ".."),
+            f"--run-name {self.run_name!r} must be one folder name (no '/')",
+        )
         if self.capture_video:
             require(
                 importlib.util.find_spec("moviepy") is not None,
@@ -620,8 +630,34 @@ class SACTrainer:
         self.envs.close()
 
 
+@dataclass
+class TrueRewardArgs(Args):
+    """SAC-discrete as an algorithm of its own (not the lower level of a preference method)."""
+
+    frozen_reward: str = flag(
+        "",
+        "learn from the final reward model of this preference run (its folder or checkpoint) instead of the game "
+        "reward: the frozen-reward check, where a return far below the run's own points at reward hacking",
+    )
+
+
+def build_trainer(args: TrueRewardArgs, device: torch.device, run: Run) -> SACTrainer:
+    from agents.pipeline.reward_model import load_frozen_reward
+    from agents.pipeline.reward_training import reward_function
+
+    trainer = SACTrainer(args, device, run)
+    if args.frozen_reward:
+        try:
+            net = load_frozen_reward(args.frozen_reward, args.env_id, trainer.obs_shape, trainer.num_actions, device)
+        except BaseException:
+            trainer.close()
+            raise
+        trainer.set_reward(reward_function(net))
+    return trainer
+
+
 def main(argv: Sequence[str] | None = None) -> SACTrainer:
-    return launch(ALGO, Args, argv, __doc__, SACTrainer)
+    return launch(ALGO, TrueRewardArgs, argv, __doc__, build_trainer)
 
 
 if __name__ == "__main__":

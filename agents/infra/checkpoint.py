@@ -132,56 +132,54 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path, flag: str = "--resume") -> Path:
     """A checkpoint file, or a run directory holding one."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
-        raise UsageError(f"--resume {path}: no checkpoint file there")
+        raise UsageError(f"{flag} {path}: no checkpoint file there")
     return path
 
 
-def _read_header(f, path: Path) -> dict[str, Any]:
+def _read_header(f, path: Path, flag: str = "--resume") -> dict[str, Any]:
     raw = f.read(HEADER_BYTES)
     try:
         header = json.loads(raw.split(b"\n", 1)[0].decode())
     except (UnicodeDecodeError, json.JSONDecodeError):
         header = None
     if not isinstance(header, dict) or header.get("magic") != MAGIC:
-        raise UsageError(f"--resume {path}: not a sobirl checkpoint")
+        raise UsageError(f"{flag} {path}: not a sobirl checkpoint")
     if header.get("format_version") != FORMAT_VERSION:
-        raise UsageError(
-            f"--resume {path}: checkpoint format {header.get('format_version')}, expected {FORMAT_VERSION}"
-        )
+        raise UsageError(f"{flag} {path}: checkpoint format {header.get('format_version')}, expected {FORMAT_VERSION}")
     return header
 
 
-def load_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+def load_checkpoint_metadata(path: str | Path, flag: str = "--resume") -> dict[str, Any]:
     """The header only (algo, args, global step): cheap, whatever the size of the checkpoint."""
-    path = resolve_checkpoint(path)
+    path = resolve_checkpoint(path, flag)
     with open(path, "rb") as f:
-        return _read_header(f, path)
+        return _read_header(f, path, flag)
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", flag: str = "--resume") -> dict[str, Any]:
     """Load a checkpoint written by `save_atomic`; a truncated, corrupted or foreign file is a UsageError naming it."""
-    path = resolve_checkpoint(path)
+    path = resolve_checkpoint(path, flag)
     with open(path, "rb") as f:
-        header = _read_header(f, path)
+        header = _read_header(f, path, flag)
         size = os.fstat(f.fileno()).st_size - HEADER_BYTES
         if size != header["payload_bytes"]:
-            raise UsageError(f"--resume {path}: truncated checkpoint ({size} of {header['payload_bytes']} bytes)")
+            raise UsageError(f"{flag} {path}: truncated checkpoint ({size} of {header['payload_bytes']} bytes)")
         sha = hashlib.sha256()
         while chunk := f.read(1 << 24):
             sha.update(chunk)
         if sha.hexdigest() != header["sha256"]:
-            raise UsageError(f"--resume {path}: corrupted checkpoint (checksum mismatch)")
+            raise UsageError(f"{flag} {path}: corrupted checkpoint (checksum mismatch)")
         try:
             # weights_only=False: the file holds numpy RNG states and the run's flags; only load files you wrote.
             state = torch.load(_PayloadReader(f, HEADER_BYTES), map_location=device, weights_only=False)
         except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged archive
-            raise UsageError(f"--resume {path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+            raise UsageError(f"{flag} {path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
     return state
 
 

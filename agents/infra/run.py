@@ -310,7 +310,7 @@ def parse_or_resume(
 
 def run_directory(args: Any, state: dict | None) -> Path:
     if state is None:
-        return Path(args.runs_dir) / make_run_name(args.env_id, args.exp_name, args.seed)
+        return Path(args.runs_dir) / (args.run_name or make_run_name(args.env_id, args.exp_name, args.seed))
     resume = Path(args.resume)
     return resume if resume.is_dir() else resume.parent
 
@@ -358,6 +358,11 @@ def launch(
     directory = run_directory(args, state)
     directory_flag = "--runs-dir" if state is None else "--resume"
     check_writable(directory, directory_flag)
+    if state is None and directory.is_dir() and any(directory.iterdir()):
+        raise UsageError(
+            f"--run-name {args.run_name}: {directory} already holds files; continue a stopped run with --resume "
+            f"{directory}"
+        )
     device = prepare(args)
     run = Run(args, algo, Logger(), Progress(args.total_timesteps, args.progress, args.learning_starts), StopSignals())
     algorithm = build(args, device, run)  # raises UsageError for bad settings before the run directory exists

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from agents import sac_discrete as sac
@@ -44,10 +45,15 @@ from agents.pipeline.replay import FrameReplayBuffer
 from agents.pipeline.reward_model import RewardCNN
 from agents.pipeline.reward_training import (
     ensemble_uncertainty,
+    learned_returns_of_steps,
     mean_stats,
+    oracle_agreement,
+    pearson,
+    predicted_returns,
     preference_accuracy,
     reward_epoch,
     reward_function,
+    spearman,
 )
 
 
@@ -127,6 +133,11 @@ class PreferenceArgs(sac.Args):
         choices=QUERY_SELECTIONS,
     )
     candidate_factor: int = flag(10, "--query-selection disagreement|entropy: candidate pairs drawn per pair queried")
+    scored_games: int = flag(
+        64,
+        "newest whole games of each agent phase whose learned and true returns are correlated "
+        "(reward/game_pearson, reward/game_spearman; 0: off); reads the replay, never changes the run",
+    )
     fresh_pairs: int = flag(
         64,
         "fragment pairs of the latest policy scored for reward/accuracy_fresh (0: off); "
@@ -153,6 +164,7 @@ class PreferenceArgs(sac.Args):
     RESUMABLE: ClassVar[frozenset[str]] = sac.Args.RESUMABLE | {
         "warmup_save_every",
         "fresh_pairs",
+        "scored_games",
         "accuracy_pairs",
         "policy_chunk",
         "label_port",
@@ -199,6 +211,7 @@ class PreferenceArgs(sac.Args):
             self,
             "warmup_epochs",
             "warmup_save_every",
+            "scored_games",
             "schedule_iterations",
             "fresh_pairs",
             "accuracy_pairs",
@@ -397,9 +410,9 @@ class PreferenceLearner:
                 self.stage = "agent"
             if self.stage == "agent":
                 self.train_agent()
+                self.log_fresh_accuracy()
                 if self.global_step >= total:
                     return
-                self.log_fresh_accuracy()
                 self.iteration += 1
                 self.stage = "query"
 
@@ -566,21 +579,45 @@ class PreferenceLearner:
             log("reward/offpolicy_share", float((collected < latest_phase).float().mean()), step)
             log("reward/random_policy_share", float((collected < self.args.learning_starts).float().mean()), step)
         log("reward/num_pairs", len(self.pairs), step)
+        log("reward/pairs_queried", self.pairs_queried, step)
         log("reward/new_pairs", self.new_pairs(), step)
         log("reward/iteration", self.iteration + 1, step)
 
     def log_fresh_accuracy(self) -> None:
-        """Accuracy of the reward model the policy has just trained on, on the policy's own latest fragments."""
-        if self.args.fresh_pairs <= 0:
-            return
-        p = self.sample_pairs(self.args.fresh_pairs, self.args.inner_steps, self.fresh_generator)
-        accuracy = preference_accuracy(
-            self.reward_net, p.frames1, p.actions1, p.frames2, p.actions2, p.returns1, p.returns2
+        """How the reward model the policy has just trained on scores the policy's own latest play: its accuracy and
+        the correlation of learned with true returns on fresh fragment pairs, and the same correlations over the
+        whole games of the latest agent phase. Draws only from its own generator, so the run is unchanged."""
+        step, log = self.global_step, self.run.logger.scalar
+        if self.args.fresh_pairs > 0:
+            p = self.sample_pairs(self.args.fresh_pairs, self.args.inner_steps, self.fresh_generator)
+            predicted1, predicted2 = predicted_returns(self.reward_net, p.frames1, p.actions1, p.frames2, p.actions2)
+            score, counted = oracle_agreement(predicted1, predicted2, p.returns1, p.returns2)
+            log("reward/accuracy_fresh", float(score) / int(counted) if int(counted) else math.nan, step)
+            learned = torch.cat([predicted1, predicted2]).cpu().numpy()
+            true = torch.cat([p.returns1, p.returns2]).cpu().numpy()
+            log("reward/fresh_pearson", pearson(learned, true), step)
+            log("reward/fresh_spearman", spearman(learned, true), step)
+            if len(self.members) > 1:
+                disagreement = ensemble_uncertainty(self.members, p, "disagreement")
+                log("reward/ensemble_disagreement", float(disagreement.mean()), step)
+        if self.args.scored_games > 0:
+            learned, true = self.whole_game_returns(self.args.scored_games)
+            log("reward/games_scored", len(true), step)
+            log("reward/game_pearson", pearson(learned, true), step)
+            log("reward/game_spearman", spearman(learned, true), step)
+
+    def whole_game_returns(self, max_games: int) -> tuple[np.ndarray, np.ndarray]:
+        """(learned, true) returns of the newest whole games of the latest agent phase: the sums over each game of
+        r_phi(s_t, a_t) and of the clipped game reward the teacher sees."""
+        replay = self.trainer.buffer
+        steps_per_env = -(-self.phase_steps() // self.args.num_envs)
+        slot, env, lengths = replay.completed_games(steps_per_env, max_games)
+        learned = learned_returns_of_steps(
+            self.reward_net, lambda index: replay.stacks(slot[index], env[index]), replay.actions[slot, env], lengths
         )
-        self.run.logger.scalar("reward/accuracy_fresh", accuracy, self.global_step)
-        if len(self.members) > 1:
-            disagreement = ensemble_uncertainty(self.members, p, "disagreement")
-            self.run.logger.scalar("reward/ensemble_disagreement", float(disagreement.mean()), self.global_step)
+        group = torch.repeat_interleave(torch.arange(len(lengths), device=slot.device), lengths)
+        true = torch.zeros(len(lengths), device=slot.device).index_add_(0, group, replay.rewards[slot, env])
+        return learned.cpu().numpy(), true.cpu().numpy()
 
     # -- checkpoints ---------------------------------------------------------------------------------------------------
 

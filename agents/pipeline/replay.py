@@ -239,6 +239,35 @@ class FrameReplayBuffer:
             frames, self.actions[steps, env_rows], self.rewards[steps, env_rows], self.behaviour[steps, env_rows], age
         )
 
+    def completed_games(self, recent_steps: int, max_games: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The newest (at most `max_games`) whole games played within each env's latest `recent_steps` steps:
+        (slot (T,), env (T,)) of their transitions, game after game, and each game's length (G,). A game is the real
+        transitions from a first observation up to the autoreset step that ends it, so a game still running, or one
+        that began before the window, is left out."""
+        # Once the ring has wrapped, the oldest stack - 1 slots have lost the frames their stacks are built from.
+        usable = self.written if self.written < self.slots else self.slots - (self.stack - 1)
+        recent = min(recent_steps, usable)
+        window = (self.pos - recent + torch.arange(max(recent, 0), device=self.device)) % self.slots
+        games: list[tuple[int, np.ndarray, int]] = []  # (end position in the window, slots, env)
+        first, real = self.first[window].cpu().numpy(), self.real[window].cpu().numpy()
+        slots = window.cpu().numpy()
+        for env in range(self.num_envs):
+            start = None
+            for t in range(len(slots)):
+                if first[t, env]:
+                    start = t
+                if not real[t, env]:
+                    if start is not None and t > start:
+                        games.append((t, slots[start:t], env))
+                    start = None
+        games = sorted(games, key=lambda game: game[0])[-max_games:] if max_games > 0 else []
+        if not games:
+            empty = torch.zeros(0, dtype=torch.long, device=self.device)
+            return empty, empty, empty
+        slot = torch.as_tensor(np.concatenate([g[1] for g in games]), device=self.device)
+        env = torch.as_tensor(np.concatenate([np.full(len(g[1]), g[2]) for g in games]), device=self.device)
+        return slot, env, torch.tensor([len(g[1]) for g in games], device=self.device)
+
 
 def written_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     """tensor[:rows] on the CPU, as a tensor whose storage holds those rows alone, without copying them on CPU.

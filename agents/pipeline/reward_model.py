@@ -234,3 +234,31 @@ class RewardCNN(nn.Module):
             x = norm_act_dropout(x, norm, NEGATIVE_SLOPE, self.dropout, self.training)
         x = F.leaky_relu(self.fc(x.flatten(1)), NEGATIVE_SLOPE)
         return self.head(x)
+
+
+def load_frozen_reward(
+    path: str, env_id: str, obs_shape: tuple[int, ...], num_actions: int, device: torch.device | str
+) -> nn.Module:
+    """The final reward model of a finished (or stopped) preference run, in evaluation mode: a RewardCNN, or the
+    mean of an ensemble's members, as that run's policy learned from it. Errors name --frozen-reward."""
+    from agents.infra.checkpoint import load_checkpoint
+    from agents.infra.cli import UsageError
+    from agents.pipeline.ensemble import RewardEnsemble
+
+    state = load_checkpoint(path, device, flag="--frozen-reward")
+    run_args, algorithm = state.get("args") or {}, state.get("algorithm") or {}
+    if "reward_net" not in algorithm:
+        raise UsageError(f"--frozen-reward {path}: a {state.get('algo')!r} run has no reward model")
+    if run_args.get("env_id") != env_id:
+        raise UsageError(
+            f"--frozen-reward {path}: the run learned its reward on {run_args.get('env_id')}, not {env_id}"
+        )
+    members = [RewardCNN(obs_shape, num_actions) for _ in range(int(run_args.get("ensemble", 1)))]
+    net = members[0] if len(members) == 1 else RewardEnsemble(members)
+    try:
+        net.load_state_dict(algorithm["reward_net"])
+    except RuntimeError as err:
+        raise UsageError(
+            f"--frozen-reward {path}: its reward model does not fit this run ({err})".split("\n")[0]
+        ) from None
+    return net.to(device).eval()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from agents.pipeline.ensemble import epoch_order, preference_probabilities, query_uncertainty
@@ -263,3 +264,58 @@ def reward_function(
             return reward_net(obs).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
 
     return rewards
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Does the learned reward order what the true reward orders? (Ibarz et al. 2018 plot these correlations.)
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 of `values`, ties sharing the mean of their ranks (what Spearman's correlation needs)."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values))
+    _, group = np.unique(values, return_inverse=True)
+    return (np.bincount(group, weights=ranks) / np.bincount(group))[group]
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's correlation; nan when either side is constant (or has fewer than two values)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2:
+        return math.nan
+    dx, dy = x - x.mean(), y - y.mean()
+    scale = math.sqrt(float((dx * dx).sum() * (dy * dy).sum()))
+    return float((dx * dy).sum() / scale) if scale > 0 else math.nan
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation (Pearson's on average ranks); nan when either side is constant."""
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+@torch.no_grad()
+def learned_returns_of_steps(
+    reward_net: torch.nn.Module,
+    obs_of: Callable[[torch.Tensor], torch.Tensor],
+    actions: torch.Tensor,
+    segments: torch.Tensor,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Sum of r_phi(s_t, a_t) over each segment of consecutive steps, in eval mode (the net's mode is restored).
+
+    `obs_of(index)` builds the observations of the steps `index` (a LongTensor into `actions`); `segments` (G,) is
+    each segment's length, the steps of segment g following those of g - 1."""
+    was_training = reward_net.training
+    reward_net.eval()
+    try:
+        taken = []
+        for start in range(0, len(actions), chunk):
+            index = torch.arange(start, min(start + chunk, len(actions)), device=actions.device)
+            taken.append(reward_net(obs_of(index)).gather(-1, actions[index].long().unsqueeze(-1)).squeeze(-1))
+    finally:
+        reward_net.train(was_training)
+    per_step = torch.cat(taken) if taken else actions.new_zeros(0, dtype=torch.float32)
+    group = torch.repeat_interleave(torch.arange(len(segments), device=per_step.device), segments.to(per_step.device))
+    return torch.zeros(len(segments), device=per_step.device).index_add_(0, group, per_step.float())

@@ -1,0 +1,426 @@
+"""A benchmark's results page, rebuilt from the run summaries under docs/results/<bench>/ alone (no runs/ needed):
+`python sobirl/benchmark.py report BENCH` writes docs/results/<bench>/README.md and its figures.
+
+Scores are normalised per game as (score - random) / (SAC on the true reward - random), both the means of those
+arms' runs. Statistics follow rliable (sobirl/stats.py): interquartile mean (IQM) and mean with stratified bootstrap
+95% intervals over runs x games, probabilities of improvement, performance profiles. A cell with fewer than 5 runs
+shows the range of its runs, never an interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from agents.infra.cli import UsageError
+from sobirl import stats
+
+MIN_RUNS = stats.MIN_RUNS_FOR_INTERVAL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_results(results_dir: Path, bench: str) -> list[dict]:
+    """Every run summary of one benchmark (docs/results/<bench>/<game>/<arm>/seed<k>.json)."""
+    folder = Path(results_dir) / bench
+    results = []
+    for path in sorted(folder.glob("*/*/seed*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise UsageError(f"{path}: not a readable results file ({err})") from None
+        if result.get("format") != "sobirl-benchmark-result":
+            raise UsageError(f"{path}: not a benchmark results file")
+        results.append(result)
+    return results
+
+
+def by_cell(results: Sequence[dict]) -> dict[tuple[str, str], dict[int, dict]]:
+    """(arm, game) -> {seed: result}."""
+    cells: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    for result in results:
+        cells[(result["arm"], result["game"])][int(result["seed"])] = result
+    return cells
+
+
+def baselines(cells, games: Sequence[str], random_arm: str, reference_arm: str) -> dict[str, tuple[float, float]]:
+    """game -> (random's mean final return, SAC's), for the games where SAC's mean beats random's."""
+    out = {}
+    for game in games:
+        random_runs = [r["final_return"] for r in cells.get((random_arm, game), {}).values()]
+        reference_runs = [r["final_return"] for r in cells.get((reference_arm, game), {}).values()]
+        if random_runs and reference_runs and np.mean(reference_runs) > np.mean(random_runs):
+            out[game] = (float(np.mean(random_runs)), float(np.mean(reference_runs)))
+    return out
+
+
+def normalise(score: float, base: tuple[float, float]) -> float:
+    low, high = base
+    return (score - low) / (high - low)
+
+
+def common_seeds(cells, arm: str, games: Sequence[str]) -> list[int]:
+    """The seeds an arm has finished on every one of `games`."""
+    sets = [set(cells.get((arm, game), {})) for game in games]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def score_matrix(cells, arm: str, games: Sequence[str], base, seeds: Sequence[int]) -> np.ndarray:
+    """(runs, games) normalised final returns of `seeds`."""
+    return np.array(
+        [[normalise(cells[(arm, game)][seed]["final_return"], base[game]) for game in games] for seed in seeds]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if abs(value) >= 1e4:
+        return f"{value:.2e}"
+    return f"{value:,.{digits}f}".replace("-", "−")
+
+
+def interval_text(point: float, low: float, high: float, digits: int = 2) -> str:
+    return f"{fmt(point, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
+
+
+def range_text(values: Sequence[float], digits: int = 2) -> str:
+    low, high = stats.run_range(np.asarray(values, dtype=np.float64))
+    return f"range {fmt(low, digits)} … {fmt(high, digits)}"
+
+
+def single_game_estimate(values: Sequence[float], reps: int, seed: int) -> str:
+    """IQM [95% interval] over runs, or the range with fewer than MIN_RUNS runs."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < MIN_RUNS:
+        return range_text(values)
+    points, intervals = stats.interval_estimates({"x": values[:, None]}, lambda x: np.array([stats.iqm(x)]), reps, seed)
+    return interval_text(points["x"][0], intervals["x"][0, 0], intervals["x"][1, 0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The page
+
+
+def provenance(results: Sequence[dict]) -> list[str]:
+    commits = sorted({c[:10] for r in results for c in r.get("commits", [])})
+    machines = sorted({m for r in results for m in r.get("machines", [])})
+    lines = [f"- Runs: {len(results)}; commits: {', '.join(commits) or 'unknown'}"]
+    if any(r.get("dirty") for r in results):
+        lines.append("- Some runs started from a working tree with uncommitted code changes (flagged `dirty`).")
+    for text in machines:
+        m = json.loads(text)
+        lines.append(
+            f"- Machine: {m.get('cpu')}, {m.get('cores')} cores, AVX-512 {'yes' if m.get('avx512') else 'no'}, "
+            f"torch {m.get('torch')}"
+        )
+    devices = sorted({r.get("device") or "unknown" for r in results})
+    lines.append(f"- Device: {', '.join(devices)}; one thread per run, two runs at a time")
+    return lines
+
+
+def returns_table(bench, cells, reps: int) -> list[str]:
+    lines = [
+        "| game | arm | runs | mean final return | IQM [95% CI] or range | wall time per run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for game in bench.games:
+        for arm in bench.arms:
+            runs = cells.get((arm.name, game), {})
+            if not runs:
+                continue
+            values = [r["final_return"] for r in runs.values()]
+            minutes = [r["wall_seconds"] / 60 for r in runs.values() if r.get("wall_seconds")]
+            wall = f"{min(minutes):.1f}–{max(minutes):.1f} min" if minutes else "—"
+            lines.append(
+                f"| {game} | {arm.title} | {len(values)} | {fmt(float(np.mean(values)))} | "
+                f"{single_game_estimate(values, reps, seed=len(lines))} | {wall} |"
+            )
+    return lines
+
+
+def aggregate_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str, np.ndarray]]:
+    games = [g for g in bench.games if g in base]
+    lines = [
+        f"Normalised over {', '.join(games)}: (score − random) / (SAC − random), per run and game.",
+        "",
+        "| arm | runs per game | IQM [95% CI] | mean [95% CI] |",
+        "|---|---|---|---|",
+    ]
+    matrices = {}
+    for arm in bench.arms:
+        if arm.name in (bench.random_arm, bench.reference_arm) or arm.frozen_from:
+            continue
+        seeds = common_seeds(cells, arm.name, games)
+        if not seeds:
+            continue
+        matrix = score_matrix(cells, arm.name, games, base, seeds)
+        if len(seeds) < MIN_RUNS:
+            per_run = matrix.mean(axis=1)
+            lines.append(f"| {arm.title} | {len(seeds)} | {range_text(per_run)} (mean over games per run) | — |")
+            continue
+        matrices[arm.name] = matrix
+    if matrices:
+        points, intervals = stats.aggregate_estimates(matrices, reps)
+        for name, matrix in matrices.items():
+            p, ci = points[name], intervals[name]
+            lines.append(
+                f"| {bench.arm(name).title} | {len(matrix)} | {interval_text(p[0], ci[0, 0], ci[1, 0])} | "
+                f"{interval_text(p[1], ci[0, 1], ci[1, 1])} |"
+            )
+    return lines, matrices
+
+
+def improvement_table(bench, cells, base, reps: int) -> list[str]:
+    games = [g for g in bench.games if g in base]
+    lines = ["| comparison | runs per game | P(X > Y) [95% CI] |", "|---|---|---|"]
+    pairs, counts = {}, {}
+    for x, y in bench.comparisons:
+        seeds = sorted(set(common_seeds(cells, x, games)) & set(common_seeds(cells, y, games)))
+        name = f"{bench.arm(x).title} vs {bench.arm(y).title}"
+        if len(seeds) < MIN_RUNS:
+            lines.append(f"| {name} | {len(seeds)} | — (fewer than {MIN_RUNS} runs) |")
+            continue
+        pairs[name] = (score_matrix(cells, x, games, base, seeds), score_matrix(cells, y, games, base, seeds))
+        counts[name] = len(seeds)
+    if pairs:
+        points, intervals = stats.probability_of_improvement(pairs, reps)
+        for name in pairs:
+            lines.append(f"| {name} | {counts[name]} | {interval_text(points[name], *intervals[name])} |")
+    return lines
+
+
+def diagnostics_table(bench, cells) -> list[str]:
+    columns = [
+        ("accuracy_fresh", "fresh-pair accuracy", 2),
+        ("game_spearman", "Spearman, whole games", 2),
+        ("fresh_spearman", "Spearman, fresh fragments", 2),
+        ("bce", "final cross-entropy", 2),
+        ("hyper_term", "final extra term", 2),
+        ("extra_grad_ratio", "extra / BCE gradient", 1),
+    ]
+    lines = [
+        "Median over runs of each run's last 10% of reward phases (range in brackets).",
+        "",
+        "| game | arm | runs | " + " | ".join(title for _, title, _ in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for game in bench.games:
+        for arm in bench.arms:
+            runs = list(cells.get((arm.name, game), {}).values())
+            if not runs or not any(r.get("diagnostics", {}).get("bce") is not None for r in runs):
+                continue
+            row = []
+            for key, _, digits in columns:
+                values = [r["diagnostics"].get(key) for r in runs]
+                values = np.array([v for v in values if v is not None], dtype=np.float64)
+                if not len(values):
+                    row.append("—")
+                    continue
+                low, high = stats.run_range(values)
+                row.append(f"{fmt(float(np.median(values)), digits)} [{fmt(low, digits)}, {fmt(high, digits)}]")
+            lines.append(f"| {game} | {arm.title} | {len(runs)} | " + " | ".join(row) + " |")
+    return lines
+
+
+def frozen_table(bench, cells) -> list[str]:
+    frozen = [arm for arm in bench.arms if arm.frozen_from]
+    lines = [
+        "A fresh SAC trained from scratch on each run's final reward model, against the run's own final return "
+        "(same game and seed). A large drop points at reward hacking: a reward the policy could only use while it "
+        "was being learned.",
+        "",
+        "| game | reward from | runs | run's own return (mean) | frozen-reward SAC (mean) | difference per seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for game in bench.games:
+        for arm in frozen:
+            runs = cells.get((arm.name, game), {})
+            sources = cells.get((arm.frozen_from, game), {})
+            seeds = sorted(set(runs) & set(sources))
+            if not seeds:
+                continue
+            own = [sources[s]["final_return"] for s in seeds]
+            frozen_returns = [runs[s]["final_return"] for s in seeds]
+            differences = ", ".join(fmt(f - o) for f, o in zip(frozen_returns, own))
+            lines.append(
+                f"| {game} | {bench.arm(arm.frozen_from).title} | {len(seeds)} | {fmt(float(np.mean(own)))} | "
+                f"{fmt(float(np.mean(frozen_returns)))} | {differences} |"
+            )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def arm_colors(bench) -> dict[str, str]:
+    return {arm.name: f"C{k % 10}" for k, arm in enumerate(bench.arms)}
+
+
+def curve_matrix(runs: Sequence[dict], key: str = "return_curve") -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in r[key]] for r in runs], dtype=np.float64)
+
+
+def draw_returns(bench, cells, path: Path, reps: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = arm_colors(bench)
+    fig, axes = plt.subplots(1, len(bench.games), figsize=(5.2 * len(bench.games), 3.8), squeeze=False)
+    for ax, game in zip(axes[0], bench.games):
+        for arm in bench.arms:
+            runs = list(cells.get((arm.name, game), {}).values())
+            if not runs or arm.frozen_from:
+                continue
+            grid = np.asarray(runs[0]["grid"])
+            matrix = curve_matrix(runs)
+            usable = np.all(np.isfinite(matrix), axis=0)
+            if not usable.any():
+                continue
+            x, m = grid[usable], matrix[:, usable]
+            if len(runs) >= MIN_RUNS:
+                points, intervals = stats.curve_estimates({"c": m[:, None, :]}, reps=max(200, reps // 10))
+                y, low, high = points["c"], intervals["c"][0], intervals["c"][1]
+            else:
+                y, low, high = m.mean(0), m.min(0), m.max(0)
+            ax.plot(x, y, color=colors[arm.name], label=f"{arm.title} ({len(runs)})")
+            ax.fill_between(x, low, high, color=colors[arm.name], alpha=0.15, linewidth=0)
+        ax.set_title(f"MinAtar {game}")
+        ax.set_xlabel("env steps")
+        ax.set_ylabel("true game score (mean per 5% of steps)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"{bench.name}: IQM over runs, 95% bootstrap band (5+ runs) or min–max (fewer); runs in brackets")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_aggregate(bench, cells, base, matrices: dict[str, np.ndarray], path: Path, reps: int) -> None:
+    """IQM normalised score against env steps and the performance profiles of the final scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    games = [g for g in bench.games if g in base]
+    colors = arm_colors(bench)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    curves = {}
+    for name in matrices:
+        seeds = common_seeds(cells, name, games)
+        stacked = np.stack(
+            [np.stack([normalise_curve(cells[(name, g)][s]["return_curve"], base[g]) for g in games]) for s in seeds]
+        )  # (runs, games, points)
+        if np.all(np.isfinite(stacked[..., -1])):
+            curves[name] = stacked
+    if curves:
+        points, intervals = stats.curve_estimates(
+            {n: np.nan_to_num(c, nan=0.0) for n, c in curves.items()}, reps=max(200, reps // 10)
+        )
+        grid = np.asarray(next(iter(cells[(next(iter(curves)), games[0])].values()))["grid"])
+        for name in curves:
+            left.plot(grid, points[name], color=colors[name], label=bench.arm(name).title)
+            left.fill_between(grid, intervals[name][0], intervals[name][1], color=colors[name], alpha=0.15)
+    left.set_xlabel("env steps")
+    left.set_ylabel("IQM normalised score")
+    left.set_title("Normalised score over training (0 = random, 1 = SAC on the true reward)")
+    left.grid(alpha=0.3)
+    if matrices:
+        thresholds = np.linspace(-0.5, 1.5, 41)
+        profiles, bands = stats.performance_profiles(matrices, thresholds, reps=max(200, reps // 2))
+        for name in matrices:
+            right.plot(thresholds, profiles[name], color=colors[name], label=bench.arm(name).title)
+            right.fill_between(thresholds, bands[name][0], bands[name][1], color=colors[name], alpha=0.15)
+    right.set_xlabel("normalised score τ")
+    right.set_ylabel("fraction of runs with score > τ")
+    right.set_title("Performance profiles of the final scores")
+    right.grid(alpha=0.3)
+    if matrices:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def normalise_curve(curve: Sequence[float | None], base: tuple[float, float]) -> np.ndarray:
+    return np.array([np.nan if v is None else normalise(v, base) for v in curve], dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_report(bench, layout, reps: int = 2000) -> Path:
+    """Write docs/results/<bench>/README.md and its figures from the summaries; returns the page's path."""
+    results = load_results(layout.results, bench.name)
+    if not results:
+        raise UsageError(f"no results for benchmark {bench.name} under {layout.results / bench.name}")
+    cells = by_cell(results)
+    baseline_cells = cells
+    if bench.baselines_from:
+        baseline_cells = by_cell(load_results(layout.results, bench.baselines_from))
+    base = {}
+    if bench.random_arm and bench.reference_arm:
+        base = baselines(baseline_cells, bench.games, bench.random_arm, bench.reference_arm)
+    folder = layout.results / bench.name
+    page = [
+        f"# Benchmark `{bench.name}`",
+        "",
+        bench.description,
+        "",
+        f"Generated by `python sobirl/benchmark.py report {bench.name}` from the run summaries in this folder on "
+        f"{datetime.now(timezone.utc):%Y-%m-%d}; every number below comes from them. Commands: "
+        f"`python sobirl/benchmark.py list {bench.name}`.",
+        "",
+        *provenance(results),
+        "",
+        "## Final return per game",
+        "",
+        "The mean true game score of each run's last 10% of games; IQM over runs with a 95% bootstrap interval "
+        f"when a cell has {MIN_RUNS} or more runs, otherwise the range of the runs.",
+        "",
+        *returns_table(bench, cells, reps),
+        "",
+    ]
+    draw_returns(bench, cells, folder / "returns.png", reps)
+    page += ["![returns](returns.png)", ""]
+    matrices: dict[str, np.ndarray] = {}
+    if base:
+        lines, matrices = aggregate_table(bench, cells, base, reps)
+        skipped = [g for g in bench.games if g not in base]
+        page += ["## Aggregate over games", "", *lines, ""]
+        if skipped:
+            page += [
+                f"Left out of the aggregate: {', '.join(skipped)} (SAC on the true reward does not beat random).",
+                "",
+            ]
+        if bench.comparisons:
+            page += ["## Probability of improvement", "", *improvement_table(bench, cells, base, reps), ""]
+        draw_aggregate(bench, cells, base, matrices, folder / "aggregate.png", reps)
+        page += ["![aggregate](aggregate.png)", ""]
+    diagnostics = diagnostics_table(bench, cells)
+    if len(diagnostics) > 4:
+        page += ["## Reward diagnostics", "", *diagnostics, ""]
+    if any(arm.frozen_from for arm in bench.arms):
+        page += ["## Frozen-reward check", "", *frozen_table(bench, cells), ""]
+    path = folder / "README.md"
+    path.write_text("\n".join(page))
+    summary = {"benchmark": bench.name, "runs": len(results), "baselines": base}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path

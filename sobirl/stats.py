@@ -1,0 +1,102 @@
+"""Statistics for results across runs and games, by rliable (Agarwal et al. 2021, "Deep RL at the edge of the
+statistical precipice"): interquartile means, stratified bootstrap intervals, probabilities of improvement and
+performance profiles. Score matrices are (runs, games); curves add a trailing axis of points.
+
+rliable is an optional extra (`pip install -e ".[plot]"`): it is imported on first use, so listing or running a
+benchmark does not need it, only reporting does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from agents.infra.cli import UsageError
+
+CONFIDENCE = 0.95
+MIN_RUNS_FOR_INTERVAL = 5  # below this, report the range of the runs, never an interval
+
+
+def _rliable():
+    try:
+        from rliable import library, metrics
+    except ImportError as err:
+        raise UsageError(f'statistics need rliable ({err}); install it with: pip install -e ".[plot]"') from None
+    return library, metrics
+
+
+def iqm(scores: np.ndarray) -> float:
+    """Interquartile mean of all the scores of a (runs, games) matrix: the middle 50% of run x game scores."""
+    _, metrics = _rliable()
+    return float(metrics.aggregate_iqm(np.asarray(scores, dtype=np.float64)))
+
+
+def mean(scores: np.ndarray) -> float:
+    _, metrics = _rliable()
+    return float(metrics.aggregate_mean(np.asarray(scores, dtype=np.float64)))
+
+
+def interval_estimates(
+    scores: Mapping[str, np.ndarray], statistic: Callable[[np.ndarray], np.ndarray], reps: int = 2000, seed: int = 0
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(point estimates, 95% intervals (2, ...)) of `statistic` per arm, by rliable's stratified bootstrap: each
+    resample draws runs with replacement within every game, so games keep their weight."""
+    library, _ = _rliable()
+    return library.get_interval_estimates(
+        {name: np.asarray(x, dtype=np.float64) for name, x in scores.items()},
+        statistic,
+        reps=reps,
+        confidence_interval_size=CONFIDENCE,
+        random_state=np.random.RandomState(seed),
+    )
+
+
+def aggregate_estimates(scores: Mapping[str, np.ndarray], reps: int = 2000, seed: int = 0):
+    """IQM and mean of each arm's (runs, games) normalised scores, with stratified-bootstrap intervals:
+    ({arm: [iqm, mean]}, {arm: [[iqm_lo, mean_lo], [iqm_hi, mean_hi]]})."""
+    _, metrics = _rliable()
+    return interval_estimates(
+        scores, lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)]), reps, seed
+    )
+
+
+def curve_estimates(curves: Mapping[str, np.ndarray], reps: int = 1000, seed: int = 0):
+    """IQM over runs x games at each point of (runs, games, points) curves, with stratified-bootstrap intervals."""
+    _, metrics = _rliable()
+
+    def per_point(x: np.ndarray) -> np.ndarray:
+        return np.array([metrics.aggregate_iqm(x[..., k]) for k in range(x.shape[-1])])
+
+    return interval_estimates(curves, per_point, reps, seed)
+
+
+def probability_of_improvement(
+    pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], reps: int = 2000, seed: int = 0
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """P(X > Y) for each "X vs Y" pair of (runs, games) score matrices (the chance that a run of X beats a run of Y
+    on a game, averaged over games; ties count half), with stratified-bootstrap intervals."""
+    library, metrics = _rliable()
+    points, intervals = library.get_interval_estimates(
+        {name: (np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)) for name, (x, y) in pairs.items()},
+        metrics.probability_of_improvement,
+        reps=reps,
+        confidence_interval_size=CONFIDENCE,
+        random_state=np.random.RandomState(seed),
+    )
+    return {name: float(value) for name, value in points.items()}, {k: v.ravel() for k, v in intervals.items()}
+
+
+def performance_profiles(scores: Mapping[str, np.ndarray], thresholds: np.ndarray, reps: int = 1000, seed: int = 0):
+    """The fraction of runs x games scoring above each threshold, per arm, with stratified-bootstrap bands."""
+    library, _ = _rliable()
+    np.random.seed(seed)  # rliable's profile bootstrap takes no random state of its own
+    return library.create_performance_profile(
+        {name: np.asarray(x, dtype=np.float64) for name, x in scores.items()}, thresholds, reps=reps
+    )
+
+
+def run_range(values: np.ndarray) -> tuple[float, float]:
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return (float(values.min()), float(values.max())) if len(values) else (float("nan"), float("nan"))
