@@ -633,6 +633,8 @@ class Runner:
         attempts = job.attempts_path(layout)
         append_attempt(attempts, {"event": event, "time": time.time(), **git_commit(), "machine": machine()})
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+        # The runs use this checkout's code, even where an editable install points at another checkout.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
         begin = time.time()
         with open(job.log_path(layout), "a") as log, self.lock:
             log.write(f"\n$ {shlex.join(command)}\n")
