@@ -269,6 +269,9 @@ class Job:
     def attempts_path(self, layout: Layout) -> Path:
         return self.run_dir(layout).with_suffix(".attempts.jsonl")
 
+    def lock_path(self, layout: Layout) -> Path:
+        return self.run_dir(layout).with_suffix(".lock")
+
     def result_path(self, layout: Layout) -> Path:
         return layout.results / self.bench.name / self.game / self.arm.name / f"seed{self.seed}.json"
 
@@ -567,6 +570,42 @@ def append_attempt(path: Path, record: dict) -> None:
 # Running
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a live process holds this lock file."""
+    try:
+        return process_alive(int(path.read_text().strip()))
+    except (OSError, ValueError):
+        return False
+
+
+def claim(path: Path) -> bool:
+    """Take the job's lock file for this process (atomically: O_EXCL), unless a live process holds it; a lock left
+    by a dead process is taken over. Several `run`s of one benchmark can so share its queue."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if lock_held(path):
+                return False
+            path.unlink(missing_ok=True)  # stale: its process died
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
 class Runner:
     """Local workers, one job (one process, one thread) each; a stop signal is passed on to every running job."""
 
@@ -583,24 +622,31 @@ class Runner:
 
     # -- scheduling ------------------------------------------------------------------------------------------------
 
+    def source_progress(self, job: Job) -> str:
+        """ready (no source, or it finished), waiting (it is queued or running, here or in another `run`) or
+        blocked (nobody will run it)."""
+        source = job.source
+        if source is None or job_state(source, self.layout) in ("finished", "complete"):
+            return "ready"
+        held = lock_held(source.lock_path(self.layout))
+        if source.key in self.running or held or any(queued.key == source.key for queued in self.queue):
+            return "waiting"
+        return "blocked"
+
     def next_job(self) -> Job | None:
         """The first queued job whose source run (if any) is finished; None when the queue is empty or stopped.
-        Waits while every queued job waits on a running one."""
+        Waits while the queued jobs wait on sources that are being run."""
         with self.lock:
             while True:
                 if self.stop_signal is not None or not self.queue:
                     return None
-                for index, job in enumerate(self.queue):
-                    if job.source is None or job_state(job.source, self.layout) in ("finished", "complete"):
-                        return self.queue.pop(index)
-                waiting_on_running = any(
-                    job.source is not None and job.source.key in self.running for job in self.queue
-                )
-                if not waiting_on_running:
-                    for job in self.queue:
-                        print(f"blocked: {job.key} (needs {job.source.key}, which did not finish)", flush=True)
-                    self.queue.clear()
-                    return None
+                progress = [self.source_progress(job) for job in self.queue]
+                if "ready" in progress:
+                    return self.queue.pop(progress.index("ready"))
+                for job, state in zip(list(self.queue), progress):
+                    if state == "blocked":
+                        print(f"blocked: {job.key} (needs {job.source.key}, which nobody is running)", flush=True)
+                        self.queue.remove(job)
                 self.lock.wait(timeout=5)
 
     def worker(self) -> None:
@@ -617,6 +663,16 @@ class Runner:
         return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
     def run_job(self, job: Job) -> None:
+        lock = job.lock_path(self.layout)
+        if not claim(lock):
+            print(f"skipped: {job.key} (another `run` is on it)", flush=True)
+            return
+        try:
+            self.run_claimed(job)
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def run_claimed(self, job: Job) -> None:
         layout, run_dir = self.layout, job.run_dir(self.layout)
         state = job_state(job, layout)
         if state == "finished":

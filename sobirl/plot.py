@@ -1,8 +1,9 @@
 """Draw the paper's Figure 1 from the TensorBoard logs under runs/, and print a summary table.
 
 Panels: true episodic return, episodic length and preference accuracy against env steps, one curve per
-algorithm. Each curve is the mean over seeds (the interquartile mean once there are 5 or more) with a 95%
-percentile-bootstrap interval over seeds, the rliable recipe for a single game.
+algorithm. With 5 or more seeds a curve is the interquartile mean over seeds with rliable's 95% bootstrap interval;
+with fewer it is the mean, and the band is the range of the seeds (never an interval from so few runs). Runs are
+grouped by the env id and experiment name they recorded (their checkpoint), wherever they sit under --runs-dir.
 
     python sobirl/plot.py --runs-dir runs --env-id BeamRiderNoFrameskip-v4 --output figure1.png
 """
@@ -14,12 +15,13 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from agents.infra.cli import flag, parse_args, require, run_cli
+from sobirl import stats
 
 RETURN_TAG = "charts/episodic_return"
 LENGTH_TAG = "charts/episodic_length"
@@ -33,9 +35,9 @@ DRIFT_TAGS = {
     "final_hyper_term": "reward/hyper_term",
     "final_grad_ratio": "reward/extra_grad_ratio",
 }
-# Below this many seeds the IQM trims away too much of the sample to mean anything (rliable uses it from 5 runs).
-IQM_MIN_SEEDS = 5
-CONFIDENCE = 0.95
+# Below this many seeds an interval means nothing: the range of the seeds is shown instead (rliable's advice).
+IQM_MIN_SEEDS = stats.MIN_RUNS_FOR_INTERVAL
+CONFIDENCE = stats.CONFIDENCE
 
 # Fixed colours and order so that figures from different sweeps can be compared side by side.
 ALGO_STYLE = {
@@ -211,40 +213,6 @@ def resample(steps: np.ndarray, values: np.ndarray, grid: np.ndarray) -> np.ndar
     return out
 
 
-def iqm(x: np.ndarray, axis: int = 0) -> np.ndarray:
-    """Interquartile mean: drop floor(n/4) values at each end along `axis`, average the rest (scipy trim_mean 0.25)."""
-    x = np.sort(np.asarray(x, dtype=np.float64), axis=axis)
-    n = x.shape[axis]
-    cut = int(0.25 * n)
-    return np.take(x, np.arange(cut, n - cut), axis=axis).mean(axis=axis)
-
-
-def mean(x: np.ndarray, axis: int = 0) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64).mean(axis=axis)
-
-
-def estimator_for(num_runs: int) -> tuple[str, Callable[..., np.ndarray]]:
-    return ("IQM", iqm) if num_runs >= IQM_MIN_SEEDS else ("mean", mean)
-
-
-def bootstrap_ci(
-    samples: np.ndarray,
-    statistic: Callable[..., np.ndarray] = mean,
-    reps: int = 2000,
-    confidence: float = CONFIDENCE,
-    rng: np.random.Generator | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile bootstrap over axis 0 (the runs); any further axes (grid points) are handled in one go."""
-    samples = np.asarray(samples, dtype=np.float64)
-    rng = np.random.default_rng() if rng is None else rng
-    n = samples.shape[0]
-    idx = rng.integers(0, n, size=(reps, n))
-    stats = statistic(samples[idx], axis=1)  # (reps, *rest)
-    tail = 100.0 * (1.0 - confidence) / 2.0
-    low, high = np.percentile(stats, [tail, 100.0 - tail], axis=0)
-    return low, high
-
-
 def final_value(values: np.ndarray, fraction: float) -> float:
     """Mean of the last `fraction` of a run's logged values (at least one)."""
     values = np.asarray(values, dtype=np.float64)
@@ -252,38 +220,108 @@ def final_value(values: np.ndarray, fraction: float) -> float:
     return float(values[-k:].mean())
 
 
+def estimate(finals: np.ndarray, reps: int, seed: int = 0) -> tuple[str, float, float, float]:
+    """(estimator, point, low, high): IQM with rliable's 95% bootstrap interval from IQM_MIN_SEEDS runs on, else the
+    mean with the range of the runs."""
+    finals = np.asarray(finals, dtype=np.float64)
+    if len(finals) < IQM_MIN_SEEDS:
+        low, high = stats.run_range(finals)
+        return "mean", float(finals.mean()), low, high
+    points, intervals = stats.interval_estimates({"x": finals[:, None]}, lambda x: np.array([stats.iqm(x)]), reps, seed)
+    return "IQM", float(points["x"][0]), float(intervals["x"][0, 0]), float(intervals["x"][1, 0])
+
+
 def aggregate_curve(
-    per_run: Sequence[tuple[np.ndarray, np.ndarray]], num_points: int, smooth: int, reps: int, rng: np.random.Generator
+    per_run: Sequence[tuple[np.ndarray, np.ndarray]], num_points: int, smooth: int, reps: int, seed: int = 0
 ) -> Curve:
-    grid = common_grid([steps for steps, _ in per_run], num_points)
+    """One curve over runs on a common grid. The grid starts once every run has `smooth` points behind it, so the
+    first point averages as many games as the others (a rolling mean over one or two games spikes)."""
+    starts = [steps[min(smooth, len(steps)) - 1] for steps, _ in per_run]
+    trimmed = [(steps[steps >= start], values[steps >= start]) for (steps, values), start in zip(per_run, starts)]
+    grid = common_grid([steps for steps, _ in trimmed], num_points)
     matrix = np.stack([resample(steps, rolling_mean(values, smooth), grid) for steps, values in per_run])
-    _, stat = estimator_for(len(per_run))
-    point = stat(matrix, axis=0)
-    if len(per_run) == 1:
-        return Curve(grid, point, None, None, 1)
-    low, high = bootstrap_ci(matrix, stat, reps, rng=rng)
-    return Curve(grid, point, low, high, len(per_run))
+    if len(per_run) < IQM_MIN_SEEDS:
+        low, high = (matrix.min(0), matrix.max(0)) if len(per_run) > 1 else (None, None)
+        return Curve(grid, matrix.mean(0), low, high, len(per_run))
+    points, intervals = stats.curve_estimates({"c": matrix[:, None, :]}, reps, seed)
+    return Curve(grid, points["c"], intervals["c"][0], intervals["c"][1], len(per_run))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Finding and grouping runs
 
 
+def recorded_flags(run_dir: Path) -> dict[str, str]:
+    """The flags a run recorded: its checkpoint's header, else the hyperparameter table its first event file
+    starts with (written before the first step); {} when neither is there."""
+    from agents.infra.checkpoint import CHECKPOINT_NAME, load_checkpoint_metadata
+    from agents.infra.cli import UsageError
+
+    if (run_dir / CHECKPOINT_NAME).is_file():
+        try:
+            return {key: str(value) for key, value in load_checkpoint_metadata(run_dir)["args"].items()}
+        except (UsageError, KeyError, TypeError, AttributeError):
+            pass
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for path in _event_files(run_dir):
+        try:
+            for index, event in enumerate(EventFileLoader(str(path)).Load()):
+                for value in event.summary.value:
+                    if value.tag.startswith("hyperparameters") and value.tensor.string_val:
+                        table = value.tensor.string_val[0].decode(errors="replace")
+                        rows = (line.strip("|").split("|", 1) for line in table.splitlines()[2:])
+                        return {row[0]: row[1] for row in rows if len(row) == 2}
+                if index > 20:  # the table is among a run's first events
+                    break
+        except Exception:  # noqa: BLE001 - a damaged event file: fall back to the folder name
+            continue
+    return {}
+
+
+def recorded_identity(run_dir: Path, relative: str) -> tuple[str, str, int, int] | None:
+    """(env_id, exp_name, seed, start time) as the run recorded them, else parsed from its folder's path under
+    --runs-dir ({env_id}__{exp_name}__{seed}__{unix time}); None when neither says."""
+    flags = recorded_flags(run_dir)
+    try:
+        start = int(min(p.stat().st_mtime for p in _event_files(run_dir)))
+        return flags["env_id"], flags["exp_name"], int(flags["seed"]), start
+    except (KeyError, ValueError, OSError):
+        # A link named otherwise than the run folder it points to: the folder's own name.
+        return parse_run_name(relative) or parse_run_name(run_dir.resolve().name)
+
+
 def discover_runs(runs_dir: Path) -> tuple[list[Run], list[str]]:
-    """Run folders under `runs_dir` (nested when env_id holds '/'), without loading them; plus notes to print."""
-    runs, notes = [], []
-    for root, dirs, files in os.walk(runs_dir):
+    """Run folders anywhere under `runs_dir` (symbolic links followed, each folder once), without loading them;
+    plus notes to print."""
+    runs, notes, seen = [], [], set()
+    for root, dirs, files in os.walk(runs_dir, followlinks=True):
         root_path = Path(root)
+        real = root_path.resolve()
+        if real in seen:  # a link back up the tree, or two links to one run
+            dirs[:] = []
+            continue
+        seen.add(real)
+        if not any("tfevents" in f for f in files):
+            dirs.sort()
+            continue
         # --runs-dir may name a single run folder instead of the folder above it.
-        rel = runs_dir.resolve().name if root_path == runs_dir else root_path.relative_to(runs_dir).as_posix()
-        parsed = parse_run_name(rel)
-        if parsed is not None and any("tfevents" in f for f in files):
-            runs.append(Run(*parsed, path=root_path))
+        relative = root_path.name if root_path == runs_dir else root_path.relative_to(runs_dir).as_posix()
+        identity = recorded_identity(root_path, relative)
+        if identity is not None:
+            runs.append(Run(*identity, path=root_path))
             dirs[:] = []  # add_hparams writes a sub-folder inside the run: it is not a run of its own
-        elif parsed is None and any("tfevents" in f for f in files) and root_path != runs_dir:
-            notes.append(f"note: skipping {root_path}: not a {{env_id}}__{{exp_name}}__{{seed}}__{{time}} folder")
-        dirs.sort()
+        else:
+            notes.append(
+                f"note: skipping {root_path}: it recorded no flags and is not an {{env_id}}__{{exp_name}}__... folder"
+            )
+            dirs.sort()
     return runs, notes
+
+
+def env_key(env_id: str) -> str:
+    """MinAtar/Breakout-v1 and MinAtar-Breakout-v1 (the run folders' spelling) name one environment."""
+    return env_id.replace("/", "-")
 
 
 def keep_newest_per_seed(runs: list[Run]) -> tuple[list[Run], list[str]]:
@@ -291,7 +329,7 @@ def keep_newest_per_seed(runs: list[Run]) -> tuple[list[Run], list[str]]:
     newest: dict[tuple[str, str, int], Run] = {}
     notes = []
     for run in sorted(runs, key=lambda r: r.start_time):
-        key = (run.env_id, run.algo, run.seed)
+        key = (env_key(run.env_id), run.algo, run.seed)
         if key in newest:
             notes.append(
                 f"note: {run.algo} seed {run.seed} on {run.env_id} has several runs; "
@@ -320,11 +358,15 @@ def select_runs(args: Args) -> list[Run]:
     require(bool(runs), f"no run folders with TensorBoard event files under {args.runs_dir}")
     found = sorted({f"{r.env_id}:{r.algo}" for r in runs})
     if args.env_id:
-        runs = [r for r in runs if r.env_id == args.env_id]
+        runs = [r for r in runs if env_key(r.env_id) == env_key(args.env_id)]
     if args.algos:
         wanted = {ALGO_ALIASES.get(a.strip(), a.strip()) for a in args.algos.split(",") if a.strip()}
         runs = [r for r in runs if r.algo in wanted]
     require(bool(runs), f"no runs match --env-id {args.env_id!r} --algos {args.algos!r}; found {', '.join(found)}")
+    # One spelling per environment: the recorded one (MinAtar/Breakout-v1) over a folder name's (MinAtar-Breakout-v1).
+    spelling = {env_key(r.env_id): r.env_id for r in sorted(runs, key=lambda r: "/" in r.env_id)}
+    for run in runs:
+        run.env_id = spelling[env_key(run.env_id)]
     runs, dup_notes = keep_newest_per_seed(runs)
     for note in notes + dup_notes:
         print(note, file=sys.stderr)
@@ -335,7 +377,7 @@ def select_runs(args: Args) -> list[Run]:
 # Summary and figure
 
 
-def summarize(groups: dict[tuple[str, str], list[Run]], args: Args, rng: np.random.Generator) -> list[dict]:
+def summarize(groups: dict[tuple[str, str], list[Run]], args: Args) -> list[dict]:
     rows = []
     for (env_id, algo), runs in groups.items():
         with_return = [r for r in runs if args.return_tag in r.scalars]
@@ -347,25 +389,29 @@ def summarize(groups: dict[tuple[str, str], list[Run]], args: Args, rng: np.rand
         }
         if with_return:
             finals = np.array([final_value(r.scalars[args.return_tag][1], args.final_fraction) for r in with_return])
-            name, stat = estimator_for(len(finals))
+            name, point, low, high = estimate(finals, args.bootstrap_reps, args.seed)
+            interval = name == "IQM"
             row.update(
                 estimator=name,
-                final_return=float(stat(finals)),
+                final_return=point,
                 per_seed_final_return=[float(v) for v in finals],
                 min_last_step=int(min(r.scalars[args.return_tag][0][-1] for r in with_return)),
+                ci_low=low if interval else None,
+                ci_high=high if interval else None,
+                range_low=None if interval else low,
+                range_high=None if interval else high,
             )
-            if len(finals) > 1:
-                low, high = bootstrap_ci(finals, stat, args.bootstrap_reps, rng=rng)
-                row.update(ci_low=float(low), ci_high=float(high))
-            else:
-                row.update(ci_low=None, ci_high=None)
         for key, tag in (
             ("final_accuracy_fresh", ACC_FRESH_TAG),
             ("final_accuracy_train", ACC_TRAIN_TAG),
             *DRIFT_TAGS.items(),
         ):
             accs = [final_value(r.scalars[tag][1], args.final_fraction) for r in runs if tag in r.scalars]
-            row[key] = float(estimator_for(len(accs))[1](np.array(accs))) if accs else None
+            row[key] = (
+                (stats.iqm(np.array(accs)[:, None]) if len(accs) >= IQM_MIN_SEEDS else float(np.mean(accs)))
+                if accs
+                else None
+            )
         rows.append(row)
     return rows
 
@@ -378,12 +424,17 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| env | algorithm | seeds | steps | final return | estimator | 95% CI "
+        "| env | algorithm | seeds | steps | final return | estimator | 95% CI, or range under 5 seeds "
         "| final acc (fresh) | final acc (train) | final BCE | final extra term | extra/BCE grad |",
         "|-|-|-|-|-|-|-|-|-|-|-|-|",
     ]
     for row in rows:
-        ci = "—" if row.get("ci_low") is None else f"[{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
+        if row.get("ci_low") is not None:
+            ci = f"[{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
+        elif row.get("range_low") is not None and row["num_seeds"] > 1:
+            ci = f"range {row['range_low']:.1f} … {row['range_high']:.1f}"
+        else:
+            ci = "—"
         lines.append(
             f"| {row['env_id']} | {row['algo']} | {row['num_seeds']} | {row.get('min_last_step', '—')} "
             f"| {_fmt(row.get('final_return'))} | {row.get('estimator', '—')} | {ci} "
@@ -397,11 +448,11 @@ def _style(algo: str, fallback_index: int) -> tuple[str, str]:
     return ALGO_STYLE.get(algo, (algo, f"C{4 + fallback_index % 6}"))
 
 
-def _curve_for(runs: list[Run], tag: str, args: Args, smooth: int, rng: np.random.Generator) -> Curve | None:
+def _curve_for(runs: list[Run], tag: str, args: Args, smooth: int) -> Curve | None:
     per_run = [r.scalars[tag] for r in runs if tag in r.scalars]
     if not per_run:
         return None
-    curve = aggregate_curve(per_run, args.num_points, smooth, args.bootstrap_reps, rng)
+    curve = aggregate_curve(per_run, args.num_points, smooth, args.bootstrap_reps, args.seed)
     longest = max(int(steps[-1]) for steps, _ in per_run)
     if len(per_run) > 1 and curve.grid[-1] < 0.95 * longest:
         print(
@@ -418,7 +469,7 @@ def _draw(ax, curve: Curve, label: str, color: str, linestyle: str = "-", band: 
         ax.fill_between(curve.grid, curve.low, curve.high, color=color, alpha=0.2, linewidth=0)
 
 
-def draw_figure(groups: dict[tuple[str, str], list[Run]], args: Args, rng: np.random.Generator) -> None:
+def build_figure(groups: dict[tuple[str, str], list[Run]], args: Args):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -428,35 +479,49 @@ def draw_figure(groups: dict[tuple[str, str], list[Run]], args: Args, rng: np.ra
     has_accuracy = any(
         tag in r.scalars for runs in groups.values() for r in runs for tag in (ACC_FRESH_TAG, ACC_TRAIN_TAG)
     )
-    panels = [(args.return_tag, "true episodic return"), (LENGTH_TAG, "episodic length")]
+    panels = [
+        (args.return_tag, "true episodic return", "game score (rolling mean over games)"),
+        (LENGTH_TAG, "episodic length", "agent steps per game"),
+    ]
     if has_accuracy:
-        panels.append((None, "preference accuracy"))
+        panels.append((None, "preference accuracy", "share of pairs ordered as the oracle"))
     fig, axes = plt.subplots(len(env_ids), len(panels), figsize=(5.0 * len(panels), 3.6 * len(env_ids)), squeeze=False)
     for row, env_id in enumerate(env_ids):
         for i, ((_, algo), runs) in enumerate(item for item in groups.items() if item[0][0] == env_id):
             label, color = _style(algo, i)
-            for col, (tag, _) in enumerate(panels[:2]):
-                curve = _curve_for(runs, tag, args, args.smooth, rng)
+            for col, (tag, _, _) in enumerate(panels[:2]):
+                curve = _curve_for(runs, tag, args, args.smooth)
                 if curve is not None:
                     _draw(axes[row][col], curve, f"{label} ({curve.num_runs} seed{'s' * (curve.num_runs != 1)})", color)
             if has_accuracy:
                 ax = axes[row][2]
-                fresh = _curve_for(runs, ACC_FRESH_TAG, args, 1, rng)
-                train = _curve_for(runs, ACC_TRAIN_TAG, args, 1, rng)
+                fresh = _curve_for(runs, ACC_FRESH_TAG, args, 1)
+                train = _curve_for(runs, ACC_TRAIN_TAG, args, 1)
                 if fresh is not None:
                     _draw(ax, fresh, f"{label}, fresh pairs", color)
                 if train is not None:
                     # Train accuracy drawn without a band: it is there to show the gap to fresh pairs (overfitting).
                     _draw(ax, train, f"{label}, training pairs", color, linestyle="--", band=fresh is None)
-        for col, (_, title) in enumerate(panels):
+        for col, (_, title, ylabel) in enumerate(panels):
             ax = axes[row][col]
             ax.set_title(f"{env_id}: {title}", fontsize=10)
             ax.set_xlabel("environment steps")
+            ax.set_ylabel(ylabel, fontsize=8)
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=7)
-    fig.suptitle("Mean over seeds (IQM from 5 seeds), shaded: 95% bootstrap interval", fontsize=9)
+    fig.suptitle(
+        "Mean over seeds, shaded: their range; from 5 seeds: IQM, shaded: 95% stratified bootstrap interval (rliable)",
+        fontsize=9,
+    )
     fig.tight_layout()
+    return fig
+
+
+def draw_figure(groups: dict[tuple[str, str], list[Run]], args: Args) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(groups, args)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=150)
@@ -480,9 +545,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         )
     require(len(empty) < len(runs), f"none of the selected runs has logged {args.return_tag}")
     groups = group_runs(runs)
-    rng = np.random.default_rng(args.seed)
-    rows = summarize(groups, args, rng)
-    draw_figure(groups, args, rng)
+    rows = summarize(groups, args)
+    draw_figure(groups, args)
     print(format_table(rows))
     print(f"\nfigure written to {args.output}")
     if args.json:

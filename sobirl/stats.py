@@ -8,6 +8,7 @@ benchmark does not need it, only reporting does.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -19,6 +20,8 @@ MIN_RUNS_FOR_INTERVAL = 5  # below this, report the range of the runs, never an 
 
 
 def _rliable():
+    # rliable hands arch a RandomState, which arch 7 warns about on every bootstrap; the results are the same.
+    warnings.filterwarnings("ignore", message="random_state is deprecated", category=FutureWarning)
     try:
         from rliable import library, metrics
     except ImportError as err:

@@ -84,22 +84,10 @@ def test_parse_run_name():
     assert plot.parse_run_name(f"{ENV}__sobirl__x__1700000000") is None
 
 
-def test_iqm_known_values():
-    assert plot.iqm(np.arange(1, 9)) == pytest.approx(4.5)  # drops 1,2 and 7,8
-    assert plot.iqm(np.array([1.0, 2.0, 3.0, 4.0, 100.0])) == pytest.approx(3.0)  # outlier trimmed
-    columns = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]])
-    assert plot.iqm(columns, axis=0) == pytest.approx([2.5, 25.0])
-
-
-def test_bootstrap_ci_constant_and_spread():
-    low, high = plot.bootstrap_ci(np.full(3, 5.0), reps=500, rng=np.random.default_rng(0))
-    assert low <= 5.0 <= high and high - low < 1e-12
-    sample = np.random.default_rng(1).normal(3.0, 1.0, size=20)
-    low, high = plot.bootstrap_ci(sample, reps=2000, rng=np.random.default_rng(0))
-    assert low < sample.mean() < high and high - low > 0.1
-    # Several grid points at once: one interval per column.
-    low, high = plot.bootstrap_ci(np.array([[1.0, 7.0], [1.0, 7.0]]), plot.iqm, reps=100, rng=np.random.default_rng(0))
-    assert low.tolist() == [1.0, 7.0] and high.tolist() == [1.0, 7.0]
+def test_estimate_is_the_iqm_with_an_interval_from_five_runs_and_the_range_below():
+    name, point, low, high = plot.estimate(np.array([1.0, 2.0, 3.0, 4.0, 100.0]), reps=500)
+    assert name == "IQM" and point == pytest.approx(3.0) and low <= 3.0 <= high < 100.0  # the outlier is trimmed
+    assert plot.estimate(np.array([1.0, 2.0, 6.0]), reps=500) == ("mean", 3.0, 1.0, 6.0)
 
 
 def test_rolling_mean_and_resample():
@@ -169,8 +157,9 @@ def test_main_writes_figure_table_and_json(runs_dir, tmp_path, capsys):
     assert sob["num_seeds"] == 3 and sob["estimator"] == "mean"
     assert sob["per_seed_final_return"] == pytest.approx([10.0, 20.0, 30.0])
     assert sob["final_return"] == pytest.approx(20.0)
-    assert 10.0 <= sob["ci_low"] <= 20.0 <= sob["ci_high"] <= 30.0
-    assert drl["final_return"] == pytest.approx(5.0) and drl["ci_low"] == pytest.approx(5.0) == drl["ci_high"]
+    # Three seeds: their range, never an interval.
+    assert sob["ci_low"] is None and (sob["range_low"], sob["range_high"]) == (10.0, 30.0)
+    assert drl["final_return"] == pytest.approx(5.0) and drl["range_low"] == pytest.approx(5.0) == drl["range_high"]
     assert sob["final_accuracy_fresh"] == pytest.approx(0.8) and sob["final_accuracy_train"] == pytest.approx(0.9)
     assert drl["final_accuracy_fresh"] == pytest.approx(0.7)
     assert sob["min_last_step"] == 2000
@@ -183,11 +172,12 @@ def test_main_writes_figure_table_and_json(runs_dir, tmp_path, capsys):
 
 def test_aggregate_curve_on_known_runs(runs_dir):
     runs = [plot.load_run(runs_dir / f"{ENV}__sobirl__{s}__1700000000")[plot.RETURN_TAG] for s in (1, 2, 3)]
-    curve = plot.aggregate_curve(runs, num_points=10, smooth=5, reps=300, rng=np.random.default_rng(0))
-    assert curve.grid[0] == 100 and curve.grid[-1] == 2000 and curve.num_runs == 3
+    curve = plot.aggregate_curve(runs, num_points=10, smooth=5, reps=300)
+    # The grid starts at the fifth game, where the rolling mean first averages five of them.
+    assert curve.grid[0] == 500 and curve.grid[-1] == 2000 and curve.num_runs == 3
     assert curve.point == pytest.approx(np.full(10, 20.0))
-    assert np.all(curve.low <= 20.0) and np.all(curve.high >= 20.0)
-    single = plot.aggregate_curve(runs[:1], num_points=10, smooth=5, reps=300, rng=np.random.default_rng(0))
+    assert curve.low == pytest.approx(np.full(10, 10.0)) and curve.high == pytest.approx(np.full(10, 30.0))
+    single = plot.aggregate_curve(runs[:1], num_points=10, smooth=5, reps=300)
     assert single.low is None and single.point == pytest.approx(np.full(10, 10.0))
 
 
@@ -236,3 +226,32 @@ def test_bad_input_is_a_usage_error(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_runs_in_sub_folders_and_behind_links_are_grouped_by_what_they_recorded(tmp_path):
+    """Breaks if runs were grouped by their folder path (a harness layout, runs/bench/<game>/<arm>/seed<k>) or a
+    symbolic link to a run folder were skipped."""
+    root, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
+    for seed in (1, 2):
+        run_dir = root / "bench" / "Breakout" / "drlhf" / f"seed{seed}"
+        writer = SummaryWriter(str(run_dir))
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n|exp_name|drlhf|\n|seed|{seed}|\n"
+                        f"|env_id|MinAtar/Breakout-v1|")  # fmt: skip
+        for step, value in zip(*returns(float(seed))):
+            writer.add_scalar(plot.RETURN_TAG, value, int(step))
+        writer.close()
+    linked = write_run(elsewhere, "drlhf", 3, {plot.RETURN_TAG: returns(3.0)}, env_id="MinAtar-Breakout-v1")
+    (root / "linked").symlink_to(linked, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a link back up the tree is visited once
+    rows = plot.main(["--runs-dir", str(root), "--env-id", "MinAtar/Breakout-v1", "--output", str(tmp_path / "f.png")])
+    assert [(row["env_id"], row["algo"], row["num_seeds"]) for row in rows] == [("MinAtar/Breakout-v1", "drlhf", 3)]
+    assert sorted(rows[0]["per_seed_final_return"]) == [1.0, 2.0, 3.0]
+
+
+def test_every_panel_has_a_y_axis_label(runs_dir):
+    args = plot.parse_args(plot.Args, ["--runs-dir", str(runs_dir)])
+    runs = plot.select_runs(args)
+    for run in runs:
+        run.scalars = plot.load_run(run.path)
+    fig = plot.build_figure(plot.group_runs(runs), args)
+    assert len(fig.axes) == 3 and all(ax.get_ylabel() for ax in fig.axes)

@@ -1,0 +1,243 @@
+"""The benchmark harness: every declared job parses with its algorithm's own parser; a stopped benchmark continues
+where it was (every run at its exact final step, none started twice); summaries and reports from results alone."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from agents.infra.cli import UsageError, build_parser
+from sobirl import benchmark
+from sobirl.beamrider import ALGORITHMS
+from sobirl.benchmark import BENCHMARKS, Layout, declared_jobs, env_id, parse_seed_list, select_jobs
+from tests.conftest import REPO, assert_usage_error, run_script
+
+# ---------------------------------------------------------------------------------------------------------------
+# Declarations
+
+
+def parse_job_flags(job, layout):
+    """The job's flags through its algorithm's parser, as sobirl/beamrider.py would parse them."""
+    flags = job.flags(layout)
+    algo = flags[flags.index("--algo") + 1]
+    rest = [f for i, f in enumerate(flags) if f != "--algo" and (i == 0 or flags[i - 1] != "--algo")]
+    module = importlib.import_module(ALGORITHMS[algo])
+    args_cls = getattr(module, "TrueRewardArgs", module.Args)  # sac's command line has the frozen-reward flag
+    return algo, build_parser(args_cls).parse_args(rest)
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_every_declared_job_parses_with_its_algorithms_parser_at_the_declared_budget(name, tmp_path):
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    jobs = select_jobs(BENCHMARKS[name])
+    assert jobs
+    for job in jobs:
+        algo, parsed = parse_job_flags(job, layout)
+        assert algo == job.arm.algo
+        assert parsed.env_id == env_id(job.game) and parsed.env_id.startswith("MinAtar/")
+        assert parsed.total_timesteps == job.bench.steps
+        assert parsed.seed == job.seed and parsed.exp_name == job.arm.name
+        assert (layout.runs / job.key).resolve() == (tmp_path / "runs" / parsed.runs_dir / parsed.run_name).resolve()
+
+
+def test_the_main_benchmark_lists_every_job_with_a_minatar_env_and_its_budget():
+    result = run_script("sobirl/benchmark.py", "list", "main")
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+    assert len(commands) == len(select_jobs(BENCHMARKS["main"]))
+    assert all("--env-id MinAtar/" in c and "--total-timesteps 100000" in c for c in commands)
+
+
+def test_jobs_are_seed_major_and_each_arm_runs_its_own_seeds():
+    jobs = select_jobs(BENCHMARKS["main"])
+    seeds = [job.seed for job in jobs]
+    assert seeds == sorted(seeds), "seed 1 of every arm and game first"
+    per_arm = {}
+    for job in jobs:
+        per_arm.setdefault(job.arm.name, set()).add(job.seed)
+    assert per_arm["drlhf"] == set(range(1, 11)) and per_arm["drlhf_quirks"] == set(range(1, 6))
+    assert per_arm["drlhf_frozen"] == {1, 2, 3}
+
+
+def test_the_keys_of_every_declared_job_are_unique():
+    keys = [job.key for job in declared_jobs()]
+    assert len(keys) == len(set(keys))
+
+
+def test_seed_lists_and_bad_selections_are_refused_naming_the_flag():
+    assert parse_seed_list("1-3,7") == {1, 2, 3, 7}
+    assert parse_seed_list("") is None
+    with pytest.raises(UsageError, match="--seeds"):
+        parse_seed_list("3-1")
+    with pytest.raises(UsageError, match="--games"):
+        select_jobs(BENCHMARKS["main"], games=["Pong"])
+    with pytest.raises(UsageError, match="no arm"):
+        select_jobs(BENCHMARKS["main"], arms=["nosuch"])
+    assert_usage_error(run_script("sobirl/benchmark.py", "list", "nosuch"), "nosuch")
+    assert_usage_error(run_script("sobirl/benchmark.py", "run", "smoke", "--workers", "0"), "--workers")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stopping and continuing
+
+
+def start_harness(tmp_path, *extra):
+    return subprocess.Popen(
+        [sys.executable, "sobirl/benchmark.py", "run", "smoke", "--workers", "2", "--runs-dir", str(tmp_path / "runs"),
+         "--results-dir", str(tmp_path / "results"), *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def test_a_stopped_benchmark_continues_where_it_was(tmp_path):
+    """SIGTERM part-way: the running jobs save and the harness exits 143; a second `run` resumes those and starts
+    the rest. Breaks if the harness restarted a partial run from scratch or re-ran a finished one."""
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    jobs = select_jobs(BENCHMARKS["smoke"])
+    harness = start_harness(tmp_path)
+    # Wait until a run has finished and two are training (each has printed its run line: its stop handlers are in).
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        finished = [j for j in jobs if j.result_path(layout).is_file()]
+        training = [j for j in jobs if benchmark.device_of(j.log_path(layout)) and not j.result_path(layout).is_file()]
+        if finished and len(training) == 2:
+            break
+        time.sleep(0.2)
+    else:
+        harness.kill()
+        pytest.fail("the harness never had a finished run and two training")
+    harness.send_signal(signal.SIGTERM)
+    output, _ = harness.communicate(timeout=120)
+    assert harness.returncode == 143, output
+    states = {job.key: benchmark.job_state(job, layout) for job in jobs}
+    assert "partial" in states.values() and "finished" in states.values(), states
+    assert any(state in ("pending", "blocked") for state in states.values()), states
+
+    second = start_harness(tmp_path)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output
+    for job in jobs:
+        result = json.loads(job.result_path(layout).read_text())
+        assert result["global_step"] == job.bench.steps, job.key
+        attempts = benchmark.read_attempts(job.attempts_path(layout))
+        starts = [a for a in attempts if a["event"] == "start"]
+        assert len(starts) == 1, (job.key, attempts)
+        if states[job.key] == "partial":
+            assert [a["event"] for a in attempts if a["event"] != "exit"] == ["start", "resume"], job.key
+            assert result["attempts"] == 2
+    # Nothing left to do: a third run starts nothing.
+    third = start_harness(tmp_path)
+    output, _ = third.communicate(timeout=120)
+    assert third.returncode == 0 and "7 of 7 runs already finished" in output, output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Summaries
+
+
+def test_windowed_means_carry_forward_and_last_at_is_a_step_function():
+    steps, values = [5, 15, 16, 40], [1.0, 2.0, 4.0, 8.0]
+    assert benchmark.windowed_means(steps, values, [10, 20, 30, 40]) == [1.0, 3.0, 3.0, 8.0]
+    assert benchmark.windowed_means([25], [1.0], [10, 20, 30]) == [None, None, 1.0]
+    assert benchmark.last_at([10, 30], [1.0, 5.0], [5, 10, 20, 30]) == [None, 1.0, 1.0, 5.0]
+
+
+def test_final_mean_takes_the_last_tenth_of_the_games():
+    assert benchmark.final_mean(list(range(20))) == 18.5
+    assert benchmark.final_mean([3.0]) == 3.0
+    assert benchmark.final_mean([math.nan]) is None
+
+
+def test_result_json_is_strict_and_keeps_lists_of_numbers_on_one_line():
+    content = benchmark.clean_json({"curve": [1.0, math.nan, None, -2.5e-05], "nested": {"x": [math.inf]}})
+    text = benchmark.to_json(content)
+    assert json.loads(text) == {"curve": [1.0, None, None, -2.5e-05], "nested": {"x": [None]}}
+    assert '"curve": [1.0, null, null, -2.5e-05]' in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reports from results alone
+
+
+def fake_result(bench, game, arm, seed, final, curve_scale=1.0):
+    grid = benchmark.grid_for(BENCHMARKS[bench].steps)
+    return {
+        "format": benchmark.RESULT_FORMAT, "version": 1, "benchmark": bench, "game": game, "arm": arm, "seed": seed,
+        "final_return": final, "grid": grid, "return_curve": [final * curve_scale * (k + 1) / len(grid)
+                                                              for k in range(len(grid))],
+        "labels_curve": [0] * len(grid), "commits": ["abc"], "machines": [], "wall_seconds": 60.0,
+        "diagnostics": {"bce": 0.5, "accuracy_fresh": 0.8} if arm not in ("random", "sac") else {},
+    }  # fmt: skip
+
+
+def write_fake_results(results_dir, arms_finals, seeds):
+    for (arm, game), final in arms_finals.items():
+        for seed in seeds:
+            path = results_dir / "smoke" / game / arm / f"seed{seed}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(fake_result("smoke", game, arm, seed, final + 0.01 * seed)))
+
+
+def test_report_gives_intervals_from_five_runs_and_ranges_below(tmp_path):
+    """Breaks if a cell of fewer than 5 runs got an interval, or the normalisation used the wrong arms."""
+    from sobirl.report import write_report
+
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    finals = {("random", "Breakout"): 0.0, ("sac", "Breakout"): 2.0, ("drlhf", "Breakout"): 1.5}
+    write_fake_results(layout.results, finals, seeds=range(1, 6))
+    write_fake_results(layout.results, {("drlhf_frozen", "Breakout"): 1.0}, seeds=range(1, 3))
+    page = write_report(BENCHMARKS["smoke"], layout, reps=200).read_text()
+    returns_section = page.split("## Final return per game")[1].split("\n## ")[0]
+    rows = {line.split("|")[2].strip(): line for line in returns_section.splitlines() if line.startswith("| Breakout")}
+    assert "[" in rows["drlhf"].split("|")[5] and "range" not in rows["drlhf"]
+    assert "range 1.01 … 1.02" in rows["drlhf_frozen"]
+    # drlhf's normalised scores are (1.5 + 0.01 s - mean random) / (mean sac - mean random) = 0.75 for every seed.
+    aggregate = next(line for line in page.splitlines() if line.startswith("| drlhf | 5 |"))
+    assert aggregate.split("|")[3].strip().startswith("0.75")
+    improvement = next(line for line in page.splitlines() if line.startswith("| drlhf vs sac |"))
+    assert improvement.split("|")[3].strip().startswith("0.00")
+    assert (layout.results / "smoke" / "returns.png").stat().st_size > 0
+
+
+def test_report_refuses_a_benchmark_without_results(tmp_path):
+    result = run_script("sobirl/benchmark.py", "report", "smoke", "--results-dir", str(tmp_path))
+    assert_usage_error(result, "no results", "smoke")
+
+
+def test_status_counts_finished_and_pending_runs(tmp_path):
+    write_fake_results(tmp_path, {("random", "Breakout"): 0.0}, seeds=[1])
+    result = run_script("sobirl/benchmark.py", "status", "smoke", "--results-dir", str(tmp_path), "--runs-dir",
+                        str(tmp_path / "runs"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in result.stdout.splitlines()
+            if line.startswith("| ") and "arm" not in line}  # fmt: skip
+    assert rows["random"] == "1 / 0 / 1" and rows["drlhf_frozen"] == "0 / 0 / 0 (1)"
+
+
+def test_stats_interval_estimates_agree_with_a_plain_bootstrap_on_one_game():
+    from sobirl import stats
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(10, 1))
+    points, intervals = stats.interval_estimates({"x": scores}, lambda x: np.array([x.mean()]), reps=4000)
+    assert points["x"][0] == pytest.approx(scores.mean())
+    resampled = [scores[rng.integers(0, 10, 10)].mean() for _ in range(4000)]
+    assert intervals["x"][0, 0] == pytest.approx(np.percentile(resampled, 2.5), abs=0.05)
+    assert intervals["x"][1, 0] == pytest.approx(np.percentile(resampled, 97.5), abs=0.05)
+
+
+def test_a_job_lock_is_refused_while_its_holder_lives_and_taken_over_once_it_died(tmp_path):
+    lock = tmp_path / "seed1.lock"
+    assert benchmark.claim(lock) and lock.read_text() == str(__import__("os").getpid())
+    assert not benchmark.claim(lock), "held by this (live) process"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(dead.stdout.strip())
+    assert benchmark.claim(lock), "a dead holder's lock is stale"
