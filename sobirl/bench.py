@@ -7,7 +7,7 @@ Figures: agent steps/s of `make_envs` with 1 and 8 envs (random actions); SAC le
 per second in the learning phase: acting with the actor, storing, one update of batch 64 per 4 env steps); replay
 bytes per stored transition; one SoBiRL reward-model update (64 pairs of 25-step fragments, policy evaluated),
 with its peak memory measured in a fresh process; and the CPU proving ground: end-to-end env steps/s of a DRLHF
-run on MinAtar SpaceInvaders at the README's settings, one thread, after a burn-in, with the cost of each part
+run on MinAtar SpaceInvaders at the main benchmark's settings, one thread, after a burn-in, with the cost of each part
 (sobirl/bench_proving_ground.py, in a fresh process).
 """
 

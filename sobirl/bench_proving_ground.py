@@ -3,7 +3,7 @@ part of a step costs. Run in a fresh process (one thread) so nothing else in the
 
     python sobirl/bench_proving_ground.py [--total 30000] [--burn-in 10000] [--compile]
 
-The run is DRLHF at the proving-ground settings of the README (MinAtar SpaceInvaders, 5k SAC steps per outer
+The run is DRLHF at the main benchmark's settings (MinAtar SpaceInvaders, 5k SAC steps per outer
 iteration, 100 warm-up pairs x 100 epochs, 1,000 pairs over 20 iterations); the figure is the speed from the end
 of the burn-in (random phase, reward warm-up, first learning steps) to the end, reward phases included.
 """
@@ -111,13 +111,17 @@ def proving_ground_benchmark(total: int = 30_000, burn_in: int = 10_000, compile
     return in_fresh_process(__file__, arguments, threads=1)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--total", type=int, default=30_000)
     parser.add_argument("--burn-in", type=int, default=10_000)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.child:
         result = measure_in_process(args.total, args.burn_in, args.compile)
     else:

@@ -79,6 +79,8 @@ class Benchmark:
     baselines_from: str = ""
     # "X vs Y" comparisons whose probability of improvement the report gives.
     comparisons: tuple[tuple[str, str], ...] = ()
+    # Whether its summaries belong in docs/results (committed); otherwise they stay under the runs folder.
+    committed: bool = True
 
     def arm(self, name: str) -> Arm:
         for arm in self.arms:
@@ -96,9 +98,11 @@ class Benchmark:
 PROVING_GROUND = ("--buffer-size", "100000", "--learning-starts", "5000", "--save-every", "25000")
 
 
-def preference_budget(labels: int, iterations: int = 20) -> tuple[str, ...]:
+def preference_budget(labels: int, iterations: int = 20, initial: int = 0) -> tuple[str, ...]:
+    """The preference flags of `labels` labels over `iterations` outer iterations of 5k SAC steps; the warm-up
+    labels `initial` pairs (default a tenth of the labels) and trains on them for 100 epochs."""
     return (
-        "--inner-steps", "5000", "--initial-pairs", str(labels // 10), "--warmup-epochs", "100",
+        "--inner-steps", "5000", "--initial-pairs", str(initial or labels // 10), "--warmup-epochs", "100",
         "--total-pairs", str(labels), "--schedule-iterations", str(iterations), "--pair-buffer", str(labels),
     )  # fmt: skip
 
@@ -165,7 +169,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "selection, on MinAtar Breakout at half the main budget (50k steps, 500 labels).",
             games=("Breakout",),
             steps=50_000,
-            common=("--buffer-size", "50000", "--learning-starts", "5000", *preference_budget(500, 10)),
+            common=("--buffer-size", "50000", "--learning-starts", "5000", *preference_budget(500, 10, initial=100)),
             arms=tuple(
                 Arm(
                     f"{method}_{teacher}_{selection}",
@@ -196,6 +200,28 @@ BENCHMARKS: dict[str, Benchmark] = {
             ),
             random_arm="",
             reference_arm="",
+        ),
+        Benchmark(
+            "quickstart",
+            "DRLHF, SoBiRL as specified and SoBiRL with the ratio-baseline correction on MinAtar Breakout: 50k env "
+            "steps and 500 labels each, one seed (a first look, not evidence).",
+            games=("Breakout",),
+            steps=50_000,
+            common=("--buffer-size", "50000", "--learning-starts", "5000", *preference_budget(500, 10)),
+            arms=(
+                Arm("drlhf", "drlhf", (), "DRLHF", seeds=1),
+                Arm("sobirl", "sobirl", ("--hyper-start", "20000"), "SoBiRL as specified", seeds=1),
+                Arm(
+                    "sobirl_corrected",
+                    "sobirl",
+                    ("--hyper-start", "20000", "--implicit-correction", "ratio-baseline"),
+                    "SoBiRL, ratio-baseline correction",
+                    seeds=1,
+                ),
+            ),
+            random_arm="",
+            reference_arm="",
+            committed=False,
         ),
         Benchmark(
             "smoke",
@@ -230,6 +256,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Arm("drlhf_frozen", "sac", (), seeds=1, frozen_from="drlhf"),
             ),
             comparisons=(("drlhf", "sac"),),
+            committed=False,
         ),
     )
 }
@@ -818,14 +845,21 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--seeds", default="", help="seeds to run, e.g. 1-5 or 1,3 (default: each arm's own)")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (run), one thread each")
     parser.add_argument("--runs-dir", default="runs/bench", help="where the run folders and job logs go")
-    parser.add_argument("--results-dir", default="docs/results", help="where run summaries go (commit them)")
+    parser.add_argument(
+        "--results-dir",
+        default="",
+        help="where run summaries go (default: docs/results, to be committed; for quickstart and smoke "
+        "<runs-dir>/<bench>-results)",
+    )
     parser.add_argument("--reps", type=int, default=2000, help="bootstrap resamples (report)")
     args = parser.parse_args(argv)
     require(args.bench in BENCHMARKS, f"unknown benchmark {args.bench!r}; declared: {', '.join(BENCHMARKS)}")
     require(args.workers >= 1, f"--workers must be at least 1, got {args.workers}")
     require(args.reps >= 100, f"--reps must be at least 100, got {args.reps}")
-    for flag, value in (("--runs-dir", args.runs_dir), ("--results-dir", args.results_dir)):
-        require(bool(value.strip()), f"{flag} must name a folder")
+    require(bool(args.runs_dir.strip()), "--runs-dir must name a folder")
+    if not args.results_dir.strip():
+        committed = BENCHMARKS[args.bench].committed
+        args.results_dir = "docs/results" if committed else str(Path(args.runs_dir) / f"{args.bench}-results")
     return args
 
 

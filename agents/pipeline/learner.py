@@ -148,7 +148,7 @@ class PreferenceArgs(sac.Args):
     reference_quirks: bool = flag(
         False,
         "run as the authors' code did: --teacher bernoulli --reward-train-mode-in-sac --per-fragment-batchnorm "
-        "--fire-after-life-loss, and SoBiRL's --reference-pi-scale (see the README)",
+        "--fire-after-life-loss, and SoBiRL's --reference-pi-scale (docs/algorithms.md §6)",
     )
     reward_train_mode_in_sac: bool = flag(
         False,

@@ -1,0 +1,149 @@
+"""Every command the README and docs/ show runs as written: the script exists and its flags parse with the
+script's own parser (sweeps run as dry runs, and every job they would launch parses with its algorithm's parser);
+`pip install -e ".[extras]"` names extras that exist; `python -c` snippets compile and import what they name."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+import shlex
+
+import pytest
+import tomllib
+
+from agents.infra.cli import build_parser
+from sobirl.beamrider import ALGORITHMS, DEFAULT_ALGO
+from tests.conftest import REPO, run_script
+
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(document, command line) for every line of a bash/sh code block (continuations joined, comments dropped)."""
+    commands = []
+    for path in DOCUMENTS:
+        text = path.read_text()
+        for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S):
+            joined = re.sub(r"\\\n\s*", " ", block)
+            for line in joined.splitlines():
+                for part in split_commands(line):
+                    commands.append((str(path.relative_to(REPO)), part))
+    return commands
+
+
+def split_commands(line: str) -> list[str]:
+    """The commands of one shell line (`a && b; c`), quotes respected, a trailing comment dropped."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split, lexer.commenters = True, "#"
+    commands, current = [], []
+    for token in lexer:
+        if token in ("&&", ";", "||", "&", "|"):
+            commands.append(current)
+            current = []
+        else:
+            current.append(token)
+    return [shlex.join(command) for command in [*commands, current] if command]
+
+
+COMMANDS = documented_commands()
+PYTHON = [(doc, c) for doc, c in COMMANDS if c.startswith("python ")]
+
+
+def test_the_docs_show_commands_of_every_kind():
+    scripts = {shlex.split(c)[1] for _, c in PYTHON if not c.startswith("python -")}
+    assert {"sobirl/beamrider.py", "sobirl/benchmark.py", "sobirl/sweep.py", "sobirl/plot.py"} <= scripts
+    assert any(doc == "README.md" for doc, _ in PYTHON)
+
+
+def algorithm_args(algo: str):
+    module = importlib.import_module(ALGORITHMS[algo])
+    return getattr(module, "TrueRewardArgs", module.Args)  # sac's command line has the frozen-reward flag
+
+
+def script_parser(script: str, argv: list[str]):
+    """(parser, arguments) that check `python script argv` without running it; None for sweep.py (dry run)."""
+    if script == "sobirl/beamrider.py":
+        algo = argv[argv.index("--algo") + 1] if "--algo" in argv else DEFAULT_ALGO
+        rest = [a for i, a in enumerate(argv) if a != "--algo" and (i == 0 or argv[i - 1] != "--algo")]
+        return build_parser(algorithm_args(algo)), rest
+    if script.startswith("agents/"):
+        module = importlib.import_module(script[:-3].replace("/", "."))
+        return build_parser(getattr(module, "TrueRewardArgs", module.Args)), argv
+    name = script.removeprefix("sobirl/").removesuffix(".py")
+    module = importlib.import_module(f"sobirl.{name}")
+    if name in ("plot", "bench"):
+        return build_parser(module.Args if name == "plot" else module.BenchArgs), argv
+    if name == "benchmark":
+        return None, argv
+    return module.build_parser(), argv
+
+
+@pytest.mark.parametrize("doc,command", PYTHON, ids=[f"{d}: {c[:70]}" for d, c in PYTHON])
+def test_documented_python_command_parses(doc, command):
+    tokens = shlex.split(command)
+    if tokens[1] == "-c":
+        tree = ast.parse(tokens[2])
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), (doc, command, alias.name)
+        return
+    script, argv = tokens[1], tokens[2:]
+    assert (REPO / script).is_file(), f"{doc}: {script} does not exist"
+    if script == "sobirl/sweep.py":
+        check_sweep(argv)
+        return
+    if script == "sobirl/benchmark.py":
+        from sobirl import benchmark
+
+        args = benchmark.parse_args(argv)
+        benchmark.select_jobs(benchmark.BENCHMARKS[args.bench], benchmark.split_list(args.games),
+                              benchmark.split_list(args.arms), benchmark.parse_seed_list(args.seeds))  # fmt: skip
+        return
+    parser, rest = script_parser(script, argv)
+    parse(parser, rest)
+
+
+def parse(parser, argv: list[str]) -> None:
+    """Parse as the script would; only --help may exit (status 0), a bad flag or value fails the test."""
+    try:
+        parser.parse_args(argv)
+    except SystemExit as exit_:
+        assert exit_.code == 0 and ("--help" in argv or "-h" in argv), f"exit {exit_.code} for {argv}"
+
+
+def check_sweep(argv: list[str]) -> None:
+    """Run the sweep as a dry run (Slurm commands locally) and parse every job it would launch."""
+    if "--backend" in argv:
+        argv[argv.index("--backend") + 1] = "local"
+    sweep_args, passthrough = argv, []
+    if "--" in argv:
+        cut = argv.index("--")
+        sweep_args, passthrough = argv[:cut], argv[cut:]
+    sweep_args = [a for a in sweep_args if a not in ("--slurm-wait",)]
+    sweep_args = [
+        a
+        for i, a in enumerate(sweep_args)
+        if not (a.startswith("--slurm-") or (i > 0 and sweep_args[i - 1].startswith("--slurm-")))
+    ]
+    result = run_script("sobirl/sweep.py", *sweep_args, "--dry-run", *passthrough)
+    assert result.returncode == 0, result.stderr
+    jobs = [line for line in result.stdout.splitlines() if line and not line.startswith("#")]
+    assert jobs
+    for job in jobs:
+        tokens = shlex.split(job)
+        tail = tokens[tokens.index("sobirl/beamrider.py") + 1 :]
+        parser, rest = script_parser("sobirl/beamrider.py", tail)
+        parse(parser, rest)
+
+
+PIP = [(doc, c) for doc, c in COMMANDS if c.startswith("pip install -e")]
+
+
+@pytest.mark.parametrize("doc,command", PIP)
+def test_documented_installs_name_extras_that_exist(doc, command):
+    extras = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    for spec in re.findall(r'"?\.\[([^\]]+)\]"?', command):
+        assert set(spec.split(",")) <= extras, (doc, command)
