@@ -20,6 +20,7 @@ import itertools
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +59,11 @@ class Args:
     slurm_cpus_per_task: int = flag(8, "CPUs per Slurm task; jobs get OMP_NUM_THREADS to match")
     slurm_mem_gb: float = flag(0.0, "memory per Slurm task in GB; 0: the cluster's default")
     slurm_time_min: int = flag(24 * 60, "Slurm time limit per task, in minutes")
+    slurm_signal_delay_s: int = flag(
+        120,
+        "seconds before the time limit at which a task is told to save and requeue itself (submitit's USR2); a "
+        "run needs that long to save: a few seconds on MinAtar, minutes for an Atari replay of 1M steps",
+    )
     slurm_wait: bool = flag(False, "block until the Slurm array ends and report each task's outcome")
 
 
@@ -306,15 +312,83 @@ def report(
 
 
 def run_job(cmd: list[str], cwd: str) -> int:
-    """What each array task executes: the job's command, in the folder the sweep was started from."""
+    """Run the job's command in the folder the sweep was started from; a failure raises, so that submitit (and
+    sacct) mark the task as failed instead of a "successful" rc != 0."""
+    rc = subprocess.run(cmd, cwd=cwd, env=task_env()).returncode
+    if rc != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} exited with {rc}")
+    return rc
+
+
+def task_env() -> dict[str, str]:
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env and "SLURM_CPUS_PER_TASK" in env:
         env["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]
-    rc = subprocess.run(cmd, cwd=cwd, env=env).returncode
-    if rc != 0:
-        # Raising marks the task as failed in submitit (and in sacct), instead of a "successful" rc != 0.
-        raise RuntimeError(f"{shlex.join(cmd)} exited with {rc}")
-    return rc
+    return env
+
+
+def ignore_checkpoint_signal() -> None:
+    """In the run's process: ignore submitit's checkpoint signal (USR2), which Slurm may send to every process of
+    the task and whose default action would kill the run before it saves; the task passes it on as SIGTERM."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+class ResumableTask:
+    """What each Slurm array task runs: one job in a fixed run folder, checkpointable by submitit.
+
+    Before the time limit (--slurm-signal-delay-s ahead) or on preemption, submitit calls `checkpoint` in the
+    task's process: it passes SIGTERM to the run, which finishes its step, saves a checkpoint and exits, and returns
+    the task that resumes that folder (`--resume`), which submitit requeues. Without a checkpoint yet (stopped
+    during start-up) the requeued task starts the job afresh."""
+
+    def __init__(self, cmd: list[str], cwd: str, run_dir: str, resume: bool = False, save_timeout: float = 600.0):
+        self.cmd, self.cwd, self.run_dir, self.resume = list(cmd), cwd, run_dir, resume
+        self.save_timeout = save_timeout
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        if self.resume:
+            return [*self.cmd[:2], "--resume", self.run_dir]  # interpreter, script; the checkpoint has the rest
+        return self.cmd
+
+    def __call__(self) -> int:
+        folder = Path(self.cwd) / self.run_dir
+        if not self.resume and folder.is_dir() and not (folder / "checkpoint.pt").exists():
+            shutil.rmtree(folder)  # a start stopped before its first checkpoint: nothing in it to resume
+        self.process = subprocess.Popen(self.command(), cwd=self.cwd, env=task_env(),
+                                        preexec_fn=ignore_checkpoint_signal)  # fmt: skip
+        # Polling, not wait(): `checkpoint` runs in a signal handler on this thread and polls the same process.
+        while (rc := self.process.poll()) is None:
+            time.sleep(0.5)
+        if rc != 0:
+            raise RuntimeError(f"{shlex.join(self.command())} exited with {rc}")
+        return rc
+
+    def checkpoint(self, *args, **kwargs):
+        from submitit.helpers import DelayedSubmission
+
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            deadline = time.time() + self.save_timeout
+            while self.process.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+        saved = (Path(self.cwd) / self.run_dir / "checkpoint.pt").exists()
+        return DelayedSubmission(ResumableTask(self.cmd, self.cwd, self.run_dir, resume=saved or self.resume,
+                                               save_timeout=self.save_timeout))  # fmt: skip
+
+
+def run_folder(cmd: Sequence[str], name: str) -> tuple[list[str], str]:
+    """The job's command with a fixed run folder (`--run-name` under its --runs-dir), so that a requeued task can
+    resume it; returns the command and that folder."""
+    runs_dir = "runs"
+    for i, token in enumerate(cmd):
+        if token == "--runs-dir" and i + 1 < len(cmd):
+            runs_dir = cmd[i + 1]
+        elif token.startswith("--runs-dir="):
+            runs_dir = token.split("=", 1)[1]
+    if "--run-name" in cmd or any(t.startswith("--run-name=") for t in cmd):
+        raise UsageError("--run-name after `--`: the Slurm backend names each job's run folder itself")
+    return [*cmd, "--run-name", name], str(Path(runs_dir) / name)
 
 
 def make_executor(args: Args, num_jobs: int, cluster: str = "slurm"):
@@ -330,12 +404,17 @@ def make_executor(args: Args, num_jobs: int, cluster: str = "slurm"):
     executor.update_parameters(
         name="sobirl-sweep",
         timeout_min=args.slurm_time_min,
+        slurm_signal_delay_s=args.slurm_signal_delay_s,
         cpus_per_task=args.slurm_cpus_per_task,
         mem_gb=args.slurm_mem_gb or None,
         slurm_partition=args.slurm_partition or None,
         slurm_gpus_per_task=args.slurm_gpus_per_task or None,
         slurm_array_parallelism=min(args.workers, num_jobs),
     )
+    if cluster == "local":
+        # submitit's local executor (the tests' stand-in for Slurm) sends the same signal from its own controller;
+        # AutoExecutor does not pass it a signal delay, so it is set on the executor underneath.
+        executor._executor.parameters["signal_delay_s"] = args.slurm_signal_delay_s
     return executor
 
 
@@ -343,7 +422,13 @@ def submit_slurm(jobs: Sequence[Job], args: Args, cluster: str = "slurm") -> lis
     """Submit all jobs as one array; `cluster="local"` runs the same path through submitit's local executor."""
     executor = make_executor(args, len(jobs), cluster)
     cwd = os.getcwd()
-    submitted = executor.map_array(run_job, [job.cmd for job in jobs], [cwd] * len(jobs))
+    tasks = []
+    for job in jobs:
+        cmd, run_dir = run_folder(job.cmd, job.name)
+        tasks.append(ResumableTask(cmd, cwd, run_dir, save_timeout=max(args.slurm_signal_delay_s - 10, 10)))
+    # One array whose tasks are the checkpointable objects themselves: submitit checkpoints a task's function.
+    with executor.batch():
+        submitted = [executor.submit(task) for task in tasks]
     print(
         f"submitted {len(submitted)} tasks as array {submitted[0].job_id.split('_')[0]} "
         f"({executor.cluster}); submitit logs in {Path(args.log_dir) / 'slurm'}"

@@ -214,3 +214,59 @@ def test_slurm_array_through_fake_sbatch(fake, tmp_path, monkeypatch, capsys):
     task = DelayedSubmission.load(logs / "slurm" / "4242_1" / "4242_1_submitted.pkl")
     assert task.result() == 0
     assert (out / "drlhf_1.txt").read_text().startswith("--algo drlhf --seed 1 --out")
+
+
+FAKE_RUN = """import json, pathlib, signal, sys, time
+a = sys.argv[1:]
+if "--resume" in a:
+    folder = pathlib.Path(a[a.index("--resume") + 1])
+    state = json.loads((folder / "checkpoint.pt").read_text())
+    (folder / "resumed").write_text(str(state["step"]))
+    sys.exit(0)
+folder = pathlib.Path(a[a.index("--runs-dir") + 1]) / a[a.index("--run-name") + 1]
+folder.mkdir(parents=True)
+step = 0
+def stop(signum, frame):
+    (folder / "checkpoint.pt").write_text(json.dumps({"step": step, "signal": signal.Signals(signum).name}))
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+(folder / "ready").write_text("")
+while True:
+    step += 1
+    time.sleep(0.01)
+"""
+
+
+def test_a_slurm_task_saves_and_requeues_itself_with_resume_on_submitits_signal(tmp_path, monkeypatch):
+    """The signal submitit gets before a time limit or on preemption, sent through submitit's own handler (its local
+    executor runs the same JobEnvironment code as on Slurm): the run is stopped with SIGTERM, saves, and the
+    requeued task resumes its folder. Breaks if the task restarted the run from scratch, or the run died of USR2."""
+    pytest.importorskip("submitit")
+    import json
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(FAKE_RUN)
+    monkeypatch.chdir(tmp_path)
+    # A one-minute limit with the signal 50 s ahead: submitit's controller signals the task 10 s after its start.
+    args = sweep.Args(script=str(script), backend="slurm", log_dir=str(tmp_path / "logs"), slurm_time_min=1,
+                      slurm_signal_delay_s=50)  # fmt: skip
+    jobs = sweep.build_jobs(str(script), ["drlhf"], [1], {}, ["--runs-dir", str(tmp_path / "runs")])
+    [task] = sweep.submit_slurm(jobs, args, cluster="local")
+    folder = tmp_path / "runs" / jobs[0].name
+    deadline = time.time() + 60
+    while not (folder / "ready").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert (folder / "ready").exists(), task.stderr()
+    assert task.result() == 0, task.stderr()
+    saved = json.loads((folder / "checkpoint.pt").read_text())
+    assert saved["signal"] == "SIGTERM" and saved["step"] > 0
+    assert (folder / "resumed").read_text() == str(saved["step"]), "the requeued task resumed the saved run"
+
+
+def test_slurm_jobs_get_a_fixed_run_folder_under_their_runs_dir():
+    cmd, folder = sweep.run_folder(["python", "x.py", "--algo", "sac", "--runs-dir", "out"], "sac__seed1")
+    assert cmd[-2:] == ["--run-name", "sac__seed1"] and folder == "out/sac__seed1"
+    assert sweep.run_folder(["python", "x.py"], "a")[1] == "runs/a"
+    with pytest.raises(UsageError, match="--run-name"):
+        sweep.run_folder(["python", "x.py", "--run-name", "mine"], "a")
