@@ -597,18 +597,10 @@ def append_attempt(path: Path, record: dict) -> None:
 # Running
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def lock_held(path: Path) -> bool:
     """Whether a live process holds this lock file."""
+    from agents.infra.checkpoint import process_alive
+
     try:
         return process_alive(int(path.read_text().strip()))
     except (OSError, ValueError):

@@ -72,11 +72,12 @@ class _PayloadReader(io.RawIOBase):
 def _remove_stale_temporaries(directory: Path, name: str) -> None:
     for tmp in directory.glob(f".{name}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
