@@ -51,15 +51,20 @@ def by_cell(results: Sequence[dict]) -> dict[tuple[str, str], dict[int, dict]]:
     return cells
 
 
-def baselines(cells, games: Sequence[str], random_arm: str, reference_arm: str) -> dict[str, tuple[float, float]]:
-    """game -> (random's mean final return, SAC's), for the games where SAC's mean beats random's."""
-    out = {}
+def baselines(cells, games: Sequence[str], random_arm: str, reference_arm: str):
+    """({game: (random's mean final return, SAC's)} for the games where SAC's mean beats random's, {game: why not}
+    for the others)."""
+    out, missing = {}, {}
     for game in games:
         random_runs = [r["final_return"] for r in cells.get((random_arm, game), {}).values()]
         reference_runs = [r["final_return"] for r in cells.get((reference_arm, game), {}).values()]
-        if random_runs and reference_runs and np.mean(reference_runs) > np.mean(random_runs):
+        if not random_runs or not reference_runs:
+            missing[game] = "no finished runs of random play and SAC yet"
+        elif np.mean(reference_runs) <= np.mean(random_runs):
+            missing[game] = "SAC on the true reward does not beat random play"
+        else:
             out[game] = (float(np.mean(random_runs)), float(np.mean(reference_runs)))
-    return out
+    return out, missing
 
 
 def normalise(score: float, base: tuple[float, float]) -> float:
@@ -97,7 +102,10 @@ def interval_text(point: float, low: float, high: float, digits: int = 2) -> str
 
 
 def range_text(values: Sequence[float], digits: int = 2) -> str:
+    """The range of the runs (one run: its value)."""
     low, high = stats.run_range(np.asarray(values, dtype=np.float64))
+    if len(values) == 1:
+        return f"one run: {fmt(low, digits)}"
     return f"range {fmt(low, digits)} … {fmt(high, digits)}"
 
 
@@ -304,10 +312,11 @@ def draw_returns(bench, cells, path: Path, reps: int) -> None:
         ax.set_xlabel("env steps")
         ax.set_ylabel("true game score (mean per 5% of steps)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes[0]), key=lambda hl: len(hl[1]))
+    fig.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.9))
     fig.suptitle(f"{bench.name}: IQM over runs, 95% bootstrap band (5+ runs) or min–max (fewer); runs in brackets")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -374,9 +383,9 @@ def write_report(bench, layout, reps: int = 2000) -> Path:
     baseline_cells = cells
     if bench.baselines_from:
         baseline_cells = by_cell(load_results(layout.results, bench.baselines_from))
-    base = {}
+    base, missing = {}, {}
     if bench.random_arm and bench.reference_arm:
-        base = baselines(baseline_cells, bench.games, bench.random_arm, bench.reference_arm)
+        base, missing = baselines(baseline_cells, bench.games, bench.random_arm, bench.reference_arm)
     folder = layout.results / bench.name
     page = [
         f"# Benchmark `{bench.name}`",
@@ -402,13 +411,9 @@ def write_report(bench, layout, reps: int = 2000) -> Path:
     matrices: dict[str, np.ndarray] = {}
     if base:
         lines, matrices = aggregate_table(bench, cells, base, reps)
-        skipped = [g for g in bench.games if g not in base]
         page += ["## Aggregate over games", "", *lines, ""]
-        if skipped:
-            page += [
-                f"Left out of the aggregate: {', '.join(skipped)} (SAC on the true reward does not beat random).",
-                "",
-            ]
+        for game, why in missing.items():
+            page += [f"Left out of the aggregate: {game} ({why}).", ""]
         if bench.comparisons:
             page += ["## Probability of improvement", "", *improvement_table(bench, cells, base, reps), ""]
         draw_aggregate(bench, cells, base, matrices, folder / "aggregate.png", reps)
