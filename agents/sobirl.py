@@ -77,15 +77,29 @@ def sobirl_loss_terms(
     y: torch.Tensor,
     inv_alpha: float,
     baseline: bool = False,
+    *,
+    step_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pair_weights: torch.Tensor | None = None,
+    implicit_scale: float = 1.0,
+    implicit_rewards: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, mean BCE, mean implicit term); loss = mean BCE + mean implicit term. See `sobirl_loss`."""
+    """(loss, mean BCE, implicit term as it enters the loss); loss = mean BCE + implicit_scale * mean implicit term.
+    See `sobirl_loss` for the arguments the paper's estimator takes; the keyword-only ones are what `SoBiRLLoss`'s
+    flags add: per-step weights (w1, w2) (B, H) of the score terms (--implicit-correction ratio), a weight per pair
+    (B,) (--implicit-pairs learned: 0 for the random phase's pairs), the scale of the whole term (an ensemble
+    member's policy share) and the rewards the term differentiates (--clamp-aware: the clamped ones SAC sees)."""
     bce = bradley_terry_bce(fragment_returns(r1, a1), fragment_returns(r2, a2), y)
     bce_mean = bce.mean()
     if inv_alpha == 0:
         return bce_mean, bce_mean.detach(), torch.zeros((), dtype=bce.dtype, device=bce.device)
     if pi1 is None or pi2 is None:
         raise ValueError("the implicit term (inv_alpha != 0) needs the policy's action probabilities pi1 and pi2")
-    hyper_mean = implicit_term(bce, r1, a1, pi1, r2, a2, pi2, inv_alpha, baseline).mean()
+    w1, w2 = step_weights if step_weights is not None else (None, None)
+    q1, q2 = implicit_rewards if implicit_rewards is not None else (r1, r2)
+    hyper = implicit_term(bce, q1, a1, pi1, q2, a2, pi2, inv_alpha, baseline, w1, w2)
+    if pair_weights is not None:
+        hyper = hyper * pair_weights.to(hyper.dtype)
+    hyper_mean = implicit_scale * hyper.mean()
     return bce_mean + hyper_mean, bce_mean.detach(), hyper_mean.detach()
 
 
@@ -142,27 +156,28 @@ class SoBiRLLoss:
         return global_step > self.hyper_start
 
     def __call__(self, x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        bce = x.bce.mean()
         if not self.needs_policy(x.global_step):
-            return bce, {"inv_alpha": torch.zeros(())}
+            return x.bce.mean(), {"inv_alpha": torch.zeros(())}
         p = x.pairs
         inv_alpha = 1.0 / x.alpha
-        r1, r2 = (x.r1.clamp(-1.0, 1.0), x.r2.clamp(-1.0, 1.0)) if self.clamp_aware else (x.r1, x.r2)
         metrics = {"inv_alpha": torch.tensor(inv_alpha)}
-        w1 = w2 = None
+        step_weights = None
         if self.correction.ratios:
             taken = lambda pi, a: pi.gather(-1, a.long().unsqueeze(-1)).squeeze(-1)
-            w1 = importance_weights(taken(x.pi1, p.actions1), p.behaviour1, self.ratio_clip)
-            w2 = importance_weights(taken(x.pi2, p.actions2), p.behaviour2, self.ratio_clip)
-            weights = torch.cat([w1, w2])
+            step_weights = (
+                importance_weights(taken(x.pi1, p.actions1), p.behaviour1, self.ratio_clip),
+                importance_weights(taken(x.pi2, p.actions2), p.behaviour2, self.ratio_clip),
+            )
+            weights = torch.cat(step_weights)
             metrics["ratio_mean"] = weights.mean()
             metrics["ratio_clipped"] = (weights >= self.ratio_clip).float().mean()
-        hyper = implicit_term(
-            x.bce, r1, p.actions1, x.pi1, r2, p.actions2, x.pi2, inv_alpha, self.correction.baseline, w1, w2
-        )
-        if self.implicit_pairs == "learned":
-            hyper = hyper * (p.collected >= self.learning_starts).to(hyper.dtype)
-        return bce + x.policy_share * hyper.mean(), metrics
+        learned = p.collected >= self.learning_starts if self.implicit_pairs == "learned" else None
+        clamped = (x.r1.clamp(-1.0, 1.0), x.r2.clamp(-1.0, 1.0)) if self.clamp_aware else None
+        loss, _, _ = sobirl_loss_terms(
+            x.r1, p.actions1, x.pi1, x.r2, p.actions2, x.pi2, p.labels, inv_alpha, self.correction.baseline,
+            step_weights=step_weights, pair_weights=learned, implicit_scale=x.policy_share, implicit_rewards=clamped,
+        )  # fmt: skip
+        return loss, metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agents.sobirl import sobirl_loss, sobirl_loss_terms
+from agents.pipeline.losses import LossInputs
+from agents.pipeline.pairs import PairBatch
+from agents.sobirl import SoBiRLLoss, implicit_term, sobirl_loss, sobirl_loss_terms
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -69,8 +71,24 @@ def hyper_objective(problem: dict, theta: torch.Tensor) -> torch.Tensor:
     return (p[:, None] * p[None, :] * bce).sum()
 
 
-def expected_loss_gradient(problem: dict, inv_alpha: float) -> torch.Tensor:
-    """sum over all pairs of P(tau1) P(tau2) grad sobirl_loss(tau1, tau2), each pair a batch of one."""
+def class_loss(r1, a1, pi1, r2, a2, pi2, y, inv_alpha):
+    """SoBiRLLoss, the class that trains, on one batch, as the pipeline calls it (on-policy: mu = pi)."""
+    if inv_alpha == 0:
+        return sobirl_loss(r1, a1, pi1, r2, a2, pi2, y, inv_alpha)
+    taken = lambda pi, a: pi.gather(-1, a[..., None]).squeeze(-1)
+    batch, length = a1.shape
+    blank = torch.zeros(batch, length, 1, dtype=torch.uint8)
+    pairs = PairBatch(blank, a1, blank, a2, y, y, y, taken(pi1, a1), taken(pi2, a2))
+    bce = F.binary_cross_entropy_with_logits(
+        r1.gather(-1, a1[..., None]).squeeze(-1).sum(1) - r2.gather(-1, a2[..., None]).squeeze(-1).sum(1),
+        y,
+        reduction="none",
+    )
+    return SoBiRLLoss(hyper_start=0)(LossInputs(pairs, r1, r2, bce, 1.0 / inv_alpha, 1, pi1, pi2))[0]
+
+
+def expected_loss_gradient(problem: dict, inv_alpha: float, loss_fn=sobirl_loss) -> torch.Tensor:
+    """sum over all pairs of P(tau1) P(tau2) grad loss_fn(tau1, tau2), each pair a batch of one."""
     states, actions = all_trajectories()
     theta = problem["theta"].clone().requires_grad_(True)
     with torch.no_grad():
@@ -85,7 +103,7 @@ def expected_loss_gradient(problem: dict, inv_alpha: float) -> torch.Tensor:
     # One pair per call: sobirl_loss averages over its batch, and each pair needs its own probability weight.
     for chunk in torch.arange(len(i)).split(1):
         a, b = i[chunk], j[chunk]
-        loss = sobirl_loss(rewards[a], actions[a], probs[a], rewards[b], actions[b], probs[b], y[a, b], inv_alpha)
+        loss = loss_fn(rewards[a], actions[a], probs[a], rewards[b], actions[b], probs[b], y[a, b], inv_alpha)
         total = total + p[a] * p[b] * loss
     (grad,) = torch.autograd.grad(total.sum(), theta)
     return grad
@@ -100,10 +118,13 @@ def central_difference(f, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return grad
 
 
-def test_loss_gradient_equals_exact_hypergradient_in_tabular_mdp():
+@pytest.mark.parametrize("loss_fn", [sobirl_loss, class_loss], ids=["sobirl_loss", "SoBiRLLoss"])
+def test_loss_gradient_equals_exact_hypergradient_in_tabular_mdp(loss_fn):
+    """The pure function and the class the pipeline trains with. Breaks if SoBiRLLoss computed the implicit term
+    other than estimator (78) (a wrong sign, a missing 1/alpha, the wrong fragments)."""
     problem = tabular_problem()
     exact = central_difference(lambda th: hyper_objective(problem, th), problem["theta"])
-    estimate = expected_loss_gradient(problem, inv_alpha=1.0 / ALPHA)
+    estimate = expected_loss_gradient(problem, 1.0 / ALPHA, loss_fn)
     torch.testing.assert_close(estimate, exact, rtol=1e-6, atol=1e-9)
     # The implicit term is what makes it exact: the BCE gradient alone misses the policy's dependence on theta.
     bce_only = expected_loss_gradient(problem, inv_alpha=0.0)
@@ -241,3 +262,52 @@ def test_baseline_subtracts_the_other_pairs_mean_cross_entropy_from_the_implicit
     # Equal cross-entropies leave nothing to centre: the implicit term vanishes.
     same = sobirl_loss_terms(r1, a1, pi1, r1, a1, pi1, torch.full_like(y, 0.5), inv_alpha, baseline=True)[2]
     torch.testing.assert_close(same, torch.zeros_like(same))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SoBiRLLoss computes through sobirl_loss_terms, exactly as it did with its own copy of the math
+
+
+def previous_class_formula(x: LossInputs, ratio_clip, baseline, ratios, learned_from, clamp_aware):
+    """What SoBiRLLoss computed before it went through sobirl_loss_terms (its own copy of estimator (78))."""
+    from agents.pipeline.corrections import importance_weights
+
+    p = x.pairs
+    r1, r2 = (x.r1.clamp(-1.0, 1.0), x.r2.clamp(-1.0, 1.0)) if clamp_aware else (x.r1, x.r2)
+    w1 = w2 = None
+    if ratios:
+        taken = lambda pi, a: pi.gather(-1, a.long().unsqueeze(-1)).squeeze(-1)
+        w1 = importance_weights(taken(x.pi1, p.actions1), p.behaviour1, ratio_clip)
+        w2 = importance_weights(taken(x.pi2, p.actions2), p.behaviour2, ratio_clip)
+    hyper = implicit_term(x.bce, r1, p.actions1, x.pi1, r2, p.actions2, x.pi2, 1.0 / x.alpha, baseline, w1, w2)
+    if learned_from is not None:
+        hyper = hyper * (p.collected >= learned_from).to(hyper.dtype)
+    return x.bce.mean() + x.policy_share * hyper.mean()
+
+
+@pytest.mark.parametrize("correction", ["none", "baseline", "ratio", "ratio-baseline"])
+@pytest.mark.parametrize("implicit_pairs,clamp_aware,share", [("all", False, 1.0), ("learned", True, 1 / 3)])
+def test_the_class_computes_what_it_did_before_for_every_flag(correction, implicit_pairs, clamp_aware, share):
+    r1, a1, pi1, r2, a2, pi2, y = random_batch(seed=6)
+    r1, r2 = 2 * r1.detach().requires_grad_(True), 2 * r2.detach().requires_grad_(True)  # some beyond the clamp
+    g = torch.Generator().manual_seed(6)
+    mu1, mu2 = (0.05 + 0.9 * torch.rand(5, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    collected = torch.tensor([0, 50, 99, 100, 400])
+    blank = torch.zeros(5, 4, 1, dtype=torch.uint8)
+    pairs = PairBatch(blank, a1, blank, a2, y, y, y, mu1, mu2, collected)
+    bce = F.binary_cross_entropy_with_logits(
+        r1.gather(-1, a1[..., None]).squeeze(-1).sum(1) - r2.gather(-1, a2[..., None]).squeeze(-1).sum(1),
+        y,
+        reduction="none",
+    )
+    x = LossInputs(pairs, r1, r2, bce, 0.4, 500, pi1, pi2, policy_share=share)
+    loss_fn = SoBiRLLoss(0, correction, 2.0, clamp_aware, implicit_pairs, learning_starts=100)
+    loss, metrics = loss_fn(x)
+    ratios, baseline = correction in ("ratio", "ratio-baseline"), correction in ("baseline", "ratio-baseline")
+    learned_from = 100 if implicit_pairs == "learned" else None
+    expected = previous_class_formula(x, 2.0, baseline, ratios, learned_from, clamp_aware)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(loss, (r1, r2), retain_graph=True)
+    torch.testing.assert_close(grads, torch.autograd.grad(expected, (r1, r2)), rtol=1e-12, atol=1e-12)
+    if ratios:
+        assert 0 < float(metrics["ratio_clipped"]) < 1  # some weights hit the clip of 2
