@@ -20,7 +20,7 @@ from agents.pipeline.pairs import (
     stack_windows,
 )
 from agents.pipeline.reward_model import RewardCNN, conv_output_sizes, drop_units_, random_bits
-from agents.pipeline.reward_training import preference_accuracy, reward_epoch, reward_function
+from agents.pipeline.reward_training import preference_accuracy, reward_epoch, reward_function, reward_update
 from agents.sobirl import SoBiRLLoss
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -316,6 +316,48 @@ def test_reward_epoch_with_implicit_term_evaluates_the_policy_once_per_observati
         reward_epoch(net, optimizer, buffer, 10, sobirl, alpha=2.0, global_step=1)
 
 
+class RecordingLoss:
+    """A loss that asks for the policy and keeps what it was given."""
+
+    policy_probs = None
+
+    def __init__(self):
+        self.seen = []
+
+    def needs_policy(self, global_step: int) -> bool:
+        return True
+
+    def __call__(self, x):
+        self.seen.append(x)
+        return x.bce.mean(), {}
+
+
+def test_the_policy_a_loss_sees_is_the_policy_at_each_steps_own_state():
+    """A state-dependent policy: pi1[i, t] must be pi at fragment 1's observation t of pair i (and pi2 at fragment
+    2's). Breaks if pi were read at fragment 2's states, at shifted steps, or at another pair's."""
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    buffer = synthetic_buffer(g, pairs=6, length=4)
+    net = RewardCNN((4, SMALL, SMALL), 3)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-4)
+
+    def state_policy(obs: torch.Tensor) -> torch.Tensor:
+        # Depends on every frame of the stack, so a stack built from the wrong frames gives another policy.
+        weights = torch.arange(1.0, 5.0).view(1, 4)
+        logits = (obs.float().mean((2, 3)) * weights).sum(1, keepdim=True) / 100.0
+        return torch.softmax(logits * torch.tensor([[1.0, -1.0, 0.5]]), -1)
+
+    loss = RecordingLoss()
+    reward_update(net, optimizer, buffer.get(buffer.oldest_first()), loss, policy_probs=state_policy, policy_chunk=5)
+    [x] = loss.seen
+    p = x.pairs
+    expected1 = state_policy(fragment_observations(p.frames1, 4)).view(6, 4, 3)
+    expected2 = state_policy(fragment_observations(p.frames2, 4)).view(6, 4, 3)
+    torch.testing.assert_close(x.pi1, expected1)
+    torch.testing.assert_close(x.pi2, expected2)
+    assert not torch.allclose(expected1, expected2) and not torch.allclose(expected1[:, 0], expected1[:, 1])
+
+
 class MeanPixelReward(nn.Module):
     """r(s, a) = mean pixel value of the newest frame of s, for every action."""
 
@@ -353,3 +395,33 @@ def test_reward_function_uses_eval_mode_and_taken_actions():
     assert not net.training
     expected = net.reference_forward(obs)[torch.arange(5), actions]
     torch.testing.assert_close(rewards, expected.detach())
+
+
+@pytest.mark.parametrize("num_envs", [1, 2])
+def test_each_pair_records_the_env_step_its_older_fragment_began(num_envs):
+    """`collected` drives --implicit-pairs learned and reward/offpolicy_share: in a replay whose reward at each step
+    is the env step it was taken at, a pair's collected step is the smaller first reward of its two fragments.
+    Breaks if the age were off by one, or counted in vector steps instead of env steps."""
+    from types import SimpleNamespace
+
+    from agents.pipeline.learner import PreferenceLearner
+    from agents.pipeline.replay import FrameReplayBuffer
+
+    buffer = FrameReplayBuffer(400, num_envs, (1, 4, 4), 1, "cpu")
+    steps = 150
+    for vector_step in range(steps):
+        env_step = vector_step * num_envs
+        buffer.add(np.zeros((num_envs, 1, 4, 4), np.uint8), np.zeros(num_envs, np.int64),
+                   np.full(num_envs, float(env_step)), np.zeros(num_envs, bool), np.zeros(num_envs, bool),
+                   np.full(num_envs, 0.5, np.float32))  # fmt: skip
+    trainer = SimpleNamespace(
+        global_step=steps * num_envs,
+        recent_fragments=lambda count, length, window, gen: buffer.recent_fragments(length, count, window, gen),
+    )
+    learner = object.__new__(PreferenceLearner)
+    learner.trainer = trainer
+    learner.args = SimpleNamespace(fragment_length=5, num_envs=num_envs)
+    pairs = learner.sample_pairs(20, 100, torch.Generator().manual_seed(0))
+    began = torch.minimum(pairs.rewards1[:, 0], pairs.rewards2[:, 0]).long()
+    assert torch.equal(pairs.collected, began)
+    assert len(set(pairs.collected.tolist())) > 5

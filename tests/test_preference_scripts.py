@@ -88,6 +88,20 @@ def test_sobirl_smoke_run_switches_the_implicit_term_on(tmp_path):
     assert only_run_dir(tmp_path).name.startswith("BeamRiderNoFrameskip-v4__sobirl__1__")
 
 
+def test_sobirl_with_every_correction_flag_runs_and_logs_its_importance_weights(tmp_path):
+    """The pipeline's path through --implicit-correction ratio-baseline, --implicit-pairs learned and --clamp-aware:
+    the ratios are logged (mean, share at the clip) once the term is on, and the term is not zero."""
+    tags = run_tags(
+        "agents/sobirl.py", tmp_path, "--hyper-start", "200", "--implicit-correction", "ratio-baseline",
+        "--implicit-pairs", "learned", "--clamp-aware", "--ratio-clip", "2",
+    )  # fmt: skip
+    ratio_mean, clipped = dict(tags["reward/ratio_mean"]), dict(tags["reward/ratio_clipped"])
+    assert set(ratio_mean) == set(clipped) == {241, 341}, "logged from the first phase with the term on"
+    assert all(0 < value <= 2 for value in ratio_mean.values())
+    assert all(0 <= value <= 1 for value in clipped.values())
+    assert dict(tags["reward/hyper_term"])[341] != 0.0
+
+
 def test_resume_continues_the_outer_loop(tmp_path):
     run_tags("agents/drlhf.py", tmp_path, "--total-timesteps", "250")
     run_dir = only_run_dir(tmp_path)

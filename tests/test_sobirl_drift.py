@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from agents.feedback.teachers import oracle_labels
+from agents.pipeline.corrections import importance_weights
 from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
 from agents.pipeline.pairs import PairBatch
 from agents.pipeline.reward_model import RewardCNN
@@ -63,11 +64,64 @@ def train(correction: str, steps: int = 200, alpha: float = 0.5):
 
 
 def test_paper_estimator_drifts_on_old_policy_pairs_and_the_ratio_correction_does_not():
+    """Training behaviour only: that the ratio keeps the implicit term's expected gradient (rather than removing
+    the term) is the next test's subject."""
     bce_none, hyper_none = train("none")
     bce_ratio, hyper_ratio = train("ratio")
     # Measured: cross-entropy / implicit term 9.1 / -3847 (none) and 0.14 / -0.11 (ratio) after 200 steps.
     assert hyper_none < -500 and bce_none > 4.0, "the parameter-independent push runs the implicit term away"
     assert abs(hyper_ratio) < 20 and bce_ratio < 1.5, "weighted by pi/mu the push is gone and the fit holds"
+
+
+def expected_implicit_gradient(correction: str, behaviour: torch.Tensor, pi: torch.Tensor, phi: torch.Tensor,
+                               labels: torch.Tensor, alpha: float) -> torch.Tensor:  # fmt: skip
+    """The exact expectation, over one-step pairs (state 0, a1) vs (state 1, a2) drawn from `behaviour` (S, A), of
+    the gradient of SoBiRLLoss's implicit term (the loss minus its cross-entropy), each pair a minibatch of one."""
+    actions = pi.shape[1]
+    total = torch.zeros_like(phi)
+    for a1, a2 in itertools.product(range(actions), range(actions)):
+        p = phi.clone().requires_grad_(True)
+        act1, act2 = torch.tensor([[a1]]), torch.tensor([[a2]])
+        pairs = PairBatch(
+            torch.zeros(1, 1, 1, dtype=torch.uint8), act1, torch.zeros(1, 1, 1, dtype=torch.uint8), act2,
+            labels[a1, a2].view(1), labels[a1, a2].view(1), labels[a1, a2].view(1),
+            behaviour[0, a1].view(1, 1), behaviour[1, a2].view(1, 1), torch.ones(1, dtype=torch.long),
+        )  # fmt: skip
+        r1, r2 = p[0].view(1, 1, -1), p[1].view(1, 1, -1)
+        bce = bradley_terry_bce(fragment_returns(r1, act1), fragment_returns(r2, act2), pairs.labels)
+        x = LossInputs(pairs, r1, r2, bce, alpha, 1, pi[0].view(1, 1, -1), pi[1].view(1, 1, -1))
+        loss, _ = SoBiRLLoss(hyper_start=0, correction=correction, ratio_clip=1e6)(x)
+        (grad,) = torch.autograd.grad(loss - bce.mean(), p)
+        total += behaviour[0, a1] * behaviour[1, a2] * grad
+    return total
+
+
+def test_the_ratio_correction_on_old_policy_pairs_has_the_on_policy_expected_gradient():
+    """Pairs an older policy mu != pi collected, where a per-step ratio is the exact likelihood ratio: the pair's
+    loss depends on fragment 2's action alone (fragment 1's state rewards every action alike, the labels ignore it).
+    Weighted by pi/mu, the implicit term's expected gradient is the on-policy one: zero at fragment 1's state (the
+    score has mean zero under pi), the true implicit gradient at fragment 2's. Breaks if the correction removed the
+    term (zero at state 1), weighted by mu/pi, or did nothing (the push (l/alpha)(mu - pi) at state 0)."""
+    g = torch.Generator().manual_seed(5)
+    phi = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    phi[0] = 0.4  # r(0, a) the same for every a
+    alpha = 0.6
+    pi = torch.softmax(phi / alpha, -1)
+    mu = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], dtype=torch.float64)
+    labels = torch.rand(3, generator=g, dtype=torch.float64).expand(3, 3)  # labels[a1, a2] depends on a2 only
+    on_policy = expected_implicit_gradient("none", pi, pi, phi, labels, alpha)
+    corrected = expected_implicit_gradient("ratio", mu, pi, phi, labels, alpha)
+    uncorrected = expected_implicit_gradient("none", mu, pi, phi, labels, alpha)
+    assert on_policy[1].abs().max() > 1e-2 and on_policy[0].abs().max() < 1e-12
+    torch.testing.assert_close(corrected, on_policy, rtol=1e-10, atol=1e-12)
+    assert (uncorrected - on_policy).abs().max() > 1e-2, "off-policy, the paper's estimator is biased"
+
+
+def test_ratio_weights_are_pi_over_mu_clipped():
+    pi_taken = torch.tensor([0.5, 0.2, 0.9, 0.3])
+    mu_taken = torch.tensor([0.25, 0.4, 0.05, 0.3])
+    weights = importance_weights(pi_taken, mu_taken, clip=10.0)
+    torch.testing.assert_close(weights, torch.tensor([2.0, 0.5, 10.0, 1.0]))  # 0.9 / 0.05 = 18 is clipped
 
 
 def test_on_policy_ratio_weights_are_one_and_change_nothing():
@@ -125,3 +179,54 @@ def test_per_fragment_batchnorm_equals_running_each_fragment_alone():
     alone = torch.cat([net(obs[i * 5 : (i + 1) * 5]) for i in range(4)])
     net.batchnorm_group = 5
     torch.testing.assert_close(net(obs), alone)
+
+
+def pair_inputs(collected, scale: float = 1.0, seed: int = 7):
+    """A minibatch of 4 pairs of 3-step fragments with rewards that leave [-1, 1] where scale > 1."""
+    g = torch.Generator().manual_seed(seed)
+    r1, r2 = (scale * torch.randn(4, 3, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    r1.requires_grad_(True), r2.requires_grad_(True)
+    a1, a2 = (torch.randint(0, 2, (4, 3), generator=g) for _ in range(2))
+    pi = torch.softmax(torch.randn(4, 3, 2, generator=g, dtype=torch.float64), -1)
+    y = torch.rand(4, generator=g, dtype=torch.float64)
+    blank = torch.zeros(4, 3, 1, dtype=torch.uint8)
+    pairs = PairBatch(blank, a1, blank, a2, y, y, y, collected=torch.tensor(collected))
+    bce = bradley_terry_bce(fragment_returns(r1, a1), fragment_returns(r2, a2), y)
+    return LossInputs(pairs, r1, r2, bce, 0.5, 1000, pi, pi)
+
+
+def implicit_part(loss_fn, x) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
+    loss, _ = loss_fn(x)
+    extra = loss - x.bce.mean()
+    return float(extra.detach()), torch.autograd.grad(extra, (x.r1, x.r2), allow_unused=True, retain_graph=True)
+
+
+def test_implicit_pairs_learned_leaves_out_exactly_the_pairs_of_the_random_phase():
+    """Breaks if the selection used another step than the one each pair was collected at, or the other side of
+    --learning-starts."""
+    learned = SoBiRLLoss(hyper_start=0, implicit_pairs="learned", learning_starts=100)
+    everything = SoBiRLLoss(hyper_start=0)
+    random_phase = pair_inputs([0, 20, 99, 50])
+    value, (g1, g2) = implicit_part(learned, random_phase)
+    assert value == 0.0 and g1.abs().max() == 0 and g2.abs().max() == 0
+    after = pair_inputs([100, 150, 300, 101])
+    assert implicit_part(learned, after)[0] == pytest.approx(implicit_part(everything, after)[0], rel=1e-12)
+    mixed = pair_inputs([0, 150, 99, 101])
+    value, (g1, _) = implicit_part(learned, mixed)
+    assert g1[[0, 2]].abs().max() == 0 and g1[[1, 3]].abs().max() > 0
+
+
+def test_clamp_aware_differentiates_the_implicit_term_through_the_clamp():
+    """Rewards beyond [-1, 1] get no implicit-term gradient with --clamp-aware (SAC sees them at the clamp); within it
+    the term is unchanged. Breaks if the clamp were applied to the cross-entropy too, or not at all."""
+    x = pair_inputs([0, 0, 0, 0], scale=3.0)
+    outside = (x.r1.detach().abs() > 1, x.r2.detach().abs() > 1)
+    assert outside[0].any() and (~outside[0]).any()
+    _, aware = implicit_part(SoBiRLLoss(hyper_start=0, clamp_aware=True), x)
+    _, plain = implicit_part(SoBiRLLoss(hyper_start=0), x)
+    for g_aware, g_plain, out in zip(aware, plain, outside):
+        assert g_aware[out].abs().max() == 0 and g_plain[out].abs().max() > 0
+    inside = pair_inputs([0, 0, 0, 0], scale=0.2)
+    assert implicit_part(SoBiRLLoss(hyper_start=0, clamp_aware=True), inside)[0] == pytest.approx(
+        implicit_part(SoBiRLLoss(hyper_start=0), inside)[0], rel=1e-12
+    )
