@@ -28,9 +28,11 @@ Scale. The demonstration term is linear in r and unbounded below: while the agen
 (the warm-up trains on the uniform-random rollouts for --warmup-epochs) it can push their reward down without limit,
 and only AdamW's weight decay and the [-1, 1] clamp SAC applies hold it back. On a 20k-step MinAtar Breakout run
 w1 = 1 took the agent fragments' return to -53 in the warm-up and the pairs' cross-entropy to 15, where w1 = 0.1 kept
-it at 0.72; on the 100k-step MinAtar benchmark w1 = 0.1 still ran away on SpaceInvaders and Freeway (demonstration
-returns near +900 and +3,600 per fragment, 99% of SAC's rewards at the clamp) while 0.01 did not. Hence the default
-0.01, the largest weight the paper reports (its LLM ablation; it gives none for RL).
+it at 0.72; on the 100k-step MinAtar benchmark of 2026-11-22 w1 = 0.1 still ran away on SpaceInvaders and Freeway
+(demonstration returns near +900 and +3,600 per fragment, 99% of SAC's rewards at the clamp) while 0.01 did not.
+The default is 0.01. The paper gives no w1 for control tasks: 0.01 is the largest value of its ablation, which
+trained a language model with a DPO-style objective, a different setting, so it is a starting point, not the
+paper's setting.
 
 BatchNorm. The reward CNN is in training mode during the update, so each forward pass normalises with its own batch
 statistics. The pairs go through one forward pass in agents/pipeline/learner.py; the demonstration and agent fragments
@@ -122,8 +124,10 @@ class AIHFLoss:
         demo_rewards, agent_rewards = rewards.view(2, self.batch, length, -1).unbind(0)
         demo_return = discounted_returns(demo_rewards, demo_actions, gamma).mean()
         agent_return = discounted_returns(agent_rewards, agent_actions.to(demo_actions.device), gamma).mean()
-        # Descending w1 (R_A - R_E) ascends the paper's w1 (R_E - R_A): the sign of its estimator (19).
-        demo_term = self.demo_weight * (agent_return - demo_return)
+        # Descending w1 (R_A - R_E) ascends the paper's w1 (R_E - R_A): the sign of its estimator (19). The term is
+        # the demonstrations' likelihood under the policy, which follows the ensemble's mean reward: an ensemble
+        # member's share of it is policy_share (1/K), as for SoBiRL's implicit term.
+        demo_term = x.policy_share * self.demo_weight * (agent_return - demo_return)
         preference_term = preference.mean()
         metrics = {
             "demo_return": demo_return.detach(),
@@ -151,9 +155,9 @@ class Args(PreferenceArgs):
     demos: str = flag("", "demonstrations file recorded on this --env-id by `python sobirl/demos.py record` (required)")
     demo_weight: float = flag(
         0.01,
-        "w1, the weight of the demonstration term against the preference cross-entropy. The paper gives no value "
-        "for RL; 0.01 is the largest of its LLM ablation (1e-2 to 1e-4). On MinAtar 1 and 0.1 let the term run away "
-        "(the README's benchmark)",
+        "w1, the weight of the demonstration term against the preference cross-entropy. The paper gives none for "
+        "control tasks; 0.01 is the largest value of its ablation on a language model with a DPO-style objective. "
+        "On MinAtar w1 = 1 and 0.1 let the term run away (docs/results/2026-11-22-minatar)",
     )
     discount_return: bool = flag(
         True,

@@ -17,12 +17,20 @@ grad_phi J(lambda'_sigma)], an O(sigma) approximation of the bilevel hyper-gradi
 
 Reward loss, per minibatch of labelled pairs, once the penalty is on:
 
-    loss_phi = mean_pairs l  +  (1/sigma) [ mean_{frag~A} sum_{t<H} gamma^t r_phi(s_t, a_t)
-                                            - mean_{frag~B} sum_{t<H} gamma^t r_phi(s_t, a_t) ]
+    loss_phi = mean_pairs l  +  (1/sigma) [ J_A - J_B ],
+    J_X = mean_{frag~X} c_H sum_{t<H} gamma^t r_phi(s_t, a_t),      c_H = 1 / ((1 - gamma) sum_{t<H} gamma^t)
 
-(the truncated value-gradient estimate (15) of Gaur et al.), the fragments --value-fragments of each agent's latest
-rollouts, drawn once per reward phase; r_phi on them is evaluated as SAC sees it (evaluation mode, or training mode
-with --reward-train-mode-in-sac; unclamped), A's and B's fragments in one batch.
+(the truncated value-gradient estimate (15) of Gaur et al.), on --value-fragments fragments of each agent's latest
+rollouts drawn afresh for every minibatch (one fixed draw per reward phase would let the reward fit that draw); r_phi
+on them is evaluated as SAC sees it (evaluation mode, or training mode with --reward-train-mode-in-sac; unclamped),
+A's and B's fragments in one batch. c_H puts J in the units of the whole discounted return, the units of agent B's
+objective J - sigma l_up below, so that sigma is one number on both sides: a fragment's discounted sum covers
+sum_{t<H} gamma^t of the 1 / (1 - gamma) the return weighs (about 0.22 for H = 25, gamma = 0.99), and without c_H
+the reward side's sigma would act 1 / 0.22 times larger than B's.
+
+The value gap is linear in r and bounded below only while agent A is an exact best response: the reward can grow
+J_B over J_A (a negative gap) instead of fitting the preferences. reward/value_a, reward/value_b and
+reward/value_gap_positive (the share of minibatches with J_A > J_B) show which way it goes.
 
 Agent B's actor loss, each SAC update, once the penalty is on:
 
@@ -55,11 +63,8 @@ What the papers leave open, and what this file chooses:
      DRLHF use the log-likelihood. --upper-likelihood log (default): l = the Bradley-Terry cross-entropy, so
      reward/bce and accuracies compare with DRLHF; plain: l = 1 - U.
   3. sigma. The theory wants sigma^2 ~ epsilon (sigma -> 0) with exact lower-level solves; with sampled value
-     gaps the reward's penalty term has variance ~ 1/sigma^2, and B's term vanishes with sigma. Default sigma = 1,
-     where with kappa = (1 - gamma)/A neither side swamps the other; measured on MinAtar Breakout (sigma 1): B's
-     scaled surrogate was about 0.1 against a SAC actor loss of about -0.8, and the gradient of the value-gap term
-     was 1-3x the cross-entropy's on minibatches with untied labels (up to ~100x where nearly every pair is a tie,
-     since the cross-entropy's gradient vanishes there). Sweep e.g. {0.1, 0.3, 1, 3}.
+     gaps the reward's penalty term has variance ~ 1/sigma^2, and B's term vanishes with sigma. The papers give no
+     value for this setting; the default, 1, is a starting point, and a pilot over sigma is in docs/results.
   4. The lower-level solver and budget. Both agents are SAC-discrete with SoBiRL's hyperparameters; the papers'
      policy-gradient / mirror-descent steps and normalised step sizes are not used. --inner-split each (default):
      each agent runs --inner-steps env steps per outer iteration (the lower-level solve per reward update is as
@@ -76,9 +81,9 @@ What the papers leave open, and what this file chooses:
 Logs: the same tags as DRLHF and SoBiRL (reward/loss, reward/bce, reward/hyper_term = loss - bce, accuracies),
 agent A's games as charts/episodic_return (A is the lower-level best response, the policy that matters) and B's
 under charts_b/ (losses_b/, eval_b/, reward_b/ for B's SAC metrics); every tag at the run's global step (A's + B's
-env steps). reward/value_a, reward/value_b, reward/value_gap (J_A - J_B estimates) and reward/upper_loss once the
-penalty is on; losses_b/preference_term for B's score term; charts/agent_seconds and charts_b/agent_seconds time
-each agent's phase.
+env steps). reward/value_a, reward/value_b, reward/value_gap (J_A - J_B, in return units),
+reward/value_gap_positive and reward/upper_loss once the penalty is on; losses_b/preference_term for B's score term;
+charts/agent_seconds and charts_b/agent_seconds time each agent's phase.
 
     python agents/penalty.py --env-id MinAtar/Breakout-v1 --sigma 1
     python sobirl/beamrider.py --algo penalty --penalty-form seed
@@ -88,7 +93,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -135,6 +140,18 @@ def discounted_fragment_values(rewards: torch.Tensor, actions: torch.Tensor, gam
     return (taken * discounts).sum(-1)
 
 
+def return_units(length: int, gamma: float) -> float:
+    """c_H = 1 / ((1 - gamma) sum_{t<H} gamma^t): turns an H-step discounted sum into the units of the whole
+    discounted return (a constant reward r gives r / (1 - gamma) either way); 1 / (sum gamma^t) at gamma = 0."""
+    covered = sum(gamma**t for t in range(length))
+    return 1.0 / ((1.0 - gamma) * covered)
+
+
+def fragment_values(rewards: torch.Tensor, actions: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Each fragment's value estimate J in return units: c_H sum_{t<H} gamma^t r(s_t, a_t), (N,)."""
+    return return_units(actions.shape[1], gamma) * discounted_fragment_values(rewards, actions, gamma)
+
+
 class ValueFragments(NamedTuple):
     """Fragments of both agents' latest rollouts for the value-gap term: observations (N * H, *obs_shape) and
     actions (N, H) of each."""
@@ -146,8 +163,8 @@ class ValueFragments(NamedTuple):
 
 
 class PenaltyLoss:
-    """mean_pairs l + (1/sigma)(J_A - J_B) when `fragments` are set (the penalty is on), the mean upper loss alone
-    otherwise. The learner sets `fragments` before each reward phase."""
+    """mean_pairs l + (1/sigma)(J_A - J_B) while `draw` is set (the penalty is on), the mean upper loss alone
+    otherwise. The learner sets `draw` for each reward phase: it returns fresh fragments of both agents."""
 
     policy_probs = None
 
@@ -158,14 +175,13 @@ class PenaltyLoss:
         self.gamma = gamma
         self.likelihood = likelihood
         self.reward_train_mode = reward_train_mode
-        self.fragments: ValueFragments | None = None
+        self.draw: Callable[[], ValueFragments] | None = None
 
     def needs_policy(self, global_step: int) -> bool:
         return False
 
-    def values(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """(J_A, J_B): mean discounted fragment returns under r_phi, with gradient, from one forward pass."""
-        f = self.fragments
+    def values(self, model: torch.nn.Module, f: ValueFragments) -> tuple[torch.Tensor, torch.Tensor]:
+        """(J_A, J_B): mean fragment values under r_phi in return units, with gradient, from one forward pass."""
         count_a, length = f.actions_a.shape
         was_training = model.training
         model.train(self.reward_train_mode)
@@ -174,7 +190,7 @@ class PenaltyLoss:
         finally:
             model.train(was_training)
         rewards = rewards.view(-1, length, rewards.shape[-1])
-        values = discounted_fragment_values(rewards, torch.cat([f.actions_a, f.actions_b]), self.gamma)
+        values = fragment_values(rewards, torch.cat([f.actions_a, f.actions_b]), self.gamma)
         return values[:count_a].mean(), values[count_a:].mean()
 
     def __call__(self, x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -185,17 +201,18 @@ class PenaltyLoss:
             returns = fragment_returns(x.r1, p.actions1), fragment_returns(x.r2, p.actions2)
             upper = upper_losses(*returns, p.labels, self.likelihood).mean()
         metrics = {"upper_loss": upper.detach()}
-        if self.fragments is None:
+        if self.draw is None:
             return upper, metrics
         if x.model is None:
             raise ValueError("the penalty loss needs the reward model (LossInputs.model)")
-        value_a, value_b = self.values(x.model)
+        value_a, value_b = self.values(x.model, self.draw())
         gap = value_a - value_b
         # The agents follow the (ensemble's) mean reward, so this model's share of their values is policy_share.
         penalty = x.policy_share * gap / self.sigma
         metrics.update(
-            value_a=value_a.detach(), value_b=value_b.detach(), value_gap=gap.detach(), penalty_term=penalty.detach()
-        )
+            value_a=value_a.detach(), value_b=value_b.detach(), value_gap=gap.detach(), penalty_term=penalty.detach(),
+            value_gap_positive=(gap > 0).to(gap.dtype).detach(),
+        )  # fmt: skip
         return upper + penalty, metrics
 
 
@@ -384,8 +401,9 @@ class Args(PreferenceArgs):
     exp_name: str = flag("penalty", "name of this experiment (part of the run name)")
     sigma: float = flag(
         1.0,
-        "penalty parameter sigma (> 0): B maximises J - sigma l_up, the reward loss adds "
-        "(J_A - J_B) / sigma; the bias is O(sigma), the noise of the value gap O(1/sigma)",
+        "penalty parameter sigma (> 0), one number in both places, with J in units of the whole discounted return: "
+        "B maximises J - sigma l_up, the reward loss adds (J_A - J_B) / sigma; the bias is O(sigma), the noise of "
+        "the value gap O(1/sigma)",
     )
     penalty_form: str = flag(
         "pbrl",
@@ -409,7 +427,7 @@ class Args(PreferenceArgs):
         choices=SPLITS,
     )
     value_fragments: int = flag(
-        32, "fragments of each agent's latest rollouts for the value gap, drawn each reward phase"
+        32, "fragments of each agent's latest rollouts for the value gap, drawn afresh for every reward minibatch"
     )
     penalty_pool: int = flag(64, "newest labelled pairs from which agent B's score term draws")
     penalty_actor_pairs: int = flag(8, "pairs per agent-B actor update in its score term")
@@ -520,14 +538,15 @@ class PenaltyLearner(PreferenceLearner):
     # -- 3. reward ---------------------------------------------------------------------------------------------------
 
     def train_reward(self) -> None:
-        self.loss_fn.fragments = self.value_fragments() if self.penalty_active() else None
+        self.loss_fn.draw = self.value_fragments if self.penalty_active() else None
         try:
             super().train_reward()
         finally:
-            self.loss_fn.fragments = None
+            self.loss_fn.draw = None
         self.run.logger.scalar("reward/penalty_active", float(self.penalty_active()), self.global_step)
 
     def value_fragments(self) -> ValueFragments:
+        """--value-fragments fresh fragments of each agent's latest rollouts: A's for J_A, B's for J_B."""
         a = self.args
         window = self.args.agent_steps()
         draw = lambda trainer: trainer.recent_fragments(

@@ -68,14 +68,15 @@ def test_reward_loss_gradient_is_cross_entropy_plus_value_gap_over_sigma(sigma):
     assert set(metrics) == {"upper_loss"}
     (grad,) = torch.autograd.grad(loss, model.table, retain_graph=True)
     torch.testing.assert_close(grad, bce_grad)
-    # with fragments: + (1/sigma)(mean_A sum_t gamma^t grad r - mean_B sum_t gamma^t grad r)
-    loss_fn.fragments = fragments
+    # with fragments: + (1/sigma)(mean_A c_H sum_t gamma^t grad r - mean_B c_H sum_t gamma^t grad r)
+    loss_fn.draw = lambda: fragments
     loss, metrics = loss_fn(x)
     (grad,) = torch.autograd.grad(loss, model.table)
-    expected_gap = (discounted_visits(sa, aa) - discounted_visits(sb, ab)) / sigma
+    units = 1.0 / ((1 - GAMMA) * sum(GAMMA**t for t in range(H)))
+    expected_gap = units * (discounted_visits(sa, aa) - discounted_visits(sb, ab)) / sigma
     torch.testing.assert_close(grad, bce_grad + expected_gap)
     table = model.table.detach()
-    value = lambda s, a: (table[s, a] * GAMMA ** torch.arange(H)).sum(-1).mean()
+    value = lambda s, a: units * (table[s, a] * GAMMA ** torch.arange(H)).sum(-1).mean()
     torch.testing.assert_close(metrics["value_a"], value(sa, aa))
     torch.testing.assert_close(metrics["value_b"], value(sb, ab))
     torch.testing.assert_close(loss.detach(), x.bce.mean().detach() + (value(sa, aa) - value(sb, ab)) / sigma)
@@ -395,3 +396,82 @@ def test_penalty_is_an_algorithm_of_the_beamrider_entry_point(tmp_path, capsys):
 
     line = cli_error(beamrider.main, ["--algo", "penalty", "--sigma", "-0.5", "--runs-dir", str(tmp_path)], capsys)
     assert "--sigma" in line
+
+
+def test_sigma_means_one_thing_the_reward_side_and_agent_b_measure_j_in_the_same_units():
+    """A one-state MDP (every action loops back), reward r(a), no entropy: J(theta) = E_pi r / (1 - gamma). The
+    reward loss's value of H-step fragments, in expectation over pi, must be J itself, and agent B's SAC actor loss
+    divided by its coefficient (sigma = 1) must have gradient -grad J: then sigma multiplies one J on both sides.
+    Breaks without c_H (the reward side would read about 0.22 J for H = 25, gamma = 0.99)."""
+    import itertools
+
+    from agents.sac_discrete import actor_loss
+
+    gamma, horizon, actions = 0.99, 3, 2
+    theta = torch.tensor([0.3, -0.4], dtype=DTYPE, requires_grad=True)
+    r = torch.tensor([1.0, -0.5], dtype=DTYPE)
+    pi = torch.softmax(theta, -1)
+    J = (pi * r).sum() / (1 - gamma)
+    # The reward side, exactly: every action sequence, weighted by its probability under pi.
+    sequences = torch.tensor(list(itertools.product(range(actions), repeat=horizon)))
+    probability = pi.detach()[sequences].prod(1)
+    values = penalty.fragment_values(r.expand(len(sequences), horizon, actions), sequences, gamma)
+    torch.testing.assert_close((probability * values).sum(), J.detach())
+    # Agent B's side: SAC's actor loss with the exact Q = r + gamma J (held fixed), over its coefficient.
+    q = (r + gamma * J.detach()).view(1, actions)
+    loss = actor_loss(pi.view(1, actions), torch.log(pi).view(1, actions), q, alpha=0.0)
+    coefficient = penalty.actor_penalty_coefficient(1.0, gamma, actions, "return")
+    (grad_b,) = torch.autograd.grad(loss / coefficient, theta, retain_graph=True)
+    (grad_j,) = torch.autograd.grad(J, theta)
+    torch.testing.assert_close(grad_b, -grad_j)
+
+
+class MeanPixel(nn.Module):
+    """r(s, a) = the mean pixel of s, for every action (so fragments of bright frames are worth more)."""
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs.float().mean(tuple(range(1, obs.dim())))[:, None].expand(-1, 3).to(DTYPE)
+
+
+def test_the_value_gap_is_agent_a_minus_agent_b_from_each_agents_own_fragments():
+    """Agent A's rollouts are dark, B's bright: J_A < J_B, so the gap and its sign must say so. Breaks if the learner
+    fed B's fragments to J_A (or the loss subtracted the other way): the gap's sign would flip."""
+    from types import SimpleNamespace
+
+    from agents.pipeline.replay import Fragments
+
+    def trainer(brightness: int):
+        def recent_fragments(count, length, window, generator):
+            frames = torch.full((count, length, 2, 4, 4), brightness, dtype=torch.uint8)
+            zeros = torch.zeros(count, length)
+            return Fragments(frames, torch.zeros(count, length, dtype=torch.long), zeros, zeros, torch.zeros(count))
+
+        return SimpleNamespace(recent_fragments=recent_fragments)
+
+    learner = object.__new__(penalty.PenaltyLearner)
+    learner.trainer_a, learner.trainer_b = trainer(10), trainer(200)
+    learner.args = SimpleNamespace(value_fragments=3, fragment_length=4, agent_steps=lambda: 100)
+    learner.value_generator = torch.Generator()
+    loss_fn = penalty.PenaltyLoss(1.0, 0.9)
+    loss_fn.draw = learner.value_fragments
+    model, pairs, _, _ = case()
+    x = inputs(model, pairs)
+    _, metrics = loss_fn(LossInputs(pairs, x.r1, x.r2, x.bce, 0.5, 1000, model=MeanPixel()))
+    assert float(metrics["value_a"]) == pytest.approx(10 / (1 - 0.9)) and float(metrics["value_b"]) > 1000
+    assert float(metrics["value_gap"]) < 0 and float(metrics["value_gap_positive"]) == 0.0
+
+
+def test_every_reward_minibatch_draws_fresh_value_fragments():
+    """One draw per minibatch, not one per reward phase (the reward would otherwise fit that one draw)."""
+    from agents.pipeline.pairs import PairBuffer
+    from agents.pipeline.reward_training import reward_epoch
+
+    model, pairs, fragments, _ = case()
+    buffer = PairBuffer(B, H, pairs.frames1.shape[2:], 1, "cpu")
+    buffer.add(pairs)
+    calls = []
+    loss_fn = penalty.PenaltyLoss(1.0, GAMMA)
+    loss_fn.draw = lambda: calls.append(1) or fragments
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    stats = reward_epoch(model, optimizer, buffer, batch_size=2, loss_fn=loss_fn, global_step=1000)
+    assert len(calls) == stats["steps"] == -(-B // 2)
