@@ -8,10 +8,30 @@ cross-entropy of a pair, and theta*(phi) = argmax_theta J(theta; phi). Then
     grad F(phi) = grad_phi L  -  d2J/dphi dtheta (d2J/dtheta2)^-1 g,
     g = grad_theta L = E[ l * sum_{t in tau1 u tau2} grad_theta log pi_theta(a_t|s_t) ]        (score function)
 
-Lower objective (the SAC actor objective, exact over the discrete actions), on a replay batch:
+The Hessian inverted (a stated departure from the paper). PARL's eq. (16) is the Hessian of the lower level's
+whole-trajectory objective; here it is the Hessian of the SAC actor objective, exact over the discrete actions, on a
+replay batch, with Q held fixed:
 
-    J(theta; phi) = E_{s~replay}[ sum_a pi_theta(a|s) (Qt_phi(s, a) - alpha log pi_theta(a|s)) ],
-    Qt_phi = Q.detach() + r_phi - r_phi.detach()        (SoBiRL's one-step truncation: grad_phi Qt = grad_phi r)
+    J_actor(theta) = E_{s~replay}[ sum_a pi_theta(a|s) (Q(s, a) - alpha log pi_theta(a|s)) ].
+
+At a soft-optimal policy, with replay states from its discounted state distribution and Q its soft Q, the two agree
+up to the normalisation 1 / (1 - gamma) (the terms through grad Q and grad d_pi vanish there); elsewhere it is what
+a SAC learner can differentiate.
+
+The mixed term, --parl-mixed:
+    paper     PARL's eq. (17), grad2 J / dphi dtheta = E[ sum_h gamma^h grad_phi r(s_h, a_h) (sum_{j<=h}
+              grad_theta log pi(a_j|s_j))^T ], estimated on the minibatch's stored fragments (each taken as a
+              trajectory from its first state, truncated at its H steps) and normalised by sum_{h<H} gamma^h, the
+              normalisation of the replay-state Hessian above (exact as H grows, for fragments from the initial
+              distribution). Its product with v is the phi-gradient of the surrogate
+                  mean_fragments sum_h gamma^h r_phi(s_h, a_h) c_h / sum_h gamma^h,   c_h = sum_{j<=h} w_j Dlog pi_j[v],
+              Dlog pi_j[v] the directional derivative of log pi(a_j|s_j) along v (forward mode), w_j the clipped
+              ratio pi/mu with a ratio correction (else 1), and with a baseline c_h minus the leave-one-out mean of
+              the other fragments' c_h (unbiased on-policy: another fragment's scores have mean zero). r_phi on the
+              fragments is evaluated as SAC sees it. With H = 1 it is the one-step term below, in expectation.
+    one-step  the actor objective's own mixed derivative with Qt = Q.detach() + r_phi - r_phi.detach(), i.e.
+              grad_phi Q ~ grad_phi r: SoBiRL's one-step truncation, on replay states. Under it, at the lower
+              level's optimum, A-PARL's gradient equals SoBiRL's estimator (78), so its drift is SoBiRL's.
 
 Each reward minibatch, once global_step > --parl-start:
     1. g      autograd of the surrogate mean_i[l_i.detach() * sum_t log pi_theta(a_t|s_t)] over the minibatch's pair
@@ -23,10 +43,10 @@ Each reward minibatch, once global_step > --parl-start:
     2. v      conjugate gradient on (-d2J/dtheta2 + lambda I) v = g, lambda = --cg-damping, --cg-iters iterations,
               the Hessian-vector products by double backward through the actor (Q and r detached) on --hvp-batch
               replay states drawn with this loss's own seeded generator; CG stops early at negative curvature;
-    3. mixed  (Dpi_theta[v] * r_phi(s, .)).sum(-1).mean() on the same states, Dpi_theta[v] the directional
-              derivative of the action probabilities along v (forward-mode, torch.func.jvp), a constant. Its
-              phi-gradient is +d2J/dphi dtheta v = -d2J/dphi dtheta (d2J/dtheta2)^-1 g, since the matrix solved is
-              -d2J/dtheta2 (+ lambda I);
+    3. mixed  the surrogate of --parl-mixed (above) along v; its phi-gradient is +d2J/dphi dtheta v =
+              -d2J/dphi dtheta (d2J/dtheta2)^-1 g, since the matrix solved is -d2J/dtheta2 (+ lambda I). The
+              one-step form is (Dpi_theta[v] * r_phi(s, .)).sum(-1).mean() on the replay states, Dpi_theta[v] the
+              directional derivative of the action probabilities (forward mode, torch.func.jvp), a constant;
     4. loss   mean l + mixed.
 
 r_phi in the mixed term is evaluated as SAC sees it: in evaluation mode (training mode with
@@ -194,8 +214,54 @@ def probability_jvp(actor: nn.Module, states: torch.Tensor, tangents: dict[str, 
     return dpi
 
 
+def taken_log_probability(actor: nn.Module, names: list[str], obs: torch.Tensor, actions: torch.Tensor):
+    """The function params -> log pi(a|s) of the taken actions, (N,), for forward-mode differentiation."""
+
+    def taken(*params: torch.Tensor) -> torch.Tensor:
+        logits = torch.func.functional_call(actor, dict(zip(names, params)), (obs,))
+        return torch.log_softmax(logits, dim=-1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+
+    return taken
+
+
+def log_probability_jvp(
+    actor: nn.Module, obs: torch.Tensor, actions: torch.Tensor, tangents: dict[str, torch.Tensor], chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(a_j|s_j), D log pi(a_j|s_j)[v]) for every step j, (N,) each, `chunk` observations at a time: the
+    taken actions' log-probabilities and their directional derivatives along the parameter direction `tangents`
+    (forward mode), both constants."""
+    names = [n for n, _ in actor.named_parameters() if n in tangents]
+    primals = tuple(p.detach() for n, p in actor.named_parameters() if n in tangents)
+    directions = tuple(tangents[n] for n in names)
+    values, derivatives = [], []
+    for start in range(0, len(obs), chunk):
+        part = slice(start, start + chunk)
+        value, derivative = torch.func.jvp(
+            taken_log_probability(actor, names, obs[part], actions[part]), primals, directions
+        )
+        values.append(value.detach())
+        derivatives.append(derivative.detach())
+    return torch.cat(values), torch.cat(derivatives)
+
+
+def trajectory_mixed_surrogate(
+    rewards: torch.Tensor, scores: torch.Tensor, gamma: float, baseline: bool = False
+) -> torch.Tensor:
+    """PARL's mixed term (its eq. 17) along v as a surrogate in the reward: mean over fragments of
+    sum_h gamma^h r_h c_h / sum_h gamma^h, with c_h = sum_{j<=h} scores_j (scores: the constants w_j Dlog pi_j[v]).
+    rewards (N, H) r_phi(s_h, a_h) with gradient; `baseline` subtracts from each fragment's c_h the leave-one-out
+    mean of the other fragments' (per h)."""
+    cumulative = scores.detach().cumsum(-1)
+    if baseline:
+        cumulative = cumulative - leave_one_out_baseline(cumulative)
+    discount = gamma ** torch.arange(rewards.shape[-1], device=rewards.device, dtype=rewards.dtype)
+    return (rewards * cumulative.to(rewards.dtype) * discount).sum(-1).mean() / discount.sum()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The loss
+
+MIXED_FORMS = ("paper", "one-step")
 
 
 class PARLLoss:
@@ -220,7 +286,13 @@ class PARLLoss:
         reward_train_mode: bool = False,
         correction: str = "none",
         ratio_clip: float = 10.0,
+        mixed: str = "paper",
+        gamma: float = 0.99,
     ):
+        if mixed not in MIXED_FORMS:
+            raise ValueError(f"unknown mixed term {mixed!r}; expected one of {', '.join(MIXED_FORMS)}")
+        self.mixed = mixed
+        self.gamma = gamma
         self.actor = actor
         self.critic = critic
         self.sample_states = sample_states
@@ -239,8 +311,8 @@ class PARLLoss:
     def active(self, global_step: int) -> bool:
         return global_step > self.parl_start
 
-    def implicit_direction(self, x: LossInputs) -> tuple[torch.Tensor, CGResult, torch.Tensor, torch.Tensor]:
-        """(replay states, the CG result for v, ||g||, D pi[v] on the states)."""
+    def implicit_direction(self, x: LossInputs) -> tuple[torch.Tensor, CGResult, torch.Tensor, dict]:
+        """(replay states, the CG result for v, ||g||, v as tangents: parameter name -> tensor)."""
         p = x.pairs
         batch, length = p.actions1.shape
         named = [(name, q) for name, q in self.actor.named_parameters() if q.requires_grad]
@@ -264,10 +336,28 @@ class PARLLoss:
         objective = soft_actor_objective(self.actor, states, q, x.alpha)
         cg = damped_implicit_vector(objective, params, g, self.cg_iters, self.cg_damping)
         del objective
-        # 3. D pi[v] on the same states.
         tangents = {name: t for (name, _), t in zip(named, unflatten(cg.x, params))}
-        dpi = probability_jvp(self.actor, states, tangents)
-        return states, cg, torch.linalg.vector_norm(g), dpi.detach()
+        return states, cg, torch.linalg.vector_norm(g), tangents
+
+    def mixed_term(self, x: LossInputs, states: torch.Tensor, tangents: dict[str, torch.Tensor]) -> torch.Tensor:
+        """3. The mixed term's surrogate along v (its phi-gradient is d2J/dphi dtheta v): --parl-mixed paper on the
+        minibatch's fragments, one-step on the replay states."""
+        if self.mixed == "one-step":
+            dpi = probability_jvp(self.actor, states, tangents).detach()
+            rewards = self.reward_on(x.model, states)
+            return (dpi.to(rewards.dtype) * rewards).sum(-1).mean()
+        p = x.pairs
+        fragments, length = 2 * p.actions1.shape[0], p.actions1.shape[1]
+        obs = pair_observations(p.frames1, p.frames2, length)
+        actions = torch.cat([p.actions1, p.actions2]).reshape(-1)
+        log_pi, scores = log_probability_jvp(self.actor, obs, actions, tangents, self.policy_chunk)
+        if self.correction.ratios:
+            behaviour = torch.cat([p.behaviour1, p.behaviour2]).reshape(-1)
+            scores = scores * importance_weights(log_pi.exp(), behaviour, self.ratio_clip)
+        rewards = self.reward_on(x.model, obs).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+        return trajectory_mixed_surrogate(
+            rewards.view(fragments, length), scores.view(fragments, length), self.gamma, self.correction.baseline
+        )
 
     def reward_on(self, model: nn.Module, states: torch.Tensor) -> torch.Tensor:
         """r_phi(s, .) with gradient, in the mode the lower level sees it."""
@@ -288,8 +378,8 @@ class PARLLoss:
         metrics = {"bce_grad_norm": torch.linalg.vector_norm(flatten(grads))}
         mixed = torch.zeros((), dtype=bce.dtype, device=bce.device)
         if self.active(x.global_step):
-            states, cg, g_norm, dpi = self.implicit_direction(x)
-            mixed = x.policy_share * (dpi.to(bce.dtype) * self.reward_on(x.model, states)).sum(-1).mean()
+            states, cg, g_norm, tangents = self.implicit_direction(x)
+            mixed = x.policy_share * self.mixed_term(x, states, tangents).to(bce.dtype)
             mixed_grads = gradients(mixed, phi)
             grads = [a + b for a, b in zip(grads, mixed_grads)]
             metrics.update(
@@ -323,7 +413,14 @@ class Args(CorrectionArgs):
         "lambda in (-d2J/dtheta2 + lambda I) v = g: regularises the solve where the actor's "
         "Hessian is singular (softmax shifts) or indefinite (away from the optimum)",
     )
-    hvp_batch: int = flag(256, "replay states on which J, its Hessian-vector products and the mixed term are taken")
+    hvp_batch: int = flag(256, "replay states on which J and its Hessian-vector products are taken")
+    parl_mixed: str = flag(
+        "paper",
+        "the mixed second derivative d2J/dphi dtheta: paper (PARL's eq. 17: discounted reward sums times the "
+        "cumulative scores along the minibatch's fragments) or one-step (the SAC actor objective's with Q held "
+        "fixed, grad Q ~ grad r: SoBiRL's truncation; the form this file had before)",
+        choices=MIXED_FORMS,
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -353,6 +450,8 @@ def make_loss(args: Args, trainer: sac.SACTrainer) -> PARLLoss:
         args.reward_train_mode_in_sac,
         args.implicit_correction,
         args.ratio_clip,
+        args.parl_mixed,
+        args.gamma,
     )
 
 

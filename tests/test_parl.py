@@ -106,9 +106,12 @@ def loss_inputs(pairs: PairBatch, reward: nn.Module, global_step: int = 10) -> L
     return LossInputs(pairs, r1, r2, bce, ALPHA, global_step, model=reward)
 
 
+GAMMA = 0.8
+
+
 def make_parl_loss(q_table, actor, replay_states, **kwargs) -> parl.PARLLoss:
     critic = lambda obs: obs.to(DTYPE) @ q_table
-    options = dict(parl_start=0, cg_iters=100, cg_damping=DAMPING, policy_chunk=7)
+    options = dict(parl_start=0, cg_iters=100, cg_damping=DAMPING, policy_chunk=7, gamma=GAMMA)
     options.update(kwargs)
     return parl.PARLLoss(actor, critic, lambda gen: replay_states, torch.Generator(), **options)
 
@@ -121,9 +124,11 @@ def dense_expected_gradient(
     pairs,
     correction: str = "none",
     ratio_clip: float = 10.0,
+    mixed: str = "paper",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_phi mean BCE + M^T (K + lambda I)^-1 g, M^T (K + lambda I)^-1 g), from dense autograd Hessians of J;
-    g with the off-policy `correction` written out pair by pair and step by step."""
+    """(grad_phi mean BCE + M^T (K + lambda I)^-1 g, M^T (K + lambda I)^-1 g), from dense autograd Hessians: K of
+    the actor objective J on the replay states, M of J (one-step) or of PARL's eq. (17) on the minibatch's fragments
+    (paper); g and the paper's scores with the off-policy `correction` written out pair by pair and step by step."""
     n = S * A
     states = replay_states.to(DTYPE)
     r0 = states @ reward.table.detach()
@@ -139,6 +144,8 @@ def dense_expected_gradient(
     )
     K, M = -hessian[:n, :n], hessian[:n, n:]
     assert torch.linalg.eigvalsh(K + DAMPING * torch.eye(n, dtype=DTYPE)).min() > 0  # CG's assumption holds
+    if mixed == "paper":
+        M = paper_mixed_jacobian(actor, reward, pairs, correction, ratio_clip)
     # g: grad_theta of mean_i l_i (sum_t log pi(a_t|s_t) over both fragments), written out step by step
     theta = actor.table.detach().clone().requires_grad_(True)
     x = loss_inputs(pairs, reward)
@@ -165,10 +172,39 @@ def dense_expected_gradient(
     return explicit.flatten() + implicit, implicit
 
 
-def test_parl_loss_reward_gradient_equals_the_dense_implicit_function_formula():
+def paper_mixed_jacobian(actor, reward, pairs, correction: str, ratio_clip: float) -> torch.Tensor:
+    """d2 Psi / dtheta dphi (theta x phi) of PARL's eq. (17) on the minibatch's 2B fragments, written out:
+    Psi = mean_f sum_h gamma^h r(s_fh, a_fh) chat_fh(theta) / sum_h gamma^h, c_fh = sum_{j<=h} w_fj log pi(a_fj|s_fj),
+    chat = c minus the other fragments' mean c (with a baseline), w the clipped ratios pi/mu as constants."""
+    n = S * A
+    frames = torch.cat([pairs.frames1, pairs.frames2])
+    actions = torch.cat([pairs.actions1, pairs.actions2])
+    behaviour = torch.cat([pairs.behaviour1, pairs.behaviour2])
+    states = frames.argmax(-1)  # (2B, H) one-hot frames -> state ids
+    discount = GAMMA ** torch.arange(H, dtype=DTYPE)
+
+    def psi(z: torch.Tensor) -> torch.Tensor:
+        theta, phi = z[:n].view(S, A), z[n:].view(S, A)
+        log_pi = torch.log_softmax(theta[states], -1).gather(-1, actions[..., None]).squeeze(-1)
+        weights = torch.ones_like(log_pi)
+        if correction in ("ratio", "ratio-baseline"):
+            weights = (log_pi.detach().exp() / behaviour.to(DTYPE)).clamp(max=ratio_clip)
+        c = (weights * log_pi).cumsum(-1)
+        if correction in ("baseline", "ratio-baseline"):
+            c = c - (c.sum(0) - c) / (len(c) - 1)
+        return (phi[states, actions] * c * discount).sum(-1).mean() / discount.sum()
+
+    z = torch.cat([actor.table.detach().flatten(), reward.table.detach().flatten()])
+    return torch.autograd.functional.hessian(psi, z)[:n, n:]
+
+
+@pytest.mark.parametrize("mixed", ["paper", "one-step"])
+def test_parl_loss_reward_gradient_equals_the_dense_implicit_function_formula(mixed):
+    """Breaks if the paper's mixed term summed rewards and scores over other steps than h and j <= h, missed a
+    gamma^h or its normalisation, or read another fragment's scores; likewise for the one-step form."""
     q_table, actor, reward, replay_states, pairs = tabular_case()
-    expected, implicit = dense_expected_gradient(q_table, actor, reward, replay_states, pairs)
-    loss_fn = make_parl_loss(q_table, actor, replay_states)
+    expected, implicit = dense_expected_gradient(q_table, actor, reward, replay_states, pairs, mixed=mixed)
+    loss_fn = make_parl_loss(q_table, actor, replay_states, mixed=mixed)
     x = loss_inputs(pairs, reward)
     loss, metrics = loss_fn(x)
     reward.table.grad = None
@@ -184,13 +220,17 @@ def test_parl_loss_reward_gradient_equals_the_dense_implicit_function_formula():
     assert mixed != 0
 
 
+@pytest.mark.parametrize("mixed", ["paper", "one-step"])
 @pytest.mark.parametrize("correction", ["baseline", "ratio", "ratio-baseline"])
-def test_corrected_parl_gradient_equals_the_dense_formula_with_corrected_g(correction):
-    """SoBiRL's off-policy corrections applied to PARL's g: leave-one-out baseline on l, clipped per-step ratios."""
+def test_corrected_parl_gradient_equals_the_dense_formula_with_corrected_g(correction, mixed):
+    """SoBiRL's off-policy corrections applied to PARL's g (leave-one-out baseline on l, clipped per-step ratios)
+    and, with the paper's mixed term, to its scores (ratios per step, leave-one-out baseline per h)."""
     q_table, actor, reward, replay_states, pairs = tabular_case()
-    expected, implicit = dense_expected_gradient(q_table, actor, reward, replay_states, pairs, correction, 2.0)
-    plain, _ = dense_expected_gradient(q_table, actor, reward, replay_states, pairs)
-    loss, _ = make_parl_loss(q_table, actor, replay_states, correction=correction, ratio_clip=2.0)(
+    expected, implicit = dense_expected_gradient(
+        q_table, actor, reward, replay_states, pairs, correction, 2.0, mixed=mixed
+    )
+    plain, _ = dense_expected_gradient(q_table, actor, reward, replay_states, pairs, mixed=mixed)
+    loss, _ = make_parl_loss(q_table, actor, replay_states, correction=correction, ratio_clip=2.0, mixed=mixed)(
         loss_inputs(pairs, reward)
     )
     loss.backward()
@@ -307,3 +347,68 @@ def test_parl_bad_flags_are_one_line_errors(tmp_path, capsys, flags, words):
     assert len(lines) == 1 and "Traceback" not in lines[0], lines
     assert all(word in lines[0] for word in words), lines[0]
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paper's mixed term against the exact one: a tabular MDP with gamma = 0.9
+
+
+def exact_mixed_case(seed: int = 0):
+    """A 3-state, 2-action soft MDP whose reward table is phi itself, at its soft-optimal policy; returns the
+    instance, theta*, and the exact mixed Jacobian M = d2J/dtheta dphi (theta x phi) of its discounted return."""
+    from agents.exact.tabular_bilevel import TabularInstance, lower_derivatives
+
+    base = make_instance(num_states=3, num_actions=2, gamma=0.9, tau=0.7, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    phi = torch.randn(6, generator=g, dtype=DTYPE)
+    inst = TabularInstance(base.P, torch.eye(6, dtype=DTYPE).view(3, 2, 6), base.rho0, base.true_reward, phi,
+                           base.gamma, base.tau)  # fmt: skip
+    theta = optimal_logits(inst, phi)
+    return inst, theta, lower_derivatives(theta, phi, inst).M
+
+
+def on_policy_fragments(inst, pi: torch.Tensor, count: int, length: int, generator: torch.Generator):
+    """`count` fragments of `length` steps from the initial distribution under pi: (states, actions) (count, length)."""
+    s = torch.multinomial(inst.rho0, count, replacement=True, generator=generator)
+    states, actions = [], []
+    for _ in range(length):
+        a = torch.multinomial(pi[s], 1, generator=generator).squeeze(-1)
+        states.append(s)
+        actions.append(a)
+        s = torch.multinomial(inst.P[s, a], 1, generator=generator).squeeze(-1)
+    return torch.stack(states, 1), torch.stack(actions, 1)
+
+
+@pytest.mark.parametrize("correction,bound", [("none", 0.05), ("baseline", 0.02)])
+def test_the_paper_mixed_term_approaches_the_exact_one_as_fragments_grow_and_one_step_does_not(correction, bound):
+    """PARLLoss's mixed term along a direction v, on on-policy fragments from the initial distribution, against
+    the exact (1 - gamma) M^T v of the tabular MDP (the (1 - gamma) of a replay-state Hessian's normalisation): the
+    paper's form converges as the fragments lengthen (the baseline only lowers its variance), while the one-step
+    form, on replay states drawn from the exact discounted state distribution, stays biased at every length (it
+    replaces grad Q by grad r). Breaks if the paper's form truncated at one step, or dropped the discount."""
+    from agents.exact.tabular_bilevel import state_occupancy
+
+    inst, theta, M = exact_mixed_case()
+    pi = torch.softmax(theta, -1)
+    v = torch.randn(6, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    target = (1 - inst.gamma) * M.T @ v
+    actor, reward = Table(theta), Table(inst.phi.view(3, 2))
+    onehot = lambda s: F.one_hot(s, 3).to(torch.uint8)
+    occupancy = (1 - inst.gamma) * state_occupancy(inst.P, pi, inst.rho0, inst.gamma)
+    replay_states = onehot(torch.repeat_interleave(torch.arange(3), torch.round(occupancy * 4000).long()))
+
+    def error(mixed: str, length: int) -> float:
+        states, actions = on_policy_fragments(inst, pi, 16000, length, torch.Generator().manual_seed(1))
+        half, mu = 8000, pi[states, actions].float()
+        pairs = PairBatch(onehot(states[:half]), actions[:half], onehot(states[half:]), actions[half:],
+                          torch.zeros(half), torch.zeros(half), torch.zeros(half), mu[:half], mu[half:])  # fmt: skip
+        loss_fn = make_parl_loss(theta, actor, replay_states, mixed=mixed, correction=correction, gamma=inst.gamma,
+                                 policy_chunk=100_000)  # fmt: skip
+        x = LossInputs(pairs, None, None, None, inst.tau, 10, model=reward)
+        (grad,) = torch.autograd.grad(loss_fn.mixed_term(x, replay_states, {"table": v.view(3, 2)}), reward.table)
+        return float(relative_error(grad.flatten(), target))
+
+    paper = [error("paper", length) for length in (4, 16, 48)]
+    assert paper[0] > paper[1] > paper[2] and paper[2] < bound, paper
+    one_step = [error("one-step", length) for length in (4, 48)]
+    assert min(one_step) > 0.09, one_step

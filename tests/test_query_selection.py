@@ -179,27 +179,48 @@ def test_the_teacher_gets_the_most_uncertain_candidates(tmp_path, monkeypatch):
     assert differs_from_first
 
 
+def extra_gradient(loss_fn, x, params) -> torch.Tensor:
+    """The gradient of what a loss adds to the cross-entropy (its value minus the mean BCE) in `params`."""
+    loss, _ = loss_fn(x)
+    grads = torch.autograd.grad(loss - x.bce.mean(), params, retain_graph=True, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
+
+
 def test_policy_side_terms_scale_with_the_members_share():
-    """An ensemble member supplies 1/K of the policy's reward: SoBiRL's implicit term scales by policy_share."""
+    """An ensemble member supplies 1/K of the policy's reward, so every term that goes through the policy scales by
+    its share, in value and in gradient: SoBiRL's implicit term, A-PARL's mixed term, the penalty's value gap and
+    AIHF's demonstration term. Breaks if any of them ignored policy_share (its gradient would not scale)."""
+    from dataclasses import replace
+
+    from agents import penalty
     from agents.pipeline.losses import LossInputs
     from agents.sobirl import SoBiRLLoss
+    from tests.test_aihf import LinearReward, fixed_loss
+    from tests.test_aihf import loss_inputs as aihf_inputs
     from tests.test_parl import loss_inputs, make_parl_loss, tabular_case
+    from tests.test_penalty import case as penalty_case
+    from tests.test_penalty import inputs as penalty_inputs
 
     q_table, actor, reward, replay_states, pairs = tabular_case()
     x = loss_inputs(pairs, reward)
     pi = torch.softmax(torch.randn(*x.r1.shape, generator=torch.Generator().manual_seed(0)), -1)
-    for share in (1.0, 1 / 3):
-        sobirl = SoBiRLLoss(hyper_start=0)(LossInputs(pairs, x.r1, x.r2, x.bce, 0.5, 10, pi, pi, reward, share))[0]
-        parl_loss = make_parl_loss(q_table, actor, replay_states)(
-            LossInputs(pairs, x.r1, x.r2, x.bce, x.alpha, 10, model=reward, policy_share=share)
-        )[0]
-        bce = float(x.bce.mean().detach())
-        if share == 1.0:
-            full_sobirl, full_parl = float(sobirl.detach()) - bce, float(parl_loss.detach()) - bce
-            assert abs(full_sobirl) > 1e-6 and abs(full_parl) > 1e-6
-        else:
-            assert float(sobirl.detach()) - bce == pytest.approx(full_sobirl / 3, rel=1e-9)
-            assert float(parl_loss.detach()) - bce == pytest.approx(full_parl / 3, rel=1e-9)
+    sobirl_x = LossInputs(pairs, x.r1, x.r2, x.bce, 0.5, 10, pi, pi, reward)
+    penalty_model, p_pairs, fragments, _ = penalty_case()
+    penalty_loss = penalty.PenaltyLoss(1.0, 0.9)
+    penalty_loss.draw = lambda: fragments
+    torch.manual_seed(0)
+    aihf_model = LinearReward()
+    cases = {
+        "sobirl": (SoBiRLLoss(hyper_start=0), sobirl_x, [reward.table]),
+        "parl": (make_parl_loss(q_table, actor, replay_states), x, [reward.table]),
+        "penalty": (penalty_loss, penalty_inputs(penalty_model, p_pairs), [penalty_model.table]),
+        "aihf": (fixed_loss(4, 0.7, 0.9), aihf_inputs(aihf_model, constant_pairs=True), list(aihf_model.parameters())),
+    }
+    for name, (loss_fn, inputs, params) in cases.items():
+        full = extra_gradient(loss_fn, replace(inputs, policy_share=1.0), params)
+        third = extra_gradient(loss_fn, replace(inputs, policy_share=1 / 3), params)
+        assert full.abs().max() > 1e-6, name
+        torch.testing.assert_close(third, full / 3, rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_resume_refuses_a_selection_flag_the_checkpoint_predates(tmp_path, capsys):

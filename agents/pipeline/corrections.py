@@ -22,7 +22,8 @@ from agents.pipeline.learner import PreferenceArgs
 
 
 def leave_one_out_baseline(losses: torch.Tensor) -> torch.Tensor:
-    """For each pair, the mean cross-entropy of the other pairs of the minibatch (0 for a minibatch of one).
+    """For each row i (a pair, or a fragment), the mean over the other rows of the minibatch (0 for a minibatch of
+    one); rows are along dim 0, so a (N, H) tensor gets a baseline per column.
 
     Subtracting it keeps the estimator unbiased: the baseline of pair i does not depend on pair i, and the score
     function has mean zero under the policy that drew it. (The plain minibatch mean includes pair i itself and
@@ -31,7 +32,7 @@ def leave_one_out_baseline(losses: torch.Tensor) -> torch.Tensor:
     count = losses.shape[0]
     if count < 2:
         return torch.zeros_like(losses)
-    return (losses.sum() - losses) / (count - 1)
+    return (losses.sum(0) - losses) / (count - 1)
 
 
 def importance_weights(pi_taken: torch.Tensor, mu_taken: torch.Tensor, clip: float) -> torch.Tensor:
