@@ -58,6 +58,7 @@ class Arm:
     label: str = ""  # legend text
     seeds: int = 5  # the arm runs seeds 1..seeds
     frozen_from: str = ""  # SAC from scratch on the final reward model of this arm's run (same game and seed)
+    demos: bool = False  # AIHF: --demos, recorded from the benchmark's demonstration source (Benchmark.demos)
 
     @property
     def title(self) -> str:
@@ -81,6 +82,9 @@ class Benchmark:
     comparisons: tuple[tuple[str, str], ...] = ()
     # Whether its summaries belong in docs/results (committed); otherwise they stay under the runs folder.
     committed: bool = True
+    # Where demonstrations come from (arms with demos=True): (benchmark, arm, seed, steps): the finished run of that
+    # arm and seed on each game, whose policy `sobirl/demos.py record` plays for that many steps (whole games kept).
+    demos: tuple[str, str, int, int] | None = None
 
     def arm(self, name: str) -> Arm:
         for arm in self.arms:
@@ -162,6 +166,42 @@ BENCHMARKS: dict[str, Benchmark] = {
                 ("sobirl_quirks", "drlhf_quirks"),
                 ("drlhf", "sac"),
             ),
+        ),
+        Benchmark(
+            "sigma",
+            "Pilot for the penalty method's sigma (one number on both sides, in units of the discounted return): three "
+            "values a decade apart on MinAtar SpaceInvaders at the main benchmark's budget, 2 seeds each, to choose "
+            "the sigma of the peers benchmark before its runs.",
+            games=("SpaceInvaders",),
+            steps=100_000,
+            common=PROVING_GROUND,
+            arms=tuple(
+                Arm(
+                    f"penalty_sigma{sigma}",
+                    "penalty",
+                    (*PREF, "--penalty-start", "20000", "--inner-split", "half", "--sigma", sigma),
+                    f"penalty, sigma = {sigma}",
+                    seeds=2,
+                )
+                for sigma in ("1", "10", "100")
+            ),
+            baselines_from="main",
+        ),
+        Benchmark(
+            "peers",
+            "The peer methods of the source papers on the main benchmark's games and budget: A-PARL with PARL's "
+            "mixed term (eq. 17), AIHF with w1 = 0.01 fixed before the runs (demonstrations: 10k steps of each game's "
+            "SAC seed-1 policy from main), 5 seeds; random play, SAC and DRLHF come from main.",
+            games=("SpaceInvaders", "Breakout", "Seaquest"),
+            steps=100_000,
+            common=PROVING_GROUND,
+            arms=(
+                Arm("parl", "parl", (*PREF, "--parl-start", "20000"), "A-PARL (PARL's mixed term)"),
+                Arm("aihf", "aihf", (*PREF, "--demo-weight", "0.01"), "AIHF, w1 = 0.01", demos=True),
+            ),
+            baselines_from="main",
+            comparisons=(("parl", "drlhf"), ("aihf", "drlhf")),
+            demos=("main", "sac", 1, 10_000),
         ),
         Benchmark(
             "robustness",
@@ -254,8 +294,33 @@ BENCHMARKS: dict[str, Benchmark] = {
                     seeds=2,
                 ),
                 Arm("drlhf_frozen", "sac", (), seeds=1, frozen_from="drlhf"),
+                Arm(
+                    "aihf",
+                    "aihf",
+                    (
+                        "--inner-steps",
+                        "500",
+                        "--initial-pairs",
+                        "10",
+                        "--warmup-epochs",
+                        "2",
+                        "--total-pairs",
+                        "30",
+                        "--schedule-iterations",
+                        "3",
+                        "--pair-buffer",
+                        "30",
+                        "--fragment-length",
+                        "10",
+                        "--demo-batch",
+                        "8",
+                    ),  # fmt: skip
+                    seeds=1,
+                    demos=True,
+                ),
             ),
             comparisons=(("drlhf", "sac"),),
+            demos=("smoke", "sac", 1, 1000),
             committed=False,
         ),
     )
@@ -304,10 +369,24 @@ class Job:
 
     @property
     def source(self) -> Job | None:
-        """The run whose final reward model a frozen-reward job trains on."""
-        if not self.arm.frozen_from:
-            return None
-        return Job(self.bench, self.game, self.bench.arm(self.arm.frozen_from), self.seed)
+        """The run this job needs finished first: the one whose final reward model a frozen-reward job trains on,
+        or the one whose policy records an AIHF job's demonstrations."""
+        if self.arm.frozen_from:
+            return Job(self.bench, self.game, self.bench.arm(self.arm.frozen_from), self.seed)
+        if self.arm.demos:
+            bench_name, arm_name, seed, _ = self.bench.demos
+            bench = BENCHMARKS[bench_name]
+            return Job(bench, self.game, bench.arm(arm_name), seed)
+        return None
+
+    def demos_path(self, layout: Layout) -> Path:
+        return layout.runs / self.bench.name / "demos" / f"{self.game}.npz"
+
+    def demos_command(self, layout: Layout, python: str = "python") -> list[str]:
+        """`sobirl/demos.py record` of the source run's policy: every whole game of the declared steps kept."""
+        source, steps = self.source.run_dir(layout), self.bench.demos[3]
+        return [python, "sobirl/demos.py", "record", "--checkpoint", str(source), "--steps", str(steps),
+                "--out", str(self.demos_path(layout))]  # fmt: skip
 
     def flags(self, layout: Layout) -> list[str]:
         """Every flag of a fresh start, in the order the entry point reads them (later ones win in argparse, so the
@@ -315,8 +394,10 @@ class Job:
         run_dir = self.run_dir(layout)
         flags = ["--algo", self.arm.algo, "--env-id", env_id(self.game), "--seed", str(self.seed)]
         flags += ["--total-timesteps", str(self.bench.steps), *self.bench.common, *self.arm.flags]
-        if self.source is not None:
+        if self.arm.frozen_from:
             flags += ["--frozen-reward", str(self.source.run_dir(layout))]
+        if self.arm.demos:
+            flags += ["--demos", str(self.demos_path(layout))]
         flags += ["--exp-name", self.arm.name, "--runs-dir", str(run_dir.parent), "--run-name", run_dir.name]
         return flags + ["--no-progress"]
 
@@ -519,7 +600,8 @@ def summarize_run(job: Job, layout: Layout) -> dict:
         "arm": job.arm.name,
         "algo": meta.get("algo"),
         "seed": job.seed,
-        "frozen_from": job.source.key if job.source else None,
+        "frozen_from": job.source.key if job.arm.frozen_from else None,
+        "demos_from": job.source.key if job.arm.demos else None,
         "command": shlex.join(job.command(layout)),
         "flags": meta.get("args"),
         "global_step": int(meta["global_step"]),
@@ -699,6 +781,8 @@ class Runner:
         if state == "complete":
             print(f"summary: {job.key} ({write_summary(job, layout)})", flush=True)
             return
+        if job.arm.demos and not job.demos_path(layout).is_file() and not self.record_demos(job):
+            return
         if state == "partial":
             event, command = "resume", job.resume_command(layout, sys.executable)
         else:
@@ -736,6 +820,28 @@ class Runner:
         else:
             self.failed.append((job, rc))
             print(f"FAILED: {job.key} exit {rc}; see {job.log_path(layout)}", flush=True)
+
+    def record_demos(self, job: Job) -> bool:
+        """Record the job's demonstrations (once per game, under a lock of their own); False if that failed."""
+        path = job.demos_path(self.layout)
+        lock = path.with_suffix(".lock")
+        while not claim(lock):
+            time.sleep(2)  # another worker is recording them
+        try:
+            if path.is_file():
+                return True
+            command = job.demos_command(self.layout, sys.executable)
+            print(f"demos: {shlex.join(command)}", flush=True)
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
+            with open(path.with_suffix(".log"), "a") as log:
+                rc = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            if rc != 0:
+                self.failed.append((job, rc))
+                print(f"FAILED: demonstrations for {job.key} (exit {rc}); see {path.with_suffix('.log')}", flush=True)
+            return rc == 0
+        finally:
+            lock.unlink(missing_ok=True)
 
     # -- stopping --------------------------------------------------------------------------------------------------
 

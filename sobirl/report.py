@@ -191,13 +191,23 @@ def aggregate_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str,
     return lines, matrices
 
 
+def arm_title(bench, name: str) -> str:
+    """An arm's legend text, from this benchmark or the one it takes its baselines from."""
+    from sobirl.benchmark import BENCHMARKS
+
+    for source in (bench, BENCHMARKS.get(bench.baselines_from)):
+        if source is not None and any(arm.name == name for arm in source.arms):
+            return source.arm(name).title
+    return name
+
+
 def improvement_table(bench, cells, base, reps: int) -> list[str]:
     games = [g for g in bench.games if g in base]
     lines = ["| comparison | runs per game | P(X > Y) [95% CI] |", "|---|---|---|"]
     pairs, counts = {}, {}
     for x, y in bench.comparisons:
         seeds = sorted(set(common_seeds(cells, x, games)) & set(common_seeds(cells, y, games)))
-        name = f"{bench.arm(x).title} vs {bench.arm(y).title}"
+        name = f"{arm_title(bench, x)} vs {arm_title(bench, y)}"
         if len(seeds) < MIN_RUNS:
             lines.append(f"| {name} | {len(seeds)} | — (fewer than {MIN_RUNS} runs) |")
             continue
@@ -415,7 +425,9 @@ def write_report(bench, layout, reps: int = 2000) -> Path:
         for game, why in missing.items():
             page += [f"Left out of the aggregate: {game} ({why}).", ""]
         if bench.comparisons:
-            page += ["## Probability of improvement", "", *improvement_table(bench, cells, base, reps), ""]
+            # Comparisons may name the baseline benchmark's arms (DRLHF in main): their runs join this page's cells.
+            compared = {**{k: v for k, v in baseline_cells.items() if k not in cells}, **cells}
+            page += ["## Probability of improvement", "", *improvement_table(bench, compared, base, reps), ""]
         draw_aggregate(bench, cells, base, matrices, folder / "aggregate.png", reps)
         page += ["![aggregate](aggregate.png)", ""]
     diagnostics = diagnostics_table(bench, cells)
