@@ -112,6 +112,8 @@ def preference_budget(labels: int, iterations: int = 20, initial: int = 0) -> tu
 
 
 PREF = preference_budget(1000)
+SMOKE_PREF = ("--inner-steps", "500", "--initial-pairs", "10", "--warmup-epochs", "2", "--total-pairs", "30",
+              "--schedule-iterations", "3", "--pair-buffer", "30", "--fragment-length", "10")  # fmt: skip
 RANDOM = Arm("random", "sac", ("--learning-starts", "100000000"), "Random policy", seeds=10)
 SAC = Arm("sac", "sac", (), "SAC-discrete (true reward)", seeds=10)
 DRLHF = Arm("drlhf", "drlhf", PREF, "DRLHF", seeds=10)
@@ -272,52 +274,9 @@ BENCHMARKS: dict[str, Benchmark] = {
             arms=(
                 Arm("random", "sac", ("--learning-starts", "100000000"), seeds=2),
                 Arm("sac", "sac", (), seeds=2),
-                Arm(
-                    "drlhf",
-                    "drlhf",
-                    (
-                        "--inner-steps",
-                        "500",
-                        "--initial-pairs",
-                        "10",
-                        "--warmup-epochs",
-                        "2",
-                        "--total-pairs",
-                        "30",
-                        "--schedule-iterations",
-                        "3",
-                        "--pair-buffer",
-                        "30",
-                        "--fragment-length",
-                        "10",
-                    ),  # fmt: skip
-                    seeds=2,
-                ),
+                Arm("drlhf", "drlhf", SMOKE_PREF, seeds=2),
                 Arm("drlhf_frozen", "sac", (), seeds=1, frozen_from="drlhf"),
-                Arm(
-                    "aihf",
-                    "aihf",
-                    (
-                        "--inner-steps",
-                        "500",
-                        "--initial-pairs",
-                        "10",
-                        "--warmup-epochs",
-                        "2",
-                        "--total-pairs",
-                        "30",
-                        "--schedule-iterations",
-                        "3",
-                        "--pair-buffer",
-                        "30",
-                        "--fragment-length",
-                        "10",
-                        "--demo-batch",
-                        "8",
-                    ),  # fmt: skip
-                    seeds=1,
-                    demos=True,
-                ),
+                Arm("aihf", "aihf", (*SMOKE_PREF, "--demo-batch", "8"), seeds=1, demos=True),
             ),
             comparisons=(("drlhf", "sac"),),
             demos=("smoke", "sac", 1, 1000),
