@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from agents.pipeline.losses import LossInputs
 from agents.pipeline.pairs import PairBatch
-from agents.sobirl import SoBiRLLoss, implicit_term, sobirl_loss, sobirl_loss_terms
+from agents.sobirl import SoBiRLLoss, sobirl_loss, sobirl_loss_terms
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -269,25 +269,35 @@ def test_baseline_subtracts_the_other_pairs_mean_cross_entropy_from_the_implicit
 
 
 def previous_class_formula(x: LossInputs, ratio_clip, baseline, ratios, learned_from, clamp_aware):
-    """What SoBiRLLoss computed before it went through sobirl_loss_terms (its own copy of estimator (78))."""
-    from agents.pipeline.corrections import importance_weights
-
+    """What SoBiRLLoss computed before it went through sobirl_loss_terms (its own copy of estimator (78)), written
+    out here without the module's helpers: (loss, the ratios' mean and share at the clip, or None)."""
     p = x.pairs
     r1, r2 = (x.r1.clamp(-1.0, 1.0), x.r2.clamp(-1.0, 1.0)) if clamp_aware else (x.r1, x.r2)
-    w1 = w2 = None
-    if ratios:
-        taken = lambda pi, a: pi.gather(-1, a.long().unsqueeze(-1)).squeeze(-1)
-        w1 = importance_weights(taken(x.pi1, p.actions1), p.behaviour1, ratio_clip)
-        w2 = importance_weights(taken(x.pi2, p.actions2), p.behaviour2, ratio_clip)
-    hyper = implicit_term(x.bce, r1, p.actions1, x.pi1, r2, p.actions2, x.pi2, 1.0 / x.alpha, baseline, w1, w2)
+    taken = lambda values, a: values.gather(-1, a.long().unsqueeze(-1)).squeeze(-1)
+    raw = torch.cat([taken(x.pi1, p.actions1) / p.behaviour1, taken(x.pi2, p.actions2) / p.behaviour2])
+    w1, w2 = raw.clamp(max=ratio_clip).chunk(2) if ratios else (1.0, 1.0)
+
+    def weighted_advantages(r, a, pi, w):
+        return ((taken(r, a) - (r * pi.detach()).sum(-1)) * w).sum(-1)
+
+    weight = x.bce.detach()
+    if baseline:
+        weight = weight - (weight.sum() - weight) / (len(weight) - 1)
+    hyper = weight / x.alpha * (weighted_advantages(r1, p.actions1, x.pi1, w1) +
+                                weighted_advantages(r2, p.actions2, x.pi2, w2))  # fmt: skip
     if learned_from is not None:
         hyper = hyper * (p.collected >= learned_from).to(hyper.dtype)
-    return x.bce.mean() + x.policy_share * hyper.mean()
+    ratio_stats = (raw.clamp(max=ratio_clip).mean(), (raw >= ratio_clip).float().mean()) if ratios else None
+    return x.bce.mean() + x.policy_share * hyper.mean(), ratio_stats
 
 
 @pytest.mark.parametrize("correction", ["none", "baseline", "ratio", "ratio-baseline"])
-@pytest.mark.parametrize("implicit_pairs,clamp_aware,share", [("all", False, 1.0), ("learned", True, 1 / 3)])
+@pytest.mark.parametrize("implicit_pairs", ["all", "learned"])
+@pytest.mark.parametrize("clamp_aware", [False, True])
+@pytest.mark.parametrize("share", [1.0, 1 / 3])
 def test_the_class_computes_what_it_did_before_for_every_flag(correction, implicit_pairs, clamp_aware, share):
+    """Every combination of --implicit-correction, --implicit-pairs, --clamp-aware and the ensemble's policy share:
+    the same loss value and the same gradients in r1 and r2 as the class's own copy of the formula had."""
     r1, a1, pi1, r2, a2, pi2, y = random_batch(seed=6)
     r1, r2 = 2 * r1.detach().requires_grad_(True), 2 * r2.detach().requires_grad_(True)  # some beyond the clamp
     g = torch.Generator().manual_seed(6)
@@ -305,9 +315,12 @@ def test_the_class_computes_what_it_did_before_for_every_flag(correction, implic
     loss, metrics = loss_fn(x)
     ratios, baseline = correction in ("ratio", "ratio-baseline"), correction in ("baseline", "ratio-baseline")
     learned_from = 100 if implicit_pairs == "learned" else None
-    expected = previous_class_formula(x, 2.0, baseline, ratios, learned_from, clamp_aware)
+    expected, ratio_stats = previous_class_formula(x, 2.0, baseline, ratios, learned_from, clamp_aware)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     grads = torch.autograd.grad(loss, (r1, r2), retain_graph=True)
     torch.testing.assert_close(grads, torch.autograd.grad(expected, (r1, r2)), rtol=1e-12, atol=1e-12)
-    if ratios:
-        assert 0 < float(metrics["ratio_clipped"]) < 1  # some weights hit the clip of 2
+    if ratios:  # reward/ratio_mean and reward/ratio_clipped: the share of raw ratios pi/mu at or past the clip of 2
+        mean, clipped = ratio_stats
+        assert 0 < float(clipped) < 1
+        torch.testing.assert_close(metrics["ratio_mean"], mean.to(metrics["ratio_mean"].dtype))
+        assert float(metrics["ratio_clipped"]) == pytest.approx(float(clipped))
