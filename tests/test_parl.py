@@ -331,12 +331,31 @@ def test_parl_runs_on_minatar_and_resumes(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "argv, mixed, gamma",
+    [([], "paper", 0.99), (["--parl-mixed", "one-step", "--gamma", "0.9"], "one-step", 0.9)],
+)
+def test_the_paper_mixed_term_is_the_default_and_the_flags_reach_the_loss(argv, mixed, gamma):
+    """--parl-mixed (default paper) and the lower level's --gamma, which discounts the paper's mixed term, are the
+    ones the loss uses. Breaks if make_loss dropped either (the loss's own defaults are paper and 0.99)."""
+    from types import SimpleNamespace
+
+    from agents.infra.cli import parse_args
+
+    args = parse_args(parl.Args, argv)
+    agent = SimpleNamespace(actor=nn.Linear(2, 3), qf1=None, qf2=None)
+    trainer = SimpleNamespace(agent=agent, buffer=None, device=torch.device("cpu"))
+    loss_fn = parl.make_loss(args, trainer)
+    assert (args.parl_mixed, loss_fn.mixed, loss_fn.gamma) == (mixed, mixed, gamma)
+
+
+@pytest.mark.parametrize(
     "flags, words",
     [
         (["--cg-iters", "0"], ["--cg-iters", "positive"]),
         (["--cg-damping", "-0.1"], ["--cg-damping", "non-negative"]),
         (["--hvp-batch", "0"], ["--hvp-batch"]),
         (["--parl-start", "-1"], ["--parl-start"]),
+        (["--parl-mixed", "two-step"], ["--parl-mixed", "two-step"]),
     ],
 )
 def test_parl_bad_flags_are_one_line_errors(tmp_path, capsys, flags, words):
