@@ -401,19 +401,22 @@ def test_reward_function_uses_eval_mode_and_taken_actions():
 def test_each_pair_records_the_env_step_its_older_fragment_began(num_envs):
     """`collected` drives --implicit-pairs learned and reward/offpolicy_share: in a replay whose reward at each step
     is the env step it was taken at, a pair's collected step is the smaller first reward of its two fragments.
-    Breaks if the age were off by one, or counted in vector steps instead of env steps."""
+    Breaks if the age were off by one, or counted in vector steps instead of env steps. The behaviour probability
+    mu, which the ratio corrections divide by, must be each step's own: breaks if a pair took the other fragment's
+    or a neighbouring step's."""
     from types import SimpleNamespace
 
     from agents.pipeline.learner import PreferenceLearner
     from agents.pipeline.replay import FrameReplayBuffer
 
     buffer = FrameReplayBuffer(400, num_envs, (1, 4, 4), 1, "cpu")
+    mu_of = lambda step: (0.1 + (np.asarray(step, np.float64) % 89) / 100).astype(np.float32)  # names its step
     steps = 150
     for vector_step in range(steps):
         env_step = vector_step * num_envs
         buffer.add(np.zeros((num_envs, 1, 4, 4), np.uint8), np.zeros(num_envs, np.int64),
                    np.full(num_envs, float(env_step)), np.zeros(num_envs, bool), np.zeros(num_envs, bool),
-                   np.full(num_envs, 0.5, np.float32))  # fmt: skip
+                   mu_of(np.full(num_envs, float(env_step))))  # fmt: skip
     trainer = SimpleNamespace(
         global_step=steps * num_envs,
         recent_fragments=lambda count, length, window, gen: buffer.recent_fragments(length, count, window, gen),
@@ -425,3 +428,5 @@ def test_each_pair_records_the_env_step_its_older_fragment_began(num_envs):
     began = torch.minimum(pairs.rewards1[:, 0], pairs.rewards2[:, 0]).long()
     assert torch.equal(pairs.collected, began)
     assert len(set(pairs.collected.tolist())) > 5
+    assert torch.equal(pairs.behaviour1, torch.from_numpy(mu_of(pairs.rewards1.numpy())))
+    assert torch.equal(pairs.behaviour2, torch.from_numpy(mu_of(pairs.rewards2.numpy())))
