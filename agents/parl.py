@@ -22,8 +22,10 @@ The mixed term, --parl-mixed:
     paper     PARL's eq. (17), grad2 J / dphi dtheta = E[ sum_h gamma^h grad_phi r(s_h, a_h) (sum_{j<=h}
               grad_theta log pi(a_j|s_j))^T ], estimated on the minibatch's stored fragments (each taken as a
               trajectory from its first state, truncated at its H steps) and normalised by sum_{h<H} gamma^h, the
-              normalisation of the replay-state Hessian above (exact as H grows, for fragments from the initial
-              distribution). Its product with v is the phi-gradient of the surrogate
+              normalisation of the replay-state Hessian above (exact as H grows when the replay states follow
+              the discounted state distribution of the fragments' start states, e.g. fragments from the initial
+              distribution and replay states from its occupancy; docs/algorithms.md §8). Its product with v is the
+              phi-gradient of the surrogate
                   mean_fragments sum_h gamma^h r_phi(s_h, a_h) c_h / sum_h gamma^h,   c_h = sum_{j<=h} w_j Dlog pi_j[v],
               Dlog pi_j[v] the directional derivative of log pi(a_j|s_j) along v (forward mode), w_j the clipped
               ratio pi/mu with a ratio correction (else 1), and with a baseline c_h minus the leave-one-out mean of
