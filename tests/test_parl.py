@@ -489,3 +489,26 @@ def test_parl_loss_approaches_the_exact_hypergradient_as_fragments_grow_and_one_
     paper_long, one_step_long = implicit_errors(32, ("paper", "one-step"))
     assert paper[0] > paper[1] > paper_long and paper_long < 0.03, (paper, paper_long)
     assert one_step_long > 0.1, one_step_long
+
+
+def test_the_implicit_jacobian_needs_k_and_m_from_one_state_distribution_not_a_particular_one():
+    """docs/algorithms.md §8: the pipeline's fragments start mid-rollout, not at s_0 ~ rho0. For tabular logits
+    K^+ M (d theta*/d phi) is the same whatever the start distribution, as long as K and M come from the same one;
+    K from one distribution and M from another weights each state by the ratio of the two, and is wrong."""
+    from agents.exact.tabular_bilevel import TabularInstance, lower_derivatives
+
+    inst, theta, _ = exact_mixed_case()
+    starts = (inst.rho0, torch.tensor([0.8, 0.1, 0.1], dtype=DTYPE), torch.tensor([0.05, 0.05, 0.9], dtype=DTYPE))
+    derivatives = [
+        lower_derivatives(
+            theta,
+            inst.phi,
+            TabularInstance(inst.P, inst.features, rho, inst.true_reward, inst.phi, inst.gamma, inst.tau),
+        )
+        for rho in starts
+    ]
+    jacobian = lambda K, M: torch.linalg.pinv(K, rtol=1e-10) @ M
+    reference = jacobian(derivatives[0].K, derivatives[0].M)
+    for d in derivatives[1:]:
+        torch.testing.assert_close(jacobian(d.K, d.M), reference, rtol=1e-10, atol=1e-12)
+    assert relative_error(jacobian(derivatives[1].K, derivatives[2].M), reference) > 0.1
