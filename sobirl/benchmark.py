@@ -85,6 +85,9 @@ class Benchmark:
     # Where demonstrations come from (arms with demos=True): (benchmark, arm, seed, steps): the finished run of that
     # arm and seed on each game, whose policy `sobirl/demos.py record` plays for that many steps (whole games kept).
     demos: tuple[str, str, int, int] | None = None
+    # Its seeds are seed_offset + 1 ... seed_offset + each arm's count (a pilot on seeds the benchmarks it informs
+    # do not use, so that choosing by its results does not select on those benchmarks' own runs).
+    seed_offset: int = 0
 
     def arm(self, name: str) -> Arm:
         for arm in self.arms:
@@ -172,8 +175,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark(
             "sigma",
             "Pilot for the penalty method's sigma (one number on both sides, in units of the discounted return): three "
-            "values a decade apart on MinAtar SpaceInvaders at the main benchmark's budget, 2 seeds each, to choose "
-            "the sigma of the peers benchmark before its runs.",
+            "values a decade apart on MinAtar SpaceInvaders at the main benchmark's budget, 2 seeds each (seeds 101 "
+            "and 102, which no other benchmark uses), to choose the sigma of the peers benchmark before its runs.",
             games=("SpaceInvaders",),
             steps=100_000,
             common=PROVING_GROUND,
@@ -188,6 +191,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                 for sigma in ("1", "10", "100")
             ),
             baselines_from="main",
+            seed_offset=100,
         ),
         Benchmark(
             "peers",
@@ -391,14 +395,14 @@ def select_jobs(
     for game in games:
         require(game in bench.games, f"--games {game}: benchmark {bench.name} plays {', '.join(bench.games)}")
     chosen_arms = [bench.arm(name) for name in arms] if arms else list(bench.arms)
-    top = max(arm.seeds for arm in chosen_arms)
+    top, offset = max(arm.seeds for arm in chosen_arms), bench.seed_offset
     return [
         Job(bench, game, arm, seed)
-        for seed in range(1, top + 1)
+        for seed in range(offset + 1, offset + top + 1)
         if seeds is None or seed in seeds
         for game in (games or bench.games)
         for arm in chosen_arms
-        if seed <= arm.seeds
+        if seed - offset <= arm.seeds
     ]
 
 
