@@ -142,10 +142,9 @@ class Args:
             f"--run-name {self.run_name!r} must be one folder name (no '/')",
         )
         if self.capture_video:
-            require(
-                importlib.util.find_spec("moviepy") is not None,
-                '--capture-video needs moviepy: pip install -e ".[video]"',
-            )
+            needed = {"moviepy": "moviepy", "cv2": "opencv-python-headless"}  # module -> package
+            missing = [package for module, package in needed.items() if importlib.util.find_spec(module) is None]
+            require(not missing, f'--capture-video needs {" and ".join(missing)}: pip install -e ".[video]"')
         require(0.0 <= self.gamma < 1.0, f"--gamma must be in [0, 1), got {self.gamma}")
         require(
             self.batch_size <= self.buffer_size,

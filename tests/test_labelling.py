@@ -3,9 +3,11 @@ real-browser session (headless Chromium via Selenium)."""
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -27,6 +29,7 @@ from agents.feedback.labelling import (
     shown_left_for,
     stored_label,
 )
+from agents.feedback.labelling.server import PAGE_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,12 +113,36 @@ def test_left_right_order_is_random_per_pair_and_reproducible():
     assert stored_label("equal", 2) == 0.5 and stored_label("skip", 1) is None
 
 
-def test_page_is_self_contained(client):
+def test_page_and_its_two_files_come_from_this_server(client):
+    """The page loads page.js and page.css from the server that serves it, and nothing from elsewhere (the machine
+    may be offline)."""
     response = client.get("/")
     assert response.status_code == 200 and response.mimetype == "text/html"
     html = response.get_data(as_text=True)
-    assert html.count("<canvas") == 2 and "ArrowLeft" in html and "annotator" in html
-    assert "http://" not in html and "https://" not in html and "<link" not in html and "src=" not in html
+    assert html.count("<canvas") == 2 and "annotator" in html
+    assert sorted(re.findall(r'(?:src|href)="([^"]*)"', html)) == ["page.css", "page.js"]
+    for name, mimetype in (("page.js", "text/javascript"), ("page.css", "text/css")):
+        asset = client.get("/" + name)
+        assert asset.status_code == 200 and asset.mimetype == mimetype
+        assert asset.headers["Cache-Control"] == "no-store"
+        text = asset.get_data(as_text=True)
+        assert "http://" not in text and "https://" not in text and "@import" not in text and "url(" not in text
+    assert "ArrowLeft" in client.get("/page.js").get_data(as_text=True)
+    for path in ("/page.html", "/static/page.js", "/server.py", "/label_log.py"):
+        assert client.get(path).status_code == 404, path
+
+
+def test_the_page_files_are_package_data():
+    """A non-editable install (a wheel) ships only the package data pyproject.toml declares: every file of the page
+    must match it. Caught: the declaration removed, or a page file the patterns miss."""
+    tomllib = pytest.importorskip("tomllib")
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    patterns = declared["agents.feedback.labelling"]
+    package = REPO / "agents" / "feedback" / "labelling"
+    for name in PAGE_FILES:
+        relative = (package / "static" / name).relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative
+    assert sorted(path.name for path in (package / "static").iterdir()) == sorted(PAGE_FILES)
 
 
 def test_next_shows_the_oldest_pair_with_its_clips_swapped_as_seeded(server, client):
