@@ -3,8 +3,13 @@
 The training thread calls submit / pending / take_labels / wait_until_labelled; HTTP handlers run in werkzeug's
 threads; one lock guards what they share.
 
-Endpoints: GET / (the page: static/page.html, page.js, page.css), GET /api/next, GET /api/pairs/<id>/clip/<1|2>.png,
-POST /api/label, POST /api/undo.
+Endpoints: GET / (the page: static/page.html, page.js, page.css), GET /api/game, GET /api/next,
+GET /api/pairs/<id>/clip/<1|2>.png, POST /api/label, POST /api/undo, POST /api/release.
+
+Several pages (tabs, annotators) can label at once: each page sends a random id of its own, and the server lends each
+one a different pending pair (a lease it renews with every poll), so no answer is thrown away because another page
+answered the same pair first. A page that closes or reloads gives its pair back (POST /api/release); one that
+vanishes without a word loses it after LEASE_SECONDS.
 """
 
 from __future__ import annotations
@@ -15,15 +20,16 @@ import pathlib
 import random
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from flask import Flask, Response, jsonify, request, send_from_directory
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+from agents.feedback.labelling.games import game_guide
 from agents.feedback.labelling.label_log import (
     Label,
     append_record,
@@ -42,6 +48,11 @@ log = logging.getLogger(__name__)
 # The page's answers; stored_label turns them into P(fragment 1 preferred).
 CHOICES = ("left", "right", "equal", "skip")
 MAX_ANNOTATOR_LENGTH = 100
+MAX_PAGE_ID_LENGTH = 100
+# A label or an undo is about a hundred bytes: a body far larger is not from the page, and is refused (413) unread.
+MAX_REQUEST_BYTES = 16 * 1024
+# A page renews the lease on its pair every 2 s while it shows it; a closed tab's pair goes to another page after this.
+LEASE_SECONDS = 20.0
 REFUSED_AFTER_TAKE = "already used for training"
 
 
@@ -59,6 +70,19 @@ def stored_label(choice: str, shown_left: int) -> float | None:
         return None
     preferred_fragment = shown_left if choice == "left" else 3 - shown_left
     return 1.0 if preferred_fragment == 1 else 0.0
+
+
+def pick_pair(queue: Sequence[int], leases: Mapping[str, int], page: str | None, showing: int | None) -> int | None:
+    """The pending pair `page` should show, given `leases` (page -> the pair it holds, live leases of pending pairs
+    only): the pair it holds; else the one it is `showing`, unless another page holds it; else the oldest pair no
+    other page holds (None: every pending pair is on another page). A page without an id (a script) holds nothing
+    and gets the oldest pair no page holds."""
+    if page is not None and page in leases:
+        return leases[page]
+    held_elsewhere = {pair_id for other, pair_id in leases.items() if other != page}
+    if showing is not None and showing in queue and showing not in held_elsewhere:
+        return showing
+    return next((pair_id for pair_id in queue if pair_id not in held_elsewhere), None)
 
 
 @dataclass
@@ -92,12 +116,13 @@ class LabelServer:
     threads. All shared state is guarded by one lock (a condition, so waiting for labels wakes on each answer).
     """
 
-    def __init__(self, log_path: pathlib.Path, port: int = 0, host: str = "127.0.0.1", fps: int = 12):
+    def __init__(self, log_path: pathlib.Path, port: int = 0, host: str = "127.0.0.1", fps: int = 12, env_id: str = ""):
         if not isinstance(fps, int) or not 1 <= fps <= 60:
             raise ValueError(f"fps must be an integer in [1, 60], got {fps!r}")
         self.log_path = pathlib.Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.host, self.port, self.fps = host, port, fps
+        self.guide = game_guide(env_id)  # the game's goal and colours, for the page
         self._lock = threading.Condition()
         # Every pair with an answer: from the log (final already) and from this process.
         self._answers: dict[int, Label] = load_label_log(self.log_path)
@@ -107,6 +132,8 @@ class LabelServer:
         self._pairs: dict[int, _Pair] = {}  # clips of queued pairs and of answered pairs not yet taken (undo)
         self._new: list[Label] = []  # answers since the last take_labels, in order
         self._undo_stacks: dict[str, list[int]] = {}  # annotator -> the pairs they answered in this process
+        self._answered_by = Counter(label.annotator for label in self._answers.values())  # final answers per person
+        self._leases: dict[str, tuple[int, float]] = {}  # page id -> (the pair it shows, when the lease ends)
         self.app = self._make_app()
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -205,12 +232,41 @@ class LabelServer:
 
     # --- answers from the page ---------------------------------------------------------------------------------
 
-    def _next_pair(self) -> dict:
+    def _live_leases(self) -> dict[str, int]:
+        """page -> pair, dropping leases that ran out or whose pair is no longer pending (call with the lock)."""
+        now = time.monotonic()
+        pending = set(self._queue)
+        self._leases = {
+            page: (pair_id, ends) for page, (pair_id, ends) in self._leases.items() if ends > now and pair_id in pending
+        }
+        return {page: pair_id for page, (pair_id, _) in self._leases.items()}
+
+    def _lease(self, page: str, pair_id: int) -> None:
+        self._leases[page] = (pair_id, time.monotonic() + LEASE_SECONDS)
+
+    def _release(self, page: str) -> None:
         with self._lock:
-            pending = len(self._queue)
-            if not pending:
-                return {"pair": None, "pending": 0, "fps": self.fps}
-            pair = self._pairs[self._queue[0]]
+            self._leases.pop(page, None)
+
+    def _next_pair(self, page: str | None = None, annotator: str | None = None, showing: int | None = None) -> dict:
+        """The pair `page` should show (leased to it), with the counts the page displays."""
+        with self._lock:
+            leases = self._live_leases()
+            pair_id = pick_pair(self._queue, leases, page, showing)
+            if page is not None:
+                if pair_id is None:
+                    self._leases.pop(page, None)
+                else:
+                    self._lease(page, pair_id)
+            counts = {
+                "pending": len(self._queue),
+                "elsewhere": len({held for other, held in leases.items() if other != page}),  # on other pages
+                "answered": self._answered_by[annotator] if annotator is not None else None,
+                "fps": self.fps,
+            }
+            pair = None if pair_id is None else self._pairs[pair_id]
+        if pair is None:
+            return {"pair": None, **counts}
         left, right = pair.shown_left, 3 - pair.shown_left
         clip_url = f"/api/pairs/{pair.pair_id}/clip/{{}}.png"
         return {
@@ -223,8 +279,7 @@ class LabelServer:
                 "height": pair.height,
                 "width": pair.width,
             },
-            "pending": pending,
-            "fps": self.fps,
+            **counts,
         }
 
     def _clip_png(self, pair_id: int, fragment: int) -> bytes:
@@ -247,11 +302,14 @@ class LabelServer:
             self._answers[pair_id] = label
             self._new.append(label)
             self._undo_stacks.setdefault(annotator, []).append(pair_id)
+            self._answered_by[annotator] += 1
+            self._leases = {page: lease for page, lease in self._leases.items() if lease[0] != pair_id}
             self._lock.notify_all()
             return label
 
-    def _undo(self, annotator: str) -> int:
-        """Withdraw the annotator's last answer and put its pair back at the front of the queue."""
+    def _undo(self, annotator: str, page: str | None = None) -> int:
+        """Withdraw the annotator's last answer and put its pair back at the front of the queue, leased to `page`
+        (the page that asked shows it next)."""
         with self._lock:
             stack = self._undo_stacks.get(annotator)
             if not stack:
@@ -266,6 +324,9 @@ class LabelServer:
             del self._answers[pair_id]
             self._new = [label for label in self._new if label.pair_id != pair_id]
             self._queue.appendleft(pair_id)
+            self._answered_by[annotator] -= 1
+            if page is not None:
+                self._lease(page, pair_id)
             self._lock.notify_all()
             return pair_id
 
@@ -273,6 +334,13 @@ class LabelServer:
 
     def _make_app(self) -> Flask:
         app = Flask(__name__, static_folder=None)  # serves PAGE_FILES only
+        app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES  # a body read past this is refused (413)
+
+        @app.before_request
+        def refuse_large_bodies():
+            # Every request, whether or not its handler reads the body: one over the limit is refused unread.
+            if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
+                raise RequestEntityTooLarge()
 
         @app.get("/")
         def page():
@@ -282,9 +350,16 @@ class LabelServer:
         def page_asset(name: str):
             return _static_file(name)
 
+        @app.get("/api/game")
+        def game():
+            return jsonify(self.guide)
+
         @app.get("/api/next")
         def next_pair():
-            return jsonify(self._next_pair())
+            query = request.args
+            annotator = _annotator(query) if "annotator" in query else None
+            showing = query.get("showing", type=int)
+            return jsonify(self._next_pair(_page_id(query), annotator, showing))
 
         @app.get("/api/pairs/<int(signed=True):pair_id>/clip/<int:fragment>.png")
         def clip(pair_id: int, fragment: int):
@@ -299,18 +374,32 @@ class LabelServer:
                 raise _ApiError(400, "pair_id must be an integer")
             if choice not in CHOICES:
                 raise _ApiError(400, f"choice must be one of {', '.join(CHOICES)}")
+            _page_id(body)  # checked, though an answer counts whichever page it comes from
             answer = self._answer(pair_id, choice, _annotator(body))
             return jsonify({"saved": asdict(answer), "pending": self.pending()})
 
         @app.post("/api/undo")
         def undo():
-            pair_id = self._undo(_annotator(_json_body()))
+            body = _json_body()
+            pair_id = self._undo(_annotator(body), _page_id(body))
             return jsonify({"undone": pair_id, "pending": self.pending()})
+
+        @app.post("/api/release")
+        def release():
+            # Sent by a closing page (navigator.sendBeacon, whose body is JSON text of any content type).
+            page = _page_id(_json_body(force=True))
+            if page is not None:
+                self._release(page)
+            return jsonify({"released": page})
 
         # Every error is JSON (the page shows its message); never werkzeug's HTML pages or a traceback.
         @app.errorhandler(_ApiError)
         def api_error(error: _ApiError):
             return jsonify({"error": error.message}), error.status
+
+        @app.errorhandler(RequestEntityTooLarge)
+        def too_large(error: RequestEntityTooLarge):
+            return jsonify({"error": f"the request body is larger than {MAX_REQUEST_BYTES} bytes"}), 413
 
         @app.errorhandler(HTTPException)
         def http_error(error: HTTPException):
@@ -324,14 +413,24 @@ class LabelServer:
         return app
 
 
-def _json_body() -> dict:
-    body = request.get_json(silent=True)
+def _json_body(force: bool = False) -> dict:
+    body = request.get_json(silent=True, force=force)
     if not isinstance(body, dict):
         raise _ApiError(400, "the request body must be a JSON object")
     return body
 
 
-def _annotator(body: dict) -> str:
+def _page_id(fields: Mapping) -> str | None:
+    """The id a page sends with its requests (random per page), or None for a client that sends none."""
+    page = fields.get("page")
+    if page is None:
+        return None
+    if not isinstance(page, str) or not page or len(page) > MAX_PAGE_ID_LENGTH:
+        raise _ApiError(400, f"page must be a non-empty string of at most {MAX_PAGE_ID_LENGTH} characters")
+    return page
+
+
+def _annotator(body: Mapping) -> str:
     annotator = body.get("annotator", "anonymous")
     if not isinstance(annotator, str) or not annotator.strip() or len(annotator) > MAX_ANNOTATOR_LENGTH:
         raise _ApiError(400, f"annotator must be a non-empty string of at most {MAX_ANNOTATOR_LENGTH} characters")

@@ -1,11 +1,25 @@
 "use strict";
+// The labelling page. The server lends each open page its own pending pair (identified by PAGE_ID, random per page),
+// so two tabs or two annotators never answer the same pair; the page renews that loan every HEARTBEAT_MS.
 const annotator = (new URLSearchParams(location.search).get("annotator") || "anonymous").trim() || "anonymous";
-const MIN_SIDE = 240;  // small clips are scaled up on screen so a person can judge them
+const PAGE_ID = pageId();
+const MIN_SIDE = 240;  // small clips are scaled up on screen at least this far, so a person can judge them
+const CLIP_GAP = 32;   // #clips' gap in page.css
+const HEARTBEAT_MS = 2000;
 const KEYS = {ArrowLeft: "left", ArrowRight: "right", ArrowUp: "equal", ArrowDown: "skip"};
 const CHOICE_TEXT = {left: "left preferred", right: "right preferred", equal: "equally good", skip: "dropped"};
+// A reloaded page keeps its id (and so its pair); a new page, a duplicated tab included, takes a new one.
+function pageId() {
+  const navigation = performance.getEntriesByType("navigation")[0];
+  let id = navigation && navigation.type === "reload" ? sessionStorage.getItem("labelling-page") : null;
+  if (!id) id = Math.random().toString(36).slice(2) + Date.now().toString(36);
+  sessionStorage.setItem("labelling-page", id);
+  return id;
+}
+
 let current = null;   // the pair on screen: its JSON from /api/next
 let images = null;    // [left strip, right strip]
-let frame = 0, timer = null, busy = false, pollTimer = null;
+let fps = 12, frame = 0, timer = null, busy = false, pollTimer = null;
 
 document.getElementById("annotator").textContent = annotator;
 document.title = "Label preferences (" + annotator + ")";
@@ -25,8 +39,23 @@ function say(text, isError) {
   m.className = isError ? "error" : "";
 }
 
-function showCounter(pending) {
-  document.getElementById("counter").textContent = pending + (pending === 1 ? " pair" : " pairs") + " waiting";
+function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
+
+// The counts every /api/next answer carries: pairs waiting (and how many other pages are showing), and how many
+// this annotator has answered in this run.
+function showCounts(next) {
+  let text = plural(next.pending, "pair") + " waiting";
+  if (next.elsewhere) text += " (" + next.elsewhere + " on other pages)";
+  document.getElementById("counter").textContent = text;
+  if (next.answered !== null && next.answered !== undefined) {
+    document.getElementById("answered").textContent = "(" + next.answered + " answered)";
+  }
+}
+
+function nextUrl(showing) {
+  let url = "/api/next?page=" + encodeURIComponent(PAGE_ID) + "&annotator=" + encodeURIComponent(annotator);
+  if (showing !== undefined) url += "&showing=" + showing;
+  return url;
 }
 
 async function api(method, url, body) {
@@ -47,39 +76,95 @@ function loadImage(url) {
   });
 }
 
+// The game's goal (what "better" means) and, for MinAtar, which colour is which object.
+async function showGame() {
+  try {
+    const game = await api("GET", "/api/game");
+    document.getElementById("game-name").textContent = game.game ? game.game + ":" : "Goal:";
+    document.getElementById("goal-text").textContent = game.goal;
+    document.getElementById("goal").hidden = false;
+    const legend = document.getElementById("legend");
+    for (const entry of game.legend) {
+      const item = document.createElement("li");
+      const swatch = document.createElement("span");
+      swatch.className = "swatch";
+      swatch.style.background = entry.colour;
+      item.append(swatch, entry.name);
+      legend.append(item);
+    }
+    legend.hidden = game.legend.length === 0;
+    if (current) fitClips();
+  } catch (e) {
+    say("Could not load the game's description: " + e.message, true);
+  }
+}
+
+// The clips take the window's width (half each), as long as the buttons below them stay on screen.
+function fitClips() {
+  if (!current) return;
+  const clips = document.getElementById("clips");
+  const border = 6;  // 3px each side
+  const byWidth = (clips.clientWidth - CLIP_GAP) / 2 - border;
+  let below = 24;  // figcaption
+  for (const id of ["timeline-row", "buttons", "message"]) {
+    const style = getComputedStyle(document.getElementById(id));
+    below += document.getElementById(id).offsetHeight + parseFloat(style.marginTop) + parseFloat(style.marginBottom);
+  }
+  const byHeight = window.innerHeight - clips.getBoundingClientRect().top - below - border - 16;
+  const zoom = Math.max(MIN_SIDE / Math.min(current.width, current.height),
+                        Math.min(byWidth / current.width, byHeight / current.height));
+  for (const id of ["left", "right"]) {
+    const c = document.getElementById(id);
+    c.style.width = Math.floor(current.width * zoom) + "px";
+    c.style.height = Math.floor(current.height * zoom) + "px";
+  }
+  document.getElementById("timeline").style.maxWidth = (2 * Math.floor(current.width * zoom) + CLIP_GAP + 2 * border) + "px";
+}
+
 function stopPlaying() { if (timer !== null) { clearInterval(timer); timer = null; } }
 
-// One timer draws frame i of both clips, so the two play in sync; they loop.
+// One timer draws frame i of both clips, so the two play in sync; they loop. The first frames of each loop are
+// framed in yellow and the timeline's marker jumps back to its start, so a restart is not mistaken for a teleport.
 function drawFrame() {
   const p = current;
   for (const [i, id] of [[0, "left"], [1, "right"]]) {
-    const ctx = document.getElementById(id).getContext("2d");
+    const canvas = document.getElementById(id);
+    const ctx = canvas.getContext("2d");
     ctx.imageSmoothingEnabled = false;
     ctx.drawImage(images[i], 0, frame * p.height, p.width, p.height, 0, 0, p.width, p.height);
+    canvas.classList.toggle("restart", frame < Math.max(2, Math.round(fps / 4)));
   }
+  const playhead = document.getElementById("playhead");
+  playhead.style.left = "calc(" + (p.frames > 1 ? frame / (p.frames - 1) : 0) * 100 + "% - 2px)";
+  document.getElementById("frame-counter").textContent = "frame " + (frame + 1) + " / " + p.frames;
+  if (frame === 0) document.body.dataset.restarts = String(Number(document.body.dataset.restarts) + 1);
   frame = (frame + 1) % p.frames;
 }
 
-function showPair(p, imgs, fps) {
+function showPair(p, imgs) {
   current = p; images = imgs; frame = 0;
-  const zoom = Math.max(1, MIN_SIDE / Math.min(p.width, p.height));
   for (const id of ["left", "right"]) {
     const c = document.getElementById(id);
     c.width = p.width; c.height = p.height;
-    c.style.width = Math.round(p.width * zoom) + "px";
-    c.style.height = Math.round(p.height * zoom) + "px";
     c.hidden = false;
   }
   document.getElementById("waiting").hidden = true;
+  document.getElementById("timeline-row").hidden = false;
+  fitClips();
   drawFrame();
   timer = setInterval(drawFrame, 1000 / fps);
   setState("showing");
 }
 
-function showWaiting() {
+function showWaiting(next) {
   current = null;
   for (const id of ["left", "right"]) document.getElementById(id).hidden = true;
-  document.getElementById("waiting").hidden = false;
+  document.getElementById("timeline-row").hidden = true;
+  const waiting = document.getElementById("waiting");
+  waiting.textContent = next.pending
+    ? "All " + plural(next.pending, "waiting pair") + " are open on other pages: this page checks again every second."
+    : "No pairs waiting: this page checks again every second.";
+  waiting.hidden = false;
   setState("waiting");
   pollTimer = setTimeout(loadNext, 1000);
 }
@@ -89,11 +174,12 @@ async function loadNext() {
   clearTimeout(pollTimer);
   setState("loading");
   try {
-    const next = await api("GET", "/api/next");
-    showCounter(next.pending);
-    if (!next.pair) { showWaiting(); return; }
+    const next = await api("GET", nextUrl());
+    fps = next.fps;
+    showCounts(next);
+    if (!next.pair) { showWaiting(next); return; }
     const imgs = await Promise.all([loadImage(next.pair.left_url), loadImage(next.pair.right_url)]);
-    showPair(next.pair, imgs, next.fps);
+    showPair(next.pair, imgs);
   } catch (e) {
     say(e.message, true);
     current = null;
@@ -108,7 +194,7 @@ async function answer(choice) {
   const id = current.pair_id;
   setState("saving");
   try {
-    await api("POST", "/api/label", {pair_id: id, choice, annotator});
+    await api("POST", "/api/label", {pair_id: id, choice, annotator, page: PAGE_ID});
     say("Saved pair " + id + ": " + CHOICE_TEXT[choice] + ".", false);
   } catch (e) {
     say(e.message, true);
@@ -122,7 +208,7 @@ async function undo() {
   busy = true;
   setState(document.body.dataset.state);
   try {
-    const r = await api("POST", "/api/undo", {annotator});
+    const r = await api("POST", "/api/undo", {annotator, page: PAGE_ID});
     say("Undone: pair " + r.undone + " is back, answer it again.", false);
     busy = false;
     await loadNext();
@@ -131,6 +217,19 @@ async function undo() {
     busy = false;
     setState(document.body.dataset.state);
   }
+}
+
+// While a pair is on screen: keep its loan, refresh the counts (the trainer keeps submitting), and move on if the
+// pair is no longer this page's (another page answered it after this one's loan ran out, say).
+async function heartbeat() {
+  if (busy || document.body.dataset.state !== "showing" || !current) return;
+  const shown = current.pair_id;
+  try {
+    const next = await api("GET", nextUrl(shown));
+    if (busy || !current || current.pair_id !== shown) return;
+    showCounts(next);
+    if (!next.pair || next.pair.pair_id !== shown) await loadNext();
+  } catch (e) {}
 }
 
 document.addEventListener("keydown", (event) => {
@@ -142,9 +241,11 @@ for (const b of document.querySelectorAll("button[data-choice]")) {
   b.addEventListener("click", () => answer(b.dataset.choice));
 }
 document.getElementById("btn-undo").addEventListener("click", undo);
-// Keep the counter fresh while a pair is on screen (the trainer keeps submitting).
-setInterval(async () => {
-  if (document.body.dataset.state !== "showing") return;
-  try { showCounter((await api("GET", "/api/next")).pending); } catch (e) {}
-}, 2000);
+window.addEventListener("resize", fitClips);
+// Closing or reloading the page gives its pair back at once, rather than after the server's lease runs out.
+window.addEventListener("pagehide", () => {
+  navigator.sendBeacon("/api/release", new Blob([JSON.stringify({page: PAGE_ID})], {type: "application/json"}));
+});
+setInterval(heartbeat, HEARTBEAT_MS);
+showGame();
 loadNext();
