@@ -155,6 +155,46 @@ def test_resume_takes_answers_given_after_the_checkpoint_and_queues_the_rest_aga
     assert set(load_label_log(log)) == {0, 1, 2, 5}
 
 
+def test_a_resumed_run_serves_the_page_on_its_port_again_when_it_is_free(tmp_path, teachers, capsys):
+    """Caught before: every resume served the page on a new free port, so a tab left open went dead."""
+    log = tmp_path / "labels.jsonl"
+    first = teachers()
+    first.open(tmp_path, next_pair_id=0)
+    port = first.server.port
+    checkpoint = first.state_dict()
+    assert checkpoint["port"] == port
+    first.stop()
+
+    resumed = teachers()
+    resumed.load_state_dict(checkpoint, "cpu")
+    resumed.open(tmp_path, next_pair_id=0)
+    assert resumed.server.port == port and resumed.state_dict()["port"] == port
+    out = capsys.readouterr()
+    assert f"label preferences at http://127.0.0.1:{port}/" in out.out and out.err == ""
+    resumed.stop()
+
+    with socket.socket() as busy:  # the port is taken meanwhile: a free one, and a note that says so
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        moved = teachers()
+        moved.load_state_dict(checkpoint, "cpu")
+        moved.open(tmp_path, next_pair_id=0)
+        assert moved.server.port not in (0, port)
+        out = capsys.readouterr()
+        assert f"label preferences at {moved.url}" in out.out
+        assert f"note: port {port}, where the stopped run served the page, is taken" in out.err
+        assert f"the page moved to {moved.url}" in out.err
+        moved.stop()
+    # --label-port given on resume wins over the recorded port.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        chosen = probe.getsockname()[1]
+    explicit = teachers(port=chosen)
+    explicit.load_state_dict(checkpoint, "cpu")
+    explicit.start(log, next_pair_id=0)
+    assert explicit.server.port == chosen
+
+
 def test_a_port_in_use_is_an_error_not_an_exit(tmp_path, teachers):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
