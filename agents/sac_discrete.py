@@ -21,7 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agents.infra.cli import UsageError, flag, require, require_non_negative, require_positive, run_cli
+from agents.infra.cli import (
+    UsageError,
+    flag,
+    require,
+    require_folder_name,
+    require_non_negative,
+    require_positive,
+    run_cli,
+)
 from agents.infra.memory import require_memory
 from agents.infra.run import Run, detached_run, launch, limit_cpu_threads
 from agents.pipeline.networks import Actor, SoftQNetwork, encoder_for
@@ -30,6 +38,10 @@ from wrappers import make_envs
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ALGO = "sac"
+
+
+# np.random.seed takes seeds below 2**32 (environment seeds derived from it are folded into ALE's range).
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -137,6 +149,8 @@ class Args:
             "eval_episodes",
         )
         require_non_negative(self, "learning_starts", "save_every", "eval_every", "anneal_steps")
+        require(0 <= self.seed <= MAX_SEED, f"--seed must be in [0, {MAX_SEED}] (numpy's seeds), got {self.seed}")
+        require_folder_name(self, "runs_dir")
         require(
             "/" not in self.run_name and self.run_name not in (".", ".."),
             f"--run-name {self.run_name!r} must be one folder name (no '/')",
