@@ -234,9 +234,10 @@ def test_same_seed_same_run(tmp_path):
         (["--runs-dir", ""], "--runs-dir must name a folder"),
     ],
 )
-def test_bad_flags_raise_usage_error(flags, message, tmp_path):
+def test_bad_flags_raise_usage_error(flags, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where --runs-dir "" would write, were it accepted
     with pytest.raises(UsageError, match=re.escape(message)):
-        main(["--runs-dir", str(tmp_path), *flags])  # a --runs-dir in `flags` wins
+        main(["--runs-dir", str(tmp_path), "--iterations", "3", *flags])  # a --runs-dir in `flags` wins
     assert not any(tmp_path.iterdir()), "validation must happen before the run directory is created"
 
 

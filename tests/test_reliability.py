@@ -555,7 +555,8 @@ def test_a_newcomers_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, 
     for flags, words in [
         (["--runs-dir", "", *short], ["--runs-dir", "must name a folder"]),
         (["--runs-dir", "  ", *short], ["--runs-dir", "must name a folder"]),
-        (["--total-timesteps", "1e30"], ["--total-timesteps", "1e30", "out of range"]),
+        # --batch-size 0 as well: were 1e30 accepted, validation would refuse the run rather than start it.
+        (["--total-timesteps", "1e30", "--batch-size", "0"], ["--total-timesteps", "1e30", "out of range"]),
         (["--buffer-size", "1e19", *short], ["--buffer-size", "1e19", "out of range"]),
         (["--seed", "-1", *short], ["--seed", "-1"]),
         (["--seed", "1e10", *short], ["--seed", "10000000000"]),
