@@ -74,9 +74,7 @@ class Args:
         "the run is stopped (SIGINT, SIGTERM) and at its end (0: only those)",
     )
     save_replay: bool = flag(True, "include the replay buffer in checkpoints (without it a resumed run refills it)")
-    resume: str = flag(
-        "", "continue the run of this checkpoint (or run directory); see RESUMABLE for the flags that may change"
-    )
+    resume: str = flag("", "continue the run of this checkpoint (or run directory), with its flags")
     eval_every: int = flag(0, "env steps between evaluations on a separate environment (0: never)")
     eval_episodes: int = flag(
         5, "games per evaluation (one per parallel env), played with sampled and with greedy actions"
@@ -409,6 +407,7 @@ class SACTrainer:
         self.obs, _ = self.envs.reset()
         self.autoreset = np.zeros(args.num_envs, dtype=bool)
         self.last_score: float | None = None
+        self._speed_logged_at: int | None = None  # the step of the last charts/SPS point
         self._random_prob = np.full(args.num_envs, 1.0 / self.num_actions, dtype=np.float32)
 
     def _make_envs(self, seed: int):
@@ -573,7 +572,10 @@ class SACTrainer:
 
     def _log_speed(self) -> None:
         progress = self.run.progress
-        self.run.logger.scalar("charts/SPS", progress.sps(self.global_step), self.global_step)
+        # A phase ending on a multiple of 1000 steps would log its last point twice (in the loop and at its end).
+        if self._speed_logged_at != self.global_step:
+            self.run.logger.scalar("charts/SPS", progress.sps(self.global_step), self.global_step)
+            self._speed_logged_at = self.global_step
         score = "-" if self.last_score is None else f"{self.last_score:.0f}"
         progress.update(self.global_step, f"score={score} alpha={self.alpha:.3f}")
         progress.refresh()

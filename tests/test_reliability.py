@@ -170,6 +170,39 @@ def test_resume_through_the_entry_point_continues_a_minatar_run(minatar_run, tmp
     assert state["args"]["total_timesteps"] == 300 and state["args"]["buffer_size"] == 1000
 
 
+def test_a_resumed_run_says_where_it_continues_and_logs_one_speed_point_per_step(tmp_path, capsys):
+    """Caught before: the resumed run's first line did not say the step it continued from, and the last charts/SPS
+    point of each phase ending on a multiple of 1000 steps was logged twice."""
+    from tests.conftest import scalar_tags
+
+    runs = tmp_path / "runs"
+    flags = ["--algo", "sac", *MINATAR, "--learning-starts", "3000"]  # uniform random actions: no updates, fast
+    code, out, err = entry_point(*flags, "--total-timesteps", "2000", "--runs-dir", str(runs), capsys=capsys)
+    assert code == 0, err
+    assert "resumed at" not in out
+    run_dir = only_run_dir(runs)
+    assert [step for step, _ in scalar_tags(run_dir)["charts/SPS"]] == [1000, 2000]
+    code, out, err = entry_point("--resume", str(run_dir), "--total-timesteps", "3000", capsys=capsys)
+    assert code == 0, err
+    assert f"run {run_dir.name} (sac) on cpu, resumed at step 2,000 of 3,000: logs in {run_dir}" in out
+    steps = [step for step, _ in scalar_tags(run_dir)["charts/SPS"]]
+    assert steps[-1] == 3000 and len(steps) == len(set(steps))
+
+
+def test_resume_help_lists_the_flags_a_resumed_run_may_change():
+    """Generated from RESUMABLE, so --help cannot omit one (the docs' list had left out --label-mode)."""
+    import importlib
+
+    from agents.infra.cli import build_parser, flag_name
+
+    for algo, module in beamrider.ALGORITHMS.items():
+        args_cls = getattr(importlib.import_module(module), "TrueRewardArgs" if algo == "sac" else "Args")
+        resume = next(a for a in build_parser(args_cls)._actions if "--resume" in a.option_strings)
+        listed = set(re.findall(r"--[a-z-]+", resume.help.split("may change only", 1)[1]))
+        assert listed == {flag_name(name) for name in args_cls.RESUMABLE}, algo
+        assert algo == "sac" or "--label-mode" in listed
+
+
 def test_resume_through_the_entry_point_on_a_non_default_atari_id_and_mismatches_refused(tmp_path, capsys):
     runs = tmp_path / "runs"
     code, _, _ = entry_point(

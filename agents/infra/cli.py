@@ -66,10 +66,23 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none (a required flag, None, an empty string) or
+    where the help already says what the default means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, "") or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(args_cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(description=description, formatter_class=DefaultsHelpFormatter)
     for f in dataclasses.fields(args_cls):
         help_text = f.metadata.get("help", "")
+        if f.name == "resume" and hasattr(args_cls, "RESUMABLE"):
+            # Listed from the class itself, so --help never disagrees with what a resume accepts.
+            help_text += f"; a resumed run may change only {', '.join(sorted(map(flag_name, args_cls.RESUMABLE)))}"
         if isinstance(f.default, bool):
             parser.add_argument(
                 flag_name(f.name), dest=f.name, default=f.default, help=help_text, action=argparse.BooleanOptionalAction

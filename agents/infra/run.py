@@ -391,7 +391,8 @@ def launch(
             },
             run.checkpoint_path,
         )
-        print(f"run {directory.name} ({algo}) on {device}: logs in {directory}", flush=True)
+        resumed = "" if state is None else f", resumed at step {algorithm.global_step:,} of {args.total_timesteps:,}"
+        print(f"run {directory.name} ({algo}) on {device}{resumed}: logs in {directory}", flush=True)
         run_to_completion(run, algorithm)
     except UsageError:
         # Bad input found only once training ran (a budget too small for one fragment, say): unless a checkpoint
