@@ -99,26 +99,25 @@ async function showGame() {
   }
 }
 
-// The clips take the window's width (half each), as long as the buttons below them stay on screen.
+// The clips take the window's width (half each), then shrink as far as keeps the page within the window's height
+// (the buttons stay on screen), but not below MIN_SIDE.
 function fitClips() {
   if (!current) return;
-  const clips = document.getElementById("clips");
   const border = 6;  // 3px each side
-  const byWidth = (clips.clientWidth - CLIP_GAP) / 2 - border;
-  let below = 24;  // figcaption
-  for (const id of ["timeline-row", "buttons", "message"]) {
-    const style = getComputedStyle(document.getElementById(id));
-    below += document.getElementById(id).offsetHeight + parseFloat(style.marginTop) + parseFloat(style.marginBottom);
-  }
-  const byHeight = window.innerHeight - clips.getBoundingClientRect().top - below - border - 16;
-  const zoom = Math.max(MIN_SIDE / Math.min(current.width, current.height),
-                        Math.min(byWidth / current.width, byHeight / current.height));
-  for (const id of ["left", "right"]) {
-    const c = document.getElementById(id);
-    c.style.width = Math.floor(current.width * zoom) + "px";
-    c.style.height = Math.floor(current.height * zoom) + "px";
-  }
-  document.getElementById("timeline").style.maxWidth = (2 * Math.floor(current.width * zoom) + CLIP_GAP + 2 * border) + "px";
+  const setZoom = (zoom) => {
+    zoom = Math.max(zoom, MIN_SIDE / Math.min(current.width, current.height));
+    for (const id of ["left", "right"]) {
+      const c = document.getElementById(id);
+      c.style.width = Math.floor(current.width * zoom) + "px";
+      c.style.height = Math.floor(current.height * zoom) + "px";
+    }
+    const both = 2 * (Math.floor(current.width * zoom) + border) + CLIP_GAP;
+    document.getElementById("timeline").style.maxWidth = both + "px";
+    return zoom;
+  };
+  const zoom = setZoom(((document.getElementById("clips").clientWidth - CLIP_GAP) / 2 - border) / current.width);
+  const excess = document.documentElement.scrollHeight - window.innerHeight;  // what the page overflows by
+  if (excess > 0) setZoom(zoom - excess / current.height);
 }
 
 function stopPlaying() { if (timer !== null) { clearInterval(timer); timer = null; } }
@@ -150,8 +149,8 @@ function showPair(p, imgs) {
   }
   document.getElementById("waiting").hidden = true;
   document.getElementById("timeline-row").hidden = false;
+  drawFrame();  // first: the frame counter's text is part of the height fitClips fits
   fitClips();
-  drawFrame();
   timer = setInterval(drawFrame, 1000 / fps);
   setState("showing");
 }
