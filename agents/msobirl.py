@@ -25,7 +25,16 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from agents.infra.cli import flag, hyperparameter_table, make_run_name, parse_args, require, require_positive, run_cli
+from agents.infra.cli import (
+    flag,
+    hyperparameter_table,
+    make_run_name,
+    parse_args,
+    require,
+    require_folder_name,
+    require_positive,
+    run_cli,
+)
 from agents.infra.run import limit_cpu_threads, pick_device
 
 DESCRIPTION = "M-SoBiRL (Algorithm 1) on the authors' synthetic random-MDP bilevel problem."
@@ -294,6 +303,7 @@ def validate(args: Args) -> None:
     require_positive(args, "num_states", "num_actions", "x_dim", "tau", "iterations", "beta", "xi", "inner_iterations")
     require(0.0 <= args.gamma < 1.0, f"--gamma must be in [0, 1), got {args.gamma}")
     require(args.inner_tol >= 0.0, f"--inner-tol must be non-negative, got {args.inner_tol}")
+    require_folder_name(args, "runs_dir")
     # checked up front so that a typo does not cost a whole run before the plot fails
     require(not args.plot or args.plot.lower().endswith(".png"), f"--plot must name a .png file, got {args.plot!r}")
     for name in ("gamma", "tau", "beta", "xi", "inner_tol"):

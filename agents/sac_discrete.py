@@ -21,7 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agents.infra.cli import UsageError, flag, require, require_non_negative, require_positive, run_cli
+from agents.infra.cli import (
+    UsageError,
+    flag,
+    require,
+    require_folder_name,
+    require_non_negative,
+    require_positive,
+    run_cli,
+)
 from agents.infra.memory import require_memory
 from agents.infra.run import Run, detached_run, launch, limit_cpu_threads
 from agents.pipeline.networks import Actor, SoftQNetwork, encoder_for
@@ -30,6 +38,10 @@ from wrappers import make_envs
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ALGO = "sac"
+
+
+# np.random.seed takes seeds below 2**32 (environment seeds derived from it are folded into ALE's range).
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -62,9 +74,7 @@ class Args:
         "the run is stopped (SIGINT, SIGTERM) and at its end (0: only those)",
     )
     save_replay: bool = flag(True, "include the replay buffer in checkpoints (without it a resumed run refills it)")
-    resume: str = flag(
-        "", "continue the run of this checkpoint (or run directory); see RESUMABLE for the flags that may change"
-    )
+    resume: str = flag("", "continue the run of this checkpoint (or run directory), with its flags")
     eval_every: int = flag(0, "env steps between evaluations on a separate environment (0: never)")
     eval_episodes: int = flag(
         5, "games per evaluation (one per parallel env), played with sampled and with greedy actions"
@@ -137,15 +147,16 @@ class Args:
             "eval_episodes",
         )
         require_non_negative(self, "learning_starts", "save_every", "eval_every", "anneal_steps")
+        require(0 <= self.seed <= MAX_SEED, f"--seed must be in [0, {MAX_SEED}] (numpy's seeds), got {self.seed}")
+        require_folder_name(self, "runs_dir")
         require(
             "/" not in self.run_name and self.run_name not in (".", ".."),
             f"--run-name {self.run_name!r} must be one folder name (no '/')",
         )
         if self.capture_video:
-            require(
-                importlib.util.find_spec("moviepy") is not None,
-                '--capture-video needs moviepy: pip install -e ".[video]"',
-            )
+            needed = {"moviepy": "moviepy", "cv2": "opencv-python-headless"}  # module -> package
+            missing = [package for module, package in needed.items() if importlib.util.find_spec(module) is None]
+            require(not missing, f'--capture-video needs {" and ".join(missing)}: pip install -e ".[video]"')
         require(0.0 <= self.gamma < 1.0, f"--gamma must be in [0, 1), got {self.gamma}")
         require(
             self.batch_size <= self.buffer_size,
@@ -396,6 +407,7 @@ class SACTrainer:
         self.obs, _ = self.envs.reset()
         self.autoreset = np.zeros(args.num_envs, dtype=bool)
         self.last_score: float | None = None
+        self._speed_logged_at: int | None = None  # the step of the last charts/SPS point
         self._random_prob = np.full(args.num_envs, 1.0 / self.num_actions, dtype=np.float32)
 
     def _make_envs(self, seed: int):
@@ -560,7 +572,10 @@ class SACTrainer:
 
     def _log_speed(self) -> None:
         progress = self.run.progress
-        self.run.logger.scalar("charts/SPS", progress.sps(self.global_step), self.global_step)
+        # A phase ending on a multiple of 1000 steps would log its last point twice (in the loop and at its end).
+        if self._speed_logged_at != self.global_step:
+            self.run.logger.scalar("charts/SPS", progress.sps(self.global_step), self.global_step)
+            self._speed_logged_at = self.global_step
         score = "-" if self.last_score is None else f"{self.last_score:.0f}"
         progress.update(self.global_step, f"score={score} alpha={self.alpha:.3f}")
         progress.refresh()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from agents.feedback.demos import FORMAT, FORMAT_VERSION, DemoFragments, Demonstrations  # noqa: F401 - re-exported
-from agents.infra.cli import OneLineErrorParser, UsageError, integer, require, run_cli
+from agents.infra.cli import DefaultsHelpFormatter, OneLineErrorParser, UsageError, integer, require, run_cli
 
 # ---------------------------------------------------------------------------------------------------------------
 # Recording
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec = commands.add_parser(
         "record",
         help="play a checkpoint's policy and save its whole games",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     rec.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory holding one")
     rec.add_argument(

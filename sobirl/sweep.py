@@ -1,10 +1,12 @@
 """Run algorithms x seeds (x any flag values) of the entry point, as local worker processes or a Slurm job array.
 
     python sobirl/sweep.py --algos sobirl,drlhf,sac --num-seeds 3 --workers 3 -- --total-timesteps 1e6
-    python sobirl/sweep.py --grid "learning-rate=1e-4,3e-4" --seeds 1,2 --dry-run
+    python sobirl/sweep.py --grid "reward-lr=1e-4,3e-4" --seeds 1,2 --dry-run
     python sobirl/sweep.py --backend slurm --slurm-partition gpu --workers 16 -- --env-id BeamRiderNoFrameskip-v4
 
-Everything after `--` is passed unchanged to every job. Each job is one process of the entry point, so the
+Everything after `--` is passed unchanged to every job. With the default entry point, every job's flags are parsed and
+validated first, as the job itself would (a --grid over a flag that does not exist, or a bad value, is one line and
+exit status 2 before anything runs). Each job is one process of the entry point, so the
 script stays the only way to train and a sweep job is reproduced by copying its command line.
 Slurm goes through submitit (`pip install -e ".[sweep]"`), imported only when asked for.
 
@@ -30,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from agents.infra.cli import UsageError, build_parser, flag, require, run_cli
+from agents.infra.cli import UsageError, build_parser, check_flags, flag, require, require_folder_name, run_cli
 
 # Flags the sweep itself sets on every job; a second copy in --grid or after `--` would silently win in argparse.
 RESERVED_FLAGS = ("algo", "seed")
@@ -161,6 +163,24 @@ def build_jobs(
         seen.add(name)
         jobs.append(Job(name, [python, script, *tail, *passthrough]))
     return jobs
+
+
+def check_jobs(script: str, jobs: Sequence[Job]) -> None:
+    """Parse and validate each job's flags as its run would (it stops before building anything), when `script` is
+    this repository's sobirl/beamrider.py: a bad flag or value fails here, once, instead of in every job. Another
+    entry point's flags are its own business."""
+    from sobirl import beamrider
+
+    if Path(script).resolve() != Path(beamrider.__file__).resolve():
+        return
+    for job in jobs:
+        try:
+            check_flags(beamrider.main, job.cmd[2:])  # [python, script, *flags]
+        except UsageError as err:
+            algo = job.cmd[job.cmd.index("--algo") + 1]
+            raise UsageError(
+                f"job {job.name} would fail: {err} (python {script} --algo {algo} --help lists its flags)"
+            ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -497,12 +517,14 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Job, int, float]]:
     require(len(set(algos)) == len(algos), f"--algos has duplicates: {args.algos}")
     seeds = parse_seeds(args)
     require(args.workers > 0, f"--workers must be positive, got {args.workers}")
+    require_folder_name(args, "log_dir")
     require(Path(args.script).is_file(), f"--script {args.script} does not exist (run from the repository root)")
     for token in passthrough:
         if token.startswith("--") and _flag_name(token.split("=", 1)[0]) in RESERVED_FLAGS:
             raise UsageError(f"{token} after `--` would override the sweep's own; use --algos / --seeds")
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     jobs = build_jobs(args.script, algos, seeds, grid, passthrough)
+    check_jobs(args.script, jobs)
 
     if args.dry_run:
         points = len(jobs) // (len(algos) * len(seeds))

@@ -239,3 +239,11 @@ def test_bad_record_flags_are_one_line_errors(expert, tmp_path, capsys):
         ["record", "--checkpoint", str(expert), "--steps", "9", "--out", str(tmp_path / "no" / "dir.npz")], capsys
     )
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_record_help_states_each_default_once_and_no_empty_ones():
+    """Caught before: --min-return's help ended "(default: every whole game) (default: None)", and the required
+    flags said "(default: None)"."""
+    help_text = " ".join(demos_cli.build_parser()._subparsers._group_actions[0].choices["record"].format_help().split())
+    assert "(default: None)" not in help_text and "(default: )" not in help_text
+    assert help_text.count("(default: every whole game)") == 1 and "(default: 1)" in help_text  # --seed's is kept

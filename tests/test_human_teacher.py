@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -155,6 +156,46 @@ def test_resume_takes_answers_given_after_the_checkpoint_and_queues_the_rest_aga
     assert set(load_label_log(log)) == {0, 1, 2, 5}
 
 
+def test_a_resumed_run_serves_the_page_on_its_port_again_when_it_is_free(tmp_path, teachers, capsys):
+    """Caught before: every resume served the page on a new free port, so a tab left open went dead."""
+    log = tmp_path / "labels.jsonl"
+    first = teachers()
+    first.open(tmp_path, next_pair_id=0)
+    port = first.server.port
+    checkpoint = first.state_dict()
+    assert checkpoint["port"] == port
+    first.stop()
+
+    resumed = teachers()
+    resumed.load_state_dict(checkpoint, "cpu")
+    resumed.open(tmp_path, next_pair_id=0)
+    assert resumed.server.port == port and resumed.state_dict()["port"] == port
+    out = capsys.readouterr()
+    assert f"label preferences at http://127.0.0.1:{port}/" in out.out and out.err == ""
+    resumed.stop()
+
+    with socket.socket() as busy:  # the port is taken meanwhile: a free one, and a note that says so
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        moved = teachers()
+        moved.load_state_dict(checkpoint, "cpu")
+        moved.open(tmp_path, next_pair_id=0)
+        assert moved.server.port not in (0, port)
+        out = capsys.readouterr()
+        assert f"label preferences at {moved.url}" in out.out
+        assert f"note: port {port}, where the stopped run served the page, is taken" in out.err
+        assert f"the page moved to {moved.url}" in out.err
+        moved.stop()
+    # --label-port given on resume wins over the recorded port.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        chosen = probe.getsockname()[1]
+    explicit = teachers(port=chosen)
+    explicit.load_state_dict(checkpoint, "cpu")
+    explicit.start(log, next_pair_id=0)
+    assert explicit.server.port == chosen
+
+
 def test_a_port_in_use_is_an_error_not_an_exit(tmp_path, teachers):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -302,3 +343,70 @@ def test_a_run_labelled_through_the_page_then_replayed_from_its_log(tmp_path):
     for tag in ("reward/num_pairs", "reward/dropped_pairs", "reward/bce"):
         assert replayed[tag] == tags[tag], tag
     assert [value for _, value in replayed["reward/unlabelled_pairs"]] == [0, 0, 0, 0]
+
+
+# The command the docs give a person (tens of pairs, a few minutes of training between queries): 20 warm-up pairs,
+# then 11, 9, 8, 6 and 6 over five queries; 30,000 agent steps between queries.
+PERSON_SIZED = (
+    "python sobirl/beamrider.py --algo drlhf --teacher human --env-id MinAtar/Breakout-v1 --initial-pairs 20 "
+    "--total-pairs 60 --schedule-iterations 5 --inner-steps 30000 --learning-starts 1000 "
+    "--total-timesteps 180000 --buffer-size 100000"
+)
+
+
+def start_until_url(argv: list[str], timeout: float = 120) -> tuple[subprocess.Popen, str, list[str]]:
+    """Start a run; return it, its page's URL once printed, and its output so far (kept growing by a thread)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    output: list[str] = []
+    found = threading.Event()
+
+    def read():
+        for line in process.stdout:
+            output.append(line)
+            if "label preferences at" in line:
+                found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not found.wait(0.1):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("".join(output))
+    return process, re.search(r"label preferences at (http://\S+)", "".join(output)).group(1), output
+
+
+def test_the_person_sized_command_starts_and_resumes_on_the_same_page(tmp_path):
+    """The documented command parses and starts: its 20 warm-up pairs wait on the page; stopped and resumed, the
+    run says where it continues and serves the page at the same address."""
+    pytest.importorskip("minatar")
+    import shlex
+
+    argv = shlex.split(PERSON_SIZED)[1:] + ["--runs-dir", str(tmp_path), "--no-progress"]
+    first, url, output = start_until_url(argv)
+    try:
+        deadline = time.monotonic() + 60
+        while get(url + "api/next")["pending"] < 20:  # the rollout's fragments are submitted as they are drawn
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        next_pair = get(url + "api/next?page=p&annotator=me")
+        assert next_pair["pending"] == 20 and next_pair["answered"] == 0
+        post_label(url, next_pair["pair"]["pair_id"], "left")
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=60) == 130, "".join(output)
+    finally:
+        first.kill()
+    assert "checkpoint saved; continue with:" in "".join(output)
+    run_dir = only_run_dir(tmp_path)
+
+    resumed, resumed_url, output = start_until_url([str(REPO / "sobirl/beamrider.py"), "--resume", str(run_dir)])
+    try:
+        assert resumed_url == url, "".join(output)
+        assert "resumed at step 1,001 of 180,000" in "".join(output)
+        assert get(url + "api/next")["pending"] == 19  # the answered pair was collected from the log
+        resumed.send_signal(signal.SIGINT)
+        assert resumed.wait(timeout=60) == 130, "".join(output)
+    finally:
+        resumed.kill()

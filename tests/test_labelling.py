@@ -3,9 +3,11 @@ real-browser session (headless Chromium via Selenium)."""
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import agents.feedback.labelling.server as labelling_server
 from agents.feedback.labelling import (
     MINATAR_PALETTE,
     REFUSED_AFTER_TAKE,
@@ -27,6 +30,8 @@ from agents.feedback.labelling import (
     shown_left_for,
     stored_label,
 )
+from agents.feedback.labelling.games import ATARI_DEFAULT_GOAL, ATARI_GOALS, MINATAR_GAMES, game_guide
+from agents.feedback.labelling.server import MAX_REQUEST_BYTES, PAGE_FILES, pick_pair
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,16 +115,46 @@ def test_left_right_order_is_random_per_pair_and_reproducible():
     assert stored_label("equal", 2) == 0.5 and stored_label("skip", 1) is None
 
 
-def test_page_is_self_contained(client):
+def test_page_and_its_two_files_come_from_this_server(client):
+    """The page loads page.js and page.css from the server that serves it, and nothing from elsewhere (the machine
+    may be offline)."""
     response = client.get("/")
     assert response.status_code == 200 and response.mimetype == "text/html"
     html = response.get_data(as_text=True)
-    assert html.count("<canvas") == 2 and "ArrowLeft" in html and "annotator" in html
-    assert "http://" not in html and "https://" not in html and "<link" not in html and "src=" not in html
+    assert html.count("<canvas") == 2 and "annotator" in html
+    assert sorted(re.findall(r'(?:src|href)="([^"]*)"', html)) == ["page.css", "page.js"]
+    for name, mimetype in (("page.js", "text/javascript"), ("page.css", "text/css")):
+        asset = client.get("/" + name)
+        assert asset.status_code == 200 and asset.mimetype == mimetype
+        assert asset.headers["Cache-Control"] == "no-store"
+        text = asset.get_data(as_text=True)
+        assert "http://" not in text and "https://" not in text and "@import" not in text and "url(" not in text
+    assert "ArrowLeft" in client.get("/page.js").get_data(as_text=True)
+    for path in ("/page.html", "/static/page.js", "/server.py", "/label_log.py"):
+        assert client.get(path).status_code == 404, path
+
+
+def test_the_page_files_are_package_data():
+    """A non-editable install (a wheel) ships only the package data pyproject.toml declares: every file of the page
+    must match it. Caught: the declaration removed, or a page file the patterns miss."""
+    tomllib = pytest.importorskip("tomllib")
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    patterns = declared["agents.feedback.labelling"]
+    package = REPO / "agents" / "feedback" / "labelling"
+    for name in PAGE_FILES:
+        relative = (package / "static" / name).relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative
+    assert sorted(path.name for path in (package / "static").iterdir()) == sorted(PAGE_FILES)
 
 
 def test_next_shows_the_oldest_pair_with_its_clips_swapped_as_seeded(server, client):
-    assert client.get("/api/next").get_json() == {"pair": None, "pending": 0, "fps": 12}
+    assert client.get("/api/next").get_json() == {
+        "pair": None,
+        "pending": 0,
+        "elsewhere": 0,
+        "answered": None,
+        "fps": 12,
+    }
     clips = {pair_id: (clip(2 * pair_id, 5, 6), clip(2 * pair_id + 1, 5, 6)) for pair_id in (1, 0)}  # 5 frames of 6x6
     for pair_id, (clip1, clip2) in clips.items():
         server.submit(pair_id, clip1, clip2)
@@ -228,6 +263,139 @@ def test_submit_checks_its_clips(server):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Several pages at once
+
+
+def test_pick_pair_gives_each_page_a_pair_no_other_page_holds():
+    queue = [4, 5, 6]
+    assert pick_pair(queue, {}, "a", None) == 4
+    assert pick_pair(queue, {"a": 4}, "a", None) == 4  # a page keeps its pair
+    assert pick_pair(queue, {"a": 4}, "b", None) == 5  # ... which no other page gets
+    assert pick_pair(queue, {"a": 4, "b": 5}, "c", None) == 6
+    assert pick_pair(queue, {"a": 4, "b": 5, "c": 6}, "d", None) is None  # all on other pages: wait
+    assert pick_pair(queue, {"a": 4}, "b", 6) == 6  # a page that lost its loan keeps the pair it shows, if free
+    assert pick_pair(queue, {"a": 4}, "b", 4) == 5  # ... unless another page holds it
+    assert pick_pair(queue, {"a": 4}, None, None) == 5  # a script (no page id) gets a pair no page holds
+    assert pick_pair([], {}, "a", None) is None
+
+
+def next_for(client, page: str, annotator: str = "alice", **extra) -> dict:
+    query = {"page": page, "annotator": annotator, **extra}
+    return client.get("/api/next", query_string=query).get_json()
+
+
+def test_two_pages_are_shown_different_pairs_and_each_annotator_sees_their_count(server, client):
+    """Caught before: every page was shown the oldest pending pair, so a second annotator's answers to it were
+    refused (409) and their time lost."""
+    for pair_id in range(4):
+        server.submit(pair_id, clip(pair_id), clip(10 + pair_id))
+    alice, bob = next_for(client, "tab-a"), next_for(client, "tab-b", "bob")
+    assert (alice["pair"]["pair_id"], bob["pair"]["pair_id"]) == (0, 1)
+    assert next_for(client, "tab-a")["pair"]["pair_id"] == 0, "a page keeps its pair while it polls"
+    assert (alice["elsewhere"], next_for(client, "tab-a")["elsewhere"]) == (0, 1)
+    assert (alice["answered"], bob["answered"]) == (0, 0)
+    assert (
+        post(client, "/api/label", {"pair_id": 1, "choice": "left", "annotator": "bob", "page": "tab-b"}).status_code
+        == 200
+    )
+    assert next_for(client, "tab-b", "bob")["pair"]["pair_id"] == 2, "pair 0 is still alice's"
+    assert next_for(client, "tab-b", "bob")["answered"] == 1 and next_for(client, "tab-a")["answered"] == 0
+    assert next_for(client, "tab-c", "carol")["pair"]["pair_id"] == 3
+    waiting = next_for(client, "tab-d", "dan")
+    assert waiting["pair"] is None and (waiting["pending"], waiting["elsewhere"]) == (3, 3)
+    # A script without a page id sees a pair no page holds, and holds none itself.
+    assert client.get("/api/next").get_json()["pair"] is None
+    # Undo: the pair comes back to the page that asked, ahead of the one it showed.
+    assert post(client, "/api/undo", {"annotator": "bob", "page": "tab-b"}).get_json()["undone"] == 1
+    assert (
+        next_for(client, "tab-b", "bob")["pair"]["pair_id"] == 1 and next_for(client, "tab-b", "bob")["answered"] == 0
+    )
+    assert next_for(client, "tab-d", "dan")["pair"]["pair_id"] == 2, "the pair tab-b gave up"
+    for bad in ({"page": ""}, {"page": "x" * 101}, {"page": "a", "annotator": ""}):
+        assert client.get("/api/next", query_string=bad).status_code == 400, bad
+    assert post(client, "/api/label", {"pair_id": 2, "choice": "left", "page": 3}).status_code == 400
+
+
+def test_a_closed_page_gives_its_pair_back_when_its_loan_runs_out(server, client, monkeypatch):
+    monkeypatch.setattr(labelling_server, "LEASE_SECONDS", 0.2)
+    for pair_id in range(2):
+        server.submit(pair_id, clip(pair_id), clip(10 + pair_id))
+    assert next_for(client, "closed")["pair"]["pair_id"] == 0
+    assert next_for(client, "open")["pair"]["pair_id"] == 1
+    time.sleep(0.3)
+    assert next_for(client, "open", showing=1)["pair"]["pair_id"] == 1, "a page that polls keeps what it shows"
+    assert next_for(client, "other")["pair"]["pair_id"] == 0, "the closed page's loan ran out"
+
+
+def test_a_closing_page_gives_its_pair_back_at_once(server, client):
+    for pair_id in range(2):
+        server.submit(pair_id, clip(pair_id), clip(10 + pair_id))
+    assert next_for(client, "closing")["pair"]["pair_id"] == 0
+    # What navigator.sendBeacon sends: JSON text, whatever the content type.
+    response = client.post("/api/release", data=json.dumps({"page": "closing"}), content_type="text/plain")
+    assert response.status_code == 200 and response.get_json() == {"released": "closing"}
+    assert next_for(client, "other")["pair"]["pair_id"] == 0
+    assert client.post("/api/release", data="[]").status_code == 400
+
+
+def test_answers_per_annotator_count_the_log_of_earlier_runs(tmp_path):
+    log_path = tmp_path / "labels.jsonl"
+    first = LabelServer(log_path)
+    for pair_id in range(3):
+        first.submit(pair_id, clip(pair_id), clip(5 + pair_id))
+    for pair_id, annotator in ((0, "alice"), (1, "alice"), (2, "bob")):
+        label(first.app.test_client(), pair_id, "left", annotator)
+    resumed = LabelServer(log_path).app.test_client()
+    assert next_for(resumed, "p", "alice")["answered"] == 2 and next_for(resumed, "p", "bob")["answered"] == 1
+
+
+def test_a_request_body_over_the_limit_is_refused_unread(server, client):
+    """Caught before: a 50 MB body was read, parsed, and its answer saved."""
+    server.submit(1, clip(0), clip(1))
+    body = {"pair_id": 1, "choice": "left", "annotator": "alice", "padding": ""}
+    body["padding"] = "x" * (MAX_REQUEST_BYTES + 1 - len(json.dumps(body)))
+    response = post(client, "/api/label", body)
+    assert response.status_code == 413
+    assert response.get_json() == {"error": f"the request body is larger than {MAX_REQUEST_BYTES} bytes"}
+    assert client.post("/api/undo", data=b"{" * (MAX_REQUEST_BYTES + 1)).status_code == 413
+    assert not server.log_path.exists() or not server.log_path.read_text() and server.pending() == 1
+    body["padding"] = "x" * 1000  # an ordinary body (an extra field is ignored)
+    assert post(client, "/api/label", body).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the page says about the game
+
+
+def test_game_guide_for_minatar_and_atari(tmp_path):
+    breakout = game_guide("MinAtar/Breakout-v1")
+    assert breakout["game"] == "MinAtar Breakout" and "ball" in breakout["goal"]
+    assert [entry["colour"] for entry in breakout["legend"]] == ["#e6194b", "#3cb44b", "#ffe119", "#0082c8"]
+    assert breakout["legend"][0]["name"].startswith("paddle")
+    assert game_guide("BeamRiderNoFrameskip-v4")["goal"] == ATARI_GOALS["BeamRider"]
+    assert game_guide("ALE/Pong-v5") == {"game": "Pong", "goal": ATARI_GOALS["Pong"], "legend": []}
+    assert game_guide("ALE/Zaxxon-v5")["goal"] == ATARI_DEFAULT_GOAL
+    assert game_guide("")["goal"] == ATARI_DEFAULT_GOAL
+    server = LabelServer(tmp_path / "labels.jsonl", env_id="MinAtar/Seaquest-v1")
+    assert server.app.test_client().get("/api/game").get_json() == game_guide("MinAtar/Seaquest-v1")
+
+
+def test_minatar_legends_name_every_channel_in_order():
+    """The legend's colours are the boards' channels: one name per channel of the game, in the game's order."""
+    minatar = pytest.importorskip("minatar")
+    games = {"Asterix": "asterix", "Breakout": "breakout", "Freeway": "freeway", "Seaquest": "seaquest"}
+    games["SpaceInvaders"] = "space_invaders"
+    assert set(MINATAR_GAMES) == set(games)
+    for game, module in games.items():
+        channels = minatar.Environment(module).env.channels
+        names = MINATAR_GAMES[game][1]
+        assert len(names) == len(channels), game
+        for raw, index in channels.items():  # the package's channel name is recognisable in ours
+            words = [word for word in raw.replace("guage", "gauge").split("_") if not word.startswith("speed")]
+            assert not words or any(word in names[index] for word in words), (game, raw, names[index])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The log across runs
 
 
@@ -327,6 +495,17 @@ def test_real_http_round_trip(tmp_path):
         with pytest.raises(urllib.error.HTTPError) as error:
             urllib.request.urlopen(urllib.request.Request(server.url + "api/undo", data=b"[]"), timeout=10)
         assert error.value.code == 400 and "error" in json.load(error.value)
+        server.submit(4, clip(0), clip(1))
+        huge = json.dumps({"pair_id": 4, "choice": "left", "annotator": "x", "padding": "x" * (50 << 20)}).encode()
+        with pytest.raises(urllib.error.HTTPError) as error:  # answered without reading the 50 MB
+            urllib.request.urlopen(
+                urllib.request.Request(
+                    server.url + "api/label", data=huge, headers={"Content-Type": "application/json"}
+                ),
+                timeout=30,
+            )
+        assert error.value.code == 413 and "larger than" in json.load(error.value)["error"]
+        assert server.pending() == 1
     assert [(x.pair_id, x.label, x.annotator) for x in server.take_labels()] == [(3, 0.5, "carol")]
 
 
@@ -351,56 +530,107 @@ def chromium_driver(tmp_path: Path):
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
-        "--window-size=1000,620",
+        "--window-size=1000,760",
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-def random_minatar_boards(rng: np.random.Generator, frames: int = 25, channels: int = 6) -> np.ndarray:
+def random_minatar_boards(rng: np.random.Generator, frames: int = 25, channels: int = 4) -> np.ndarray:
     return ((rng.random((frames, channels, 10, 10)) < 0.06) * 255).astype(np.uint8)
 
 
-@pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
     reason=f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)",
 )
-def test_browser_labels_with_keys_and_undo(tmp_path, monkeypatch):
+
+
+@pytest.fixture
+def browser(tmp_path, monkeypatch):
     pytest.importorskip("selenium", reason="the browser test needs selenium (the test extra)")
-    from selenium.webdriver.common.action_chains import ActionChains
+    monkeypatch.setenv("SE_OFFLINE", "true")  # should Selenium Manager run at all, it must not go online
+    driver = chromium_driver(tmp_path)
+    yield driver
+    driver.quit()
+
+
+class Page:
+    """One window of the browser, showing the labelling page."""
+
+    def __init__(self, driver, url: str, annotator: str, new_window: bool = False):
+        from selenium.webdriver.common.by import By
+
+        self.driver, self.by = driver, By
+        if new_window:
+            driver.switch_to.new_window("window")
+        self.handle = driver.current_window_handle
+        driver.get(url + "?annotator=" + annotator)
+
+    def focus(self) -> Page:
+        self.driver.switch_to.window(self.handle)
+        return self
+
+    def text(self, element_id: str) -> str:
+        return self.focus().driver.find_element(self.by.ID, element_id).text
+
+    def attribute(self, name: str) -> str:
+        return self.focus().driver.find_element(self.by.TAG_NAME, "body").get_attribute(name)
+
+    def wait_for_pair(self, pair_id: int, timeout: float = 15) -> None:
+        from selenium.common.exceptions import TimeoutException
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        def showing(_) -> bool:
+            return self.attribute("data-state") == "showing" and self.attribute("data-pair-id") == str(pair_id)
+
+        try:
+            WebDriverWait(self.driver, timeout).until(showing)
+        except TimeoutException:
+            state, shown = self.attribute("data-state"), self.attribute("data-pair-id")
+            message = self.text("message")
+            raise AssertionError(f"waited for pair {pair_id}; the page is {state} {shown} ({message!r})") from None
+
+    def wait_until(self, condition, timeout: float = 15) -> None:
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(self.driver, timeout).until(lambda _: condition())
+
+    def press(self, key: str) -> None:
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        ActionChains(self.focus().driver).send_keys(key).perform()
+
+    def script(self, code: str, *args):
+        return self.focus().driver.execute_script(code, *args)
+
+
+@needs_chromium
+def test_browser_labels_with_keys_and_undo(tmp_path, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    monkeypatch.setenv("SE_OFFLINE", "true")  # should Selenium Manager run at all, it must not go online
+    driver = browser
     rng = np.random.default_rng(0)
-    server = LabelServer(tmp_path / "labels.jsonl")
+    server = LabelServer(tmp_path / "labels.jsonl", env_id="MinAtar/Breakout-v1")
     pair_ids = list(range(10, 18))
     for pair_id in pair_ids:
         server.submit(pair_id, render_minatar(random_minatar_boards(rng)), render_minatar(random_minatar_boards(rng)))
     url = server.start()
-    driver = chromium_driver(tmp_path)
     try:
-        driver.get(url + "?annotator=tester")
-        body = driver.find_element(By.TAG_NAME, "body")
-
-        def wait_for_pair(pair_id: int) -> None:
-            def showing(_) -> bool:
-                state, shown = body.get_attribute("data-state"), body.get_attribute("data-pair-id")
-                return state == "showing" and shown == str(pair_id)
-
-            WebDriverWait(driver, 15).until(showing)
-
-        def press(key: str) -> None:
-            ActionChains(driver).send_keys(key).perform()
-
-        def message() -> str:
-            return driver.find_element(By.ID, "message").text
-
-        wait_for_pair(10)
-        assert driver.find_element(By.ID, "annotator").text == "tester"
-        assert driver.find_element(By.ID, "counter").text == "8 pairs waiting"
+        page = Page(driver, url, "tester")
+        page.wait_for_pair(10)
+        assert page.text("annotator") == "tester" and page.text("answered") == "(0 answered)"
+        assert page.text("counter") == "8 pairs waiting"
+        # The game's goal and its colours.
+        assert page.text("game-name") == "MinAtar Breakout:"
+        assert page.text("goal-text") == MINATAR_GAMES["Breakout"][0]
+        legend = driver.find_elements(By.CSS_SELECTOR, "#legend li")
+        assert [item.text for item in legend] == list(MINATAR_GAMES["Breakout"][1])
+        swatch = legend[0].find_element(By.CLASS_NAME, "swatch").value_of_css_property("background-color")
+        assert swatch == "rgba({}, {}, {}, 1)".format(*MINATAR_PALETTE[0])
         for side in ("left", "right"):
             canvas = driver.find_element(By.ID, side)
             assert canvas.size["width"] >= 240 and canvas.size["height"] >= 240
@@ -420,20 +650,20 @@ def test_browser_labels_with_keys_and_undo(tmp_path, monkeypatch):
 
         keys = [Keys.ARROW_LEFT, Keys.ARROW_RIGHT, Keys.ARROW_UP, Keys.ARROW_DOWN]
         for pair_id, key in zip(pair_ids, keys):
-            wait_for_pair(pair_id)
-            press(key)
-        wait_for_pair(14)
-        press("u")  # undo the drop of pair 13: it comes back first
-        wait_for_pair(13)
-        assert "pair 13 is back" in message()
-        press(Keys.ARROW_LEFT)
-        wait_for_pair(14)
-        assert driver.find_element(By.ID, "counter").text == "4 pairs waiting"
+            page.wait_for_pair(pair_id)
+            page.press(key)
+        page.wait_for_pair(14)
+        page.press("u")  # undo the drop of pair 13: it comes back first
+        page.wait_for_pair(13)
+        assert "pair 13 is back" in page.text("message")
+        page.press(Keys.ARROW_LEFT)
+        page.wait_for_pair(14)
+        assert page.text("counter") == "4 pairs waiting" and page.text("answered") == "(4 answered)"
         if os.environ.get("SOBIRL_SAVE_SCREENSHOT") == "1":
             time.sleep(0.4)  # let the clips play a few frames
             driver.save_screenshot(str(REPO / "docs" / "labelling_page.png"))
         driver.find_element(By.ID, "btn-right").click()  # the buttons do what the keys do
-        wait_for_pair(15)
+        page.wait_for_pair(15)
 
         expected = {
             10: stored_label("left", shown_left_for(10)),
@@ -449,9 +679,134 @@ def test_browser_labels_with_keys_and_undo(tmp_path, monkeypatch):
         assert [r["pair_id"] for r in records] == [10, 11, 12, 13, 13, 13, 14]
         assert records[3]["label"] is None and records[4]["undo"] is True and len(records) == 7
 
-        press("u")  # pair 14's answer went to training: refused
-        WebDriverWait(driver, 10).until(lambda _: REFUSED_AFTER_TAKE in message())
-        assert body.get_attribute("data-pair-id") == "15" and server.pending() == 3
+        page.press("u")  # pair 14's answer went to training: refused
+        page.wait_until(lambda: REFUSED_AFTER_TAKE in page.text("message"))
+        assert page.attribute("data-pair-id") == "15" and server.pending() == 3
     finally:
-        driver.quit()
+        server.stop()
+
+
+@needs_chromium
+def test_browser_clips_take_the_window_width_and_mark_their_restart(tmp_path, browser):
+    """Caught before: clips were drawn at 240 px whatever the window, and a loop's restart looked like a jump in
+    the game."""
+    from selenium.webdriver.common.by import By
+
+    rng = np.random.default_rng(1)
+    server = LabelServer(tmp_path / "labels.jsonl", fps=12, env_id="MinAtar/Breakout-v1")
+    server.submit(
+        0, render_minatar(random_minatar_boards(rng, frames=8)), render_minatar(random_minatar_boards(rng, 8))
+    )
+    url = server.start()
+    try:
+        for width, height in ((1400, 1000), (1000, 760), (800, 1200)):
+            browser.set_window_size(width, height)
+            page = Page(browser, url, "tester")
+            page.wait_for_pair(0)
+            inner_width, inner_height, page_height = page.script(
+                "return [innerWidth, innerHeight, document.documentElement.scrollHeight];"
+            )
+            canvases = [browser.find_element(By.ID, side).rect for side in ("left", "right")]
+            side = canvases[0]["width"]
+            assert canvases[1]["width"] == side and canvases[0]["height"] == side  # square boards stay square
+            assert side > 300, (width, height, side)
+            assert page_height <= inner_height, "the page fits the window: the buttons stay on screen"
+            # Width or height is used up: the two clips span the page (less its margins), or the page is as tall
+            # as the window.
+            spans = canvases[1]["x"] + canvases[1]["width"] - canvases[0]["x"]
+            assert spans >= inner_width - 80 or page_height >= inner_height - 2, (width, height, side)
+        # The loop's first frames are framed in yellow, and the timeline says which frame is shown: what the page
+        # shows, sampled every 10 ms for two loops.
+        browser.set_script_timeout(10)
+        seen = browser.execute_async_script(
+            """
+            const done = arguments[arguments.length - 1], seen = new Set();
+            const sample = setInterval(() => seen.add(JSON.stringify([
+              document.getElementById("left").classList.contains("restart"),
+              document.getElementById("frame-counter").textContent])), 10);
+            setTimeout(() => { clearInterval(sample); done([...seen].map((s) => JSON.parse(s))); }, 1400);
+            """
+        )
+        seen = {tuple(state) for state in seen}
+        assert (True, "frame 1 / 8") in seen and (False, "frame 5 / 8") in seen, seen
+        assert {counter for restart, counter in seen if restart} == {"frame 1 / 8", "frame 2 / 8", "frame 3 / 8"}
+        colour = browser.find_element(By.ID, "left").value_of_css_property("border-top-color")
+        assert colour in ("rgba(255, 216, 102, 1)", "rgba(68, 68, 68, 1)")
+    finally:
+        server.stop()
+
+
+@needs_chromium
+def test_browser_two_pages_label_different_pairs_and_count_their_answers(tmp_path, browser):
+    """Two annotators, each in their own window. Caught before: both pages showed the oldest pending pair, so the
+    second answer to it was refused and the first page to answer won every pair."""
+    from selenium.webdriver.common.keys import Keys
+
+    rng = np.random.default_rng(2)
+    server = LabelServer(tmp_path / "labels.jsonl")
+    for pair_id in range(20, 26):
+        server.submit(pair_id, render_minatar(random_minatar_boards(rng)), render_minatar(random_minatar_boards(rng)))
+    url = server.start()
+    try:
+        alice = Page(browser, url, "alice")
+        alice.wait_for_pair(20)
+        bob = Page(browser, url, "bob", new_window=True)
+        bob.wait_for_pair(21)
+        alice.wait_until(lambda: alice.text("counter") == "6 pairs waiting (1 on other pages)", timeout=6)
+        alice.wait_for_pair(20)  # alice's page still shows hers
+        alice.press(Keys.ARROW_LEFT)
+        alice.wait_for_pair(22)  # not bob's 21
+        bob.press(Keys.ARROW_RIGHT)
+        bob.wait_for_pair(23)
+        alice.press(Keys.ARROW_UP)
+        alice.wait_for_pair(24)
+        assert alice.text("answered") == "(2 answered)" and bob.text("answered") == "(1 answered)"
+        bob.focus().driver.close()  # bob leaves with pair 23 on his screen: his page gives it back as it closes
+        alice.press(Keys.ARROW_DOWN)
+        alice.wait_for_pair(23)
+        alice.press(Keys.ARROW_LEFT)
+        alice.wait_for_pair(25)
+        alice.press(Keys.ARROW_RIGHT)
+        alice.wait_until(lambda: alice.attribute("data-state") == "waiting")
+        assert "No pairs waiting" in alice.text("waiting") and "already" not in alice.text("message")
+        records = log_records(server.log_path)
+        assert [(r["pair_id"], r["annotator"]) for r in records] == [
+            (20, "alice"),
+            (21, "bob"),
+            (22, "alice"),
+            (24, "alice"),
+            (23, "alice"),
+            (25, "alice"),
+        ]
+        assert server.pending() == 0
+    finally:
+        server.stop()
+
+
+@needs_chromium
+def test_browser_request_over_the_size_limit_gets_413_and_saves_nothing(tmp_path, browser):
+    """Caught before: a 50 MB answer posted from the page's origin was read whole and saved."""
+    server = LabelServer(tmp_path / "labels.jsonl")
+    server.submit(10, clip(0), clip(1))
+    url = server.start()
+    try:
+        page = Page(browser, url, "tester")
+        page.wait_for_pair(10)
+        browser.set_script_timeout(60)
+        result = browser.execute_async_script(
+            """
+            const done = arguments[arguments.length - 1];
+            const body = JSON.stringify({pair_id: 10, choice: "left", annotator: "big", padding: "x".repeat(50 << 20)});
+            fetch("/api/label", {method: "POST", headers: {"Content-Type": "application/json"}, body})
+              .then(async (response) => done({status: response.status, body: await response.json()}))
+              .catch((error) => done({error: String(error)}));
+            """
+        )
+        assert result == {
+            "status": 413,
+            "body": {"error": f"the request body is larger than {MAX_REQUEST_BYTES} bytes"},
+        }
+        assert server.pending() == 1 and server.take_labels() == []
+        assert not server.log_path.exists() or server.log_path.read_text() == ""
+    finally:
         server.stop()

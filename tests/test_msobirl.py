@@ -231,11 +231,13 @@ def test_same_seed_same_run(tmp_path):
         (["--inner-iterations", "0"], "--inner-iterations"),
         (["--beta", "nan"], "--beta"),
         (["--plot", "curve.pdf"], "--plot"),
+        (["--runs-dir", ""], "--runs-dir must name a folder"),
     ],
 )
-def test_bad_flags_raise_usage_error(flags, message, tmp_path):
+def test_bad_flags_raise_usage_error(flags, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where --runs-dir "" would write, were it accepted
     with pytest.raises(UsageError, match=re.escape(message)):
-        main(flags + ["--runs-dir", str(tmp_path)])
+        main(["--runs-dir", str(tmp_path), "--iterations", "3", *flags])  # a --runs-dir in `flags` wins
     assert not any(tmp_path.iterdir()), "validation must happen before the run directory is created"
 
 

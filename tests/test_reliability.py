@@ -170,6 +170,39 @@ def test_resume_through_the_entry_point_continues_a_minatar_run(minatar_run, tmp
     assert state["args"]["total_timesteps"] == 300 and state["args"]["buffer_size"] == 1000
 
 
+def test_a_resumed_run_says_where_it_continues_and_logs_one_speed_point_per_step(tmp_path, capsys):
+    """Caught before: the resumed run's first line did not say the step it continued from, and the last charts/SPS
+    point of each phase ending on a multiple of 1000 steps was logged twice."""
+    from tests.conftest import scalar_tags
+
+    runs = tmp_path / "runs"
+    flags = ["--algo", "sac", *MINATAR, "--learning-starts", "3000"]  # uniform random actions: no updates, fast
+    code, out, err = entry_point(*flags, "--total-timesteps", "2000", "--runs-dir", str(runs), capsys=capsys)
+    assert code == 0, err
+    assert "resumed at" not in out
+    run_dir = only_run_dir(runs)
+    assert [step for step, _ in scalar_tags(run_dir)["charts/SPS"]] == [1000, 2000]
+    code, out, err = entry_point("--resume", str(run_dir), "--total-timesteps", "3000", capsys=capsys)
+    assert code == 0, err
+    assert f"run {run_dir.name} (sac) on cpu, resumed at step 2,000 of 3,000: logs in {run_dir}" in out
+    steps = [step for step, _ in scalar_tags(run_dir)["charts/SPS"]]
+    assert steps[-1] == 3000 and len(steps) == len(set(steps))
+
+
+def test_resume_help_lists_the_flags_a_resumed_run_may_change():
+    """Generated from RESUMABLE, so --help cannot omit one (the docs' list had left out --label-mode)."""
+    import importlib
+
+    from agents.infra.cli import build_parser, flag_name
+
+    for algo, module in beamrider.ALGORITHMS.items():
+        args_cls = getattr(importlib.import_module(module), "TrueRewardArgs" if algo == "sac" else "Args")
+        resume = next(a for a in build_parser(args_cls)._actions if "--resume" in a.option_strings)
+        listed = set(re.findall(r"--[a-z-]+", resume.help.split("may change only", 1)[1]))
+        assert listed == {flag_name(name) for name in args_cls.RESUMABLE}, algo
+        assert algo == "sac" or "--label-mode" in listed
+
+
 def test_resume_through_the_entry_point_on_a_non_default_atari_id_and_mismatches_refused(tmp_path, capsys):
     runs = tmp_path / "runs"
     code, _, _ = entry_point(
@@ -543,6 +576,57 @@ def test_bad_paths_and_values_are_one_line_exit_2_and_write_nothing(tmp_path, ca
         line = refused(capsys, *flags, *([] if "--runs-dir" in flags else ["--runs-dir", str(tmp_path / "runs")]))
         assert all(word in line for word in words), (flags, line)
     assert files_under(tmp_path) == before
+
+
+def test_a_newcomers_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, monkeypatch):
+    """Caught before: --runs-dir "" made the run folder in the current directory (the repository root, where it
+    showed in git status); --total-timesteps 1e30 started a run; --seed -1 or 1e10 died in numpy with a traceback."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    short = ["--total-timesteps", "200"]  # so that a run that is not refused ends soon
+    for flags, words in [
+        (["--runs-dir", "", *short], ["--runs-dir", "must name a folder"]),
+        (["--runs-dir", "  ", *short], ["--runs-dir", "must name a folder"]),
+        # --batch-size 0 as well: were 1e30 accepted, validation would refuse the run rather than start it.
+        (["--total-timesteps", "1e30", "--batch-size", "0"], ["--total-timesteps", "1e30", "out of range"]),
+        (["--buffer-size", "1e19", *short], ["--buffer-size", "1e19", "out of range"]),
+        (["--seed", "-1", *short], ["--seed", "-1"]),
+        (["--seed", "1e10", *short], ["--seed", "10000000000"]),
+    ]:
+        line = refused(capsys, "--algo", "sac", *MINATAR, *flags)
+        assert all(word in line for word in words), (flags, line)
+    assert not any(tmp_path.rglob("*.*")) and [p.name for p in tmp_path.iterdir()] == ["cwd"]
+    assert not any(cwd.iterdir())
+
+
+def test_integer_flags_are_read_exactly_and_fit_64_bits():
+    """Caught before: 1e30 became an int with 31 digits, and 1e23 the float's 99999999999999991611392."""
+    import argparse
+
+    from agents.infra.cli import INT64_MAX, integer
+
+    assert integer("4.3e6") == 4_300_000 and integer("1e17") + 1 == 10**17 + 1 and integer("-3") == -3
+    assert integer(str(INT64_MAX)) == INT64_MAX
+    for text in ("1e30", "1e19", str(INT64_MAX + 1), "1.5", "nan", "inf", "abc", "1e-3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            integer(text)
+
+
+def test_env_seeds_past_ales_range_are_folded_into_it():
+    """A --seed near 2**32 (allowed) plus the step counts a run adds to it is past ale-py's 31-bit seeds: folded,
+    the Atari env starts; seeds inside the range are kept. Caught: no folding (ale-py refuses the seed)."""
+    from wrappers import make_envs
+    from wrappers.atari import ALE_SEEDS, fold_seed
+
+    assert fold_seed(7, 4) == 7 and fold_seed(ALE_SEEDS - 4, 4) == ALE_SEEDS - 4
+    assert all(fold_seed(seed, 4) + 3 < ALE_SEEDS for seed in (ALE_SEEDS - 3, 2**32 - 1, 2**32 + 5_300_003))
+    envs = make_envs("BeamRiderNoFrameskip-v4", 2, 2**32 - 1 + 5_300_003)
+    try:
+        obs, _ = envs.reset()
+        assert obs.shape == (2, 4, 84, 84)
+    finally:
+        envs.close()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")

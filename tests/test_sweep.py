@@ -10,6 +10,7 @@ import pytest
 
 from agents.infra.cli import UsageError, run_cli
 from sobirl import sweep
+from tests.conftest import REPO, cli_error
 
 # Stands in for sobirl/beamrider.py: records its argv (and thread cap) in --out, fails for --seed 13.
 FAKE_SCRIPT = """import os, sys, pathlib
@@ -158,6 +159,49 @@ def test_bad_input_is_a_usage_error(fake, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run_cli(sweep.main, ["--script", str(script), "--workers", "0"])
     assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: --workers")
+
+
+ENTRY_POINT = str(REPO / "sobirl" / "beamrider.py")
+
+
+@pytest.mark.parametrize(
+    "extra,job_flags,words",
+    [
+        (
+            ["--grid", "learning-rate=1e-4"],
+            [],
+            ["sobirl__seed1__learning-rate=1e-4", "unrecognized", "--learning-rate"],
+        ),
+        (["--grid", "reward-lr=1e-4,abc"], [], ["reward-lr=abc", "--reward-lr", "invalid float value: 'abc'"]),
+        (["--grid", "gamma=1.5"], [], ["gamma=1.5", "--gamma must be in [0, 1)"]),
+        ([], ["--no-such-flag", "3"], ["unrecognized arguments: --no-such-flag 3"]),
+        (["--algos", "sobirl,sac", "--grid", "reward-lr=1e-4"], [], ["job sac__seed1__reward-lr=1e-4", "--algo sac"]),
+        (["--log-dir", ""], [], ["--log-dir must name a folder"]),
+    ],
+)
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_job_that_would_fail_on_its_flags_is_refused_before_any_runs(
+    extra, job_flags, words, dry_run, tmp_path, capsys, monkeypatch
+):
+    """The real entry point's parser and checks, run on every job first. Caught before: a --grid over a flag that
+    does not exist was listed by --dry-run, and a real sweep then failed every job."""
+    monkeypatch.chdir(tmp_path)  # where an empty --log-dir would write, were it accepted
+    argv = ["--script", ENTRY_POINT, "--algos", "sobirl", "--seeds", "1", "--log-dir", str(tmp_path / "logs")]
+    # Tiny jobs, in case a regression lets them start: they end in seconds, and the test fails on their files.
+    tiny = ["--env-id", "MinAtar/Breakout-v1", "--total-timesteps", "30", "--learning-starts", "10"]
+    tiny += ["--buffer-size", "200", "--initial-pairs", "2", "--no-progress", "--runs-dir", str(tmp_path / "runs")]
+    argv += [*(["--dry-run"] if dry_run else []), *extra, "--", *tiny, *job_flags]
+    line = cli_error(sweep.main, argv, capsys)
+    assert all(word in line for word in words), line
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_grid_the_entry_point_accepts_is_listed(tmp_path, capsys):
+    argv = ["--script", ENTRY_POINT, "--algos", "sobirl,drlhf", "--seeds", "1,2", "--dry-run"]
+    sweep.main([*argv, "--grid", "reward-lr=1e-4,3e-4", "--", "--env-id", "MinAtar/Breakout-v1"])
+    jobs = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    assert len(jobs) == 8 and all("--reward-lr" in job for job in jobs)
+    assert not any(tmp_path.iterdir())
 
 
 def test_slurm_without_submitit_says_how_to_install(fake, monkeypatch):

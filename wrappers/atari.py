@@ -48,6 +48,15 @@ def atari_game(env_id: str) -> tuple[str, float]:
     return game, _STICKY_ACTIONS[match["version"] or "5"]
 
 
+ALE_SEEDS = 2**31  # ale-py takes seeds in [0, 2**31)
+
+
+def fold_seed(seed: int, num_envs: int, seeds: int = ALE_SEEDS) -> int:
+    """A seed for `num_envs` sub-envs seeded seed, seed + 1, ..., each below `seeds`: a run derives its env seeds
+    from --seed (up to 2**32 - 1) plus step counts. Seeds that fit are kept as they are."""
+    return seed % (seeds - num_envs + 1)
+
+
 class GameStatistics(gym.vector.VectorWrapper):
     """Clip rewards to their sign and report true whole-game scores the gymnasium way.
 
@@ -63,8 +72,10 @@ class GameStatistics(gym.vector.VectorWrapper):
         seed: int | None = None,
         frame_stack: int = 4,
         fire_after_life_loss: bool = False,
+        seeds: int | None = None,
     ):
         super().__init__(env)
+        self.seeds = seeds  # how many seeds the wrapped env takes (None: any int)
         # SB3's AtariWrapper (EpisodicLifeEnv inside FireResetEnv), which the authors used, "resets" after each lost
         # life with a no-op, FIRE and action 2; ale-py fires only at a game's start. One env only (the extra steps
         # would move every sub-env).
@@ -81,6 +92,8 @@ class GameStatistics(gym.vector.VectorWrapper):
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
         if seed is None:
             seed, self._first_reset_seed = self._first_reset_seed, None
+        if isinstance(seed, int) and self.seeds is not None:
+            seed = fold_seed(seed, self.num_envs, self.seeds)
         obs, info = self.env.reset(seed=seed, options=options)
         self._score[:] = 0.0
         self._length[:] = 0
@@ -165,5 +178,10 @@ def make_atari_envs(
         use_fire_reset=fire_reset,
     )
     return GameStatistics(
-        envs, clip_rewards=clip_rewards, seed=seed, frame_stack=stack, fire_after_life_loss=fire_after_life_loss
+        envs,
+        clip_rewards=clip_rewards,
+        seed=seed,
+        frame_stack=stack,
+        fire_after_life_loss=fire_after_life_loss,
+        seeds=ALE_SEEDS,
     )

@@ -1,6 +1,7 @@
 """Videos of the current policy on a separate single environment (ale-py's vector env cannot render).
 
-gymnasium's RecordVideo writes mp4 files through moviepy: `pip install -e ".[video]"`.
+gymnasium's RecordVideo writes mp4 files through moviepy and its AtariPreprocessing resizes frames with OpenCV:
+`pip install -e ".[video]"` installs both.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import pathlib
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
@@ -320,11 +321,23 @@ class HumanTeacher(Teacher):
     collects from the log the answers to pending pairs that arrived after the checkpoint, and queues the others
     again. Answers in the log to pairs queried after the checkpoint belong to pairs the resumed run never sees again
     (it plays new games): `start` returns the first pair id above them, where the run's ids continue.
+
+    The checkpoint also records the page's port: a resumed run without --label-port serves on it again if it is
+    free, so a tab left open on the page keeps working (otherwise on a free port, and says so).
     """
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1", max_pending: int = 3_000, mode: str = "sync"):
+    def __init__(
+        self,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        max_pending: int = 3_000,
+        mode: str = "sync",
+        env_id: str = "",
+    ):
         self.labelling = labelling_module("human")
-        self.port, self.host, self.max_pending, self.mode = port, host, max_pending, mode
+        self.port, self.host, self.max_pending, self.mode, self.env_id = port, host, max_pending, mode, env_id
+        self.previous_port = 0  # the port a checkpoint's run served on (0: none)
+        self.moved = ""  # why the page is not on previous_port, if it is not
         self.server = None
         self.log_path: pathlib.Path | None = None
         self.pending: dict[int, PairBatch] = {}  # id -> that pair (one row), oldest first
@@ -344,6 +357,8 @@ class HumanTeacher(Teacher):
             raise UsageError(f"--label-port {self.port}: cannot serve the labelling page: {err}") from None
         except ValueError as err:  # a corrupt log in the run directory
             raise UsageError(f"--teacher human: {err}") from None
+        if self.moved:
+            print(f"note: {self.moved}; the page moved to {self.url}", file=sys.stderr, flush=True)
         print(f"label preferences at {self.url} (answers saved to {self.log_path})", flush=True)
         answered, _ = self.collect(wait=False)
         return next_pair_id, cat_pairs(answered) if answered else None
@@ -372,17 +387,16 @@ class HumanTeacher(Teacher):
         """Serve the page, logging to `log_path` (reloaded if it exists); returns the id the next queried pair
         should get."""
         self.log_path = pathlib.Path(log_path)
-        server = self.labelling.LabelServer(self.log_path, port=self.port, host=self.host)
+        server = self.labelling.LabelServer(self.log_path, host=self.host, env_id=self.env_id)
         logged = self.labelling.load_label_log(self.log_path)
-        if self.port:
-            # werkzeug reports a port in use on stderr and exits; probe first to raise an OSError instead.
-            with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind((self.host, self.port))
-        try:
-            server.start()
-        except SystemExit:
-            raise OSError(f"cannot listen on {self.host}:{self.port}") from None
+        if not self.port and self.previous_port:
+            try:
+                self._listen(server, self.previous_port)
+            except OSError as err:
+                self.moved = f"port {self.previous_port}, where the stopped run served the page, is taken ({err})"
+                self._listen(server, 0)
+        else:
+            self._listen(server, self.port)
         self.server = server
         for pair_id, pair in self.pending.items():
             if pair_id in logged:
@@ -390,6 +404,19 @@ class HumanTeacher(Teacher):
             else:
                 self._submit_one(pair_id, pair)
         return max(next_pair_id, max(logged, default=-1) + 1)
+
+    def _listen(self, server, port: int) -> None:
+        """Start `server` on `port` (0: a free one); OSError if the port is taken."""
+        if port:
+            # werkzeug reports a port in use on stderr and exits; probe first to raise an OSError instead.
+            with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((self.host, port))
+        server.port = port
+        try:
+            server.start()
+        except SystemExit:
+            raise OSError(f"cannot listen on {self.host}:{port}") from None
 
     @property
     def url(self) -> str:
@@ -446,10 +473,15 @@ class HumanTeacher(Teacher):
     def state_dict(self) -> dict:
         ids = list(self.pending)
         rows = cat_pairs(list(self.pending.values())) if ids else None
-        return {"ids": ids, "pairs": None if rows is None else {name: getattr(rows, name).cpu() for name in FIELDS}}
+        return {
+            "ids": ids,
+            "pairs": None if rows is None else {name: getattr(rows, name).cpu() for name in FIELDS},
+            "port": self.server.port if self.server is not None else self.port or self.previous_port,
+        }
 
     def load_state_dict(self, state: dict, device: torch.device | str) -> None:
         self.pending = {}
+        self.previous_port = int(state.get("port", 0))  # absent from checkpoints of older versions
         if state["ids"]:
             rows = PairBatch(*(state["pairs"][name].to(device) for name in FIELDS))
             for index, pair_id in enumerate(state["ids"]):
@@ -467,5 +499,5 @@ def make_teacher(args: Any) -> Teacher:
     if args.teacher == "replay":
         return ReplayTeacher.from_log(args.labels)
     if args.teacher == "human":
-        return HumanTeacher(args.label_port, max_pending=args.pair_buffer, mode=args.label_mode)
+        return HumanTeacher(args.label_port, max_pending=args.pair_buffer, mode=args.label_mode, env_id=args.env_id)
     return ReturnTeacher(args.teacher)

@@ -34,6 +34,8 @@ import torch
 
 from agents.infra.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from agents.infra.cli import (
+    CHECKING_FLAGS,
+    FlagsChecked,
     UsageError,
     explicit_flags,
     flag_name,
@@ -363,6 +365,8 @@ def launch(
             f"--run-name {args.run_name}: {directory} already holds files; continue a stopped run with --resume "
             f"{directory}"
         )
+    if CHECKING_FLAGS.get():
+        raise FlagsChecked()
     device = prepare(args)
     run = Run(args, algo, Logger(), Progress(args.total_timesteps, args.progress, args.learning_starts), StopSignals())
     algorithm = build(args, device, run)  # raises UsageError for bad settings before the run directory exists
@@ -387,7 +391,8 @@ def launch(
             },
             run.checkpoint_path,
         )
-        print(f"run {directory.name} ({algo}) on {device}: logs in {directory}", flush=True)
+        resumed = "" if state is None else f", resumed at step {algorithm.global_step:,} of {args.total_timesteps:,}"
+        print(f"run {directory.name} ({algo}) on {device}{resumed}: logs in {directory}", flush=True)
         run_to_completion(run, algorithm)
     except UsageError:
         # Bad input found only once training ran (a budget too small for one fragment, say): unless a checkpoint
