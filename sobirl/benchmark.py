@@ -176,9 +176,9 @@ BENCHMARKS: dict[str, Benchmark] = {
             "sigma",
             "Pilot for the penalty method's sigma (one number on both sides, in units of the discounted return): three "
             "values a decade apart on MinAtar SpaceInvaders at the main benchmark's budget, 2 seeds each (seeds 101 "
-            "and 102, which no other benchmark uses), to choose the sigma of the peers benchmark before its runs. The rule, "
-            "fixed before the pilot ran: the highest mean final return over the two seeds; where the runs' ranges "
-            "overlap, the highest mean Spearman correlation of learned and true return on fresh fragments.",
+            "and 102, which no other benchmark uses), to choose the sigma of the peers benchmark before its runs. "
+            "The rule, fixed before the pilot ran: the highest mean final return over the two seeds; where the runs' "
+            "ranges overlap, the highest mean Spearman correlation of learned and true return on fresh fragments.",
             games=("SpaceInvaders",),
             steps=100_000,
             common=PROVING_GROUND,

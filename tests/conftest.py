@@ -12,6 +12,33 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# A preference run of seconds: a 40-step rollout for the 4 warm-up pairs, then reward phases every 100 steps.
+TINY_PREFERENCE = {
+    "--learning-starts": "100",
+    "--buffer-size": "1000",
+    "--batch-size": "8",
+    "--initial-pairs": "4",
+    "--warmup-epochs": "2",
+    "--inner-steps": "100",
+    "--fragment-length": "5",
+    "--pair-buffer": "9",
+    "--reward-batch-size": "4",
+    "--total-pairs": "20",
+    "--schedule-iterations": "10",
+    "--fresh-pairs": "4",
+    "--max-episode-frames": "400",
+    "--num-envs": "1",
+    "--log-every": "5",
+}
+
+
+def tiny_preference_flags(**values: str) -> list[str]:
+    """TINY_PREFERENCE as command-line flags, with `values` changed or added (learning_starts="50" is
+    --learning-starts 50), and no progress bar."""
+    flags = dict(TINY_PREFERENCE, **{"--" + name.replace("_", "-"): value for name, value in values.items()})
+    return [*(item for pair in flags.items() for item in pair), "--no-progress"]
+
+
 def run_script(*args: str, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run a repository script as a user would (`python agents/x.py ...`), from the repository root by default."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -13,7 +13,7 @@ from agents.aihf import AIHFLoss, discounted_returns
 from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
 from agents.pipeline.pairs import PairBatch, fragment_observations
 from sobirl import demos as demos_cli
-from tests.conftest import cli_error, only_run_dir, run_script, scalar_tags
+from tests.conftest import cli_error, only_run_dir, run_script, scalar_tags, tiny_preference_flags
 from tests.test_demos import actor_checkpoint
 
 BREAKOUT = "MinAtar/Breakout-v1"
@@ -155,39 +155,7 @@ def test_generators_round_trip_through_a_checkpoint_state():
 # ---------------------------------------------------------------------------------------------------------------
 # The script
 
-TINY = [
-    "--env-id",
-    BREAKOUT,
-    "--total-timesteps",
-    "400",
-    "--learning-starts",
-    "100",
-    "--buffer-size",
-    "1000",
-    "--batch-size",
-    "8",
-    "--initial-pairs",
-    "4",
-    "--warmup-epochs",
-    "2",
-    "--inner-steps",
-    "100",
-    "--fragment-length",
-    "5",
-    "--pair-buffer",
-    "9",
-    "--reward-batch-size",
-    "4",
-    "--total-pairs",
-    "20",
-    "--schedule-iterations",
-    "10",
-    "--fresh-pairs",
-    "4",
-    "--log-every",
-    "5",
-    "--no-progress",
-]
+TINY = tiny_preference_flags(env_id=BREAKOUT, total_timesteps="400")
 
 
 @pytest.fixture(scope="module")

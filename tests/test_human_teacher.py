@@ -25,7 +25,7 @@ import agents.feedback.labelling as labelling  # noqa: E402
 from agents import drlhf  # noqa: E402
 from agents.feedback.labelling import load_label_log, shown_left_for  # noqa: E402
 from agents.feedback.teachers import HumanTeacher, fragment_clip  # noqa: E402
-from tests.conftest import REPO, only_run_dir, scalar_tags  # noqa: E402
+from tests.conftest import REPO, only_run_dir, scalar_tags, tiny_preference_flags  # noqa: E402
 from tests.test_teachers import queries  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -207,43 +207,7 @@ def test_a_port_in_use_is_an_error_not_an_exit(tmp_path, teachers):
 # ---------------------------------------------------------------------------------------------------------------
 # A whole run
 
-TINY_MINATAR = [
-    "--env-id",
-    "MinAtar/Breakout-v1",
-    "--total-timesteps",
-    "400",
-    "--learning-starts",
-    "100",
-    "--buffer-size",
-    "1000",
-    "--batch-size",
-    "8",
-    "--initial-pairs",
-    "4",
-    "--warmup-epochs",
-    "2",
-    "--inner-steps",
-    "100",
-    "--fragment-length",
-    "5",
-    "--pair-buffer",
-    "9",
-    "--reward-batch-size",
-    "4",
-    "--total-pairs",
-    "20",
-    "--schedule-iterations",
-    "10",
-    "--fresh-pairs",
-    "4",
-    "--max-episode-frames",
-    "400",
-    "--num-envs",
-    "1",
-    "--log-every",
-    "5",
-    "--no-progress",
-]
+TINY_MINATAR = tiny_preference_flags(env_id="MinAtar/Breakout-v1", total_timesteps="400")
 CHOICES = ("skip", "left", "right", "equal")  # the answer to pair i is CHOICES[i % 4]
 
 

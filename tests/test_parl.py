@@ -24,7 +24,7 @@ from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_retur
 from agents.pipeline.pairs import PairBatch, pair_observations, split_pairs
 from sobirl import beamrider
 from tests.conftest import TableModule as Table
-from tests.conftest import only_run_dir, run_script, scalar_tags
+from tests.conftest import only_run_dir, run_script, scalar_tags, tiny_preference_flags
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DTYPE = torch.float64
@@ -253,41 +253,15 @@ def test_parl_loss_is_the_cross_entropy_before_parl_start():
 # ---------------------------------------------------------------------------------------------------------------
 # End to end on MinAtar
 
-MINATAR = [
-    "--env-id",
-    "MinAtar/Breakout-v1",
-    "--learning-starts",
-    "50",
-    "--buffer-size",
-    "1000",
-    "--batch-size",
-    "8",
-    "--initial-pairs",
-    "4",
-    "--warmup-epochs",
-    "2",
-    "--inner-steps",
-    "50",
-    "--fragment-length",
-    "5",
-    "--pair-buffer",
-    "20",
-    "--total-pairs",
-    "20",
-    "--schedule-iterations",
-    "4",
-    "--reward-batch-size",
-    "4",
-    "--fresh-pairs",
-    "4",
-    "--log-every",
-    "5",
-    "--no-progress",
-    "--hvp-batch",
-    "32",
-    "--cg-iters",
-    "3",
-]
+MINATAR = tiny_preference_flags(
+    env_id="MinAtar/Breakout-v1",
+    learning_starts="50",
+    inner_steps="50",
+    pair_buffer="20",
+    schedule_iterations="4",
+    hvp_batch="32",
+    cg_iters="3",
+)
 
 
 def test_parl_runs_on_minatar_and_resumes(tmp_path, monkeypatch):

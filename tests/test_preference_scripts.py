@@ -7,44 +7,10 @@ import math
 import pytest
 
 from agents import drlhf, sobirl
-from tests.conftest import assert_usage_error, cli_error, only_run_dir, run_script, scalar_tags
+from tests.conftest import assert_usage_error, cli_error, only_run_dir, run_script, scalar_tags, tiny_preference_flags
 
 # 40 rollout steps for the 4 warm-up pairs, then reward phases at steps 41, 141, 241, 341.
-TINY = [
-    "--total-timesteps",
-    "400",
-    "--learning-starts",
-    "100",
-    "--buffer-size",
-    "1000",
-    "--batch-size",
-    "8",
-    "--initial-pairs",
-    "4",
-    "--warmup-epochs",
-    "2",
-    "--inner-steps",
-    "100",
-    "--fragment-length",
-    "5",
-    "--pair-buffer",
-    "9",
-    "--reward-batch-size",
-    "4",
-    "--total-pairs",
-    "20",
-    "--schedule-iterations",
-    "10",
-    "--fresh-pairs",
-    "4",
-    "--max-episode-frames",
-    "400",
-    "--num-envs",
-    "1",
-    "--log-every",
-    "5",
-    "--no-progress",
-]
+TINY = tiny_preference_flags(total_timesteps="400")
 REWARD_TAGS = {
     "reward/loss",
     "reward/bce",

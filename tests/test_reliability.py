@@ -29,7 +29,7 @@ from agents.infra.checkpoint import load_checkpoint, load_checkpoint_metadata, s
 from agents.infra.cli import run_cli
 from agents.infra.run import Logger, Progress, Run, StopSignals, StopTraining, run_to_completion
 from sobirl import beamrider, plot, sweep
-from tests.conftest import REPO, only_run_dir
+from tests.conftest import REPO, only_run_dir, tiny_preference_flags
 
 MINATAR = [
     "--env-id",
@@ -44,40 +44,7 @@ MINATAR = [
     "400",
     "--no-progress",
 ]
-# A 40-step rollout for the 4 warm-up pairs, then reward phases every 100 steps (tests/test_preference_scripts.py).
-PREFERENCE = [
-    "--learning-starts",
-    "100",
-    "--buffer-size",
-    "1000",
-    "--batch-size",
-    "8",
-    "--initial-pairs",
-    "4",
-    "--warmup-epochs",
-    "2",
-    "--inner-steps",
-    "100",
-    "--fragment-length",
-    "5",
-    "--pair-buffer",
-    "9",
-    "--reward-batch-size",
-    "4",
-    "--total-pairs",
-    "20",
-    "--schedule-iterations",
-    "10",
-    "--fresh-pairs",
-    "4",
-    "--max-episode-frames",
-    "400",
-    "--num-envs",
-    "1",
-    "--log-every",
-    "5",
-    "--no-progress",
-]
+PREFERENCE = tiny_preference_flags()
 
 
 def entry_point(*flags: str, capsys=None) -> tuple[int, str, str]:
