@@ -92,9 +92,8 @@ def score_matrix(cells, arm: str, games: Sequence[str], base, seeds: Sequence[in
 def fmt(value: float | None, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
-    if abs(value) >= 1e4:
-        return f"{value:.2e}"
-    return f"{value:,.{digits}f}".replace("-", "−")
+    text = f"{value:.2e}" if abs(value) >= 1e4 else f"{value:,.{digits}f}"
+    return text.replace("-", "−")
 
 
 def interval_text(point: float, low: float, high: float, digits: int = 2) -> str:

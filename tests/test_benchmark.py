@@ -207,6 +207,18 @@ def test_report_gives_intervals_from_five_runs_and_ranges_below(tmp_path):
     assert (layout.results / "smoke" / "returns.png").stat().st_size > 0
 
 
+def test_report_numbers_use_one_minus_sign_and_thousands_separators():
+    from sobirl.report import fmt
+
+    assert [fmt(-0.5), fmt(-1234.5), fmt(-14_200.0), fmt(15_600.0), fmt(math.nan)] == [
+        "−0.50",
+        "−1,234.50",
+        "−1.42e+04",
+        "1.56e+04",
+        "—",
+    ]
+
+
 def test_report_refuses_a_benchmark_without_results(tmp_path):
     result = run_script("sobirl/benchmark.py", "report", "smoke", "--results-dir", str(tmp_path))
     assert_usage_error(result, "no results", "smoke")
