@@ -174,14 +174,14 @@ def aggregate_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str,
         if not seeds:
             continue
         matrix = score_matrix(cells, arm.name, games, base, seeds)
+        matrices[arm.name] = matrix
         if len(seeds) < MIN_RUNS:
             per_run = matrix.mean(axis=1)
             lines.append(f"| {arm.title} | {len(seeds)} | {range_text(per_run)} (mean over games per run) | — |")
-            continue
-        matrices[arm.name] = matrix
-    if matrices:
-        points, intervals = stats.aggregate_estimates(matrices, reps)
-        for name, matrix in matrices.items():
+    enough = {name: matrix for name, matrix in matrices.items() if len(matrix) >= MIN_RUNS}
+    if enough:
+        points, intervals = stats.aggregate_estimates(enough, reps)
+        for name, matrix in enough.items():
             p, ci = points[name], intervals[name]
             lines.append(
                 f"| {bench.arm(name).title} | {len(matrix)} | {interval_text(p[0], ci[0, 0], ci[1, 0])} | "
@@ -330,7 +330,9 @@ def draw_returns(bench, cells, path: Path, reps: int) -> None:
 
 
 def draw_aggregate(bench, cells, base, matrices: dict[str, np.ndarray], path: Path, reps: int) -> None:
-    """IQM normalised score against env steps and the performance profiles of the final scores."""
+    """IQM normalised score against env steps and the performance profiles of the final scores: with a stratified
+    bootstrap band for arms of MIN_RUNS runs or more; dashed, with the min-max band of the runs' means over games,
+    for fewer (their curves say what happened, not what to expect)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,27 +348,35 @@ def draw_aggregate(bench, cells, base, matrices: dict[str, np.ndarray], path: Pa
             [np.stack([normalise_curve(cells[(name, g)][s]["return_curve"], base[g]) for g in games]) for s in seeds]
         )  # (runs, games, points)
         if np.all(np.isfinite(stacked[..., -1])):
-            curves[name] = stacked
-    if curves:
-        points, intervals = stats.curve_estimates(
-            {n: np.nan_to_num(c, nan=0.0) for n, c in curves.items()}, reps=max(200, reps // 10)
-        )
-        grid = np.asarray(next(iter(cells[(next(iter(curves)), games[0])].values()))["grid"])
-        for name in curves:
-            left.plot(grid, points[name], color=colors[name], label=bench.arm(name).title)
-            left.fill_between(grid, intervals[name][0], intervals[name][1], color=colors[name], alpha=0.15)
+            curves[name] = np.nan_to_num(stacked, nan=0.0)
+    enough = {name: c for name, c in curves.items() if len(c) >= MIN_RUNS}
+    points, intervals = stats.curve_estimates(enough, reps=max(200, reps // 10)) if enough else ({}, {})
+    for name, curve in curves.items():
+        grid = np.asarray(next(iter(cells[(name, games[0])].values()))["grid"])
+        label, style = legend_entry(bench, name, len(curve))
+        if name in enough:
+            point, (low, high) = points[name], intervals[name]
+        else:
+            per_run = curve.mean(axis=1)  # (runs, points)
+            point = stats.iqm_per_point(curve)
+            low, high = per_run.min(axis=0), per_run.max(axis=0)
+        left.plot(grid, point, color=colors[name], linestyle=style, label=label)
+        left.fill_between(grid, low, high, color=colors[name], alpha=0.12)
     left.set_xlabel("env steps")
     left.set_ylabel("IQM normalised score")
     left.set_title("Normalised score over training (0 = random, 1 = SAC on the true reward)")
     left.grid(alpha=0.3)
-    if matrices:
-        thresholds = np.linspace(-0.5, 1.5, 41)
-        profiles, bands = stats.performance_profiles(matrices, thresholds, reps=max(200, reps // 2))
-        for name in matrices:
-            right.plot(thresholds, profiles[name], color=colors[name], label=bench.arm(name).title)
+    thresholds = np.linspace(-0.5, 1.5, 41)
+    enough = {name: m for name, m in matrices.items() if len(m) >= MIN_RUNS}
+    profiles, bands = stats.performance_profiles(enough, thresholds, reps=max(200, reps // 2)) if enough else ({}, {})
+    for name, matrix in matrices.items():
+        label, style = legend_entry(bench, name, len(matrix))
+        profile = profiles[name] if name in enough else stats.profile_points(matrix, thresholds)
+        right.plot(thresholds, profile, color=colors[name], linestyle=style, label=label)
+        if name in enough:
             right.fill_between(thresholds, bands[name][0], bands[name][1], color=colors[name], alpha=0.15)
     right.set_xlabel("normalised score τ")
-    right.set_ylabel("fraction of runs with score > τ")
+    right.set_ylabel("fraction of runs × games with score > τ")
     right.set_title("Performance profiles of the final scores")
     right.grid(alpha=0.3)
     if matrices:
@@ -374,6 +384,14 @@ def draw_aggregate(bench, cells, base, matrices: dict[str, np.ndarray], path: Pa
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def legend_entry(bench, name: str, runs: int) -> tuple[str, str]:
+    """(legend text with the run count, line style): dashed below MIN_RUNS runs."""
+    title = bench.arm(name).title
+    if runs >= MIN_RUNS:
+        return f"{title} ({runs} runs per game)", "-"
+    return f"{title} ({runs} run{'s' if runs > 1 else ''} per game, min–max)", "--"
 
 
 def normalise_curve(curve: Sequence[float | None], base: tuple[float, float]) -> np.ndarray:

@@ -66,12 +66,13 @@ def aggregate_estimates(scores: Mapping[str, np.ndarray], reps: int = 2000, seed
 
 def curve_estimates(curves: Mapping[str, np.ndarray], reps: int = 1000, seed: int = 0):
     """IQM over runs x games at each point of (runs, games, points) curves, with stratified-bootstrap intervals."""
+    return interval_estimates(curves, iqm_per_point, reps, seed)
+
+
+def iqm_per_point(curves: np.ndarray) -> np.ndarray:
+    """IQM over runs x games at each point of (runs, games, points) curves, without an interval."""
     _, metrics = _rliable()
-
-    def per_point(x: np.ndarray) -> np.ndarray:
-        return np.array([metrics.aggregate_iqm(x[..., k]) for k in range(x.shape[-1])])
-
-    return interval_estimates(curves, per_point, reps, seed)
+    return np.array([metrics.aggregate_iqm(curves[..., k]) for k in range(curves.shape[-1])])
 
 
 def probability_of_improvement(
@@ -97,6 +98,11 @@ def performance_profiles(scores: Mapping[str, np.ndarray], thresholds: np.ndarra
     return library.create_performance_profile(
         {name: np.asarray(x, dtype=np.float64) for name, x in scores.items()}, thresholds, reps=reps
     )
+
+
+def profile_points(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """The fraction of a (runs, games) matrix's scores above each threshold: a performance profile without a band."""
+    return (np.asarray(scores, dtype=np.float64).ravel()[:, None] > thresholds).mean(axis=0)
 
 
 def run_range(values: np.ndarray) -> tuple[float, float]:

@@ -246,6 +246,16 @@ def test_stats_interval_estimates_agree_with_a_plain_bootstrap_on_one_game():
     assert intervals["x"][1, 0] == pytest.approx(np.percentile(resampled, 97.5), abs=0.05)
 
 
+def test_profile_points_agree_with_rliables_profile():
+    """The few-run profile of the aggregate figure is rliable's point estimate without its band."""
+    from sobirl import stats
+
+    scores = np.random.default_rng(0).normal(0.5, 0.4, size=(5, 3))
+    thresholds = np.linspace(-0.5, 1.5, 41)
+    profiles, _ = stats.performance_profiles({"arm": scores}, thresholds, reps=50)
+    np.testing.assert_allclose(stats.profile_points(scores, thresholds), profiles["arm"])
+
+
 def test_a_job_lock_is_refused_while_its_holder_lives_and_taken_over_once_it_died(tmp_path):
     lock = tmp_path / "seed1.lock"
     assert benchmark.claim(lock) and lock.read_text() == str(__import__("os").getpid())
