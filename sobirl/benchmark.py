@@ -59,10 +59,20 @@ class Arm:
     seeds: int = 5  # the arm runs seeds 1..seeds
     frozen_from: str = ""  # SAC from scratch on the final reward model of this arm's run (same game and seed)
     demos: bool = False  # AIHF: --demos, recorded from the benchmark's demonstration source (Benchmark.demos)
+    # Label efficiency: the arm (of this benchmark or of its baselines_from) whose label curve this arm is a point
+    # of, at the labels of its own --total-pairs.
+    curve: str = ""
 
     @property
     def title(self) -> str:
         return self.label or self.name
+
+    @property
+    def labels(self) -> int | None:
+        """The preference labels of a run (its --total-pairs), None for an arm that queries none."""
+        if "--total-pairs" not in self.flags:
+            return None
+        return int(self.flags[self.flags.index("--total-pairs") + 1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +138,14 @@ SOBIRL_CORRECTED = Arm(
     "SoBiRL, ratio-baseline correction",
     seeds=10,
 )
+
+
+def at_labels(source: Arm, labels: int) -> Arm:
+    """`source`, an arm of the main budget (its flags begin with PREF), at `labels` labels: a point of its curve."""
+    assert source.flags[: len(PREF)] == PREF, source.name
+    flags = (*preference_budget(labels), *source.flags[len(PREF) :])
+    return Arm(f"{source.name}_{labels}", source.algo, flags, f"{source.title}, {labels} labels", curve=source.name)
+
 
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
@@ -210,6 +228,21 @@ BENCHMARKS: dict[str, Benchmark] = {
             baselines_from="main",
             comparisons=(("parl", "drlhf"), ("aihf", "drlhf")),
             demos=("main", "sac", 1, 10_000),
+        ),
+        Benchmark(
+            "labels",
+            "Label efficiency on MinAtar SpaceInvaders: DRLHF and the corrected SoBiRL at 250, 500 and 2,000 labels, "
+            "5 seeds each, at the main benchmark's steps and schedule (the warm-up a tenth of the labels); the "
+            "1,000-label points are main's runs. The SoBiRL variant is the one main put first at one seed per game "
+            "(the ratio-baseline correction); should main's 5-seed aggregate put another variant first, that "
+            "variant's arms join this benchmark before any of its results are reported.",
+            games=("SpaceInvaders",),
+            steps=100_000,
+            common=PROVING_GROUND,
+            arms=tuple(
+                at_labels(source, labels) for source in (DRLHF, SOBIRL_CORRECTED) for labels in (250, 500, 2000)
+            ),
+            baselines_from="main",
         ),
         Benchmark(
             "robustness",

@@ -219,6 +219,76 @@ def improvement_table(bench, cells, base, reps: int) -> list[str]:
     return lines
 
 
+def label_curves(bench) -> dict[str, list[tuple[int, str]]]:
+    """{curve: [(labels, arm), ...] in order of labels}: the arms that name the curve, and the curve's own arm (of
+    this benchmark or of the one it takes its baselines from) at its own labels."""
+    from sobirl.benchmark import BENCHMARKS
+
+    curves: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for arm in bench.arms:
+        if arm.curve:
+            curves[arm.curve].append((arm.labels, arm.name))
+    source = BENCHMARKS.get(bench.baselines_from)
+    declared = {arm.name: arm for arm in (*(source.arms if source else ()), *bench.arms)}
+    for name, points in curves.items():
+        if name in declared and declared[name].labels:
+            points.append((declared[name].labels, name))
+    return {name: sorted(points) for name, points in curves.items()}
+
+
+def label_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str, list[tuple[int, float, float, float]]]]:
+    """The normalised final score against labels, per curve: table lines, and {curve: [(labels, point, low, high)]}
+    for the figure (IQM and its 95% interval from MIN_RUNS runs; below, the mean and the range of the runs)."""
+    games = [g for g in bench.games if g in base]
+    curves = label_curves(bench)
+    matrices = {}
+    for points in curves.values():
+        for _, arm in points:
+            if seeds := common_seeds(cells, arm, games):
+                matrices[arm] = score_matrix(cells, arm, games, base, seeds)
+    enough = {arm: matrix for arm, matrix in matrices.items() if len(matrix) >= MIN_RUNS}
+    estimates, intervals = stats.aggregate_estimates(enough, reps) if enough else ({}, {})
+    lines = ["| method | labels | runs per game | IQM normalised score [95% CI] or range |", "|---|---|---|---|"]
+    drawn: dict[str, list[tuple[int, float, float, float]]] = {}
+    for curve, points in curves.items():
+        for labels, arm in points:
+            if arm not in matrices:
+                lines.append(f"| {arm_title(bench, curve)} | {labels:,} | 0 | — |")
+                continue
+            if arm in enough:
+                point, low, high = estimates[arm][0], intervals[arm][0, 0], intervals[arm][1, 0]
+                text = interval_text(point, low, high)
+            else:
+                per_run = matrices[arm].mean(axis=1)
+                point, (low, high), text = per_run.mean(), stats.run_range(per_run), range_text(per_run)
+            drawn.setdefault(curve, []).append((labels, float(point), float(low), float(high)))
+            lines.append(f"| {arm_title(bench, curve)} | {labels:,} | {len(matrices[arm])} | {text} |")
+    return lines, drawn
+
+
+def draw_label_curves(bench, drawn, path: Path) -> None:
+    """Normalised final score against labels (log axis), one line per curve, with its intervals or ranges."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, (curve, points) in enumerate(drawn.items()):
+        labels, point, low, high = (np.array(column) for column in zip(*points))
+        ax.plot(labels, point, marker="o", color=f"C{k}", label=arm_title(bench, curve))
+        ax.fill_between(labels, low, high, color=f"C{k}", alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel("preference labels")
+    ax.set_ylabel("IQM normalised final score")
+    ax.set_title(f"{bench.name}: 0 = random, 1 = SAC on the true reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def diagnostics_table(bench, cells) -> list[str]:
     columns = [
         ("accuracy_fresh", "fresh-pair accuracy", 2),
@@ -410,6 +480,8 @@ def write_report(bench, layout, reps: int = 2000) -> Path:
     baseline_cells = cells
     if bench.baselines_from:
         baseline_cells = by_cell(load_results(layout.results, bench.baselines_from))
+    # Comparisons and label curves may name the baseline benchmark's arms (DRLHF in main): their runs join here.
+    joined = {**baseline_cells, **cells}
     base, missing = {}, {}
     if bench.random_arm and bench.reference_arm:
         base, missing = baselines(baseline_cells, bench.games, bench.random_arm, bench.reference_arm)
@@ -442,11 +514,23 @@ def write_report(bench, layout, reps: int = 2000) -> Path:
         for game, why in missing.items():
             page += [f"Left out of the aggregate: {game} ({why}).", ""]
         if bench.comparisons:
-            # Comparisons may name the baseline benchmark's arms (DRLHF in main): their runs join this page's cells.
-            compared = {**{k: v for k, v in baseline_cells.items() if k not in cells}, **cells}
-            page += ["## Probability of improvement", "", *improvement_table(bench, compared, base, reps), ""]
+            page += ["## Probability of improvement", "", *improvement_table(bench, joined, base, reps), ""]
         draw_aggregate(bench, cells, base, matrices, folder / "aggregate.png", reps)
         page += ["![aggregate](aggregate.png)", ""]
+        if any(arm.curve for arm in bench.arms):
+            lines, drawn = label_table(bench, joined, base, reps)
+            page += [
+                "## Label efficiency",
+                "",
+                f"The normalised final score against the labels a run used, over {', '.join(base)}; IQM with a 95% "
+                f"stratified-bootstrap interval from {MIN_RUNS} runs, the range of the runs below.",
+                "",
+                *lines,
+                "",
+            ]
+            if drawn:
+                draw_label_curves(bench, drawn, folder / "labels.png")
+                page += ["![labels](labels.png)", ""]
     diagnostics = diagnostics_table(bench, cells)
     if len(diagnostics) > 4:
         page += ["## Reward diagnostics", "", *diagnostics, ""]

@@ -3,6 +3,7 @@ where it was (every run at its exact final step, none started twice); summaries 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -205,6 +206,32 @@ def test_report_gives_intervals_from_five_runs_and_ranges_below(tmp_path):
     improvement = next(line for line in page.splitlines() if line.startswith("| drlhf vs sac |"))
     assert improvement.split("|")[3].strip().startswith("0.00")
     assert (layout.results / "smoke" / "returns.png").stat().st_size > 0
+
+
+def test_report_draws_the_label_curve_with_the_curves_own_arm_at_its_labels(tmp_path):
+    """Breaks if a point took another arm's runs or labels, if the curve's own arm (30 labels here, main's 1,000
+    in the labels benchmark) were left out, or if a point of 2 runs got an interval."""
+    from sobirl.benchmark import SMOKE_PREF, Arm
+    from sobirl.report import write_report
+
+    def at(labels: int, seeds: int) -> Arm:
+        flags = list(SMOKE_PREF)
+        flags[flags.index("--total-pairs") + 1] = str(labels)
+        return Arm(f"drlhf_{labels}", "drlhf", tuple(flags), seeds=seeds, curve="drlhf")
+
+    bench = dataclasses.replace(BENCHMARKS["smoke"], arms=(*BENCHMARKS["smoke"].arms, at(60, 5), at(10, 2)))
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    finals = {("random", "Breakout"): 0.0, ("sac", "Breakout"): 2.0, ("drlhf", "Breakout"): 1.5}
+    write_fake_results(layout.results, {**finals, ("drlhf_60", "Breakout"): 1.9}, seeds=range(1, 6))
+    write_fake_results(layout.results, {("drlhf_10", "Breakout"): 0.5}, seeds=range(1, 3))
+    page = write_report(bench, layout, reps=200).read_text()
+    section = page.split("## Label efficiency")[1].split("\n## ")[0]
+    rows = [line.split("|")[2:5] for line in section.splitlines() if line.startswith("| drlhf |")]
+    assert [(labels.strip(), runs.strip()) for labels, runs, _ in rows] == [("10", "2"), ("30", "5"), ("60", "5")]
+    # normalised: (final + 0.01 s - 0.03) / 2.0 for seeds s = 1..5 (random 0.03, SAC 2.03 on average)
+    assert rows[0][2].strip().startswith("range 0.24") and "[" not in rows[0][2]
+    assert rows[1][2].strip().startswith("0.75 [") and rows[2][2].strip().startswith("0.95 [")
+    assert (layout.results / "smoke" / "labels.png").stat().st_size > 0
 
 
 def test_report_numbers_use_one_minus_sign_and_thousands_separators():
