@@ -60,19 +60,12 @@ class Arm:
     frozen_from: str = ""  # SAC from scratch on the final reward model of this arm's run (same game and seed)
     demos: bool = False  # AIHF: --demos, recorded from the benchmark's demonstration source (Benchmark.demos)
     # Label efficiency: the arm (of this benchmark or of its baselines_from) whose label curve this arm is a point
-    # of, at the labels of its own --total-pairs.
+    # of, at the labels its runs use (Benchmark.labels).
     curve: str = ""
 
     @property
     def title(self) -> str:
         return self.label or self.name
-
-    @property
-    def labels(self) -> int | None:
-        """The preference labels of a run (its --total-pairs), None for an arm that queries none."""
-        if "--total-pairs" not in self.flags:
-            return None
-        return int(self.flags[self.flags.index("--total-pairs") + 1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +92,10 @@ class Benchmark:
     # do not use, so that choosing by its results does not select on those benchmarks' own runs).
     seed_offset: int = 0
 
+    @property
+    def arm_names(self) -> tuple[str, ...]:
+        return tuple(arm.name for arm in self.arms)
+
     def arm(self, name: str) -> Arm:
         for arm in self.arms:
             if arm.name == name:
@@ -106,6 +103,12 @@ class Benchmark:
         raise UsageError(
             f"benchmark {self.name} has no arm {name!r} (its arms: {', '.join(a.name for a in self.arms)})"
         )
+
+    def labels(self, arm: Arm) -> int | None:
+        """The --total-pairs an arm's runs get (the last one given wins, as on the command line); None if not set."""
+        flags = (*self.common, *arm.flags)
+        given = [k for k, flag in enumerate(flags[:-1]) if flag == "--total-pairs"]
+        return int(flags[given[-1] + 1]) if given else None
 
 
 # The proving-ground settings: SAC as in the paper except a 100k replay and 5k random steps; the paper's preference
@@ -144,7 +147,7 @@ def at_labels(source: Arm, labels: int) -> Arm:
     """`source`, an arm of the main budget (its flags begin with PREF), at `labels` labels: a point of its curve."""
     assert source.flags[: len(PREF)] == PREF, source.name
     flags = (*preference_budget(labels), *source.flags[len(PREF) :])
-    return Arm(f"{source.name}_{labels}", source.algo, flags, f"{source.title}, {labels} labels", curve=source.name)
+    return Arm(f"{source.name}_{labels}", source.algo, flags, f"{source.title}, {labels:,} labels", curve=source.name)
 
 
 BENCHMARKS: dict[str, Benchmark] = {

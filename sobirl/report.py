@@ -219,39 +219,42 @@ def improvement_table(bench, cells, base, reps: int) -> list[str]:
     return lines
 
 
-def label_curves(bench) -> dict[str, list[tuple[int, str]]]:
-    """{curve: [(labels, arm), ...] in order of labels}: the arms that name the curve, and the curve's own arm (of
-    this benchmark or of the one it takes its baselines from) at its own labels."""
+def label_curves(bench) -> dict[str, list[tuple[int, str, int]]]:
+    """{curve: [(labels, arm, last seed), ...] in order of labels}: the arms that name the curve, and the curve's own
+    arm (of this benchmark or of the one it takes its baselines from) at its own labels, on the seeds the curve's
+    other points run (main's DRLHF runs 10 seeds; the labels benchmark's points 5)."""
     from sobirl.benchmark import BENCHMARKS
 
-    curves: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    curves: dict[str, list[tuple[int, str, int]]] = defaultdict(list)
     for arm in bench.arms:
         if arm.curve:
-            curves[arm.curve].append((arm.labels, arm.name))
-    source = BENCHMARKS.get(bench.baselines_from)
-    declared = {arm.name: arm for arm in (*(source.arms if source else ()), *bench.arms)}
+            curves[arm.curve].append((bench.labels(arm), arm.name, bench.seed_offset + arm.seeds))
     for name, points in curves.items():
-        if name in declared and declared[name].labels:
-            points.append((declared[name].labels, name))
+        owners = [b for b in (bench, BENCHMARKS.get(bench.baselines_from)) if b and name in b.arm_names]
+        if not owners:
+            raise UsageError(f"benchmark {bench.name}: curve {name!r} names no arm of it or of {bench.baselines_from}")
+        owner = owners[0]
+        last_seed = max(seed for _, _, seed in points)
+        points.append((owner.labels(owner.arm(name)), name, last_seed))
     return {name: sorted(points) for name, points in curves.items()}
 
 
-def label_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str, list[tuple[int, float, float, float]]]]:
-    """The normalised final score against labels, per curve: table lines, and {curve: [(labels, point, low, high)]}
-    for the figure (IQM and its 95% interval from MIN_RUNS runs; below, the mean and the range of the runs)."""
+def label_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str, list[tuple]]]:
+    """The normalised final score against labels, per curve: table lines, and {curve: [(labels, point, low, high,
+    has interval)]} for the figure (IQM and its 95% interval from MIN_RUNS runs; below, the mean and the range)."""
     games = [g for g in bench.games if g in base]
     curves = label_curves(bench)
     matrices = {}
     for points in curves.values():
-        for _, arm in points:
-            if seeds := common_seeds(cells, arm, games):
+        for _, arm, last_seed in points:
+            if seeds := [seed for seed in common_seeds(cells, arm, games) if seed <= last_seed]:
                 matrices[arm] = score_matrix(cells, arm, games, base, seeds)
     enough = {arm: matrix for arm, matrix in matrices.items() if len(matrix) >= MIN_RUNS}
     estimates, intervals = stats.aggregate_estimates(enough, reps) if enough else ({}, {})
     lines = ["| method | labels | runs per game | IQM normalised score [95% CI] or range |", "|---|---|---|---|"]
-    drawn: dict[str, list[tuple[int, float, float, float]]] = {}
+    drawn: dict[str, list[tuple]] = {}
     for curve, points in curves.items():
-        for labels, arm in points:
+        for labels, arm, _ in points:
             if arm not in matrices:
                 lines.append(f"| {arm_title(bench, curve)} | {labels:,} | 0 | — |")
                 continue
@@ -261,13 +264,14 @@ def label_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str, lis
             else:
                 per_run = matrices[arm].mean(axis=1)
                 point, (low, high), text = per_run.mean(), stats.run_range(per_run), range_text(per_run)
-            drawn.setdefault(curve, []).append((labels, float(point), float(low), float(high)))
+            drawn.setdefault(curve, []).append((labels, float(point), float(low), float(high), arm in enough))
             lines.append(f"| {arm_title(bench, curve)} | {labels:,} | {len(matrices[arm])} | {text} |")
     return lines, drawn
 
 
 def draw_label_curves(bench, drawn, path: Path) -> None:
-    """Normalised final score against labels (log axis), one line per curve, with its intervals or ranges."""
+    """Normalised final score against labels (log axis), one line per curve: filled points are IQMs with their 95%
+    interval, hollow ones the mean of fewer than MIN_RUNS runs with their range."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,12 +279,15 @@ def draw_label_curves(bench, drawn, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for k, (curve, points) in enumerate(drawn.items()):
-        labels, point, low, high = (np.array(column) for column in zip(*points))
-        ax.plot(labels, point, marker="o", color=f"C{k}", label=arm_title(bench, curve))
-        ax.fill_between(labels, low, high, color=f"C{k}", alpha=0.15)
+        labels, point, low, high, enough = (np.array(column) for column in zip(*points))
+        color = f"C{k}"
+        ax.plot(labels, point, color=color, label=arm_title(bench, curve))
+        ax.fill_between(labels, low, high, color=color, alpha=0.15)
+        ax.plot(labels[enough], point[enough], "o", color=color)
+        ax.plot(labels[~enough], point[~enough], "o", markerfacecolor="white", color=color)
     ax.set_xscale("log")
     ax.set_xlabel("preference labels")
-    ax.set_ylabel("IQM normalised final score")
+    ax.set_ylabel(f"normalised final score (IQM; hollow: mean of < {MIN_RUNS} runs)")
     ax.set_title(f"{bench.name}: 0 = random, 1 = SAC on the true reward")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -401,8 +408,8 @@ def draw_returns(bench, cells, path: Path, reps: int) -> None:
 
 def draw_aggregate(bench, cells, base, matrices: dict[str, np.ndarray], path: Path, reps: int) -> None:
     """IQM normalised score against env steps and the performance profiles of the final scores: with a stratified
-    bootstrap band for arms of MIN_RUNS runs or more; dashed, with the min-max band of the runs' means over games,
-    for fewer (their curves say what happened, not what to expect)."""
+    bootstrap band for arms of MIN_RUNS runs or more; for fewer, dashed: the mean of the runs' means over games and
+    their min-max (their curves say what happened, not what to expect)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -428,12 +435,11 @@ def draw_aggregate(bench, cells, base, matrices: dict[str, np.ndarray], path: Pa
             point, (low, high) = points[name], intervals[name]
         else:
             per_run = curve.mean(axis=1)  # (runs, points)
-            point = stats.iqm_per_point(curve)
-            low, high = per_run.min(axis=0), per_run.max(axis=0)
+            point, low, high = per_run.mean(axis=0), per_run.min(axis=0), per_run.max(axis=0)
         left.plot(grid, point, color=colors[name], linestyle=style, label=label)
         left.fill_between(grid, low, high, color=colors[name], alpha=0.12)
     left.set_xlabel("env steps")
-    left.set_ylabel("IQM normalised score")
+    left.set_ylabel("normalised score (IQM; dashed: mean)")
     left.set_title("Normalised score over training (0 = random, 1 = SAC on the true reward)")
     left.grid(alpha=0.3)
     thresholds = np.linspace(-0.5, 1.5, 41)
@@ -461,7 +467,7 @@ def legend_entry(bench, name: str, runs: int) -> tuple[str, str]:
     title = bench.arm(name).title
     if runs >= MIN_RUNS:
         return f"{title} ({runs} runs per game)", "-"
-    return f"{title} ({runs} run{'s' if runs > 1 else ''} per game, min–max)", "--"
+    return f"{title} ({runs} run{'s' if runs > 1 else ''} per game: mean, min–max)", "--"
 
 
 def normalise_curve(curve: Sequence[float | None], base: tuple[float, float]) -> np.ndarray:

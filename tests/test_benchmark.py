@@ -68,6 +68,20 @@ def test_jobs_are_seed_major_and_each_arm_runs_its_own_seeds():
     assert per_arm["drlhf_frozen"] == {1, 2, 3}
 
 
+def test_every_label_curve_names_a_declared_arm_and_each_point_its_labels():
+    """Breaks on a typo in Arm.curve (the report would drop the curve's own arm) or a point without --total-pairs."""
+    from sobirl.report import label_curves
+
+    for bench in BENCHMARKS.values():
+        for curve, points in label_curves(bench).items():
+            assert all(isinstance(labels, int) and labels > 0 for labels, _, _ in points), (bench.name, points)
+            assert curve in [arm for _, arm, _ in points], (bench.name, curve)
+    points = label_curves(BENCHMARKS["labels"])["drlhf"]
+    assert points == [(250, "drlhf_250", 5), (500, "drlhf_500", 5), (1000, "drlhf", 5), (2000, "drlhf_2000", 5)]
+    twice = dataclasses.replace(BENCHMARKS["labels"].arms[0], flags=("--total-pairs", "7", "--total-pairs", "9"))
+    assert BENCHMARKS["labels"].labels(twice) == 9
+
+
 def test_the_keys_of_every_declared_job_are_unique():
     keys = [job.key for job in declared_jobs()]
     assert len(keys) == len(set(keys))
@@ -179,12 +193,12 @@ def fake_result(bench, game, arm, seed, final, curve_scale=1.0):
     }  # fmt: skip
 
 
-def write_fake_results(results_dir, arms_finals, seeds):
+def write_fake_results(results_dir, arms_finals, seeds, bench="smoke"):
     for (arm, game), final in arms_finals.items():
         for seed in seeds:
-            path = results_dir / "smoke" / game / arm / f"seed{seed}.json"
+            path = results_dir / bench / game / arm / f"seed{seed}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(fake_result("smoke", game, arm, seed, final + 0.01 * seed)))
+            path.write_text(json.dumps(fake_result(bench, game, arm, seed, final + 0.01 * seed)))
 
 
 def test_report_gives_intervals_from_five_runs_and_ranges_below(tmp_path):
@@ -234,6 +248,25 @@ def test_report_draws_the_label_curve_with_the_curves_own_arm_at_its_labels(tmp_
     assert (layout.results / "smoke" / "labels.png").stat().st_size > 0
 
 
+def test_the_labels_report_takes_baselines_and_the_1000_label_point_from_main_on_the_points_seeds(tmp_path):
+    """Breaks if the curve's own arm (main's drlhf, 10 seeds) entered with seeds the other points do not run, or the
+    normalisation did not come from main's random and SAC runs."""
+    from sobirl.report import write_report
+
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    game = "SpaceInvaders"
+    main = {("random", game): 0.0, ("sac", game): 2.0, ("drlhf", game): 1.0}
+    write_fake_results(layout.results, main, seeds=range(1, 11), bench="main")
+    write_fake_results(layout.results, {("drlhf_250", game): 0.5}, seeds=range(1, 6), bench="labels")
+    page = write_report(BENCHMARKS["labels"], layout, reps=200).read_text()
+    section = page.split("## Label efficiency")[1].split("\n## ")[0]
+    rows = {line.split("|")[2].strip(): line.split("|")[3:5] for line in section.splitlines() if "| DRLHF |" in line}
+    # random averages 0.055 over main's ten seeds, SAC 2.055: seeds 1-5 of drlhf normalise to 0.4725 + 0.005 s
+    assert rows["1,000"][0].strip() == "5" and rows["1,000"][1].strip().startswith("0.49 [")
+    assert rows["250"][0].strip() == "5" and rows["250"][1].strip().startswith("0.24 [")
+    assert rows["500"][0].strip() == "0" and rows["2,000"][0].strip() == "0"
+
+
 def test_report_numbers_use_one_minus_sign_and_thousands_separators():
     from sobirl.report import fmt
 
@@ -278,6 +311,7 @@ def test_profile_points_agree_with_rliables_profile():
     from sobirl import stats
 
     scores = np.random.default_rng(0).normal(0.5, 0.4, size=(5, 3))
+    scores[0, :2] = 0.5, 1.0  # on a threshold: "above" is strict
     thresholds = np.linspace(-0.5, 1.5, 41)
     profiles, _ = stats.performance_profiles({"arm": scores}, thresholds, reps=50)
     np.testing.assert_allclose(stats.profile_points(scores, thresholds), profiles["arm"])
