@@ -615,6 +615,8 @@ def summarize_run(job: Job, layout: Layout) -> dict:
         "device": next((a.get("device") for a in reversed(attempts) if a.get("device")), None),
         "attempts": len(started),
         "wall_seconds": round(sum(a.get("seconds", 0.0) for a in attempts if a.get("event") == "exit"), 1),
+        # Attempts whose process never logged its exit (a machine that went away): their time is not in wall_seconds.
+        "untimed_attempts": len(started) - sum(a.get("event") == "exit" for a in attempts),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "games_played": len(returns),
         "final_return": final_mean(returns) if len(returns) else None,

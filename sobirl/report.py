@@ -108,6 +108,14 @@ def range_text(values: Sequence[float], digits: int = 2) -> str:
     return f"range {fmt(low, digits)} … {fmt(high, digits)}"
 
 
+def wall_time_text(runs) -> str:
+    """The range of the runs' wall times, from the runs whose every attempt was timed (the others are counted)."""
+    timed = [r["wall_seconds"] / 60 for r in runs if r.get("wall_seconds") and not r.get("untimed_attempts")]
+    untimed = sum(1 for r in runs if r.get("untimed_attempts"))
+    text = f"{min(timed):.1f}–{max(timed):.1f} min" if timed else "—"
+    return text + (f" ({untimed} run{'s' if untimed > 1 else ''} not fully timed)" if untimed else "")
+
+
 def single_game_estimate(values: Sequence[float], reps: int, seed: int) -> str:
     """IQM [95% interval] over runs, or the range with fewer than MIN_RUNS runs."""
     values = np.asarray(values, dtype=np.float64)
@@ -149,8 +157,7 @@ def returns_table(bench, cells, reps: int) -> list[str]:
             if not runs:
                 continue
             values = [r["final_return"] for r in runs.values()]
-            minutes = [r["wall_seconds"] / 60 for r in runs.values() if r.get("wall_seconds")]
-            wall = f"{min(minutes):.1f}–{max(minutes):.1f} min" if minutes else "—"
+            wall = wall_time_text(runs.values())
             lines.append(
                 f"| {game} | {arm.title} | {len(values)} | {fmt(float(np.mean(values)))} | "
                 f"{single_game_estimate(values, reps, seed=len(lines))} | {wall} |"

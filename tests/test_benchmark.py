@@ -148,6 +148,7 @@ def test_a_stopped_benchmark_continues_where_it_was(tmp_path):
         if states[job.key] == "partial":
             assert [a["event"] for a in attempts if a["event"] != "exit"] == ["start", "resume"], job.key
             assert result["attempts"] == 2
+        assert result["untimed_attempts"] == 0, "a stop logs its exit and time"
     # Nothing left to do: a third run starts nothing.
     third = start_harness(tmp_path)
     output, _ = third.communicate(timeout=120)
@@ -265,6 +266,16 @@ def test_the_labels_report_takes_baselines_and_the_1000_label_point_from_main_on
     assert rows["1,000"][0].strip() == "5" and rows["1,000"][1].strip().startswith("0.49 [")
     assert rows["250"][0].strip() == "5" and rows["250"][1].strip().startswith("0.24 [")
     assert rows["500"][0].strip() == "0" and rows["2,000"][0].strip() == "0"
+
+
+def test_wall_times_leave_out_runs_with_an_attempt_that_never_logged_its_exit():
+    from sobirl.report import wall_time_text
+
+    runs = [{"wall_seconds": 480.0}, {"wall_seconds": 600.0, "untimed_attempts": 0}]
+    assert wall_time_text(runs) == "8.0–10.0 min"
+    lost = {"wall_seconds": 36.0, "untimed_attempts": 1}  # a machine went away during its first attempt
+    assert wall_time_text([*runs, lost]) == "8.0–10.0 min (1 run not fully timed)"
+    assert wall_time_text([lost, lost]) == "— (2 runs not fully timed)"
 
 
 def test_report_numbers_use_one_minus_sign_and_thousands_separators():
