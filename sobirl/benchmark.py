@@ -221,15 +221,15 @@ BENCHMARKS: dict[str, Benchmark] = {
             "mixed term (eq. 17), AIHF with w1 = 0.01 fixed before the runs (demonstrations: 10k steps of each game's "
             "SAC seed-1 policy from main), the penalty method (PBRL, each agent half the steps) at sigma = 100, chosen "
             "by the sigma pilot's rule (sigma = 10 had the highest mean return, 6.60 against 6.31, but the two "
-            "seeds' ranges overlapped, and sigma = 100's fresh-fragment Spearman was 0.71 against 0.25), 5 seeds; "
-            "random play, SAC and DRLHF come from main.",
+            "arms' ranges over their seeds overlapped, and sigma = 100's fresh-fragment Spearman was 0.71 against "
+            "0.25), 5 seeds; random play, SAC and DRLHF come from main.",
             games=("SpaceInvaders", "Breakout", "Seaquest"),
             steps=100_000,
             common=PROVING_GROUND,
             arms=(
                 Arm("parl", "parl", (*PREF, "--parl-start", "20000"), "A-PARL (PARL's mixed term)"),
                 Arm("aihf", "aihf", (*PREF, "--demo-weight", "0.01"), "AIHF, w1 = 0.01", demos=True),
-                Arm("penalty", "penalty", penalty_flags("100"), "penalty (PBRL), sigma = 100"),
+                Arm("penalty", "penalty", penalty_flags("100"), "penalty, sigma = 100"),
             ),
             baselines_from="main",
             comparisons=(("parl", "drlhf"), ("aihf", "drlhf"), ("penalty", "drlhf")),
@@ -613,10 +613,7 @@ def summarize_run(job: Job, layout: Layout) -> dict:
         "dirty": any(a.get("dirty") for a in started),
         "machines": sorted({json.dumps(a["machine"], sort_keys=True) for a in started if a.get("machine")}),
         "device": next((a.get("device") for a in reversed(attempts) if a.get("device")), None),
-        "attempts": len(started),
-        "wall_seconds": round(sum(a.get("seconds", 0.0) for a in attempts if a.get("event") == "exit"), 1),
-        # Attempts whose process never logged its exit (a machine that went away): their time is not in wall_seconds.
-        "untimed_attempts": len(started) - sum(a.get("event") == "exit" for a in attempts),
+        **attempt_times(attempts),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "games_played": len(returns),
         "final_return": final_mean(returns) if len(returns) else None,
@@ -659,6 +656,18 @@ def write_summary(job: Job, layout: Layout) -> Path:
     path = job.result_path(layout)
     write_json_atomic(path, clean_json(summarize_run(job, layout)))
     return path
+
+
+def attempt_times(attempts: Sequence[dict]) -> dict:
+    """A run's attempts (starts and resumes), the seconds their exits logged, and how many never logged an exit (a
+    machine that went away): their time is missing from wall_seconds."""
+    started = sum(a.get("event") in ("start", "resume") for a in attempts)
+    exits = [a for a in attempts if a.get("event") == "exit"]
+    return {
+        "attempts": started,
+        "wall_seconds": round(sum(a.get("seconds", 0.0) for a in exits), 1),
+        "untimed_attempts": started - len(exits),
+    }
 
 
 def read_attempts(path: Path) -> list[dict]:

@@ -276,6 +276,18 @@ def test_wall_times_leave_out_runs_with_an_attempt_that_never_logged_its_exit():
     lost = {"wall_seconds": 36.0, "untimed_attempts": 1}  # a machine went away during its first attempt
     assert wall_time_text([*runs, lost]) == "8.0–10.0 min (1 run not fully timed)"
     assert wall_time_text([lost, lost]) == "— (2 runs not fully timed)"
+    assert wall_time_text([*runs, {"wall_seconds": 9.0, "untimed_attempts": 2}]).endswith("(1 run not fully timed)")
+
+
+def test_attempt_times_count_the_attempts_whose_exit_was_never_logged():
+    start, resume = {"event": "start"}, {"event": "resume"}
+    assert benchmark.attempt_times([start, {"event": "exit", "seconds": 60.0}]) == {
+        "attempts": 1,
+        "wall_seconds": 60.0,
+        "untimed_attempts": 0,
+    }
+    lost_twice = [start, resume, resume, {"event": "exit", "seconds": 30.04}]
+    assert benchmark.attempt_times(lost_twice) == {"attempts": 3, "wall_seconds": 30.0, "untimed_attempts": 2}
 
 
 def test_report_numbers_use_one_minus_sign_and_thousands_separators():
