@@ -100,9 +100,7 @@ class Benchmark:
         for arm in self.arms:
             if arm.name == name:
                 return arm
-        raise UsageError(
-            f"benchmark {self.name} has no arm {name!r} (its arms: {', '.join(a.name for a in self.arms)})"
-        )
+        raise UsageError(f"benchmark {self.name} has no arm {name!r} (its arms: {', '.join(self.arm_names)})")
 
     def labels(self, arm: Arm) -> int | None:
         """The --total-pairs an arm's runs get (the last one given wins, as on the command line); None if not set."""

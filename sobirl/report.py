@@ -116,6 +116,11 @@ def wall_time_text(runs) -> str:
     return text + (f" ({untimed} run{'s' if untimed > 1 else ''} not fully timed)" if untimed else "")
 
 
+def with_enough_runs(per_arm: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arms whose (runs, ...) arrays have MIN_RUNS runs or more: those that get intervals."""
+    return {name: runs for name, runs in per_arm.items() if len(runs) >= MIN_RUNS}
+
+
 def single_game_estimate(values: Sequence[float], reps: int, seed: int) -> str:
     """IQM [95% interval] over runs, or the range with fewer than MIN_RUNS runs."""
     values = np.asarray(values, dtype=np.float64)
@@ -185,7 +190,7 @@ def aggregate_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str,
         if len(seeds) < MIN_RUNS:
             per_run = matrix.mean(axis=1)
             lines.append(f"| {arm.title} | {len(seeds)} | {range_text(per_run)} (mean over games per run) | — |")
-    enough = {name: matrix for name, matrix in matrices.items() if len(matrix) >= MIN_RUNS}
+    enough = with_enough_runs(matrices)
     if enough:
         points, intervals = stats.aggregate_estimates(enough, reps)
         for name, matrix in enough.items():
@@ -256,7 +261,7 @@ def label_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str, lis
         for _, arm, last_seed in points:
             if seeds := [seed for seed in common_seeds(cells, arm, games) if seed <= last_seed]:
                 matrices[arm] = score_matrix(cells, arm, games, base, seeds)
-    enough = {arm: matrix for arm, matrix in matrices.items() if len(matrix) >= MIN_RUNS}
+    enough = with_enough_runs(matrices)
     estimates, intervals = stats.aggregate_estimates(enough, reps) if enough else ({}, {})
     lines = ["| method | labels | runs per game | IQM normalised score [95% CI] or range |", "|---|---|---|---|"]
     drawn: dict[str, list[tuple]] = {}
@@ -433,7 +438,7 @@ def draw_aggregate(bench, cells, base, matrices: dict[str, np.ndarray], path: Pa
         )  # (runs, games, points)
         if np.all(np.isfinite(stacked[..., -1])):
             curves[name] = np.nan_to_num(stacked, nan=0.0)
-    enough = {name: c for name, c in curves.items() if len(c) >= MIN_RUNS}
+    enough = with_enough_runs(curves)
     points, intervals = stats.curve_estimates(enough, reps=max(200, reps // 10)) if enough else ({}, {})
     for name, curve in curves.items():
         grid = np.asarray(next(iter(cells[(name, games[0])].values()))["grid"])
@@ -450,7 +455,7 @@ def draw_aggregate(bench, cells, base, matrices: dict[str, np.ndarray], path: Pa
     left.set_title("Normalised score over training (0 = random, 1 = SAC on the true reward)")
     left.grid(alpha=0.3)
     thresholds = np.linspace(-0.5, 1.5, 41)
-    enough = {name: m for name, m in matrices.items() if len(m) >= MIN_RUNS}
+    enough = with_enough_runs(matrices)
     profiles, bands = stats.performance_profiles(enough, thresholds, reps=max(200, reps // 2)) if enough else ({}, {})
     for name, matrix in matrices.items():
         label, style = legend_entry(bench, name, len(matrix))

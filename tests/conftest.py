@@ -32,6 +32,17 @@ TINY_PREFERENCE = {
 }
 
 
+# Shorter phases for the two-level methods' end-to-end runs (A-PARL, the penalty method): 50 random steps, then
+# 50-step agent phases and four reward phases.
+SHORT_PHASES = {
+    "env_id": "MinAtar/Breakout-v1",
+    "learning_starts": "50",
+    "inner_steps": "50",
+    "pair_buffer": "20",
+    "schedule_iterations": "4",
+}
+
+
 def tiny_preference_flags(**values: str) -> list[str]:
     """TINY_PREFERENCE as command-line flags, with `values` changed or added (learning_starts="50" is
     --learning-starts 50), and no progress bar."""

@@ -23,8 +23,8 @@ from agents.infra.cli import run_cli
 from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
 from agents.pipeline.pairs import PairBatch, pair_observations, split_pairs
 from sobirl import beamrider
+from tests.conftest import SHORT_PHASES, only_run_dir, run_script, scalar_tags, tiny_preference_flags
 from tests.conftest import TableModule as Table
-from tests.conftest import only_run_dir, run_script, scalar_tags, tiny_preference_flags
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DTYPE = torch.float64
@@ -253,15 +253,7 @@ def test_parl_loss_is_the_cross_entropy_before_parl_start():
 # ---------------------------------------------------------------------------------------------------------------
 # End to end on MinAtar
 
-MINATAR = tiny_preference_flags(
-    env_id="MinAtar/Breakout-v1",
-    learning_starts="50",
-    inner_steps="50",
-    pair_buffer="20",
-    schedule_iterations="4",
-    hvp_batch="32",
-    cg_iters="3",
-)
+MINATAR = tiny_preference_flags(**SHORT_PHASES, hvp_batch="32", cg_iters="3")
 
 
 def test_parl_runs_on_minatar_and_resumes(tmp_path, monkeypatch):

@@ -14,8 +14,8 @@ from agents import penalty
 from agents.infra.run import StopTraining, detached_run
 from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
 from agents.pipeline.pairs import PairBatch, pair_observations, split_pairs
+from tests.conftest import SHORT_PHASES, cli_error, only_run_dir, run_script, scalar_tags, tiny_preference_flags
 from tests.conftest import TableModule as Table
-from tests.conftest import cli_error, only_run_dir, run_script, scalar_tags, tiny_preference_flags
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DTYPE = torch.float64
@@ -190,16 +190,7 @@ def test_clipped_surrogate_stops_pushing_past_the_trust_region():
 # ---------------------------------------------------------------------------------------------------------------
 # End to end on MinAtar: A then B each agent phase, 100 env steps each
 
-MINATAR = tiny_preference_flags(
-    env_id="MinAtar/Breakout-v1",
-    learning_starts="50",
-    inner_steps="50",
-    pair_buffer="20",
-    schedule_iterations="4",
-    value_fragments="8",
-    penalty_pool="8",
-    penalty_actor_pairs="2",
-)
+MINATAR = tiny_preference_flags(**SHORT_PHASES, value_fragments="8", penalty_pool="8", penalty_actor_pairs="2")
 
 
 def test_penalty_runs_two_agents_on_minatar_and_resumes(tmp_path, monkeypatch):
