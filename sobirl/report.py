@@ -318,14 +318,18 @@ def diagnostics_table(bench, cells) -> list[str]:
         ("extra_grad_ratio", "extra / BCE gradient", 1),
     ]
     lines = [
-        "Median over runs of each run's last 10% of reward phases (range in brackets).",
+        "Median over runs of each run's last 10% of reward phases (range in brackets); the rows for all games pool "
+        "every game's runs of an arm.",
         "",
         "| game | arm | runs | " + " | ".join(title for _, title, _ in columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
     ]
-    for game in bench.games:
+    pooled = [(game, [game]) for game in bench.games]
+    if len(bench.games) > 1:
+        pooled.append(("all games", list(bench.games)))
+    for label, games in pooled:
         for arm in bench.arms:
-            runs = list(cells.get((arm.name, game), {}).values())
+            runs = [run for game in games for run in cells.get((arm.name, game), {}).values()]
             if not runs or not any(r.get("diagnostics", {}).get("bce") is not None for r in runs):
                 continue
             row = []
@@ -337,7 +341,7 @@ def diagnostics_table(bench, cells) -> list[str]:
                     continue
                 low, high = stats.run_range(values)
                 row.append(f"{fmt(float(np.median(values)), digits)} [{fmt(low, digits)}, {fmt(high, digits)}]")
-            lines.append(f"| {game} | {arm.title} | {len(runs)} | " + " | ".join(row) + " |")
+            lines.append(f"| {label} | {arm.title} | {len(runs)} | " + " | ".join(row) + " |")
     return lines
 
 

@@ -223,6 +223,25 @@ def test_report_gives_intervals_from_five_runs_and_ranges_below(tmp_path):
     assert (layout.results / "smoke" / "returns.png").stat().st_size > 0
 
 
+def test_diagnostics_pool_every_games_runs_of_an_arm_into_one_row():
+    """Breaks if the all-games row took one game's runs only, or a one-game benchmark grew a pooled row."""
+    from sobirl.report import by_cell, diagnostics_table
+
+    bench = dataclasses.replace(BENCHMARKS["smoke"], games=("Breakout", "Seaquest"))
+    results = []
+    for game, bce in (("Breakout", 0.5), ("Seaquest", 3.0)):
+        for seed in (1, 2):
+            result = fake_result("smoke", game, "drlhf", seed, 1.0)
+            result["diagnostics"]["bce"] = bce + seed
+            results.append(result)
+    rows = [line for line in diagnostics_table(bench, by_cell(results)) if line.startswith("| all games | drlhf |")]
+    assert len(rows) == 1
+    runs, bce = rows[0].split("|")[3].strip(), rows[0].split("|")[7].strip()
+    assert (runs, bce) == ("4", "3.25 [1.50, 5.00]")  # median of 1.5, 2.5, 4.0, 5.0
+    one_game = diagnostics_table(BENCHMARKS["smoke"], by_cell(results[:2]))
+    assert not any(line.startswith("| all games") for line in one_game)
+
+
 def test_report_draws_the_label_curve_with_the_curves_own_arm_at_its_labels(tmp_path):
     """Breaks if a point took another arm's runs or labels, if the curve's own arm (30 labels here, main's 1,000
     in the labels benchmark) were left out, or if a point of 2 runs got an interval."""
