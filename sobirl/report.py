@@ -317,16 +317,15 @@ def diagnostics_table(bench, cells) -> list[str]:
         ("hyper_term", "final extra term", 2),
         ("extra_grad_ratio", "extra / BCE gradient", 1),
     ]
+    several_games = len(bench.games) > 1
+    pooled = [(game, [game]) for game in bench.games] + ([("all games", list(bench.games))] if several_games else [])
     lines = [
-        "Median over runs of each run's last 10% of reward phases (range in brackets); the rows for all games pool "
-        "every game's runs of an arm.",
+        "Median over runs of each run's last 10% of reward phases (range in brackets)"
+        + ("; the rows for all games pool every game's runs of an arm." if several_games else "."),
         "",
         "| game | arm | runs | " + " | ".join(title for _, title, _ in columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
     ]
-    pooled = [(game, [game]) for game in bench.games]
-    if len(bench.games) > 1:
-        pooled.append(("all games", list(bench.games)))
     for label, games in pooled:
         for arm in bench.arms:
             runs = [run for game in games for run in cells.get((arm.name, game), {}).values()]

@@ -242,6 +242,35 @@ def test_diagnostics_pool_every_games_runs_of_an_arm_into_one_row():
     assert not any(line.startswith("| all games") for line in one_game)
 
 
+GENERATED_PAGES = [
+    name
+    for name, bench in BENCHMARKS.items()
+    if bench.committed and (REPO / "docs/results" / name / "README.md").exists()
+]
+
+
+@pytest.mark.parametrize("name", GENERATED_PAGES)
+def test_each_committed_results_page_is_what_report_makes_of_the_committed_summaries(name, tmp_path):
+    """Breaks when summaries were committed without regenerating their page, or the page was edited by hand."""
+    import re
+    import shutil
+
+    from sobirl.report import write_report
+
+    results = tmp_path / "results"
+    for summary in (REPO / "docs/results").glob("*/*/*/seed*.json"):
+        target = results / summary.relative_to(REPO / "docs/results")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(summary, target)
+    page = write_report(BENCHMARKS[name], Layout(tmp_path / "runs", results)).read_text()
+    committed = (REPO / "docs/results" / name / "README.md").read_text()
+
+    def undated(text: str) -> str:
+        return re.sub(r"in this folder on \d{4}-\d{2}-\d{2};", "in this folder on <date>;", text)
+
+    assert undated(page) == undated(committed), f"regenerate it: python sobirl/benchmark.py report {name}"
+
+
 def test_report_draws_the_label_curve_with_the_curves_own_arm_at_its_labels(tmp_path):
     """Breaks if a point took another arm's runs or labels, if the curve's own arm (30 labels here, main's 1,000
     in the labels benchmark) were left out, or if a point of 2 runs got an interval."""
