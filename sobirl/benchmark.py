@@ -159,7 +159,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark(
             "main",
             "Every preference method against random play and SAC on the true reward, on three MinAtar games at "
-            "equal env steps (100k) and labels (1,000); the authors' pipeline (--reference-quirks) beside ours.",
+            "equal env steps (100k) and label budget (1,000, of which a run uses 935: the query schedule's last two "
+            "batches fall after its last step); the authors' pipeline (--reference-quirks) beside ours.",
             games=("SpaceInvaders", "Breakout", "Seaquest"),
             steps=100_000,
             common=PROVING_GROUND,

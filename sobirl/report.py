@@ -256,19 +256,23 @@ def label_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str, lis
     has interval)]} for the figure (IQM and its 95% interval from MIN_RUNS runs; below, the mean and the range)."""
     games = [g for g in bench.games if g in base]
     curves = label_curves(bench)
-    matrices = {}
+    matrices, used = {}, {}
     for points in curves.values():
         for _, arm, last_seed in points:
             if seeds := [seed for seed in common_seeds(cells, arm, games) if seed <= last_seed]:
                 matrices[arm] = score_matrix(cells, arm, games, base, seeds)
+                used[arm] = [cells[(arm, game)][seed].get("labels", 0) for game in games for seed in seeds]
     enough = with_enough_runs(matrices)
     estimates, intervals = stats.aggregate_estimates(enough, reps) if enough else ({}, {})
-    lines = ["| method | labels | runs per game | IQM normalised score [95% CI] or range |", "|---|---|---|---|"]
+    lines = [
+        "| method | label budget | labels used | runs per game | IQM normalised score [95% CI] or range |",
+        "|---|---|---|---|---|",
+    ]
     drawn: dict[str, list[tuple]] = {}
     for curve, points in curves.items():
         for labels, arm, _ in points:
             if arm not in matrices:
-                lines.append(f"| {arm_title(bench, curve)} | {labels:,} | 0 | — |")
+                lines.append(f"| {arm_title(bench, curve)} | {labels:,} | — | 0 | — |")
                 continue
             if arm in enough:
                 point, low, high = estimates[arm][0], intervals[arm][0, 0], intervals[arm][1, 0]
@@ -277,7 +281,9 @@ def label_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str, lis
                 per_run = matrices[arm].mean(axis=1)
                 point, (low, high), text = per_run.mean(), stats.run_range(per_run), range_text(per_run)
             drawn.setdefault(curve, []).append((labels, float(point), float(low), float(high), arm in enough))
-            lines.append(f"| {arm_title(bench, curve)} | {labels:,} | {len(matrices[arm])} | {text} |")
+            low_used, high_used = min(used[arm]), max(used[arm])
+            used_text = f"{low_used:,}" if low_used == high_used else f"{low_used:,}–{high_used:,}"
+            lines.append(f"| {arm_title(bench, curve)} | {labels:,} | {used_text} | {len(matrices[arm])} | {text} |")
     return lines, drawn
 
 
@@ -298,7 +304,7 @@ def draw_label_curves(bench, drawn, path: Path) -> None:
         ax.plot(labels[enough], point[enough], "o", color=color)
         ax.plot(labels[~enough], point[~enough], "o", markerfacecolor="white", color=color)
     ax.set_xscale("log")
-    ax.set_xlabel("preference labels")
+    ax.set_xlabel("label budget (--total-pairs)")
     ax.set_ylabel(f"normalised final score (IQM; hollow: mean of < {MIN_RUNS} runs)")
     ax.set_title(f"{bench.name}: 0 = random, 1 = SAC on the true reward")
     ax.grid(alpha=0.3)
@@ -543,8 +549,10 @@ def write_report(bench, layout, reps: int = 2000) -> Path:
             page += [
                 "## Label efficiency",
                 "",
-                f"The normalised final score against the labels a run used, over {', '.join(base)}; IQM with a 95% "
-                f"stratified-bootstrap interval from {MIN_RUNS} runs, the range of the runs below.",
+                f"The normalised final score against the label budget (`--total-pairs`), over {', '.join(base)}; IQM "
+                f"with a 95% stratified-bootstrap interval from {MIN_RUNS} runs, the range of the runs below. A run "
+                "ends before its query schedule does, so it uses somewhat fewer labels than its budget: the runs' "
+                "counts are in the table.",
                 "",
                 *lines,
                 "",

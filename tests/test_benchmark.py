@@ -183,23 +183,25 @@ def test_result_json_is_strict_and_keeps_lists_of_numbers_on_one_line():
 # Reports from results alone
 
 
-def fake_result(bench, game, arm, seed, final, curve_scale=1.0):
+def fake_result(bench, game, arm, seed, final, curve_scale=1.0, labels=0):
     grid = benchmark.grid_for(BENCHMARKS[bench].steps)
     return {
         "format": benchmark.RESULT_FORMAT, "version": 1, "benchmark": bench, "game": game, "arm": arm, "seed": seed,
         "final_return": final, "grid": grid, "return_curve": [final * curve_scale * (k + 1) / len(grid)
                                                               for k in range(len(grid))],
-        "labels_curve": [0] * len(grid), "commits": ["abc"], "machines": [], "wall_seconds": 60.0,
+        "labels_curve": [0] * len(grid), "labels": labels, "commits": ["abc"], "machines": [], "wall_seconds": 60.0,
         "diagnostics": {"bce": 0.5, "accuracy_fresh": 0.8} if arm not in ("random", "sac") else {},
     }  # fmt: skip
 
 
-def write_fake_results(results_dir, arms_finals, seeds, bench="smoke"):
+def write_fake_results(results_dir, arms_finals, seeds, bench="smoke", labels=0):
+    """Run summaries of final return `final` + 0.01 * seed; `labels` used per run (plus the seed, when given)."""
     for (arm, game), final in arms_finals.items():
         for seed in seeds:
             path = results_dir / bench / game / arm / f"seed{seed}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(fake_result(bench, game, arm, seed, final + 0.01 * seed)))
+            used = labels + seed if labels else 0
+            path.write_text(json.dumps(fake_result(bench, game, arm, seed, final + 0.01 * seed, labels=used)))
 
 
 def test_report_gives_intervals_from_five_runs_and_ranges_below(tmp_path):
@@ -284,16 +286,20 @@ def test_report_draws_the_label_curve_with_the_curves_own_arm_at_its_labels(tmp_
 
     bench = dataclasses.replace(BENCHMARKS["smoke"], arms=(*BENCHMARKS["smoke"].arms, at(60, 5), at(10, 2)))
     layout = Layout(tmp_path / "runs", tmp_path / "results")
-    finals = {("random", "Breakout"): 0.0, ("sac", "Breakout"): 2.0, ("drlhf", "Breakout"): 1.5}
-    write_fake_results(layout.results, {**finals, ("drlhf_60", "Breakout"): 1.9}, seeds=range(1, 6))
-    write_fake_results(layout.results, {("drlhf_10", "Breakout"): 0.5}, seeds=range(1, 3))
+    finals = {("random", "Breakout"): 0.0, ("sac", "Breakout"): 2.0}
+    write_fake_results(layout.results, finals, seeds=range(1, 6))
+    write_fake_results(layout.results, {("drlhf", "Breakout"): 1.5}, seeds=range(1, 6), labels=20)
+    write_fake_results(layout.results, {("drlhf_60", "Breakout"): 1.9}, seeds=range(1, 6), labels=50)
+    write_fake_results(layout.results, {("drlhf_10", "Breakout"): 0.5}, seeds=range(1, 3), labels=7)
     page = write_report(bench, layout, reps=200).read_text()
     section = page.split("## Label efficiency")[1].split("\n## ")[0]
-    rows = [line.split("|")[2:5] for line in section.splitlines() if line.startswith("| drlhf |")]
-    assert [(labels.strip(), runs.strip()) for labels, runs, _ in rows] == [("10", "2"), ("30", "5"), ("60", "5")]
+    rows = [line.split("|")[2:6] for line in section.splitlines() if line.startswith("| drlhf |")]
+    assert [(budget.strip(), used.strip(), runs.strip()) for budget, used, runs, _ in rows] == [
+        ("10", "8–9", "2"), ("30", "21–25", "5"), ("60", "51–55", "5")
+    ]  # fmt: skip
     # normalised: (final + 0.01 s - 0.03) / 2.0 for seeds s = 1..5 (random 0.03, SAC 2.03 on average)
-    assert rows[0][2].strip().startswith("range 0.24") and "[" not in rows[0][2]
-    assert rows[1][2].strip().startswith("0.75 [") and rows[2][2].strip().startswith("0.95 [")
+    assert rows[0][3].strip().startswith("range 0.24") and "[" not in rows[0][3]
+    assert rows[1][3].strip().startswith("0.75 [") and rows[2][3].strip().startswith("0.95 [")
     assert (layout.results / "smoke" / "labels.png").stat().st_size > 0
 
 
@@ -309,7 +315,7 @@ def test_the_labels_report_takes_baselines_and_the_1000_label_point_from_main_on
     write_fake_results(layout.results, {("drlhf_250", game): 0.5}, seeds=range(1, 6), bench="labels")
     page = write_report(BENCHMARKS["labels"], layout, reps=200).read_text()
     section = page.split("## Label efficiency")[1].split("\n## ")[0]
-    rows = {line.split("|")[2].strip(): line.split("|")[3:5] for line in section.splitlines() if "| DRLHF |" in line}
+    rows = {line.split("|")[2].strip(): line.split("|")[4:6] for line in section.splitlines() if "| DRLHF |" in line}
     # random averages 0.055 over main's ten seeds, SAC 2.055: seeds 1-5 of drlhf normalise to 0.4725 + 0.005 s
     assert rows["1,000"][0].strip() == "5" and rows["1,000"][1].strip().startswith("0.49 [")
     assert rows["250"][0].strip() == "5" and rows["250"][1].strip().startswith("0.24 [")

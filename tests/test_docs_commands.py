@@ -10,7 +10,6 @@ import re
 import shlex
 
 import pytest
-import tomllib
 
 from agents.infra.cli import build_parser
 from sobirl.beamrider import ALGORITHMS, DEFAULT_ALGO
@@ -144,6 +143,18 @@ PIP = [(doc, c) for doc, c in COMMANDS if c.startswith("pip install -e")]
 
 @pytest.mark.parametrize("doc,command", PIP)
 def test_documented_installs_name_extras_that_exist(doc, command):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the project supports 3.10
     extras = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
     for spec in re.findall(r'"?\.\[([^\]]+)\]"?', command):
         assert set(spec.split(",")) <= extras, (doc, command)
+
+
+def test_the_resume_paragraph_names_every_flag_a_resumed_run_may_change():
+    """Breaks when a flag joins an algorithm's RESUMABLE set without the docs saying a resumed run may change it."""
+    from agents.infra.cli import flag_name
+
+    usage = (REPO / "docs" / "usage.md").read_text()
+    paragraph = usage[usage.index("- **Resuming.**") :].split("\n- ")[0]
+    resumable = {name for algo in ALGORITHMS for name in algorithm_args(algo).RESUMABLE}
+    missing = sorted(flag_name(name) for name in resumable if f"`{flag_name(name)}`" not in paragraph)
+    assert not missing, f"docs/usage.md's resume paragraph does not name {missing}"
