@@ -212,22 +212,33 @@ def arm_title(bench, name: str) -> str:
     return name
 
 
+def improvement_reading(low: float, high: float, runs: int) -> str:
+    """What a probability-of-improvement interval supports: one arm ahead only when the interval excludes 0.5."""
+    if low > 0.5:
+        return "X ahead"
+    if high < 0.5:
+        return "Y ahead"
+    return f"not separated at {runs} runs per game"
+
+
 def improvement_table(bench, cells, base, reps: int) -> list[str]:
     games = [g for g in bench.games if g in base]
-    lines = ["| comparison | runs per game | P(X > Y) [95% CI] |", "|---|---|---|"]
+    lines = ["| comparison | runs per game | P(X > Y) [95% CI] | reading |", "|---|---|---|---|"]
     pairs, counts = {}, {}
     for x, y in bench.comparisons:
         seeds = sorted(set(common_seeds(cells, x, games)) & set(common_seeds(cells, y, games)))
         name = f"{arm_title(bench, x)} vs {arm_title(bench, y)}"
         if len(seeds) < MIN_RUNS:
-            lines.append(f"| {name} | {len(seeds)} | — (fewer than {MIN_RUNS} runs) |")
+            lines.append(f"| {name} | {len(seeds)} | — (fewer than {MIN_RUNS} runs) | — |")
             continue
         pairs[name] = (score_matrix(cells, x, games, base, seeds), score_matrix(cells, y, games, base, seeds))
         counts[name] = len(seeds)
     if pairs:
         points, intervals = stats.probability_of_improvement(pairs, reps)
         for name in pairs:
-            lines.append(f"| {name} | {counts[name]} | {interval_text(points[name], *intervals[name])} |")
+            low, high = intervals[name]
+            reading = improvement_reading(low, high, counts[name])
+            lines.append(f"| {name} | {counts[name]} | {interval_text(points[name], low, high)} | {reading} |")
     return lines
 
 

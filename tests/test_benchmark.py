@@ -222,7 +222,17 @@ def test_report_gives_intervals_from_five_runs_and_ranges_below(tmp_path):
     assert aggregate.split("|")[3].strip().startswith("0.75")
     improvement = next(line for line in page.splitlines() if line.startswith("| drlhf vs sac |"))
     assert improvement.split("|")[3].strip().startswith("0.00")
+    assert improvement.split("|")[4].strip() == "Y ahead"
     assert (layout.results / "smoke" / "returns.png").stat().st_size > 0
+
+
+def test_an_arm_is_read_as_ahead_only_when_the_interval_excludes_one_half():
+    from sobirl.report import improvement_reading
+
+    assert improvement_reading(0.55, 0.9, 5) == "X ahead"
+    assert improvement_reading(0.1, 0.45, 5) == "Y ahead"
+    assert improvement_reading(0.5, 0.9, 10) == "not separated at 10 runs per game"
+    assert improvement_reading(0.2, 0.5, 7) == "not separated at 7 runs per game"
 
 
 def test_diagnostics_pool_every_games_runs_of_an_arm_into_one_row():
