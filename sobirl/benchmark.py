@@ -290,7 +290,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark(
             "quickstart",
             "DRLHF, SoBiRL as specified and SoBiRL with the ratio-baseline correction on MinAtar Breakout: 50k env "
-            "steps and 500 labels each, one seed (a first look, not evidence).",
+            "steps and a 500-label budget each, one seed (a first look, not evidence).",
             games=("Breakout",),
             steps=50_000,
             common=("--buffer-size", "50000", "--learning-starts", "5000", *preference_budget(500, 10)),

@@ -212,22 +212,32 @@ def arm_title(bench, name: str) -> str:
     return name
 
 
-def improvement_reading(low: float, high: float, runs: int) -> str:
-    """What a probability-of-improvement interval supports: one arm ahead only when the interval excludes 0.5."""
-    if low > 0.5:
-        return "X ahead"
-    if high < 0.5:
-        return "Y ahead"
+def improvement_reading(low: float, high: float, first: str, second: str, runs: int) -> str:
+    """What a probability-of-improvement interval supports: one arm ahead only when the interval, as printed (two
+    decimals), excludes 0.5."""
+    if round(low, 2) > 0.5:
+        return f"{first} ahead"
+    if round(high, 2) < 0.5:
+        return f"{second} ahead"
     return f"not separated at {runs} runs per game"
 
 
 def improvement_table(bench, cells, base, reps: int) -> list[str]:
     games = [g for g in bench.games if g in base]
-    lines = ["| comparison | runs per game | P(X > Y) [95% CI] | reading |", "|---|---|---|---|"]
-    pairs, counts = {}, {}
+    lines = [
+        "P(first > second): the probability that a run of the first arm scores above a run of the second on a game "
+        f"drawn at random, with a 95% stratified-bootstrap interval, on the seeds both arms share ({MIN_RUNS} or "
+        f"more). An arm is read as ahead only where the interval excludes 0.5; the {len(bench.comparisons)} "
+        "intervals are not corrected for being several.",
+        "",
+        "| comparison (first vs second) | runs per game | P(first > second) [95% CI] | reading |",
+        "|---|---|---|---|",
+    ]
+    pairs, counts, titles = {}, {}, {}
     for x, y in bench.comparisons:
         seeds = sorted(set(common_seeds(cells, x, games)) & set(common_seeds(cells, y, games)))
         name = f"{arm_title(bench, x)} vs {arm_title(bench, y)}"
+        titles[name] = (arm_title(bench, x), arm_title(bench, y))
         if len(seeds) < MIN_RUNS:
             lines.append(f"| {name} | {len(seeds)} | — (fewer than {MIN_RUNS} runs) | — |")
             continue
@@ -237,7 +247,7 @@ def improvement_table(bench, cells, base, reps: int) -> list[str]:
         points, intervals = stats.probability_of_improvement(pairs, reps)
         for name in pairs:
             low, high = intervals[name]
-            reading = improvement_reading(low, high, counts[name])
+            reading = improvement_reading(low, high, *titles[name], counts[name])
             lines.append(f"| {name} | {counts[name]} | {interval_text(points[name], low, high)} | {reading} |")
     return lines
 
@@ -262,6 +272,14 @@ def label_curves(bench) -> dict[str, list[tuple[int, str, int]]]:
     return {name: sorted(points) for name, points in curves.items()}
 
 
+def labels_used_text(used: Sequence[int | None]) -> str:
+    """The labels a point's runs used: one count, or their range; a dash if a summary does not say."""
+    if not used or any(count is None for count in used):
+        return "—"
+    low, high = min(used), max(used)
+    return f"{low:,}" if low == high else f"{low:,}–{high:,}"
+
+
 def label_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str, list[tuple]]]:
     """The normalised final score against labels, per curve: table lines, and {curve: [(labels, point, low, high,
     has interval)]} for the figure (IQM and its 95% interval from MIN_RUNS runs; below, the mean and the range)."""
@@ -272,7 +290,7 @@ def label_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str, lis
         for _, arm, last_seed in points:
             if seeds := [seed for seed in common_seeds(cells, arm, games) if seed <= last_seed]:
                 matrices[arm] = score_matrix(cells, arm, games, base, seeds)
-                used[arm] = [cells[(arm, game)][seed].get("labels", 0) for game in games for seed in seeds]
+                used[arm] = [cells[(arm, game)][seed].get("labels") for game in games for seed in seeds]
     enough = with_enough_runs(matrices)
     estimates, intervals = stats.aggregate_estimates(enough, reps) if enough else ({}, {})
     lines = [
@@ -292,8 +310,7 @@ def label_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str, lis
                 per_run = matrices[arm].mean(axis=1)
                 point, (low, high), text = per_run.mean(), stats.run_range(per_run), range_text(per_run)
             drawn.setdefault(curve, []).append((labels, float(point), float(low), float(high), arm in enough))
-            low_used, high_used = min(used[arm]), max(used[arm])
-            used_text = f"{low_used:,}" if low_used == high_used else f"{low_used:,}–{high_used:,}"
+            used_text = labels_used_text(used[arm])
             lines.append(f"| {arm_title(bench, curve)} | {labels:,} | {used_text} | {len(matrices[arm])} | {text} |")
     return lines, drawn
 
@@ -338,7 +355,12 @@ def diagnostics_table(bench, cells) -> list[str]:
     pooled = [(game, [game]) for game in bench.games] + ([("all games", list(bench.games))] if several_games else [])
     lines = [
         "Median over runs of each run's last 10% of reward phases (range in brackets)"
-        + ("; the rows for all games pool every game's runs of an arm." if several_games else "."),
+        + (
+            "; the rows for all games pool every game's runs of an arm (runs there counts runs × games, and a game "
+            "with more runs weighs more)."
+            if several_games
+            else "."
+        ),
         "",
         "| game | arm | runs | " + " | ".join(title for _, title, _ in columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
