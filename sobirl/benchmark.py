@@ -198,6 +198,22 @@ BENCHMARKS: dict[str, Benchmark] = {
             ),
         ),
         Benchmark(
+            "pilot",
+            "Which third game for main: SAC on the true reward against random play on MinAtar Seaquest and Freeway "
+            "at main's settings (100k env steps), 3 seeds each (seeds 201-203, which no other benchmark uses). The "
+            "rule: a game qualifies when SAC's lowest final return is above random play's highest. Main's choice of "
+            "Seaquest was made on 2026-12-02 from an earlier run of this pilot on seeds 1-3, whose summaries were not "
+            "committed (final return per seed: Seaquest SAC 0.69, 0.63, 0.56, random 0.09, 0.09, 0.13; Freeway SAC "
+            "0.25, 0.50, 0.50, random 0.25, 0.75, 0.25); these runs repeat it on fresh seeds, with their data kept.",
+            games=("Seaquest", "Freeway"),
+            steps=100_000,
+            common=PROVING_GROUND,
+            arms=(dataclasses.replace(RANDOM, seeds=3), dataclasses.replace(SAC, seeds=3)),
+            random_arm="",
+            reference_arm="",
+            seed_offset=200,
+        ),
+        Benchmark(
             "sigma",
             "Pilot for the penalty method's sigma (one number on both sides, in units of the discounted return): three "
             "values a decade apart on MinAtar SpaceInvaders at the main benchmark's budget, 2 seeds each (seeds 101 "

@@ -69,6 +69,16 @@ def test_jobs_are_seed_major_and_each_arm_runs_its_own_seeds():
     assert per_arm["drlhf_frozen"] == {1, 2, 3}
 
 
+def test_each_pilot_runs_seeds_no_other_committed_benchmark_uses():
+    """A pilot chooses a setting for other benchmarks: on their own seeds it would select on their runs."""
+    seeds = {name: {job.seed for job in select_jobs(bench)} for name, bench in BENCHMARKS.items() if bench.committed}
+    pilots = [name for name, bench in BENCHMARKS.items() if bench.seed_offset]
+    assert {"sigma", "pilot"} <= set(pilots)
+    for pilot in pilots:
+        for other, used in seeds.items():
+            assert other == pilot or not seeds[pilot] & used, (pilot, other, sorted(seeds[pilot] & used))
+
+
 def test_every_label_curve_names_a_declared_arm_and_each_point_its_labels():
     """Breaks on a typo in Arm.curve (the report would drop the curve's own arm) or a point without --total-pairs."""
     from sobirl.report import label_curves
