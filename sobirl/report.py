@@ -141,11 +141,13 @@ def provenance(results: Sequence[dict]) -> list[str]:
     if any(r.get("dirty") for r in results):
         lines.append("- Some runs started from a working tree with uncommitted code changes (flagged `dirty`).")
     for text in machines:
-        m = json.loads(text)
+        m, runs = json.loads(text), sum(text in r.get("machines", []) for r in results)
         lines.append(
             f"- Machine: {m.get('cpu')}, {m.get('cores')} cores, AVX-512 {'yes' if m.get('avx512') else 'no'}, "
-            f"torch {m.get('torch')}"
+            f"torch {m.get('torch')}: {runs} {'run' if runs == 1 else 'runs'}"
         )
+    if len(machines) > 1:
+        lines.append("- Wall times mix these machines: compare them only within one machine.")
     devices = sorted({r.get("device") or "unknown" for r in results})
     lines.append(f"- Device: {', '.join(devices)}; one thread per run, two runs at a time")
     return lines

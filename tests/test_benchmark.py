@@ -409,6 +409,22 @@ def test_report_numbers_use_one_minus_sign_and_thousands_separators():
     ]
 
 
+def test_provenance_counts_each_machines_runs_and_warns_when_wall_times_mix_machines():
+    from sobirl.report import provenance
+
+    slow, fast = (
+        json.dumps({"cpu": cpu, "cores": 2, "avx512": avx, "torch": "2.13"}) for cpu, avx in (("A", 0), ("B", 1))
+    )
+    results = [{"machines": [slow], "commits": ["abc"]}, {"machines": [slow, fast]}, {"machines": [fast]}]
+    lines = provenance(results)
+    assert "- Machine: A, 2 cores, AVX-512 no, torch 2.13: 2 runs" in lines
+    assert "- Machine: B, 2 cores, AVX-512 yes, torch 2.13: 2 runs" in lines
+    assert any("Wall times mix" in line for line in lines)
+    alone = provenance(results[:1])
+    assert "- Machine: A, 2 cores, AVX-512 no, torch 2.13: 1 run" in alone
+    assert not any("Wall times mix" in line for line in alone)
+
+
 def test_report_refuses_a_benchmark_without_results(tmp_path):
     result = run_script("sobirl/benchmark.py", "report", "smoke", "--results-dir", str(tmp_path))
     assert_usage_error(result, "no results", "smoke")
