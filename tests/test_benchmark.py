@@ -321,6 +321,20 @@ def test_each_committed_results_page_is_what_report_makes_of_the_committed_summa
     assert generated_summary == json.loads((committed / "summary.json").read_text()), regenerate
 
 
+def findings(readme: str) -> str:
+    return readme.split("## What we found", 1)[1].split("\n## ", 1)[0]
+
+
+def test_every_decimal_in_the_readmes_findings_is_on_a_generated_results_page():
+    """The README's findings quote the generated pages, which the test above ties to the committed summaries; a
+    number typed in by hand, or left behind when the pages moved on, breaks this."""
+    pages = " ".join((REPO / "docs/results" / name / "README.md").read_text() for name in COMMITTED_RESULTS)
+    quoted = re.findall(r"(?<![\d.,])\d[\d,]*\.\d+(?!\d|\.\d)", findings((REPO / "README.md").read_text()))
+    assert quoted, "the findings quote no results"
+    missing = sorted({number for number in quoted if not re.search(rf"(?<![\d.,]){re.escape(number)}(?!\d)", pages)})
+    assert not missing, f"README findings quote numbers on no results page: {missing}"
+
+
 def test_report_draws_the_label_curve_with_the_curves_own_arm_at_its_labels(tmp_path):
     """Breaks if a point took another arm's runs or labels, if the curve's own arm (30 labels here, main's 1,000
     in the labels benchmark) were left out, or if a point of 2 runs got an interval."""
