@@ -366,6 +366,7 @@ class Job:
     game: str
     arm: Arm
     seed: int
+    rerun: bool = False  # run again although a summary exists: its run folder, which a dependent needs, was lost
 
     @property
     def key(self) -> str:
@@ -478,16 +479,39 @@ def checkpoint_progress(run_dir: Path) -> tuple[int, int] | None:
 
 def job_state(job: Job, layout: Layout) -> str:
     """finished (summary written), complete (ran to the end; summary missing), partial (a checkpoint to resume),
-    blocked (waits for the run it depends on) or pending."""
-    if job.result_path(layout).is_file():
+    blocked (waits for the run it depends on, or for that run to be rerun: see `source_lost`) or pending."""
+    if job.result_path(layout).is_file() and not job.rerun:
         return "finished"
     progress = checkpoint_progress(job.run_dir(layout))
     if progress is not None:
         step, total = progress
         return "complete" if step >= total else "partial"
-    if job.source is not None and job_state(job.source, layout) not in ("finished", "complete"):
+    if job.source is not None and (
+        source_lost(job, layout) or job_state(job.source, layout) not in ("finished", "complete")
+    ):
         return "blocked"
     return "pending"
+
+
+def source_lost(job: Job, layout: Layout) -> bool:
+    """The job needs its source's run folder (the final reward model to freeze, or the policy to record
+    demonstrations from), the source has its summary, and the folder is gone: the machine it ran on was lost between
+    sessions. Such a source runs again in full and its new summary replaces the old one (git keeps the old), so that
+    a frozen-reward check compares a reward model with the run that learned it."""
+    source = job.source
+    if source is None or job.result_path(layout).is_file() or (job.arm.demos and job.demos_path(layout).is_file()):
+        return False
+    return source.result_path(layout).is_file() and checkpoint_progress(source.run_dir(layout)) is None
+
+
+def with_lost_sources(jobs: Sequence[Job], layout: Layout) -> list[Job]:
+    """The jobs with a rerun of each lost source (`source_lost`) queued just before the first job that needs it."""
+    planned: list[Job] = []
+    for job in jobs:
+        if source_lost(job, layout) and not any(p.key == job.source.key for p in planned):
+            planned.append(dataclasses.replace(job.source, rerun=True))
+        planned.append(job)
+    return planned
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -757,7 +781,9 @@ class Runner:
         """ready (no source, or it finished), waiting (it is queued or running, here or in another `run`) or
         blocked (nobody will run it)."""
         source = job.source
-        if source is None or job_state(source, self.layout) in ("finished", "complete"):
+        if source is None or (
+            job_state(source, self.layout) in ("finished", "complete") and not source_lost(job, self.layout)
+        ):
             return "ready"
         held = lock_held(source.lock_path(self.layout))
         if source.key in self.running or held or any(queued.key == source.key for queued in self.queue):
@@ -946,12 +972,20 @@ def command_status(bench: Benchmark, jobs: Sequence[Job], layout: Layout) -> Non
     partial = [(job, checkpoint_progress(job.run_dir(layout))) for job in jobs if job_state(job, layout) == "partial"]
     for job, (step, total) in partial:
         print(f"partial: {job.key} at step {step:,} of {total:,}")
+    for job in with_lost_sources([job for job in jobs if job_state(job, layout) != "finished"], layout):
+        if job.rerun:
+            print(f"lost: {job.key} (its run folder is gone; `run` runs it again before the runs that need it)")
 
 
 def command_run(jobs: Sequence[Job], layout: Layout, workers: int) -> None:
-    todo = [job for job in jobs if job_state(job, layout) != "finished"]
-    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already finished; {len(todo)} to go, {workers} at a time",
-          flush=True)  # fmt: skip
+    unfinished = [job for job in jobs if job_state(job, layout) != "finished"]
+    todo = with_lost_sources(unfinished, layout)
+    print(f"{len(jobs) - len(unfinished)} of {len(jobs)} runs already finished; {len(todo)} to go, {workers} at a "
+          f"time", flush=True)  # fmt: skip
+    for job in todo:
+        if job.rerun:
+            print(f"rerun: {job.key} (its run folder, which a run to go needs, is gone; its summary will be replaced)",
+                  flush=True)  # fmt: skip
     runner = Runner(todo, layout, workers)
     runner.run()
     if runner.stop_signal is not None:

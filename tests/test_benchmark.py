@@ -8,6 +8,7 @@ import importlib
 import json
 import math
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 from agents.infra.cli import UsageError, build_parser
 from sobirl import benchmark
 from sobirl.beamrider import ALGORITHMS
-from sobirl.benchmark import BENCHMARKS, Layout, declared_jobs, env_id, parse_seed_list, select_jobs
+from sobirl.benchmark import BENCHMARKS, Job, Layout, declared_jobs, env_id, parse_seed_list, select_jobs
 from tests.conftest import REPO, assert_usage_error, run_script
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,6 +165,45 @@ def test_a_stopped_benchmark_continues_where_it_was(tmp_path):
     third = start_harness(tmp_path)
     output, _ = third.communicate(timeout=120)
     assert third.returncode == 0 and f"{len(jobs)} of {len(jobs)} runs already finished" in output, output
+
+    # The machine is lost before the frozen-reward run: its source's folder goes, its summary stays. The source runs
+    # again (its summary replaced), then the frozen-reward run trains on the new source's reward model.
+    frozen = next(job for job in jobs if job.arm.frozen_from)
+    shutil.rmtree(frozen.source.run_dir(layout))
+    frozen.result_path(layout).unlink()
+    old_source = json.loads(frozen.source.result_path(layout).read_text())
+    fourth = start_harness(tmp_path, "--arms", frozen.arm.name)
+    output, _ = fourth.communicate(timeout=300)
+    assert fourth.returncode == 0 and f"rerun: {frozen.source.key}" in output, output
+    new_source = json.loads(frozen.source.result_path(layout).read_text())
+    assert new_source["commits"] == old_source["commits"] and new_source["global_step"] == frozen.bench.steps
+    assert json.loads(frozen.result_path(layout).read_text())["frozen_from"] == frozen.source.key
+
+
+def test_a_lost_source_runs_again_just_before_the_first_run_that_needs_it_and_only_then(tmp_path):
+    """A frozen-reward or AIHF run needs its source's run folder; a summary alone (a machine lost between sessions)
+    is not enough. Breaks if the lost source were skipped as finished, rerun twice, or rerun when nothing needs it."""
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    bench = BENCHMARKS["smoke"]
+    frozen, aihf, aihf_2 = (Job(bench, "Breakout", bench.arm(arm), seed) for arm, seed in
+                            (("drlhf_frozen", 1), ("aihf", 1), ("aihf", 2)))  # fmt: skip
+    for job in (frozen.source, aihf.source):
+        job.result_path(layout).parent.mkdir(parents=True, exist_ok=True)
+        job.result_path(layout).write_text("{}")
+    assert benchmark.source_lost(frozen, layout) and benchmark.job_state(frozen, layout) == "blocked"
+    plan = benchmark.with_lost_sources([frozen, aihf, aihf_2], layout)
+    assert [(job.key, job.rerun) for job in plan] == [
+        (frozen.source.key, True), (frozen.key, False), (aihf.source.key, True), (aihf.key, False),
+        (aihf_2.key, False),
+    ]  # fmt: skip
+    assert benchmark.job_state(frozen.source, layout) == "finished"
+    assert benchmark.job_state(plan[0], layout) == "pending", "a rerun ignores the summary it replaces"
+    # Recorded demonstrations are all an AIHF run needs; a finished dependent needs nothing.
+    aihf.demos_path(layout).parent.mkdir(parents=True, exist_ok=True)
+    aihf.demos_path(layout).write_bytes(b"")
+    frozen.result_path(layout).parent.mkdir(parents=True, exist_ok=True)
+    frozen.result_path(layout).write_text("{}")
+    assert benchmark.with_lost_sources([frozen, aihf], layout) == [frozen, aihf]
 
 
 # ---------------------------------------------------------------------------------------------------------------
