@@ -501,7 +501,8 @@ def source_lost(job: Job, layout: Layout) -> bool:
     source = job.source
     if source is None or job.result_path(layout).is_file() or (job.arm.demos and job.demos_path(layout).is_file()):
         return False
-    return source.result_path(layout).is_file() and checkpoint_progress(source.run_dir(layout)) is None
+    progress = checkpoint_progress(source.run_dir(layout))  # a rerun part-way is still lost: its folder is not final
+    return source.result_path(layout).is_file() and (progress is None or progress[0] < progress[1])
 
 
 def with_lost_sources(jobs: Sequence[Job], layout: Layout) -> list[Job]:
@@ -846,6 +847,8 @@ class Runner:
             if run_dir.exists():  # a start that died before its first checkpoint: nothing in it can be resumed
                 shutil.rmtree(run_dir)
         attempts = job.attempts_path(layout)
+        if job.rerun and event == "start" and attempts.is_file():  # the lost run's attempts are not this run's
+            attempts.replace(attempts.with_suffix(".lost.jsonl"))
         append_attempt(attempts, {"event": event, "time": time.time(), **git_commit(), "machine": machine()})
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
         # The runs use this checkout's code, even where an editable install points at another checkout.
@@ -980,8 +983,9 @@ def command_status(bench: Benchmark, jobs: Sequence[Job], layout: Layout) -> Non
 def command_run(jobs: Sequence[Job], layout: Layout, workers: int) -> None:
     unfinished = [job for job in jobs if job_state(job, layout) != "finished"]
     todo = with_lost_sources(unfinished, layout)
-    print(f"{len(jobs) - len(unfinished)} of {len(jobs)} runs already finished; {len(todo)} to go, {workers} at a "
-          f"time", flush=True)  # fmt: skip
+    reruns = len(todo) - len(unfinished)
+    print(f"{len(jobs) - len(unfinished)} of {len(jobs)} runs already finished; {len(unfinished)} to go"
+          + (f" and {reruns} to rerun" if reruns else "") + f", {workers} at a time", flush=True)  # fmt: skip
     for job in todo:
         if job.rerun:
             print(f"rerun: {job.key} (its run folder, which a run to go needs, is gone; its summary will be replaced)",

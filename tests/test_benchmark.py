@@ -170,14 +170,21 @@ def test_a_stopped_benchmark_continues_where_it_was(tmp_path):
     # again (its summary replaced), then the frozen-reward run trains on the new source's reward model.
     frozen = next(job for job in jobs if job.arm.frozen_from)
     shutil.rmtree(frozen.source.run_dir(layout))
+    shutil.rmtree(frozen.run_dir(layout))
+    frozen.attempts_path(layout).unlink()
     frozen.result_path(layout).unlink()
     old_source = json.loads(frozen.source.result_path(layout).read_text())
     fourth = start_harness(tmp_path, "--arms", frozen.arm.name)
     output, _ = fourth.communicate(timeout=300)
     assert fourth.returncode == 0 and f"rerun: {frozen.source.key}" in output, output
     new_source = json.loads(frozen.source.result_path(layout).read_text())
-    assert new_source["commits"] == old_source["commits"] and new_source["global_step"] == frozen.bench.steps
+    assert new_source["finished"] != old_source["finished"] and new_source["attempts"] == 1, (
+        "replaced, lost run's attempts aside"
+    )
     assert json.loads(frozen.result_path(layout).read_text())["frozen_from"] == frozen.source.key
+    source_exit = benchmark.read_attempts(frozen.source.attempts_path(layout))[-1]
+    frozen_start = [a for a in benchmark.read_attempts(frozen.attempts_path(layout)) if a["event"] == "start"][-1]
+    assert source_exit["event"] == "exit" and frozen_start["time"] >= source_exit["time"], "waited for the rerun"
 
 
 def test_a_lost_source_runs_again_just_before_the_first_run_that_needs_it_and_only_then(tmp_path):
@@ -198,6 +205,14 @@ def test_a_lost_source_runs_again_just_before_the_first_run_that_needs_it_and_on
     ]  # fmt: skip
     assert benchmark.job_state(frozen.source, layout) == "finished"
     assert benchmark.job_state(plan[0], layout) == "pending", "a rerun ignores the summary it replaces"
+    # A rerun part-way (its checkpoint not final) is still lost: the dependent waits, and the rerun resumes.
+    partway = {str(frozen.source.run_dir(layout)): (25_000, 100_000)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(benchmark, "checkpoint_progress", lambda run_dir: partway.get(str(run_dir)))
+        assert benchmark.source_lost(frozen, layout) and benchmark.job_state(frozen, layout) == "blocked"
+        assert benchmark.job_state(plan[0], layout) == "partial"
+        partway[str(frozen.source.run_dir(layout))] = (100_000, 100_000)
+        assert not benchmark.source_lost(frozen, layout) and benchmark.job_state(frozen, layout) == "pending"
     # Recorded demonstrations are all an AIHF run needs; a finished dependent needs nothing.
     aihf.demos_path(layout).parent.mkdir(parents=True, exist_ok=True)
     aihf.demos_path(layout).write_bytes(b"")
