@@ -46,6 +46,7 @@ def interval_estimates(
     """(point estimates, 95% intervals (2, ...)) of `statistic` per arm, by rliable's stratified bootstrap: each
     resample draws runs with replacement within every game, so games keep their weight."""
     library, _ = _rliable()
+    np.random.seed(seed)  # rliable's stratified resampling draws from the global generator, not from random_state
     return library.get_interval_estimates(
         {name: np.asarray(x, dtype=np.float64) for name, x in scores.items()},
         statistic,
@@ -81,6 +82,7 @@ def probability_of_improvement(
     """P(X > Y) for each "X vs Y" pair of (runs, games) score matrices (the chance that a run of X beats a run of Y
     on a game, averaged over games; ties count half), with stratified-bootstrap intervals."""
     library, metrics = _rliable()
+    np.random.seed(seed)  # as in interval_estimates: rliable resamples from the global generator
     points, intervals = library.get_interval_estimates(
         {name: (np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)) for name, (x, y) in pairs.items()},
         metrics.probability_of_improvement,

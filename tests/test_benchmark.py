@@ -388,6 +388,8 @@ def test_every_decimal_in_the_readmes_findings_is_on_a_generated_results_page():
     assert quoted, "the findings quote no results"
     missing = sorted({number for number in quoted if not re.search(rf"(?<![\d.,]){re.escape(number)}(?!\d)", pages)})
     assert not missing, f"README findings quote numbers on no results page: {missing}"
+    intervals = re.findall(r"\d[\d.,]*\s\[[^\]]+\]", findings((REPO / "README.md").read_text()))
+    assert not [text for text in intervals if text not in pages], "an estimate with its interval is on no page"
 
 
 def test_report_draws_the_label_curve_with_the_curves_own_arm_at_its_labels(tmp_path):
@@ -519,6 +521,22 @@ def test_stats_interval_estimates_agree_with_a_plain_bootstrap_on_one_game():
     resampled = [scores[rng.integers(0, 10, 10)].mean() for _ in range(4000)]
     assert intervals["x"][0, 0] == pytest.approx(np.percentile(resampled, 2.5), abs=0.05)
     assert intervals["x"][1, 0] == pytest.approx(np.percentile(resampled, 97.5), abs=0.05)
+
+
+def test_bootstrap_intervals_are_the_same_on_every_call_with_one_seed():
+    """The pages are regenerated and compared; rliable's resampling ignores its random_state (it draws from numpy's
+    global generator), so without a seed of ours two reports of the same runs differ in their intervals."""
+    from sobirl import stats
+
+    rng = np.random.default_rng(0)
+    scores = {"a": rng.normal(size=(5, 3)), "b": rng.normal(size=(5, 3))}
+    first = stats.aggregate_estimates(scores, reps=200, seed=3)[1]["a"]
+    np.random.rand(7)  # anything else that used the global generator in between
+    assert np.array_equal(first, stats.aggregate_estimates(scores, reps=200, seed=3)[1]["a"])
+    pairs = {"a vs b": (scores["a"], scores["b"])}
+    once = stats.probability_of_improvement(pairs, reps=200, seed=3)[1]["a vs b"]
+    np.random.rand(7)
+    assert np.array_equal(once, stats.probability_of_improvement(pairs, reps=200, seed=3)[1]["a vs b"])
 
 
 def test_profile_points_agree_with_rliables_profile():
