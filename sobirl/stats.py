@@ -45,14 +45,17 @@ def interval_estimates(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(point estimates, 95% intervals (2, ...)) of `statistic` per arm, by rliable's stratified bootstrap: each
     resample draws runs with replacement within every game, so games keep their weight."""
+    return _stratified_bootstrap(
+        {name: np.asarray(x, dtype=np.float64) for name, x in scores.items()}, statistic, reps, seed
+    )
+
+
+def _stratified_bootstrap(score_dict: Mapping, statistic: Callable, reps: int, seed: int):
+    """rliable's get_interval_estimates at 95%, reproducible for one seed."""
     library, _ = _rliable()
     np.random.seed(seed)  # rliable's stratified resampling draws from the global generator, not from random_state
     return library.get_interval_estimates(
-        {name: np.asarray(x, dtype=np.float64) for name, x in scores.items()},
-        statistic,
-        reps=reps,
-        confidence_interval_size=CONFIDENCE,
-        random_state=np.random.RandomState(seed),
+        score_dict, statistic, reps=reps, confidence_interval_size=CONFIDENCE, random_state=np.random.RandomState(seed)
     )
 
 
@@ -81,14 +84,12 @@ def probability_of_improvement(
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """P(X > Y) for each "X vs Y" pair of (runs, games) score matrices (the chance that a run of X beats a run of Y
     on a game, averaged over games; ties count half), with stratified-bootstrap intervals."""
-    library, metrics = _rliable()
-    np.random.seed(seed)  # as in interval_estimates: rliable resamples from the global generator
-    points, intervals = library.get_interval_estimates(
+    _, metrics = _rliable()
+    points, intervals = _stratified_bootstrap(
         {name: (np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)) for name, (x, y) in pairs.items()},
         metrics.probability_of_improvement,
-        reps=reps,
-        confidence_interval_size=CONFIDENCE,
-        random_state=np.random.RandomState(seed),
+        reps,
+        seed,
     )
     return {name: float(value) for name, value in points.items()}, {k: v.ravel() for k, v in intervals.items()}
 
