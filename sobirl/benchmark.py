@@ -254,9 +254,9 @@ BENCHMARKS: dict[str, Benchmark] = {
             "labels",
             "Label efficiency on MinAtar SpaceInvaders: DRLHF and the corrected SoBiRL at 250, 500 and 2,000 labels, "
             "5 seeds each, at the main benchmark's steps and schedule (the warm-up a tenth of the labels); the "
-            "1,000-label points are main's runs. The SoBiRL variant is the one main put first at one seed per game "
-            "(the ratio-baseline correction); should main's 5-seed aggregate put another variant first, that "
-            "variant's arms join this benchmark before any of its results are reported.",
+            "1,000-label points are main's runs. The SoBiRL variant is the one main puts first among its SoBiRL arms, "
+            "the ratio-baseline correction: first at one seed per game when this benchmark was declared, and again "
+            "in main's 5-seed aggregate.",
             games=("SpaceInvaders",),
             steps=100_000,
             common=PROVING_GROUND,

@@ -455,6 +455,7 @@ def test_wall_times_leave_out_runs_with_an_attempt_that_never_logged_its_exit():
     assert wall_time_text([*runs, lost]) == "8.0–10.0 min (1 run not fully timed)"
     assert wall_time_text([lost, lost]) == "— (2 runs not fully timed)"
     assert wall_time_text([*runs, {"wall_seconds": 9.0, "untimed_attempts": 2}]).endswith("(1 run not fully timed)")
+    assert wall_time_text(runs[:1]) == "8.0 min"  # one run, or runs that round alike: one time, not "8.0–8.0"
 
 
 def test_attempt_times_count_the_attempts_whose_exit_was_never_logged():
