@@ -770,6 +770,7 @@ class Runner:
         self.queue = list(jobs)
         self.lock = threading.Condition()
         self.running: dict[str, subprocess.Popen] = {}
+        self.taken: set[str] = set()  # jobs a worker has taken off the queue and not yet finished with
         self.stop_signal: int | None = None
         self.failed: list[tuple[Job, int]] = []
         self.done = 0
@@ -787,7 +788,8 @@ class Runner:
         ):
             return "ready"
         held = lock_held(source.lock_path(self.layout))
-        if source.key in self.running or held or any(queued.key == source.key for queued in self.queue):
+        # `taken` covers the moment between a worker taking the source off the queue and claiming its lock.
+        if source.key in self.taken or held or any(queued.key == source.key for queued in self.queue):
             return "waiting"
         return "blocked"
 
@@ -800,7 +802,9 @@ class Runner:
                     return None
                 progress = [self.source_progress(job) for job in self.queue]
                 if "ready" in progress:
-                    return self.queue.pop(progress.index("ready"))
+                    job = self.queue.pop(progress.index("ready"))
+                    self.taken.add(job.key)
+                    return job
                 for job, state in zip(list(self.queue), progress):
                     if state == "blocked":
                         print(f"blocked: {job.key} (needs {job.source.key}, which nobody is running)", flush=True)
@@ -811,6 +815,7 @@ class Runner:
         while (job := self.next_job()) is not None:
             self.run_job(job)
             with self.lock:
+                self.taken.discard(job.key)
                 self.lock.notify_all()
 
     def eta(self) -> str:

@@ -221,6 +221,21 @@ def test_a_lost_source_runs_again_just_before_the_first_run_that_needs_it_and_on
     assert benchmark.with_lost_sources([frozen, aihf], layout) == [frozen, aihf]
 
 
+def test_a_dependent_waits_while_a_worker_holds_its_source_between_queue_and_lock(tmp_path):
+    """Two workers: one takes the source off the queue, and until it claims the source's lock file the source is
+    neither queued, running nor locked. Breaks if the other worker then drops the dependent as blocked (a `run`
+    that exits 0 with a frozen-reward run never started: seen once in CI)."""
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    bench = BENCHMARKS["smoke"]
+    frozen = Job(bench, "Breakout", bench.arm("drlhf_frozen"), 1)
+    runner = benchmark.Runner([frozen.source, frozen], layout, workers=2)
+    assert runner.source_progress(frozen) == "waiting"  # queued
+    assert runner.next_job().key == frozen.source.key  # worker A takes it; its lock is not claimed yet
+    assert runner.source_progress(frozen) == "waiting"
+    runner.taken.clear()  # had worker A let go of it unrun, nobody would run it
+    assert runner.source_progress(frozen) == "blocked"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Summaries
 
