@@ -112,8 +112,10 @@ def wall_time_text(runs) -> str:
     """The range of the runs' wall times, from the runs whose every attempt was timed (the others are counted)."""
     timed = [r["wall_seconds"] / 60 for r in runs if r.get("wall_seconds") and not r.get("untimed_attempts")]
     untimed = sum(1 for r in runs if r.get("untimed_attempts"))
-    low, high = (f"{minutes:.1f}" for minutes in (min(timed), max(timed))) if timed else ("", "")
-    text = "—" if not timed else f"{low} min" if low == high else f"{low}–{high} min"
+    text = "—"
+    if timed:
+        low, high = f"{min(timed):.1f}", f"{max(timed):.1f}"
+        text = f"{low} min" if low == high else f"{low}–{high} min"
     return text + (f" ({untimed} run{'s' if untimed > 1 else ''} not fully timed)" if untimed else "")
 
 
