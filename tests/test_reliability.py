@@ -148,12 +148,35 @@ def test_a_resumed_run_says_where_it_continues_and_logs_one_speed_point_per_step
     assert code == 0, err
     assert "resumed at" not in out
     run_dir = only_run_dir(runs)
+    assert re.search(
+        rf"done: 2,000 env steps in \d+:\d\d \(this process\), last game's return [\d.]+; curves: "
+        rf"tensorboard --logdir {re.escape(str(run_dir))}\n",
+        out,
+    ), out
     assert [step for step, _ in scalar_tags(run_dir)["charts/SPS"]] == [1000, 2000]
     code, out, err = entry_point("--resume", str(run_dir), "--total-timesteps", "3000", capsys=capsys)
     assert code == 0, err
     assert f"run {run_dir.name} (sac) on cpu, resumed at step 2,000 of 3,000: logs in {run_dir}" in out
     steps = [step for step, _ in scalar_tags(run_dir)["charts/SPS"]]
     assert steps[-1] == 3000 and len(steps) == len(set(steps))
+
+
+def test_the_end_of_run_line_reads_its_duration_as_a_clock_and_names_what_it_knows():
+    from agents.infra.run import clock_text, finished_message
+
+    assert [clock_text(s) for s in (0, 59.4, 61, 3599, 3600, 90061)] == [
+        "0:00",
+        "0:59",
+        "1:01",
+        "59:59",
+        "1:00:00",
+        "25:01:01",
+    ]
+    assert finished_message(4_300_000, 125, 1234.0, Path("runs/a b")) == (
+        "done: 4,300,000 env steps in 2:05 (this process), last game's return 1234; "
+        "curves: tensorboard --logdir 'runs/a b'"
+    )
+    assert finished_message(10, 1, None, None) == "done: 10 env steps in 0:01 (this process)"
 
 
 def test_resume_help_lists_the_flags_a_resumed_run_may_change():

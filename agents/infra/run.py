@@ -432,13 +432,31 @@ def resume_command(run: Run) -> str:
     return shlex.join(["python", entry, *algo, "--resume", str(run.directory)])
 
 
+def clock_text(seconds: float) -> str:
+    """A duration as h:mm:ss (or m:ss under an hour)."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def finished_message(steps: int, seconds: float, last_return: float | None, directory: Path | None) -> str:
+    """The line a run prints when it ends normally, so that a run without a progress bar does not end in silence."""
+    game = "" if last_return is None else f", last game's return {last_return:g}"
+    where = "" if directory is None else f"; curves: tensorboard --logdir {shlex.quote(str(directory))}"
+    return f"done: {steps:,} env steps in {clock_text(seconds)} (this process){game}{where}"
+
+
 def run_to_completion(run: Run, algorithm: Algorithm) -> None:
     """Train; a stop signal saves a checkpoint first (exit 130 or 143); the end of training saves one too."""
     run.signals.install()
+    started = time.time()
     try:
         try:
             algorithm.train()
             run.save()
+            run.progress.close()  # the bar's last line first: the message must not land on the bar's line
+            seconds, last_return = time.time() - started, getattr(algorithm, "last_score", None)
+            print(finished_message(algorithm.global_step, seconds, last_return, run.directory), flush=True)
         except StopTraining as stop:
             run.save()
             print(
