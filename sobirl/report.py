@@ -96,6 +96,11 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return text.replace("-", "−")
 
 
+def level_text(confidence: float) -> str:
+    """A confidence level as a percentage with at most three significant digits: 0.99 -> 99%, 0.98333 -> 98.3%."""
+    return f"{100 * confidence:.3g}%"
+
+
 def interval_text(point: float, low: float, high: float, digits: int = 2) -> str:
     return f"{fmt(point, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
 
@@ -233,10 +238,12 @@ def improvement_table(bench, cells, base, reps: int) -> list[str]:
         "P(first > second): the probability that a run of the first arm scores above a run of the second on a game "
         f"drawn at random, with a 95% stratified-bootstrap interval, on the seeds both arms share ({MIN_RUNS} or "
         f"more). An arm is read as ahead only where the interval excludes 0.5; the {len(bench.comparisons)} "
-        "intervals are not corrected for being several.",
+        "intervals are not corrected for being several. The last column widens each to the level at which all of "
+        f"them hold together at 95% (Bonferroni over the {len(bench.comparisons)} comparisons).",
         "",
-        "| comparison (first vs second) | runs per game | P(first > second) [95% CI] | reading |",
-        "|---|---|---|---|",
+        f"| comparison (first vs second) | runs per game | P(first > second) [95% CI] | reading | "
+        f"[{level_text(stats.bonferroni_confidence(len(bench.comparisons)))} CI], Bonferroni |",
+        "|---|---|---|---|---|",
     ]
     pairs, counts, titles = {}, {}, {}
     for x, y in bench.comparisons:
@@ -244,16 +251,21 @@ def improvement_table(bench, cells, base, reps: int) -> list[str]:
         name = f"{arm_title(bench, x)} vs {arm_title(bench, y)}"
         titles[name] = (arm_title(bench, x), arm_title(bench, y))
         if len(seeds) < MIN_RUNS:
-            lines.append(f"| {name} | {len(seeds)} | — (fewer than {MIN_RUNS} runs) | — |")
+            lines.append(f"| {name} | {len(seeds)} | — (fewer than {MIN_RUNS} runs) | — | — |")
             continue
         pairs[name] = (score_matrix(cells, x, games, base, seeds), score_matrix(cells, y, games, base, seeds))
         counts[name] = len(seeds)
     if pairs:
         points, intervals = stats.probability_of_improvement(pairs, reps)
+        level = stats.bonferroni_confidence(len(bench.comparisons))
+        _, corrected = stats.probability_of_improvement(pairs, reps, confidence=level)
         for name in pairs:
             low, high = intervals[name]
             reading = improvement_reading(low, high, *titles[name], counts[name])
-            lines.append(f"| {name} | {counts[name]} | {interval_text(points[name], low, high)} | {reading} |")
+            together = interval_text(points[name], *corrected[name])
+            lines.append(
+                f"| {name} | {counts[name]} | {interval_text(points[name], low, high)} | {reading} | {together} |"
+            )
     return lines
 
 

@@ -50,12 +50,14 @@ def interval_estimates(
     )
 
 
-def _stratified_bootstrap(score_dict: Mapping, statistic: Callable, reps: int, seed: int):
-    """rliable's get_interval_estimates at 95%, reproducible for one seed."""
+def _stratified_bootstrap(
+    score_dict: Mapping, statistic: Callable, reps: int, seed: int, confidence: float = CONFIDENCE
+):
+    """rliable's get_interval_estimates (95% unless told), reproducible for one seed."""
     library, _ = _rliable()
     np.random.seed(seed)  # rliable's stratified resampling draws from the global generator, not from random_state
     return library.get_interval_estimates(
-        score_dict, statistic, reps=reps, confidence_interval_size=CONFIDENCE, random_state=np.random.RandomState(seed)
+        score_dict, statistic, reps=reps, confidence_interval_size=confidence, random_state=np.random.RandomState(seed)
     )
 
 
@@ -80,18 +82,25 @@ def iqm_per_point(curves: np.ndarray) -> np.ndarray:
 
 
 def probability_of_improvement(
-    pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], reps: int = 2000, seed: int = 0
+    pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], reps: int = 2000, seed: int = 0, confidence: float = CONFIDENCE
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """P(X > Y) for each "X vs Y" pair of (runs, games) score matrices (the chance that a run of X beats a run of Y
-    on a game, averaged over games; ties count half), with stratified-bootstrap intervals."""
+    on a game, averaged over games; ties count half), with stratified-bootstrap intervals at `confidence`."""
     _, metrics = _rliable()
     points, intervals = _stratified_bootstrap(
         {name: (np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)) for name, (x, y) in pairs.items()},
         metrics.probability_of_improvement,
         reps,
         seed,
+        confidence,
     )
     return {name: float(value) for name, value in points.items()}, {k: v.ravel() for k, v in intervals.items()}
+
+
+def bonferroni_confidence(comparisons: int, confidence: float = CONFIDENCE) -> float:
+    """The level at which each of `comparisons` intervals must hold for all of them to hold together at
+    `confidence` (Bonferroni): 1 - (1 - confidence) / comparisons."""
+    return 1 - (1 - confidence) / comparisons
 
 
 def performance_profiles(scores: Mapping[str, np.ndarray], thresholds: np.ndarray, reps: int = 1000, seed: int = 0):

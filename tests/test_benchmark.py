@@ -304,6 +304,10 @@ def test_report_gives_intervals_from_five_runs_and_ranges_below(tmp_path):
     improvement = next(line for line in page.splitlines() if line.startswith("| drlhf vs sac |"))
     assert improvement.split("|")[3].strip().startswith("0.00")
     assert improvement.split("|")[4].strip() == "sac ahead"
+    k = len(BENCHMARKS["smoke"].comparisons)
+    header = next(line for line in page.splitlines() if line.startswith("| comparison (first vs second) |"))
+    assert header.split("|")[5].strip() == f"[{100 * (1 - 0.05 / k):.3g}% CI], Bonferroni"
+    assert improvement.split("|")[5].strip().startswith("0.00 [")
     assert (layout.results / "smoke" / "returns.png").stat().st_size > 0
 
 
@@ -553,6 +557,21 @@ def test_bootstrap_intervals_are_the_same_on_every_call_with_one_seed():
     once = stats.probability_of_improvement(pairs, reps=200, seed=3)[1]["a vs b"]
     np.random.rand(7)
     assert np.array_equal(once, stats.probability_of_improvement(pairs, reps=200, seed=3)[1]["a vs b"])
+
+
+def test_a_bonferroni_interval_holds_the_plain_one_and_is_drawn_from_the_same_resamples():
+    """The report's last P(first > second) column: the same bootstrap at level 1 - 0.05/k, so it can only widen."""
+    from sobirl import stats
+    from sobirl.report import level_text
+
+    assert stats.bonferroni_confidence(5) == pytest.approx(0.99)
+    assert [level_text(stats.bonferroni_confidence(k)) for k in (1, 3, 5)] == ["95%", "98.3%", "99%"]
+    rng = np.random.default_rng(1)
+    pairs = {"a vs b": (rng.normal(0.3, 1, size=(8, 3)), rng.normal(size=(8, 3)))}
+    point, plain = stats.probability_of_improvement(pairs, reps=500, seed=2)
+    again, wide = stats.probability_of_improvement(pairs, reps=500, seed=2, confidence=0.99)
+    assert point == again
+    assert wide["a vs b"][0] < plain["a vs b"][0] <= point["a vs b"] <= plain["a vs b"][1] < wide["a vs b"][1]
 
 
 def test_profile_points_agree_with_rliables_profile():
