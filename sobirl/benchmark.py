@@ -780,16 +780,21 @@ class Runner:
     # -- scheduling ------------------------------------------------------------------------------------------------
 
     def source_progress(self, job: Job) -> str:
-        """ready (no source, or it finished), waiting (it is queued or running, here or in another `run`) or
-        blocked (nobody will run it)."""
+        """ready (no source, or it finished and no worker holds it), waiting (it is queued or held, here or in
+        another `run`) or blocked (nobody will run it)."""
         source = job.source
-        if source is None or (
-            job_state(source, self.layout) in ("finished", "complete") and not source_lost(job, self.layout)
+        if source is None:
+            return "ready"
+        # `taken` covers the moment between a worker taking the source off the queue and claiming its lock. A source
+        # whose final checkpoint is written is still held until its worker has logged the exit and the summary.
+        held = source.key in self.taken or lock_held(source.lock_path(self.layout))
+        if (
+            not held
+            and job_state(source, self.layout) in ("finished", "complete")
+            and not source_lost(job, self.layout)
         ):
             return "ready"
-        held = lock_held(source.lock_path(self.layout))
-        # `taken` covers the moment between a worker taking the source off the queue and claiming its lock.
-        if source.key in self.taken or held or any(queued.key == source.key for queued in self.queue):
+        if held or any(queued.key == source.key for queued in self.queue):
             return "waiting"
         return "blocked"
 

@@ -236,6 +236,28 @@ def test_a_dependent_waits_while_a_worker_holds_its_source_between_queue_and_loc
     assert runner.source_progress(frozen) == "blocked"
 
 
+def test_a_dependent_waits_until_the_worker_of_its_finished_source_lets_go(tmp_path):
+    """The source's final checkpoint is written while its process is still exiting and its worker has yet to log
+    the exit and write the summary. Breaks if the dependent starts then (CI saw a frozen-reward run start 0.6 s
+    before its source's exit was logged)."""
+    from agents.infra.checkpoint import CHECKPOINT_NAME, save_atomic
+
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    bench = BENCHMARKS["smoke"]
+    frozen = Job(bench, "Breakout", bench.arm("drlhf_frozen"), 1)
+    source_dir = frozen.source.run_dir(layout)
+    source_dir.mkdir(parents=True)
+    save_atomic({"algo": "drlhf", "args": {"total_timesteps": 10}, "global_step": 10, "algorithm": {}},
+                source_dir / CHECKPOINT_NAME)  # fmt: skip
+    assert benchmark.job_state(frozen.source, layout) == "complete"
+    runner = benchmark.Runner([frozen], layout, workers=2)
+    lock = frozen.source.lock_path(layout)
+    assert benchmark.claim(lock)  # this process: a live worker still on the source
+    assert runner.source_progress(frozen) == "waiting"
+    lock.unlink()
+    assert runner.source_progress(frozen) == "ready"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Summaries
 
