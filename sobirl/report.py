@@ -234,6 +234,7 @@ def improvement_reading(low: float, high: float, first: str, second: str, runs: 
 
 def improvement_table(bench, cells, base, reps: int) -> list[str]:
     games = [g for g in bench.games if g in base]
+    level = stats.bonferroni_confidence(len(bench.comparisons))
     lines = [
         "P(first > second): the probability that a run of the first arm scores above a run of the second on a game "
         f"drawn at random, with a 95% stratified-bootstrap interval, on the seeds both arms share ({MIN_RUNS} or "
@@ -242,7 +243,7 @@ def improvement_table(bench, cells, base, reps: int) -> list[str]:
         f"them hold together at 95% (Bonferroni over the {len(bench.comparisons)} comparisons).",
         "",
         f"| comparison (first vs second) | runs per game | P(first > second) [95% CI] | reading | "
-        f"[{level_text(stats.bonferroni_confidence(len(bench.comparisons)))} CI], Bonferroni |",
+        f"[{level_text(level)} CI], Bonferroni |",
         "|---|---|---|---|---|",
     ]
     pairs, counts, titles = {}, {}, {}
@@ -257,7 +258,6 @@ def improvement_table(bench, cells, base, reps: int) -> list[str]:
         counts[name] = len(seeds)
     if pairs:
         points, intervals = stats.probability_of_improvement(pairs, reps)
-        level = stats.bonferroni_confidence(len(bench.comparisons))
         _, corrected = stats.probability_of_improvement(pairs, reps, confidence=level)
         for name in pairs:
             low, high = intervals[name]
