@@ -54,12 +54,12 @@ from typing import ClassVar
 
 import torch
 
-from agents import sac_discrete as sac
 from agents.feedback.demos import Demonstrations
+from agents.feedback.pairs import fragment_observations
 from agents.infra.cli import UsageError, flag, require, require_non_negative, run_cli
+from agents.lower import sac
 from agents.pipeline.learner import PreferenceArgs, PreferenceLearner, run_preference_rl
 from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
-from agents.pipeline.pairs import fragment_observations
 
 ALGO = "aihf"
 
@@ -221,20 +221,8 @@ def make_loss(args: Args, trainer: sac.SACTrainer) -> AIHFLoss:
     )
 
 
-class AIHFLearner(PreferenceLearner):
-    """The shared outer loop; checkpoints also hold the demonstration term's generators, so a resumed run draws the
-    same fragments as an uninterrupted one."""
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "aihf": self.loss_fn.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.loss_fn.load_state_dict(state["aihf"])
-
-
-def main(argv: Sequence[str] | None = None) -> AIHFLearner:
-    return run_preference_rl(ALGO, Args, argv, make_loss, __doc__, AIHFLearner)
+def main(argv: Sequence[str] | None = None) -> PreferenceLearner:
+    return run_preference_rl(ALGO, Args, argv, make_loss, __doc__)
 
 
 if __name__ == "__main__":

@@ -70,12 +70,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from agents import sac_discrete as sac
+from agents.feedback.pairs import pair_observations
 from agents.infra.cli import flag, require_non_negative, require_positive, run_cli
+from agents.lower import sac
 from agents.pipeline.corrections import CorrectionArgs, importance_weights, leave_one_out_baseline, parse_correction
-from agents.pipeline.learner import PreferenceLearner, run_preference_rl
+from agents.pipeline.learner import PreferenceArgs, PreferenceLearner, run_preference_rl
 from agents.pipeline.losses import LossInputs
-from agents.pipeline.pairs import pair_observations
 
 ALGO = "parl"
 
@@ -307,6 +307,12 @@ class PARLLoss:
         self.correction = parse_correction(correction)
         self.ratio_clip = ratio_clip
 
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"].cpu())
+
     def needs_policy(self, global_step: int) -> bool:
         return False  # no constant policy probabilities: the actor is evaluated here, with gradient
 
@@ -402,7 +408,7 @@ class PARLLoss:
 
 
 @dataclass
-class Args(CorrectionArgs):
+class Args(CorrectionArgs, PreferenceArgs):
     exp_name: str = flag("parl", "name of this experiment (part of the run name)")
     parl_start: int = flag(
         100_000,
@@ -457,19 +463,8 @@ def make_loss(args: Args, trainer: sac.SACTrainer) -> PARLLoss:
     )
 
 
-class PARLLearner(PreferenceLearner):
-    """The shared outer loop; the checkpoint also keeps the generator of the loss's replay batches."""
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "parl_generator": self.loss_fn.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.loss_fn.generator.set_state(state["parl_generator"].cpu())
-
-
-def main(argv: Sequence[str] | None = None) -> PARLLearner:
-    return run_preference_rl(ALGO, Args, argv, make_loss, __doc__, PARLLearner)
+def main(argv: Sequence[str] | None = None) -> PreferenceLearner:
+    return run_preference_rl(ALGO, Args, argv, make_loss, __doc__)
 
 
 if __name__ == "__main__":

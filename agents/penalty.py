@@ -101,13 +101,14 @@ from typing import NamedTuple
 
 import torch
 
-from agents import sac_discrete as sac
+from agents.feedback.pairs import LOGIT_CLAMP, fragment_observations, pair_observations
+from agents.infra.checkpoint import GeneratorStates
 from agents.infra.cli import flag, require, require_non_negative, require_positive, run_cli
 from agents.infra.run import Logger, Run, launch
+from agents.lower import sac
 from agents.pipeline.corrections import leave_one_out_baseline
 from agents.pipeline.learner import PreferenceArgs, PreferenceLearner, enable_huge_pages
-from agents.pipeline.losses import LOGIT_CLAMP, LossInputs, bradley_terry_bce, fragment_returns
-from agents.pipeline.pairs import fragment_observations, pair_observations
+from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
 from agents.pipeline.reward_training import predicted_returns, reward_function
 
 ALGO = "penalty"
@@ -165,8 +166,8 @@ class ValueFragments(NamedTuple):
 
 
 class PenaltyLoss:
-    """mean_pairs l + (1/sigma)(J_A - J_B) while `draw` is set (the penalty is on), the mean upper loss alone
-    otherwise. The learner sets `draw` for each reward phase: it returns fresh fragments of both agents."""
+    """mean_pairs l + (1/sigma)(J_A - J_B) while `draw` returns fragments (the penalty is on), the mean upper loss
+    alone when it returns None or is unset. The learner sets `draw` once: fresh fragments of both agents per call."""
 
     policy_probs = None
 
@@ -177,7 +178,7 @@ class PenaltyLoss:
         self.gamma = gamma
         self.likelihood = likelihood
         self.reward_train_mode = reward_train_mode
-        self.draw: Callable[[], ValueFragments] | None = None
+        self.draw: Callable[[], ValueFragments | None] | None = None
 
     def needs_policy(self, global_step: int) -> bool:
         return False
@@ -203,11 +204,12 @@ class PenaltyLoss:
             returns = fragment_returns(x.r1, p.actions1), fragment_returns(x.r2, p.actions2)
             upper = upper_losses(*returns, p.labels, self.likelihood).mean()
         metrics = {"upper_loss": upper.detach()}
-        if self.draw is None:
+        fragments = self.draw() if self.draw is not None else None
+        if fragments is None:
             return upper, metrics
         if x.model is None:
             raise ValueError("the penalty loss needs the reward model (LossInputs.model)")
-        value_a, value_b = self.values(x.model, self.draw())
+        value_a, value_b = self.values(x.model, fragments)
         gap = value_a - value_b
         # The agents follow the (ensemble's) mean reward, so this model's share of their values is policy_share.
         penalty = x.policy_share * gap / self.sigma
@@ -308,11 +310,10 @@ class PenalisedSAC(sac.SACDiscrete):
         self.surrogate, self.clip = args.penalty_surrogate, args.penalty_clip
         self.pool: PreferencePool | None = None
         self.pool_generator = torch.Generator(device=device).manual_seed(args.seed + 2718281)
-        self._sac_losses = self._actor_and_alpha_losses  # compiled with --compile; the score term stays eager
-        self._actor_and_alpha_losses = self.penalised_losses
 
-    def penalised_losses(self, obs: torch.Tensor, alpha: torch.Tensor):
-        policy_loss, temperature_loss, metrics = self._sac_losses(obs, alpha)
+    def policy_losses(self, obs: torch.Tensor, alpha: torch.Tensor):
+        """SAC's losses (compiled with --compile) plus the score term (eager) while a pool is set."""
+        policy_loss, temperature_loss, metrics = super().policy_losses(obs, alpha)
         if self.pool is None:
             return policy_loss, temperature_loss, metrics
         index = torch.randint(
@@ -322,12 +323,22 @@ class PenalisedSAC(sac.SACDiscrete):
         metrics = {**metrics, **extra, "losses/preference_term": term.detach()}
         return policy_loss + self.coefficient * term, temperature_loss, metrics
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "pool_generator": self.pool_generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.pool_generator.set_state(state.pop("pool_generator").cpu())
+        super().load_state_dict(state)
+
 
 class AgentBTrainer(sac.SACTrainer):
     """A SACTrainer whose agent is PenalisedSAC (its environments, replay and generators from its own seed)."""
 
     def __init__(self, args: Args, device: torch.device, run: Run):
         super().__init__(args, device, run)
+        # Built after the SACDiscrete the base class made, as in every penalty run so far: B's initial weights are
+        # the global generator's second draw, and building once would change them.
         self.agent = PenalisedSAC(self.obs_shape, self.num_actions, args, device)
 
 
@@ -489,6 +500,22 @@ class Args(PreferenceArgs):
         )
 
 
+@dataclass
+class AgentPhases:
+    """The two-agent phase in progress: the outer iteration it was planned for, and A's and B's own step counts at
+    which it ends (a checkpoint resumes inside it)."""
+
+    iteration: int = -1
+    ends: tuple[int, int] = (0, 0)
+
+    def state_dict(self) -> dict:
+        return {"planned_iteration": self.iteration, "phase_ends": list(self.ends)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = int(state["planned_iteration"])
+        self.ends = tuple(int(end) for end in state["phase_ends"])
+
+
 class PenaltyLearner(PreferenceLearner):
     """The shared outer loop around two agents: `trainer` is A (the best response), `trainer_b` is B (penalised).
 
@@ -502,9 +529,12 @@ class PenaltyLearner(PreferenceLearner):
         self.trainer_a, self.trainer_b, self.run_b = trainer, trainer_b, run_b
         super().__init__(args, trainer, loss_fn, run)
         trainer_b.set_reward(reward_function(self.reward_net, args.reward_train_mode_in_sac))
-        self.planned_iteration = -1  # the outer iteration whose agent phase `phase_ends` plans
-        self.phase_ends = (0, 0)  # A's and B's own step counts at which this agent phase ends
+        self.phases = AgentPhases()
         self.value_generator = torch.Generator(device=self.device).manual_seed(args.seed + 86028121)
+        loss_fn.draw = self.active_value_fragments
+        self.checkpointed.update(
+            sac_b=trainer_b, phases=self.phases, generators=GeneratorStates(value=self.value_generator)
+        )
 
     @property
     def global_step(self) -> int:
@@ -525,27 +555,22 @@ class PenaltyLearner(PreferenceLearner):
     def query_candidates(self, count: int, window: int):
         """Iteration 0: A's uniform-random phase (both agents' policy then). Later: B's rollouts (pbrl) or A's (seed).
 
-        The shared sampler reads `self.trainer`; for B's pairs it is pointed at B for the call. A pair's `collected`
-        step is the run's step minus the fragment's age in the agent's steps: exact for B's latest phase (B runs
-        last), earlier by the other agent's interleaved steps otherwise."""
+        A pair's `collected` step is the run's step minus the fragment's age in the agent's steps: exact for B's
+        latest phase (B runs last), earlier by the other agent's interleaved steps otherwise."""
         if self.iteration == 0 or self.args.penalty_form == "seed":
             return super().query_candidates(count, window)
         self.run.progress.set_phase("query B")
-        self.trainer = self.trainer_b
-        try:
-            return self.sample_pairs(count, window, self.fragment_generator)
-        finally:
-            self.trainer = self.trainer_a
+        return self.sample_pairs(count, window, self.fragment_generator, self.trainer_b)
 
     # -- 3. reward ---------------------------------------------------------------------------------------------------
 
     def train_reward(self) -> None:
-        self.loss_fn.draw = self.value_fragments if self.penalty_active() else None
-        try:
-            super().train_reward()
-        finally:
-            self.loss_fn.draw = None
+        super().train_reward()
         self.run.logger.scalar("reward/penalty_active", float(self.penalty_active()), self.global_step)
+
+    def active_value_fragments(self) -> ValueFragments | None:
+        """The value-gap fragments of one reward minibatch, or None while the penalty is off."""
+        return self.value_fragments() if self.penalty_active() else None
 
     def value_fragments(self) -> ValueFragments:
         """--value-fragments fresh fragments of each agent's latest rollouts: A's for J_A, B's for J_B."""
@@ -569,14 +594,14 @@ class PenaltyLearner(PreferenceLearner):
         remaining = max(self.args.total_timesteps - self.global_step, 0)
         steps_a = min(self.args.agent_steps(), -(-remaining // 2))
         steps_b = min(self.args.agent_steps(), remaining - steps_a)
-        self.phase_ends = (self.trainer_a.global_step + steps_a, self.trainer_b.global_step + steps_b)
+        self.phases.ends = (self.trainer_a.global_step + steps_a, self.trainer_b.global_step + steps_b)
         self.agent_phase_end = self.global_step + steps_a + steps_b
-        self.planned_iteration = self.iteration
+        self.phases.iteration = self.iteration
 
     def train_agent(self) -> None:
-        if self.planned_iteration != self.iteration:
+        if self.phases.iteration != self.iteration:
             self.plan_agent_phase()
-        end_a, end_b = self.phase_ends
+        end_a, end_b = self.phases.ends
         if self.trainer_a.global_step < end_a:
             started = time.perf_counter()
             self.trainer_a.collect(end_a - self.trainer_a.global_step)
@@ -612,26 +637,6 @@ class PenaltyLearner(PreferenceLearner):
             dim=1,
         )
         return PreferencePool(p.frames1, p.actions1, p.frames2, p.actions2, weights, old)
-
-    # -- checkpoints ---------------------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        return {
-            **super().state_dict(),
-            "sac_b": self.trainer_b.state_dict(),
-            "planned_iteration": self.planned_iteration,
-            "phase_ends": list(self.phase_ends),
-            "value_generator": self.value_generator.get_state(),
-            "pool_generator": self.trainer_b.agent.pool_generator.get_state(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.trainer_b.load_state_dict(state["sac_b"])
-        self.planned_iteration = int(state["planned_iteration"])
-        self.phase_ends = tuple(int(end) for end in state["phase_ends"])
-        self.value_generator.set_state(state["value_generator"].cpu())
-        self.trainer_b.agent.pool_generator.set_state(state["pool_generator"].cpu())
 
     def close(self) -> None:
         try:

@@ -24,7 +24,7 @@ import torch
 
 from agents.infra.cli import flag, require_non_negative, run_cli
 from agents.pipeline.corrections import CorrectionArgs, importance_weights, leave_one_out_baseline, parse_correction
-from agents.pipeline.learner import PreferenceLearner, run_preference_rl
+from agents.pipeline.learner import PreferenceArgs, PreferenceLearner, run_preference_rl
 from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
 
 ALGO = "sobirl"
@@ -185,7 +185,7 @@ class SoBiRLLoss:
 
 
 @dataclass
-class Args(CorrectionArgs):
+class Args(CorrectionArgs, PreferenceArgs):
     exp_name: str = flag("sobirl", "name of this experiment (part of the run name)")
     hyper_start: int = flag(
         100_000, "the implicit term is on once global_step exceeds this (the reference code's threshold); 0 before"
@@ -203,7 +203,7 @@ class Args(CorrectionArgs):
         "once more (nearly blank inputs); part of --reference-quirks",
     )
 
-    RESUMABLE: ClassVar[frozenset[str]] = CorrectionArgs.RESUMABLE
+    RESUMABLE: ClassVar[frozenset[str]] = PreferenceArgs.RESUMABLE
 
     def __post_init__(self):
         super().__post_init__()

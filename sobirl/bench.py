@@ -55,7 +55,7 @@ def env_steps_per_second(num_envs: int, steps: int) -> float:
 
 
 def sac_learning_sps(device: torch.device, steps: int, compile_: bool = False) -> float:
-    from agents.sac_discrete import Args, SACTrainer
+    from agents.lower.sac import Args, SACTrainer
 
     warmup = 1_000
     args = Args(
@@ -80,7 +80,7 @@ def sac_learning_sps(device: torch.device, steps: int, compile_: bool = False) -
 
 
 def replay_bytes_per_transition() -> float:
-    from agents.pipeline.replay import FrameReplayBuffer
+    from agents.lower.replay import FrameReplayBuffer
 
     return FrameReplayBuffer(10_000, 1, (4, 84, 84), 4, "cpu").bytes_per_transition
 

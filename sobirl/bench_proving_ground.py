@@ -78,9 +78,9 @@ def measure_in_process(total: int, burn_in: int, compile_: bool) -> dict:
 
     from agents.drlhf import Args
     from agents.infra.run import detached_run
+    from agents.lower.sac import SACTrainer
     from agents.pipeline.learner import PreferenceLearner
     from agents.pipeline.losses import BradleyTerryLoss
-    from agents.sac_discrete import SACTrainer
 
     torch.set_num_threads(1)
     torch.manual_seed(1)

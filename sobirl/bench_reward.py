@@ -1,6 +1,6 @@
 """Benchmark one SoBiRL reward-model update: 64 pairs of 25-step BeamRider-shaped fragments, policy evaluated.
 
-The update is the training code path itself (`agents.pipeline.learner.reward_update`): one batched reward-CNN forward
+The update is the training code path itself (`agents.pipeline.reward_training.reward_update`): one batched reward-CNN forward
 over 64 x 2 x 25 observations, a Nature-CNN actor's probabilities for the implicit term, backward and an AdamW
 step. Each measurement runs in a fresh Python process so its peak memory is not inflated by anything else.
 The authors' implementation takes a median of 4.45 s and 3.9 GB on 2 CPU threads; the target is <= 2.0 s, <= 1.5 GB.
@@ -29,7 +29,7 @@ THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 
 
 def _stand_in_actor(obs_shape: tuple[int, ...], num_actions: int):
-    """Nature-CNN actor with random weights, used only if agents.pipeline.networks has no Actor."""
+    """Nature-CNN actor with random weights, used only if agents.lower.networks has no Actor."""
     import torch
     from torch import nn
 
@@ -57,7 +57,7 @@ def _stand_in_actor(obs_shape: tuple[int, ...], num_actions: int):
 
 def _make_actor(obs_shape: tuple[int, ...], num_actions: int):
     try:
-        from agents.pipeline.networks import Actor
+        from agents.lower.networks import Actor
     except ImportError:
         return _stand_in_actor(obs_shape, num_actions)
     return Actor(obs_shape, num_actions)
@@ -69,7 +69,7 @@ def measure_in_process(device: str, threads: int, repeats: int) -> dict:
 
     import torch
 
-    from agents.pipeline.pairs import PairBatch
+    from agents.feedback.pairs import PairBatch
     from agents.pipeline.reward_model import RewardCNN
     from agents.pipeline.reward_training import reward_update
     from agents.sobirl import SoBiRLLoss

@@ -73,8 +73,8 @@ def record(
     checkpoint: str, steps: int, min_return: float | None = None, seed: int = 1, greedy: bool = False
 ) -> tuple[Demonstrations, dict[str, Any]]:
     """Play the checkpoint's policy for `steps` agent steps; return the kept games and a summary of the rollout."""
-    from agents.pipeline.networks import Actor
-    from agents.sac_discrete import check_env_spaces
+    from agents.lower.networks import Actor
+    from agents.lower.sac import check_env_spaces
     from wrappers import make_envs
 
     path, args, algo, global_step, actor_state = load_checkpoint_actor(checkpoint)

@@ -2,6 +2,7 @@
 
     python sobirl/same_code.py main              # every code state main's runs came from, against this checkout
     python sobirl/same_code.py main --arms drlhf,sobirl
+    python sobirl/same_code.py main --against f3124da   # every arm at that commit, against this checkout (a refactor)
 
 A benchmark runs from a checkout fixed at one commit while the code moves on, so its summaries name several
 commits. What a run computes depends only on the code under COMPUTING_PATHS: commits whose trees agree there are
@@ -14,6 +15,8 @@ same algorithm; "differs" names the tags that moved: such an arm should be rerun
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import math
 import os
 import shutil
@@ -27,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agents.infra.cli import OneLineErrorParser, require, run_cli  # noqa: E402
+from agents.infra.cli import OneLineErrorParser, UsageError, flag_name, require, run_cli  # noqa: E402
+from sobirl.beamrider import ALGORITHMS  # noqa: E402
 from sobirl.benchmark import BENCHMARKS, REPO, Job, Layout, select_jobs, split_list  # noqa: E402
 from sobirl.plot import load_run  # noqa: E402
 from sobirl.report import load_results  # noqa: E402
@@ -79,6 +83,24 @@ def tiny_flags(flags: Sequence[str], steps: int) -> list[str]:
         if out[k] in TINY and not (out[k + 1].isdigit() and int(out[k + 1]) > steps):
             out[k + 1] = TINY[out[k]]
     return out
+
+
+def unchecked_start_flags(algo: str, flags: Sequence[str], steps: int) -> list[str]:
+    """The flags that switch a term on at an env step (`--*-start`) which the tiny runs would leave beyond their
+    budget, so that the check would compare runs in which the term never ran: a start flag the arm sets that TINY
+    does not shrink, or one it leaves at a default past the tiny budget."""
+    module = importlib.import_module(ALGORITHMS[algo])
+    defaults = {flag_name(f.name): f.default for f in dataclasses.fields(module.Args) if f.name.endswith("_start")}
+    tiny_total = int(TINY["--total-timesteps"])
+    problems = []
+    for name, default in sorted(defaults.items()):
+        if name in flags and name not in TINY:
+            value = flags[flags.index(name) + 1]
+            if not (value.isdigit() and int(value) > steps):  # past the benchmark's own steps means "never"
+                problems.append(f"{name} {value} (not in same_code.TINY)")
+        elif name not in flags and isinstance(default, int) and tiny_total <= default <= steps:
+            problems.append(f"{name} (default {default}, past the tiny runs' {tiny_total} steps)")
+    return problems
 
 
 def differing_tags(first: Mapping[str, tuple], second: Mapping[str, tuple]) -> list[str]:
@@ -145,6 +167,12 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--results-dir", default="docs/results", help="where the benchmark's run summaries are")
     parser.add_argument("--work-dir", default="runs/same_code", help="worktrees and tiny runs go here")
     parser.add_argument("--seed", type=int, default=7, help="the tiny runs' seed")
+    parser.add_argument(
+        "--against",
+        default="",
+        help="check every arm at this commit against this checkout, whatever commits the runs name (after a "
+        "refactor: did anything an arm computes change?)",
+    )
     return parser
 
 
@@ -167,6 +195,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             state = code_state(commit) or f"commit {commit[:10]}, not in this clone"
             runs = states.setdefault(state, {}).setdefault(result["arm"], set())
             runs.add((result["game"], result["seed"], commit[:10]))
+    if args.against:
+        state = code_state(args.against)
+        require(state is not None, f"--against {args.against}: no such commit in this clone")
+        commit = git("rev-parse", args.against)[:10]
+        states = {state: {arm.name: {(game, 0, commit) for game in bench.games[:1]} for arm in arms}}
+    for arm in arms:
+        unchecked = unchecked_start_flags(arm.algo, [*bench.common, *arm.flags], bench.steps)
+        if unchecked:
+            raise UsageError(
+                f"arm {arm.name}: {', '.join(unchecked)}: the tiny runs would never switch that term on; add the "
+                "flag to TINY in sobirl/same_code.py"
+            )
     here = checkout_state()
     work = Path(args.work_dir).resolve()
     shutil.rmtree(work / "runs", ignore_errors=True)  # tiny runs of an earlier checkout are not this one's

@@ -51,7 +51,7 @@ def tiny_preference_flags(**values: str) -> list[str]:
 
 
 def run_script(*args: str, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run a repository script as a user would (`python agents/x.py ...`), from the repository root by default."""
+    """Run a repository script as a user would (`python agents/<algo>.py ...`), from the repository root by default."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     script, *rest = args
     return subprocess.run(

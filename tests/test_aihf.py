@@ -10,8 +10,8 @@ from torch import nn
 
 from agents import aihf
 from agents.aihf import AIHFLoss, discounted_returns
+from agents.feedback.pairs import PairBatch, fragment_observations
 from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
-from agents.pipeline.pairs import PairBatch, fragment_observations
 from sobirl import demos as demos_cli
 from tests.conftest import cli_error, only_run_dir, run_script, scalar_tags, tiny_preference_flags
 from tests.test_demos import actor_checkpoint

@@ -9,7 +9,7 @@ import torch
 
 from agents.infra.checkpoint import load_checkpoint, save_atomic
 from agents.infra.cli import UsageError
-from agents.sac_discrete import Args, SACTrainer
+from agents.lower.sac import Args, SACTrainer
 from tests.conftest import REPO, assert_usage_error, only_run_dir, run_script, scalar_tags
 
 TINY = [

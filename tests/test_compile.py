@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from agents.pipeline.replay import Batch
+from agents.lower.replay import Batch
+from agents.lower.sac import Args, SACDiscrete
 from agents.pipeline.reward_model import RewardCNN
-from agents.sac_discrete import Args, SACDiscrete
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from agents.feedback.pairs import fragment_observations
 from agents.infra.checkpoint import save_atomic
 from agents.infra.cli import UsageError
-from agents.pipeline.networks import Actor
-from agents.pipeline.pairs import fragment_observations
+from agents.lower.networks import Actor
 from sobirl import demos as demos_cli
 from sobirl.demos import Demonstrations, load_checkpoint_actor
 from tests.conftest import cli_error, run_script

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from agents.pipeline.evaluation import play_games
-from agents.sac_discrete import Args, SACTrainer
+from agents.lower.evaluation import play_games
+from agents.lower.sac import Args, SACTrainer
 from wrappers import make_envs
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -13,20 +13,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from agents.infra.cli import UsageError
-from agents.msobirl import (
-    amortized_w_step,
+from agents.exact.soft_mdp import (
     exact_hypergradient,
     least_squares_matrix,
     least_squares_rhs,
+    policy_transition,
+    soft_value_iteration,
+    upper_level_gradients,
+)
+from agents.infra.cli import UsageError
+from agents.msobirl import (
+    amortized_w_step,
     main,
     make_random_mdp,
     msobirl_hypergradient,
-    policy_transition,
-    soft_value_iteration,
     synthetic_objective,
     synthetic_reward,
-    upper_level_gradients,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,9 +19,9 @@ from agents.exact.tabular_bilevel import (
     relative_error,
     score_function_gradient,
 )
+from agents.feedback.pairs import PairBatch, pair_observations, split_pairs
 from agents.infra.cli import run_cli
 from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
-from agents.pipeline.pairs import PairBatch, pair_observations, split_pairs
 from sobirl import beamrider
 from tests.conftest import SHORT_PHASES, only_run_dir, run_script, scalar_tags, tiny_preference_flags
 from tests.conftest import TableModule as Table

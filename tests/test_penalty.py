@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents import penalty
+from agents.feedback.pairs import PairBatch, pair_observations, split_pairs
 from agents.infra.run import StopTraining, detached_run
 from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
-from agents.pipeline.pairs import PairBatch, pair_observations, split_pairs
 from tests.conftest import SHORT_PHASES, cli_error, only_run_dir, run_script, scalar_tags, tiny_preference_flags
 from tests.conftest import TableModule as Table
 
@@ -148,8 +148,8 @@ def test_agent_b_actor_loss_adds_the_scaled_preference_term(surrogate):
     assert agent.coefficient == pytest.approx(0.5 * 0.1 / 3)  # sigma (1 - gamma) / A
     alpha = torch.tensor(0.7)
     state = agent.pool_generator.get_state()
-    policy_loss, _, metrics = agent._actor_and_alpha_losses(obs, alpha)
-    base_loss, _, _ = agent._sac_losses(obs, alpha)
+    policy_loss, _, metrics = agent.policy_losses(obs, alpha)
+    base_loss, _, _ = agent.actor_and_alpha_losses(obs, alpha)
     index = torch.randint(0, 5, (3,), generator=torch.Generator().set_state(state))
     term = metrics["losses/preference_term"]
     torch.testing.assert_close(policy_loss, base_loss + agent.coefficient * term)
@@ -166,7 +166,7 @@ def test_agent_b_actor_loss_adds_the_scaled_preference_term(surrogate):
         assert float(metrics["losses/preference_ratio"]) == pytest.approx(1.0)
         torch.testing.assert_close(term, (agent.pool.weights[index] * 8).mean())  # sum over 2 x 4 steps of rho = 1
     agent.pool = None
-    policy_loss, _, metrics = agent._actor_and_alpha_losses(obs, alpha)
+    policy_loss, _, metrics = agent.policy_losses(obs, alpha)
     torch.testing.assert_close(policy_loss, base_loss)
     assert "losses/preference_term" not in metrics
 
@@ -327,8 +327,8 @@ def test_a_run_stopped_inside_agent_b_phase_resumes_its_plan(monkeypatch):
         stopped.train()
     state = stopped.state_dict()
     stopped.close()
-    assert state["stage"] == "agent" and state["sac_b"]["global_step"] == 90
-    assert state["phase_ends"] == [161, 120] and state["sac"]["global_step"] == 161
+    assert state["stage"] == "agent" and state["parts"]["sac_b"]["global_step"] == 90
+    assert state["parts"]["phases"]["phase_ends"] == [161, 120] and state["sac"]["global_step"] == 161
 
     resumed = learner()
     resumed.load_state_dict(state)
@@ -369,7 +369,7 @@ def test_sigma_means_one_thing_the_reward_side_and_agent_b_measure_j_in_the_same
     Breaks without c_H (the reward side would read about 0.22 J for H = 25, gamma = 0.99)."""
     import itertools
 
-    from agents.sac_discrete import actor_loss
+    from agents.lower.sac import actor_loss
 
     gamma, horizon, actions = 0.99, 3, 2
     theta = torch.tensor([0.3, -0.4], dtype=DTYPE, requires_grad=True)
@@ -402,7 +402,7 @@ def test_the_value_gap_is_agent_a_minus_agent_b_from_each_agents_own_fragments()
     fed B's fragments to J_A (or the loss subtracted the other way): the gap's sign would flip."""
     from types import SimpleNamespace
 
-    from agents.pipeline.replay import Fragments
+    from agents.lower.replay import Fragments
 
     def trainer(brightness: int):
         def recent_fragments(count, length, window, generator):
@@ -427,7 +427,7 @@ def test_the_value_gap_is_agent_a_minus_agent_b_from_each_agents_own_fragments()
 
 def test_every_reward_minibatch_draws_fresh_value_fragments():
     """One draw per minibatch, not one per reward phase (the reward would otherwise fit that one draw)."""
-    from agents.pipeline.pairs import PairBuffer
+    from agents.feedback.pairs import PairBuffer
     from agents.pipeline.reward_training import reward_epoch
 
     model, pairs, fragments, _ = case()

@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from agents.feedback.teachers import bernoulli_labels, label_pairs, oracle_labels
-from agents.pipeline.pairs import (
+from agents.feedback.pairs import (
     PairBatch,
     PairBuffer,
     fragment_observations,
@@ -19,6 +18,7 @@ from agents.pipeline.pairs import (
     round_preserving_sum,
     stack_windows,
 )
+from agents.feedback.teachers import bernoulli_labels, label_pairs, oracle_labels
 from agents.pipeline.reward_model import RewardCNN, conv_output_sizes, drop_units_, random_bits
 from agents.pipeline.reward_training import preference_accuracy, reward_epoch, reward_function, reward_update
 from agents.sobirl import SoBiRLLoss
@@ -406,8 +406,8 @@ def test_each_pair_records_the_env_step_its_older_fragment_began(num_envs):
     or a neighbouring step's."""
     from types import SimpleNamespace
 
+    from agents.lower.replay import FrameReplayBuffer
     from agents.pipeline.learner import PreferenceLearner
-    from agents.pipeline.replay import FrameReplayBuffer
 
     buffer = FrameReplayBuffer(400, num_envs, (1, 4, 4), 1, "cpu")
     mu_of = lambda step: (0.1 + (np.asarray(step, np.float64) % 89) / 100).astype(np.float32)  # names its step

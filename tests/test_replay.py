@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.pipeline.replay import FrameReplayBuffer
+from agents.lower.replay import FrameReplayBuffer
 
 STACK = 4
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from agents.pipeline.replay import FrameReplayBuffer
+from agents.lower.replay import FrameReplayBuffer
 from agents.pipeline.reward_training import average_ranks, learned_returns_of_steps, pearson, spearman
 from tests.conftest import assert_usage_error, run_script, scalar_tags
 from tests.test_replay import STACK, fill, make_fake_envs

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from agents.infra.cli import UsageError
-from agents.sac_discrete import (
+from agents.lower.sac import (
     actor_loss,
     alpha_loss,
     annealed_lr,

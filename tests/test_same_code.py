@@ -96,3 +96,23 @@ def test_the_verdict_says_how_far_a_moved_tag_moved():
     text = verdict(run, {"reward/extra_grad_ratio": (steps, np.array([0.0, 4.0 * (1 + 1e-7)]))})
     assert "reward/extra_grad_ratio (1.0e-07)" in text
     assert "(inf)" in verdict(run, {"reward/extra_grad_ratio": (steps + 1, np.array([0.0, 4.0]))})
+
+
+def test_a_start_flag_the_tiny_runs_would_leave_off_is_refused(monkeypatch):
+    """A term switched on at --*-start must switch on inside the tiny runs, or the check compares runs without it."""
+    from sobirl import same_code
+    from sobirl.same_code import unchecked_start_flags
+
+    assert unchecked_start_flags("sobirl", ["--hyper-start", "20000"], 100_000) == []
+    assert unchecked_start_flags("drlhf", [], 100_000) == []
+    # left at its default (100k), the implicit term would never run in 3k steps
+    assert unchecked_start_flags("sobirl", [], 200_000) == [
+        "--hyper-start (default 100000, past the tiny runs' 3000 steps)"
+    ]
+    # a start flag TINY does not shrink
+    monkeypatch.setattr(same_code, "TINY", {k: v for k, v in same_code.TINY.items() if k != "--parl-start"})
+    assert unchecked_start_flags("parl", ["--parl-start", "20000"], 100_000) == [
+        "--parl-start 20000 (not in same_code.TINY)"
+    ]
+    # past the benchmark's own steps means "never" in the benchmark too: nothing to check
+    assert unchecked_start_flags("parl", ["--parl-start", "200000"], 100_000) == []

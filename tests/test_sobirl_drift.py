@@ -12,10 +12,10 @@ import itertools
 import pytest
 import torch
 
+from agents.feedback.pairs import PairBatch
 from agents.feedback.teachers import oracle_labels
 from agents.pipeline.corrections import importance_weights
 from agents.pipeline.losses import LossInputs, bradley_terry_bce, fragment_returns
-from agents.pipeline.pairs import PairBatch
 from agents.pipeline.reward_model import RewardCNN
 from agents.sobirl import SoBiRLLoss, implicit_term
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from agents.feedback.pairs import PairBatch
 from agents.pipeline.losses import LossInputs
-from agents.pipeline.pairs import PairBatch
 from agents.sobirl import SoBiRLLoss, sobirl_loss, sobirl_loss_terms
 
 pytestmark = pytest.mark.usefixtures("single_thread")

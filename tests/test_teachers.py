@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from agents import drlhf
+from agents.feedback.pairs import PairBatch
 from agents.feedback.teachers import BPREF_PRESETS, BPrefTeacher, ReplayTeacher, make_teacher, oracle_labels
 from agents.infra.cli import UsageError, parse_args
 from agents.infra.run import detached_run
 from agents.pipeline.learner import PreferenceLearner
-from agents.pipeline.pairs import PairBatch
 from tests.conftest import cli_error
 
 pytestmark = pytest.mark.usefixtures("single_thread")

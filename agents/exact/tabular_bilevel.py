@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from agents.msobirl import exact_hypergradient, policy_transition, soft_value_iteration
+from agents.exact.soft_mdp import exact_hypergradient, policy_transition, soft_value_iteration
 
 DTYPE = torch.float64
 
@@ -322,7 +322,7 @@ def sobirl_untruncated_gradient(phi: torch.Tensor, inst: TabularInstance, frags:
 
 
 def msobirl_closed_form(phi: torch.Tensor, inst: TabularInstance, frags: Fragments) -> torch.Tensor:
-    """M-SoBiRL's closed form (9) with f(φ, π) = ℓ_up(φ, π), via `agents.msobirl.exact_hypergradient`.
+    """M-SoBiRL's closed form (9) with f(φ, π) = ℓ_up(φ, π), via `agents.exact.soft_mdp.exact_hypergradient`.
 
     ∇F = ∇_φ f + (1/τ) Σ_{s,a} π*(a|s) ∂f/∂π(a|s) [∇Q*(s,a) − ∇V*(s)], evaluated with one S × S solve.
     """

@@ -8,7 +8,7 @@ File layout (one `np.savez_compressed` archive, loadable with allow_pickle=False
                   checkpoint_step (its global step), recorded (UTC time), sha256 (of the arrays: checked on load)
     frames        uint8 (sum over games of L_g + stack - 1, *frame_shape): each game's first observation whole (its
                   stack - 1 older frames are the environment's zero padding), then the newest frame of every later
-                  observation, the replay buffer's layout (agents/pipeline/replay.py): step t of game g sees
+                  observation, the replay buffer's layout (agents/lower/replay.py): step t of game g sees
                   frames[frame_start_g + t : frame_start_g + t + stack], frame_start_g = game_starts[g] + g (stack - 1)
     actions       int64 (T,), T = sum of L_g, the games one after the other
     rewards       float32 (T,) sign-clipped rewards (what the learner sees); raw_rewards float32 (T,) the game's points
@@ -57,7 +57,7 @@ ARRAYS = (
 
 @dataclass
 class DemoFragments:
-    frames: torch.Tensor  # uint8 (N, length + stack - 1, *frame_shape), as agents.pipeline.replay.Fragments
+    frames: torch.Tensor  # uint8 (N, length + stack - 1, *frame_shape), as agents.lower.replay.Fragments
     actions: torch.Tensor  # int64 (N, length)
     game: torch.Tensor  # int64 (N,), the game each fragment comes from
     start: torch.Tensor  # int64 (N,), its first step within that game

@@ -11,12 +11,12 @@ state of its own (a person's pending pairs) also overrides `open`, `state_dict`,
   authors' code).
 - bpref: B-Pref's (Lee et al. 2021) model of an imperfect teacher: rationality, myopia, mistakes, skipped and
   "equally good" queries, with the paper's presets.
-- replay: the answers of a JSONL label log (agents/feedback/labelling.py's format), looked up by pair id.
-- human: a person in a browser, through agents/feedback/labelling.py's LabelServer.
+- replay: the answers of a JSONL label log (the format of agents/feedback/labelling/label_log.py), looked up by pair id.
+- human: a person in a browser, through the LabelServer of agents/feedback/labelling/server.py.
 
 Every queried pair has an id, the number of pairs the run had queried before it (see PreferenceLearner.label), so
 that a label log written by a run can be matched to the pairs of a later run with the same flags and seed.
-agents/feedback/labelling.py (and with it flask, the optional extra `human`) is imported only by the replay and human
+agents/feedback/labelling/ (and with it flask, the optional extra `human`) is imported only by the replay and human
 teachers.
 """
 
@@ -33,9 +33,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from agents.feedback.pairs import FIELDS, LOGIT_CLAMP, PairBatch
 from agents.infra.cli import UsageError
-from agents.pipeline.losses import LOGIT_CLAMP
-from agents.pipeline.pairs import FIELDS, PairBatch
 
 TEACHERS = ("oracle", "bernoulli", "bpref", "replay", "human")
 LABEL_MODES = ("sync", "async")
@@ -221,7 +220,7 @@ BPREF_PARAMETERS = tuple(f.name for f in fields(BPrefTeacher))  # each is the fl
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Label logs (agents/feedback/labelling.py, imported on first use: it needs flask)
+# Label logs (agents/feedback/labelling/, imported on first use: it needs flask)
 
 
 def labelling_module(teacher: str):

@@ -197,6 +197,20 @@ def rng_state(numpy_rng: np.random.Generator, torch_generator: torch.Generator) 
     return state
 
 
+class GeneratorStates:
+    """Named torch generators as one checkpointed part (state_dict / load_state_dict)."""
+
+    def __init__(self, **generators: torch.Generator):
+        self.generators = generators
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: generator.get_state() for name, generator in self.generators.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, generator in self.generators.items():
+            generator.set_state(state[name].cpu())
+
+
 def restore_rng_state(state: dict[str, Any], numpy_rng: np.random.Generator, torch_generator: torch.Generator) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy_global"])

@@ -1,2 +1,2 @@
-"""The preference pipeline every algorithm shares: the outer loop, reward training, losses and off-policy
-corrections, pairs, ensembles, the reward model, replay, networks and evaluation."""
+"""The preference pipeline every algorithm shares: the outer loop, reward training, the loss seam and off-policy
+corrections, ensembles and the reward model."""

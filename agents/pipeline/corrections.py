@@ -18,7 +18,6 @@ from typing import NamedTuple
 import torch
 
 from agents.infra.cli import flag, require_positive
-from agents.pipeline.learner import PreferenceArgs
 
 
 def leave_one_out_baseline(losses: torch.Tensor) -> torch.Tensor:
@@ -59,8 +58,9 @@ def parse_correction(correction: str) -> Correction:
 
 
 @dataclass
-class CorrectionArgs(PreferenceArgs):
-    """The off-policy corrections of a score-function term on stored pairs (SoBiRL's implicit term, A-PARL's g)."""
+class CorrectionArgs:
+    """The flags of the off-policy corrections (SoBiRL's implicit term, A-PARL's g): a mixin listed before the
+    pipeline's flags, `class Args(CorrectionArgs, PreferenceArgs)`, so that `validate` reaches both."""
 
     implicit_correction: str = flag(
         "none",

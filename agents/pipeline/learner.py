@@ -15,12 +15,12 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 
-from agents import sac_discrete as sac
+from agents.feedback.pairs import PairBatch, PairBuffer, pairs_schedule
 from agents.feedback.teachers import (
     BPREF_PARAMETERS,
     BPREF_PRESETS,
@@ -34,14 +34,14 @@ from agents.feedback.teachers import (
 from agents.infra.cli import UsageError, flag, flag_name, require, require_non_negative, require_positive
 from agents.infra.memory import format_bytes, require_memory
 from agents.infra.run import Run, launch
+from agents.lower import sac
+from agents.lower.replay import FrameReplayBuffer
 from agents.pipeline.ensemble import (
     QUERY_SELECTIONS,
     RewardEnsemble,
     most_uncertain,
 )
 from agents.pipeline.losses import RewardLoss
-from agents.pipeline.pairs import PairBatch, PairBuffer, pairs_schedule
-from agents.pipeline.replay import FrameReplayBuffer
 from agents.pipeline.reward_model import RewardCNN
 from agents.pipeline.reward_training import (
     ensemble_uncertainty,
@@ -55,6 +55,12 @@ from agents.pipeline.reward_training import (
     reward_function,
     spearman,
 )
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def enable_huge_pages() -> None:
@@ -383,6 +389,9 @@ class PreferenceLearner:
         self.pairs_queried = 0
         self.queries: PairBatch | None = None  # the pairs queried this iteration, until the teacher has them
         self.teacher = make_teacher(args)
+        # The one hook for an algorithm's own state (its generators, a second agent): name -> an object with
+        # state_dict() and load_state_dict(state), kept in every checkpoint under "parts". A loss with state joins.
+        self.checkpointed: dict[str, Stateful] = {"loss": loss_fn} if hasattr(loss_fn, "state_dict") else {}
 
     @property
     def global_step(self) -> int:
@@ -453,8 +462,13 @@ class PreferenceLearner:
             window = trainer.steps_per_env_stored() * a.num_envs
         return self.sample_pairs(count, window, self.fragment_generator)
 
-    def sample_pairs(self, count: int, window_steps: int, generator: torch.Generator) -> PairBatch:
-        fragments = self.trainer.recent_fragments(2 * count, self.args.fragment_length, window_steps, generator)
+    def sample_pairs(
+        self, count: int, window_steps: int, generator: torch.Generator, trainer: sac.SACTrainer | None = None
+    ) -> PairBatch:
+        """`count` pairs of random fragments from the latest `window_steps` env steps of `trainer` (default: the
+        agent whose policy the reward trains)."""
+        trainer = trainer or self.trainer
+        fragments = trainer.recent_fragments(2 * count, self.args.fragment_length, window_steps, generator)
         returns = fragments.rewards.sum(1)
         first, second = slice(0, None, 2), slice(1, None, 2)
         # The env step at which the pair's older fragment began (the newest stored step is global_step - num_envs).
@@ -636,6 +650,7 @@ class PreferenceLearner:
             "pairs_queried": self.pairs_queried,
             "pending_pairs": self.teacher.state_dict(),
             **{name: getattr(self, name).get_state() for name in self._GENERATORS},
+            "parts": {name: part.state_dict() for name, part in self.checkpointed.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -653,6 +668,14 @@ class PreferenceLearner:
             self.teacher.load_state_dict(state["pending_pairs"], self.device)
         for name in self._GENERATORS:
             getattr(self, name).set_state(state[name].cpu())
+        parts = state.get("parts", {})
+        for name, part in self.checkpointed.items():
+            if name not in parts:
+                raise UsageError(
+                    f"--resume: the checkpoint holds no {name!r} state (written before this algorithm kept it); "
+                    "start the run again"
+                )
+            part.load_state_dict(parts[name])
 
     def close(self) -> None:
         try:
@@ -667,16 +690,14 @@ def run_preference_rl(
     argv: Sequence[str] | None,
     make_loss: Callable[[PreferenceArgs, sac.SACTrainer], RewardLoss],
     description: str | None = None,
-    learner_cls: type[PreferenceLearner] = PreferenceLearner,
 ) -> PreferenceLearner:
-    """Parse, validate, build and run a preference algorithm to completion: the shared pipeline with its loss
-    (and, for algorithms with state of their own to checkpoint, a PreferenceLearner subclass)."""
+    """Parse, validate, build and run a preference algorithm to completion: the shared pipeline with its loss."""
     enable_huge_pages()
 
     def build(args: PreferenceArgs, device: torch.device, run: Run) -> PreferenceLearner:
         trainer = sac.SACTrainer(args, device, run)
         try:
-            return learner_cls(args, trainer, make_loss(args, trainer), run)
+            return PreferenceLearner(args, trainer, make_loss(args, trainer), run)
         except BaseException:
             trainer.close()
             raise

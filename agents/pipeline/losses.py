@@ -23,9 +23,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-# The reference clamps the return difference before the sigmoid (RLHF.py:480); with it, log P >= -50 and the loss
-# never saturates to inf.
-LOGIT_CLAMP = 50.0
+from agents.feedback.pairs import LOGIT_CLAMP
 
 
 def fragment_returns(rewards: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -43,7 +41,7 @@ def bradley_terry_bce(return1: torch.Tensor, return2: torch.Tensor, y: torch.Ten
 class LossInputs:
     """One minibatch of B labelled pairs of H-step fragments, as the reward losses see it."""
 
-    pairs: Any  # agents.pipeline.pairs.PairBatch: frames, actions, labels, behaviour probabilities, collection steps
+    pairs: Any  # agents.feedback.pairs.PairBatch: frames, actions, labels, behaviour probabilities, collection steps
     r1: torch.Tensor  # (B, H, A) reward-model outputs for fragment 1's observations, carrying gradient
     r2: torch.Tensor  # (B, H, A) for fragment 2
     bce: torch.Tensor  # (B,) Bradley-Terry cross-entropy of each pair, carrying gradient

@@ -27,6 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agents.infra.checkpoint import load_checkpoint
+from agents.infra.cli import UsageError
+from agents.pipeline.ensemble import RewardEnsemble
+
 # (kernel, stride) of the four convolutions, from Appendix I.
 CONV_LAYERS = ((7, 3), (5, 2), (3, 1), (3, 1))
 # Small boards (MinAtar's 10x10) get two 3x3 stride-1 convolutions of the same design; Atari keeps the paper's.
@@ -241,10 +245,6 @@ def load_frozen_reward(
 ) -> nn.Module:
     """The final reward model of a finished (or stopped) preference run, in evaluation mode: a RewardCNN, or the
     mean of an ensemble's members, as that run's policy learned from it. Errors name --frozen-reward."""
-    from agents.infra.checkpoint import load_checkpoint
-    from agents.infra.cli import UsageError
-    from agents.pipeline.ensemble import RewardEnsemble
-
     state = load_checkpoint(path, device, flag="--frozen-reward")
     run_args, algorithm = state.get("args") or {}, state.get("algorithm") or {}
     if "reward_net" not in algorithm:

@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from agents.feedback.pairs import PairBatch, PairBuffer, pair_observations, split_pairs
 from agents.pipeline.ensemble import epoch_order, preference_probabilities, query_uncertainty
 from agents.pipeline.losses import BradleyTerryLoss, LossInputs, RewardLoss, bradley_terry_bce, fragment_returns
-from agents.pipeline.pairs import PairBatch, PairBuffer, pair_observations, split_pairs
 
 PolicyProbs = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, *obs_shape) -> (N, A) action probabilities
 

@@ -14,6 +14,10 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+# Bradley-Terry logits R1 - R2 are clamped to +-LOGIT_CLAMP wherever a preference probability is computed (the
+# reference clamps before the sigmoid, RLHF.py:480): log P >= -50, so the cross-entropy never saturates to inf.
+LOGIT_CLAMP = 50.0
+
 
 def stack_windows(frames: torch.Tensor, stack: int, frame_ndim: int = 2) -> torch.Tensor:
     """(..., H + stack - 1, *frame_shape) frames -> (..., H, stack, *frame_shape) observations, as a view.

@@ -1,0 +1,643 @@
+"""SAC-discrete (Christodoulou 2019): the lower level every preference algorithm shares, and the whole of the
+true-reward baseline (`agents/sac_discrete.py` runs it).
+
+`SACDiscrete` holds the networks, optimizers and update rule; `SACTrainer` steps a vector env, stores transitions and
+updates. The reward in the critic target is pluggable: the environment's clipped reward by default, or a learned
+r_phi(s, a) handed over with `set_reward`, evaluated on every sampled batch (clamped to [-1, 1]), which relabels the
+whole replay for free.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from agents.infra.checkpoint import restore_rng_state, rng_state
+from agents.infra.cli import (
+    UsageError,
+    flag,
+    require,
+    require_folder_name,
+    require_non_negative,
+    require_positive,
+)
+from agents.infra.memory import require_memory
+from agents.infra.run import Run, detached_run, limit_cpu_threads
+from agents.lower.evaluation import play_games
+from agents.lower.networks import Actor, SoftQNetwork, encoder_for
+from agents.lower.replay import Batch, Fragments, FrameReplayBuffer
+from wrappers import make_envs
+from wrappers.video import record_greedy_episode
+
+RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ALGO = "sac"
+
+
+# np.random.seed takes seeds below 2**32 (environment seeds derived from it are folded into ALE's range).
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class Args:
+    exp_name: str = flag("sac_discrete", "name of this experiment (part of the run name)")
+    seed: int = flag(1, "seed of the experiment (environments, networks, sampling)")
+    torch_deterministic: bool = flag(True, "set torch.backends.cudnn.deterministic")
+    cuda: bool = flag(True, "use CUDA when available")
+    compile: bool = flag(
+        False,
+        "torch.compile the SAC update (and the reward-model update): same math, less "
+        "per-operation overhead; compiling takes a minute at start-up",
+    )
+    track: bool = flag(False, "mirror the TensorBoard logs to Weights & Biases")
+    wandb_project_name: str = flag("sobirl", "W&B project name (with --track)")
+    wandb_entity: str = flag("", "W&B entity (team), empty for the default")
+    capture_video: bool = flag(
+        False, "record a video of a greedy game under videos/{run_name} at each evaluation and at the end"
+    )
+    runs_dir: str = flag("runs", "directory for TensorBoard runs")
+    run_name: str = flag(
+        "",
+        "the run's folder under --runs-dir (empty: {env_id}__{exp_name}__{seed}__{unix time}); a folder that "
+        "already holds files is refused (continue a stopped run with --resume)",
+    )
+    progress: bool = flag(True, "show a progress bar")
+    save_every: int = flag(
+        100_000,
+        "env steps between checkpoints in the run directory, besides the ones written when "
+        "the run is stopped (SIGINT, SIGTERM) and at its end (0: only those)",
+    )
+    save_replay: bool = flag(True, "include the replay buffer in checkpoints (without it a resumed run refills it)")
+    resume: str = flag("", "continue the run of this checkpoint (or run directory), with its flags")
+    eval_every: int = flag(0, "env steps between evaluations on a separate environment (0: never)")
+    eval_episodes: int = flag(
+        5, "games per evaluation (one per parallel env), played with sampled and with greedy actions"
+    )
+
+    # Algorithm specific arguments
+    env_id: str = flag("BeamRiderNoFrameskip-v4", "environment id")
+    num_envs: int = flag(1, "number of parallel environments")
+    total_timesteps: int = flag(4_300_000, "total environment steps, over all environments (the paper's 4.3M)")
+    buffer_size: int = flag(1_000_000, "replay capacity in transitions, over all environments")
+    gamma: float = flag(0.99, "discount factor")
+    batch_size: int = flag(64, "minibatch size of an update")
+    learning_starts: int = flag(20_000, "environment steps of uniform random actions before learning starts")
+    policy_lr: float = flag(1e-4, "actor learning rate")
+    q_lr: float = flag(1e-4, "critic and temperature learning rate")
+    adam_eps: float = flag(1e-4, "Adam epsilon of all optimizers")
+    anneal_steps: int = flag(8_000_000, "learning rates decay linearly to 0 at this env step (0 disables annealing)")
+    update_frequency: int = flag(4, "environment steps (over all envs) per gradient update")
+    target_network_frequency: int = flag(8_000, "environment steps between hard target-network copies")
+    alpha: float = flag(1.0, "initial entropy temperature (fixed when --no-autotune)")
+    autotune: bool = flag(True, "tune the temperature towards the target entropy")
+    target_entropy_scale: float = flag(0.89, "target entropy = scale * ln(number of actions)")
+    max_episode_frames: int = flag(108_000, "emulator frames after which a game is truncated (ALE's default)")
+    log_every: int = flag(100, "gradient updates between loss logs (metrics stay on the device in between)")
+    fire_after_life_loss: bool = flag(
+        False,
+        "Atari: press FIRE after every lost life, as SB3's AtariWrapper (the "
+        "authors' code) does; ale-py fires only at a game's start. Needs --num-envs 1",
+    )
+
+    # Flags a resumed run may change; every other flag is the run's identity (agents/infra/run.py).
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset(
+        {
+            "total_timesteps",
+            "save_every",
+            "save_replay",
+            "eval_every",
+            "eval_episodes",
+            "log_every",
+            "progress",
+            "cuda",
+            "compile",
+            "track",
+            "wandb_project_name",
+            "wandb_entity",
+            "capture_video",
+            "runs_dir",
+            "run_name",
+        }
+    )
+
+    def __post_init__(self):
+        pass  # subclasses expand presets here (--reference-quirks)
+
+    def validate(self) -> None:
+        require_positive(
+            self,
+            "num_envs",
+            "total_timesteps",
+            "buffer_size",
+            "batch_size",
+            "update_frequency",
+            "target_network_frequency",
+            "policy_lr",
+            "q_lr",
+            "adam_eps",
+            "alpha",
+            "log_every",
+            "max_episode_frames",
+            "eval_episodes",
+        )
+        require_non_negative(self, "learning_starts", "save_every", "eval_every", "anneal_steps")
+        require(0 <= self.seed <= MAX_SEED, f"--seed must be in [0, {MAX_SEED}] (numpy's seeds), got {self.seed}")
+        require_folder_name(self, "runs_dir")
+        require(
+            "/" not in self.run_name and self.run_name not in (".", ".."),
+            f"--run-name {self.run_name!r} must be one folder name (no '/')",
+        )
+        if self.capture_video:
+            needed = {"moviepy": "moviepy", "cv2": "opencv-python-headless"}  # module -> package
+            missing = [package for module, package in needed.items() if importlib.util.find_spec(module) is None]
+            require(not missing, f'--capture-video needs {" and ".join(missing)}: pip install -e ".[video]"')
+        require(0.0 <= self.gamma < 1.0, f"--gamma must be in [0, 1), got {self.gamma}")
+        require(
+            self.batch_size <= self.buffer_size,
+            f"--batch-size {self.batch_size} is larger than --buffer-size {self.buffer_size}",
+        )
+        require(
+            0.0 < self.target_entropy_scale <= 1.0,
+            f"--target-entropy-scale must be in (0, 1], got {self.target_entropy_scale}",
+        )
+
+    def budget_notes(self) -> list[str]:
+        """Settings that are valid but probably not what was meant: printed as notes when the run starts."""
+        notes = []
+        if self.total_timesteps <= self.learning_starts:
+            notes.append(
+                f"--total-timesteps {self.total_timesteps} ends before --learning-starts {self.learning_starts}: every "
+                f"action is uniformly random and the agent never updates"
+            )
+        return notes
+
+
+# ALGO LOGIC: the losses, as pure functions of tensors.
+
+
+def target_entropy(num_actions: int, scale: float) -> float:
+    """Christodoulou's target: a fraction of the maximum entropy ln|A|."""
+    return scale * float(np.log(num_actions))
+
+
+def soft_state_value(
+    probs: torch.Tensor, log_probs: torch.Tensor, q: torch.Tensor, alpha: float | torch.Tensor
+) -> torch.Tensor:
+    """V(s) = sum_a pi(a|s) (Q(s, a) - alpha log pi(a|s)), exact for discrete actions."""
+    return (probs * (q - alpha * log_probs)).sum(-1)
+
+
+def critic_target(
+    rewards: torch.Tensor, terminated: torch.Tensor, next_value: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """y = r + gamma (1 - terminated) V(s'); a truncated episode still bootstraps."""
+    return rewards + gamma * (1.0 - terminated) * next_value
+
+
+def critic_losses(
+    q1_taken: torch.Tensor, q2_taken: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return F.mse_loss(q1_taken, target), F.mse_loss(q2_taken, target)
+
+
+def actor_loss(
+    probs: torch.Tensor, log_probs: torch.Tensor, q: torch.Tensor, alpha: float | torch.Tensor
+) -> torch.Tensor:
+    """E_s sum_a pi(a|s)(alpha log pi(a|s) - Q(s, a)), averaged over batch x actions as the paper's code does."""
+    return (probs * (alpha * log_probs - q)).mean()
+
+
+def alpha_loss(
+    probs: torch.Tensor, log_probs: torch.Tensor, log_alpha: torch.Tensor, entropy_target: float
+) -> torch.Tensor:
+    """Raises alpha while the policy entropy is below the target, lowers it above (batch x actions mean)."""
+    return (probs.detach() * (-log_alpha.exp() * (log_probs.detach() + entropy_target))).mean()
+
+
+def annealed_lr(base_lr: float, global_step: int, anneal_steps: int) -> float:
+    """Linear decay from base_lr at step 1 to 0 at `anneal_steps` (the paper's code: 1 - (step - 1) / 8e6)."""
+    if anneal_steps <= 0:
+        return base_lr
+    return base_lr * max(0.0, 1.0 - (global_step - 1.0) / anneal_steps)
+
+
+def check_env_spaces(env_id: str, action_space: gym.Space, observation_space: gym.Space) -> tuple[int, tuple[int, ...]]:
+    """(number of actions, observation shape), or a UsageError naming the env when the networks cannot take it."""
+    require(
+        isinstance(action_space, gym.spaces.Discrete),
+        f"--env-id {env_id}: SAC-discrete needs a discrete action space, got {action_space}",
+    )
+    obs_shape = tuple(observation_space.shape or ())
+    try:
+        encoder_for(obs_shape)
+    except ValueError as err:
+        raise UsageError(f"--env-id {env_id}: {err}") from None
+    return int(action_space.n), obs_shape
+
+
+class SACDiscrete:
+    """Networks, optimizers and the update rule; knows nothing about environments."""
+
+    def __init__(self, obs_shape: tuple[int, ...], num_actions: int, args: Args, device: torch.device):
+        self.args = args
+        self.device = device
+        self.actor = Actor(obs_shape, num_actions).to(device).use_fastest_layout()
+        self.qf1 = SoftQNetwork(obs_shape, num_actions).to(device).use_fastest_layout()
+        self.qf2 = SoftQNetwork(obs_shape, num_actions).to(device).use_fastest_layout()
+        self.qf1_target = copy.deepcopy(self.qf1)
+        self.qf2_target = copy.deepcopy(self.qf2)
+        # fused: one kernel for all parameters; the per-tensor loop costs more than a convolution on a 2-core CPU.
+        adam = lambda params, lr: torch.optim.Adam(params, lr=lr, eps=args.adam_eps, fused=True)
+        self.q_optimizer = adam(list(self.qf1.parameters()) + list(self.qf2.parameters()), args.q_lr)
+        self.actor_optimizer = adam(self.actor.parameters(), args.policy_lr)
+        self.entropy_target = target_entropy(num_actions, args.target_entropy_scale)
+        self.log_alpha = torch.tensor(float(np.log(args.alpha)), device=device, requires_grad=True)
+        self.alpha_optimizer = adam([self.log_alpha], args.q_lr)
+        # --compile: the loss functions are compiled (forward and backward graphs); the eager ones stay the reference.
+        self._critic_loss = torch.compile(self.critic_loss) if args.compile else self.critic_loss
+        self._actor_and_alpha_losses = (
+            torch.compile(self.actor_and_alpha_losses) if args.compile else self.actor_and_alpha_losses
+        )
+
+    @property
+    def alpha(self) -> float:
+        return float(self.log_alpha.detach().exp())
+
+    def set_learning_rates(self, global_step: int) -> None:
+        a = self.args
+        for optimizer, base in (
+            (self.q_optimizer, a.q_lr),
+            (self.actor_optimizer, a.policy_lr),
+            (self.alpha_optimizer, a.q_lr),
+        ):
+            optimizer.param_groups[0]["lr"] = annealed_lr(base, global_step, a.anneal_steps)
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample actions from the current policy; returns them and the probability each was chosen with."""
+        probs, _ = self.actor.probs(obs)
+        actions = torch.multinomial(probs, 1)
+        return actions.squeeze(-1), probs.gather(1, actions).squeeze(-1)
+
+    def critic_loss(self, batch: Batch, rewards: torch.Tensor, alpha: torch.Tensor):
+        """Twin soft-Q regression onto r + gamma (1 - terminated) V_target(s'); returns (loss, metrics)."""
+        with torch.no_grad():
+            next_probs, next_log_probs = self.actor.probs(batch.next_obs)
+            next_q = torch.min(self.qf1_target(batch.next_obs), self.qf2_target(batch.next_obs))
+            target = critic_target(
+                rewards, batch.terminated, soft_state_value(next_probs, next_log_probs, next_q, alpha), self.args.gamma
+            )
+        actions = batch.actions[:, None]
+        q1_taken = self.qf1(batch.obs).gather(1, actions).squeeze(1)
+        q2_taken = self.qf2(batch.obs).gather(1, actions).squeeze(1)
+        qf1_loss, qf2_loss = critic_losses(q1_taken, q2_taken, target)
+        metrics = {
+            "losses/qf1_values": q1_taken.mean().detach(),
+            "losses/qf2_values": q2_taken.mean().detach(),
+            "losses/qf1_loss": qf1_loss.detach(),
+            "losses/qf2_loss": qf2_loss.detach(),
+            "losses/qf_loss": ((qf1_loss + qf2_loss) / 2.0).detach(),
+        }
+        return qf1_loss + qf2_loss, metrics
+
+    def actor_and_alpha_losses(self, obs: torch.Tensor, alpha: torch.Tensor):
+        """The policy loss against the (just updated) critics and the temperature loss; returns both and metrics."""
+        probs, log_probs = self.actor.probs(obs)
+        with torch.no_grad():
+            q = torch.min(self.qf1(obs), self.qf2(obs))
+        policy_loss = actor_loss(probs, log_probs, q, alpha)
+        temperature_loss = alpha_loss(probs, log_probs, self.log_alpha, self.entropy_target)
+        metrics = {
+            "losses/actor_loss": policy_loss.detach(),
+            "losses/alpha_loss": temperature_loss.detach(),
+            "losses/entropy": -(probs * log_probs).sum(-1).mean().detach(),
+        }
+        return policy_loss, temperature_loss, metrics
+
+    def policy_losses(self, obs: torch.Tensor, alpha: torch.Tensor):
+        """The actor and temperature losses an update descends (compiled with --compile); a subclass adds terms of
+        its own here."""
+        return self._actor_and_alpha_losses(obs, alpha)
+
+    def update(self, batch: Batch, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One critic, actor and temperature step on `batch` with the given (already clamped) rewards; returns
+        detached metrics (read them only now and then: on a GPU each read waits for the device)."""
+        alpha = self.log_alpha.exp().detach()
+        critic_loss, metrics = self._critic_loss(batch, rewards, alpha)
+        self.q_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.q_optimizer.step()
+
+        policy_loss, temperature_loss, actor_metrics = self.policy_losses(batch.obs, alpha)
+        # One backward for both: the temperature loss sees the policy only through detached probabilities, so the
+        # actor's gradient is the policy loss's alone and log alpha's the temperature loss's alone.
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        (policy_loss + temperature_loss if self.args.autotune else policy_loss).backward()
+        self.actor_optimizer.step()
+        if self.args.autotune:
+            self.alpha_optimizer.step()
+        return {**metrics, **actor_metrics, "losses/alpha": alpha}
+
+    def state_dict(self) -> dict:
+        nets = ("actor", "qf1", "qf2", "qf1_target", "qf2_target", "q_optimizer", "actor_optimizer", "alpha_optimizer")
+        return {"log_alpha": self.log_alpha.detach().cpu(), **{name: getattr(self, name).state_dict() for name in nets}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            if name == "log_alpha":
+                with torch.no_grad():
+                    self.log_alpha.copy_(value)
+            else:
+                getattr(self, name).load_state_dict(value)
+
+    def copy_targets(self) -> None:
+        self.qf1_target.load_state_dict(self.qf1.state_dict())
+        self.qf2_target.load_state_dict(self.qf2.state_dict())
+
+
+def crossed(previous_step: int, step: int, every: int) -> bool:
+    """Whether a multiple of `every` lies in (previous_step, step]; never for every = 0."""
+    return every > 0 and step // every > previous_step // every
+
+
+class SACTrainer:
+    """SAC-discrete on a vector env. `train()` runs to --total-timesteps; an outer loop (the preference algorithms)
+    instead calls `collect(n)` to continue the same games for n more env steps between its own phases, with the
+    reward it sets through `set_reward`, and reads the latest rollouts back with `recent_fragments`."""
+
+    def __init__(self, args: Args, device: torch.device, run: Run | None = None):
+        """Builds environments, networks and replay (raising UsageError for bad settings) before any run directory
+        exists."""
+        self.args = args
+        self.device = device
+        self.run = run or detached_run(args, ALGO)
+        self.envs = self._make_envs(args.seed)
+        self.num_actions, self.obs_shape = check_env_spaces(
+            args.env_id, self.envs.single_action_space, self.envs.single_observation_space
+        )
+        limit_cpu_threads(self.obs_shape)
+        stack = self.envs.frame_stack
+        try:
+            # Checked before anything large is allocated: the buffer's pages fill in as steps are stored, so an
+            # oversized one would otherwise start fine and run out of memory hours later.
+            require_memory(
+                "--buffer-size",
+                args.buffer_size,
+                "a full replay buffer",
+                FrameReplayBuffer.bytes_needed(args.buffer_size, args.num_envs, self.obs_shape, stack),
+                device,
+            )
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        self.agent = SACDiscrete(self.obs_shape, self.num_actions, args, device)
+        try:
+            self.buffer = FrameReplayBuffer(args.buffer_size, args.num_envs, self.obs_shape, stack, device)
+        except ValueError as err:
+            raise UsageError(f"--buffer-size: {err}") from None
+        self._reward_fn: RewardFn | None = None
+        self._reward_stats: torch.Tensor | None = None
+        self.global_step = 0
+        self.num_updates = 0
+        self._replay_ready = False
+        self.rng = np.random.default_rng(args.seed)
+        self.sample_generator = torch.Generator(device=device)
+        self.sample_generator.manual_seed(args.seed)
+        self.obs, _ = self.envs.reset()
+        self.autoreset = np.zeros(args.num_envs, dtype=bool)
+        self.last_score: float | None = None
+        self._speed_logged_at: int | None = None  # the step of the last charts/SPS point
+        self._random_prob = np.full(args.num_envs, 1.0 / self.num_actions, dtype=np.float32)
+
+    def _make_envs(self, seed: int):
+        a = self.args
+        options = {"fire_after_life_loss": True} if a.fire_after_life_loss else {}
+        if options and a.env_id.startswith("MinAtar/"):
+            raise UsageError("--fire-after-life-loss: MinAtar games have no lives")
+        return make_envs(a.env_id, a.num_envs, seed, max_episode_frames=a.max_episode_frames, **options)
+
+    # -- entry points for outer loops -----------------------------------------------------------------------------
+
+    def set_reward(self, reward_fn: RewardFn | None) -> None:
+        """Learn from r = reward_fn(obs, actions), clamped to [-1, 1], instead of the environment's reward."""
+        self._reward_fn = reward_fn
+
+    @property
+    def alpha(self) -> float:
+        return self.agent.alpha
+
+    @torch.no_grad()
+    def policy_probs(self, obs: torch.Tensor) -> torch.Tensor:
+        """Current-policy action probabilities (N, A) for uint8 observations (N, *obs_shape)."""
+        return self.agent.actor.probs(obs.to(self.device))[0]
+
+    def steps_per_env_stored(self) -> int:
+        """Complete transitions each env has in the replay (a fragment cannot be longer)."""
+        return max(self.buffer.written - 1, 0)
+
+    def collect_until_stored(self, steps_per_env: int) -> None:
+        """Step the environments until each env has `steps_per_env` complete transitions stored (or the replay is
+        full), without passing --total-timesteps."""
+        target = min(steps_per_env, self.buffer.slots - 2)
+        missing = target - (self.buffer.written - 1)  # the newest stored step's transition is not complete yet
+        budget = self.args.total_timesteps - self.global_step  # a cap: never collect past it
+        if missing > 0 and budget > 0:
+            self.collect(min(missing * self.args.num_envs, budget))
+
+    def recent_fragments(self, count: int, length: int, window_steps: int, generator: torch.Generator) -> Fragments:
+        """`count` random `length`-step fragments from the latest `window_steps` env steps (over all envs), the window
+        widened as far as the replay reaches when episode ends leave no room for a whole fragment."""
+        self.collect_until_stored(length + 1)
+        stored = self.steps_per_env_stored()
+        if stored < length:
+            if self.global_step >= self.args.total_timesteps:
+                raise UsageError(
+                    f"--total-timesteps {self.args.total_timesteps} ends before one fragment is collected: "
+                    f"--fragment-length {length} needs {(length + 1) * self.args.num_envs} env steps"
+                )
+            raise UsageError(f"--fragment-length {length}: the run collected only {stored} steps per env")
+        recent = min(max(length, -(-window_steps // self.args.num_envs)), stored)
+        while True:
+            fragments = self.buffer.recent_fragments(length, count, recent, generator)
+            if fragments is not None:
+                return fragments
+            if recent >= stored:
+                raise UsageError(
+                    f"--fragment-length {length}: no {length}-step stretch inside one episode among the latest "
+                    f"{stored} steps per env; use shorter fragments"
+                )
+            recent = min(2 * recent, stored)
+
+    # -- the SAC loop ------------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        self.collect(self.args.total_timesteps - self.global_step)
+        if self.args.capture_video:
+            self.record_video(self.args.seed)
+
+    def _choose_actions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Actions and the probability the acting policy gave each (stored for off-policy corrections)."""
+        if self.global_step < self.args.learning_starts:
+            return self.rng.integers(0, self.num_actions, size=self.args.num_envs), self._random_prob
+        actions, probs = self.agent.act(torch.as_tensor(self.obs, device=self.device))
+        return actions.cpu().numpy(), probs.cpu().numpy()
+
+    def collect(self, num_steps: int) -> None:
+        """Continue for `num_steps` environment steps (rounded up to whole vector steps), learning as it goes."""
+        a, run = self.args, self.run
+        end = self.global_step + num_steps
+        if self.global_step < end:
+            run.progress.set_phase("random" if self.global_step < a.learning_starts else "sac")
+        while self.global_step < end:
+            run.signals.check()
+            actions, behaviour = self._choose_actions()
+            next_obs, rewards, terminated, truncated, info = self.envs.step(actions)
+            self.buffer.add(self.obs, actions, rewards, terminated, self.autoreset, behaviour)
+            self.obs, self.autoreset = next_obs, info["game_over"]
+            previous_step = self.global_step
+            self.global_step += a.num_envs
+            self._log_games(info)
+            if self.global_step > a.learning_starts:
+                if previous_step <= a.learning_starts:
+                    run.progress.set_phase("sac")
+                self.agent.set_learning_rates(self.global_step)
+                for _ in range(self.global_step // a.update_frequency - previous_step // a.update_frequency):
+                    self._update()
+                if crossed(previous_step, self.global_step, a.target_network_frequency):
+                    self.agent.copy_targets()
+            if self.global_step % 1000 < a.num_envs:
+                self._log_speed()
+            if crossed(previous_step, self.global_step, a.eval_every):
+                self.evaluate()
+            if crossed(previous_step, self.global_step, a.save_every):
+                run.save()
+        self._log_speed()
+
+    def _batch_rewards(self, batch: Batch) -> torch.Tensor:
+        if self._reward_fn is None:
+            return batch.rewards
+        with torch.no_grad():
+            raw = self._reward_fn(batch.obs, batch.actions).float()
+            # Running sums on the device, read at the next log: how the learned reward looks to SAC.
+            stats = torch.stack(
+                [
+                    raw.sum(),
+                    raw.square().sum(),
+                    (raw.abs() >= 1.0).float().sum(),
+                    torch.tensor(float(raw.numel()), device=raw.device),
+                ]
+            )
+            self._reward_stats = stats if self._reward_stats is None else self._reward_stats + stats
+            return raw.clamp(-1.0, 1.0)
+
+    def _log_reward_stats(self) -> None:
+        if self._reward_stats is None:
+            return
+        total, squares, saturated, count = self._reward_stats.tolist()
+        mean = total / count
+        for tag, value in (
+            ("mean", mean),
+            ("std", max(squares / count - mean * mean, 0.0) ** 0.5),
+            ("saturated", saturated / count),
+        ):
+            self.run.logger.scalar(f"reward/sac_reward_{tag}", value, self.global_step)
+        self._reward_stats = None
+
+    def _update(self) -> None:
+        # Counting sampleable transitions scans the whole buffer (and syncs a GPU), so it is done only until the
+        # buffer first holds a batch: it can fall short only right after resuming without the replay buffer.
+        if not self._replay_ready:
+            self._replay_ready = len(self.buffer) >= self.args.batch_size
+            if not self._replay_ready:
+                return
+        batch = self.buffer.sample(self.args.batch_size, self.sample_generator)
+        metrics = self.agent.update(batch, self._batch_rewards(batch))
+        self.num_updates += 1
+        if self.num_updates % self.args.log_every == 0:
+            for tag, value in metrics.items():
+                self.run.logger.scalar(tag, float(value), self.global_step)
+            self._log_reward_stats()
+
+    def _log_games(self, info: dict) -> None:
+        if "_episode" not in info:
+            return
+        for env in np.nonzero(info["_episode"])[0]:
+            self.last_score = float(info["episode"]["r"][env])
+            self.run.logger.scalar("charts/episodic_return", self.last_score, self.global_step)
+            self.run.logger.scalar("charts/episodic_length", int(info["episode"]["l"][env]), self.global_step)
+            self.run.logger.scalar(
+                "charts/episodic_length_frames", int(info["episode"]["frames"][env]), self.global_step
+            )
+
+    def _log_speed(self) -> None:
+        progress = self.run.progress
+        # A phase ending on a multiple of 1000 steps would log its last point twice (in the loop and at its end).
+        if self._speed_logged_at != self.global_step:
+            self.run.logger.scalar("charts/SPS", progress.sps(self.global_step), self.global_step)
+            self._speed_logged_at = self.global_step
+        score = "-" if self.last_score is None else f"{self.last_score:.0f}"
+        progress.update(self.global_step, f"score={score} alpha={self.alpha:.3f}")
+        progress.refresh()
+
+    def evaluate(self) -> None:
+        """Play `eval_episodes` games on fresh environments with sampled and with greedy actions (and record a video
+        of a greedy game with --capture-video)."""
+        a = self.args
+        seed = a.seed + 1_000_003 + self.global_step  # games never seen in training
+        for tag, greedy in (("eval/episodic_return", False), ("eval/episodic_return_greedy", True)):
+            envs = make_envs(a.env_id, a.eval_episodes, seed, max_episode_frames=a.max_episode_frames)
+            scores = play_games(envs, self.agent.actor, self.device, greedy)
+            envs.close()
+            self.run.logger.scalar(tag, float(np.mean(scores)), self.global_step)
+        if a.capture_video:
+            self.record_video(seed)
+
+    def record_video(self, seed: int) -> None:
+        if self.args.env_id.startswith("MinAtar/"):
+            print("--capture-video: MinAtar games have no renderer here; no video recorded")
+            return
+        run_name = self.run.directory.name if self.run.directory is not None else "detached"
+        folder = f"videos/{run_name}/step_{self.global_step}"
+        record_greedy_episode(
+            self.args.env_id, self.agent.actor, self.device, folder, seed, self.args.max_episode_frames
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "global_step": self.global_step,
+            "num_updates": self.num_updates,
+            "agent": self.agent.state_dict(),
+            "replay": self.buffer.state_dict() if self.args.save_replay else None,
+            "rng": rng_state(self.rng, self.sample_generator),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint. Environments cannot be snapshotted, so the games in progress are abandoned
+        and new ones start, seeded by the step count."""
+        self.global_step = int(state["global_step"])
+        self.num_updates = int(state["num_updates"])
+        self.agent.load_state_dict(state["agent"])
+        if state["replay"] is not None:
+            try:
+                self.buffer.load_state_dict(state["replay"])
+            except ValueError as err:
+                raise UsageError(f"--resume: {err}") from None
+        self.buffer.break_episodes()
+        restore_rng_state(state["rng"], self.rng, self.sample_generator)
+        self.envs.close()
+        self.envs = self._make_envs(self.args.seed + self.global_step)
+        self.obs, _ = self.envs.reset()
+        self.autoreset[:] = False
+        self.run.progress.restart_clock(self.global_step)
+
+    def close(self) -> None:
+        self.envs.close()
