@@ -599,7 +599,8 @@ class PenaltyLearner(PreferenceLearner):
         self.phases.iteration = self.iteration
 
     def train_agent(self) -> None:
-        if self.phases.iteration != self.iteration:
+        # Planned once per outer iteration; again when a resume lowered --total-timesteps below the plan's end.
+        if self.phases.iteration != self.iteration or sum(self.phases.ends) > self.args.total_timesteps:
             self.plan_agent_phase()
         end_a, end_b = self.phases.ends
         if self.trainer_a.global_step < end_a:

@@ -128,6 +128,27 @@ def test_sync_collect_waits_for_every_pending_pair_and_stops_on_request(tmp_path
     assert list(teacher.pending) == [3]
 
 
+def test_a_sync_wait_counts_down_as_pairs_are_answered(tmp_path, teachers):
+    """Caught before: the bar said "label: 3 pairs" until the last answer came."""
+    teacher = teachers()
+    teacher.refresh_every = 0.05
+    teacher.start(tmp_path / "labels.jsonl", next_pair_id=0)
+    teacher.submit([0, 1, 2], queries([1.0, 2.0, 3.0], [0.0, 0.0, 0.0]))
+
+    def annotate():
+        for pair_id in (0, 1, 2):
+            time.sleep(0.3)
+            post_label(teacher.url, pair_id, "left")
+
+    thread = threading.Thread(target=annotate)
+    thread.start()
+    shown = []
+    answered, _ = teacher.collect(wait=True, show=shown.append)
+    thread.join()
+    assert len(answered) == 3
+    assert sorted(set(shown), reverse=True) == [3, 2, 1] and shown == sorted(shown, reverse=True), shown
+
+
 def test_resume_takes_answers_given_after_the_checkpoint_and_queues_the_rest_again(tmp_path, teachers):
     log = tmp_path / "labels.jsonl"
     teacher = teachers()

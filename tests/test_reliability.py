@@ -161,6 +161,62 @@ def test_a_resumed_run_says_where_it_continues_and_logs_one_speed_point_per_step
     assert steps[-1] == 3000 and len(steps) == len(set(steps))
 
 
+def test_a_lower_total_on_resume_ends_the_run_there_and_one_below_its_step_is_refused(tmp_path, capsys):
+    """Caught before: a DRLHF run stopped inside an agent phase and resumed with a lower --total-timesteps trained on
+    to the phase's old end (the restored phase end was never clamped), and a total below the run's step exited 0."""
+    runs = tmp_path / "runs"
+    flags = ["--algo", "drlhf", "--env-id", "MinAtar/Breakout-v1", *PREFERENCE, "--inner-steps", "100000"]
+
+    def inside_agent_phase():
+        found = list(runs.glob("*/checkpoint.pt"))
+        state = load_checkpoint(found[0])["algorithm"] if found else None
+        return state if state and state["stage"] == "agent" and state["sac"]["global_step"] >= 300 else None
+
+    with signal_myself(signal.SIGTERM, when=inside_agent_phase):
+        code, _, err = entry_point(*flags, "--total-timesteps", "1e6", "--save-every", "50", "--runs-dir", str(runs),
+                                   capsys=capsys)  # fmt: skip
+    assert code == 143, err[-3000:]
+    run_dir = only_run_dir(runs)
+    stopped_at = load_checkpoint(run_dir)["global_step"]
+    assert load_checkpoint(run_dir)["algorithm"]["agent_phase_end"] > stopped_at + 100
+    code, out, err = entry_point("--resume", str(run_dir), "--total-timesteps", str(stopped_at + 30), capsys=capsys)
+    assert code == 0, err[-3000:]
+    assert load_checkpoint(run_dir)["global_step"] == stopped_at + 30
+    assert "note:" not in err, "the flags' notes were for the run's start"
+    assert re.search(r"done: [\d,]+ env steps in \d+:\d\d \(this process\), last game's return [\d.]+;", out), out
+    line = refused(capsys, "--resume", str(run_dir), "--total-timesteps", str(stopped_at))
+    assert f"--total-timesteps {stopped_at}" in line and f"already at step {stopped_at + 30:,}" in line, line
+    assert load_checkpoint(run_dir)["global_step"] == stopped_at + 30, "the refused resume left the checkpoint alone"
+
+
+def test_a_run_ending_on_a_save_step_writes_its_last_checkpoint_once(tmp_path, capsys, monkeypatch):
+    import agents.infra.run as run_module
+
+    saved_at = []
+    real_save = run_module.save_atomic
+    monkeypatch.setattr(run_module, "save_atomic", lambda state, path: saved_at.append(state["global_step"]) or
+                        real_save(state, path))  # fmt: skip
+    flags = ["--algo", "sac", *MINATAR, "--total-timesteps", "300", "--save-every", "100"]
+    code, _, err = entry_point(*flags, "--runs-dir", str(tmp_path / "runs"), capsys=capsys)
+    assert code == 0, err
+    assert saved_at == [100, 200, 300]
+
+
+def test_the_eta_leaves_out_the_time_spent_waiting_for_labels(monkeypatch):
+    import agents.infra.run as run_module
+
+    now = [0.0]
+    monkeypatch.setattr(run_module.time, "time", lambda: now[0])
+    progress = run_module.Progress(1000, False, learning_starts=10)
+    progress.update(20)  # learning started at t = 0, step 20
+    now[0] = 10.0
+    progress.update(120)  # 100 steps in 10 s: 880 steps left take 88 s
+    assert progress.eta_seconds() == pytest.approx(88.0)
+    now[0] = 310.0  # a person labelled for 300 s
+    progress.exclude_from_eta(300.0)
+    assert progress.eta_seconds() == pytest.approx(88.0)
+
+
 def test_the_end_of_run_line_reads_its_duration_as_a_clock_and_names_what_it_knows():
     from agents.infra.run import clock_text, finished_message
 

@@ -296,3 +296,24 @@ def test_label_step_replays_the_log_by_pair_id_and_counts_the_pairs_it_misses(tm
     assert scalars["reward/dropped_pairs"] == [(41, 1), (41, 0)]
     assert scalars["reward/unlabelled_pairs"] == [(41, 1), (41, 0)]
     assert learner.label(queries([1.0], [0.0])).labels.numel() == 0  # id 5: not in the log
+
+
+def test_the_label_step_leaves_a_persons_time_out_of_the_eta(monkeypatch):
+    """The learner times the teacher's label step and takes it out of the progress bar's ETA (a person takes
+    minutes; before, the ETA just after the first wait was about 5 times too long)."""
+    import agents.pipeline.learner as learner_module
+
+    learner = label_step([])
+    now = [100.0]
+    monkeypatch.setattr(learner_module.time, "time", lambda: now[0])
+    excluded = []
+    learner.run.progress.exclude_from_eta = excluded.append
+    real_label = learner.teacher.label
+
+    def slow_label(*args):
+        now[0] += 240.0
+        return real_label(*args)
+
+    learner.teacher.label = slow_label
+    learner.label(queries([1.0], [0.0]))
+    assert excluded == [240.0]

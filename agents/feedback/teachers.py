@@ -26,6 +26,7 @@ import math
 import pathlib
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
@@ -340,6 +341,7 @@ class HumanTeacher(Teacher):
         self.server = None
         self.log_path: pathlib.Path | None = None
         self.pending: dict[int, PairBatch] = {}  # id -> that pair (one row), oldest first
+        self.refresh_every = 1.0  # seconds between updates of the waiting count while blocked on a person
         self._taken: list = []  # answers already taken (from the log, or by a stopped collect), not handed back
         self.ignored = 0  # answers to pairs no longer pending
 
@@ -368,9 +370,8 @@ class HumanTeacher(Teacher):
         if queries is not None:
             self.submit(ids, queries)
         wait = self.mode == "sync" or context.warmup
-        if wait and self.pending:
-            context.set_phase(f"label: {len(self.pending)} pairs at {self.url}")
-        answered, dropped = self.collect(wait, context.stopping, context.check)
+        show = lambda waiting: context.set_phase(f"label: {waiting} pairs at {self.url}")
+        answered, dropped = self.collect(wait, context.stopping, context.check, show)
         return Labelled(cat_pairs(answered) if answered else None, {"dropped": dropped, "pending": len(self.pending)})
 
     def close(self) -> None:
@@ -436,12 +437,17 @@ class HumanTeacher(Teacher):
             self.pending.pop(next(iter(self.pending)))
 
     def collect(
-        self, wait: bool, stopping: Callable[[], bool] = lambda: False, check: Callable[[], None] = lambda: None
+        self,
+        wait: bool,
+        stopping: Callable[[], bool] = lambda: False,
+        check: Callable[[], None] = lambda: None,
+        show: Callable[[int], None] = lambda waiting: None,
     ) -> tuple[list[PairBatch], int]:
         """(answered pairs, labels set, in the order answered; how many were dropped as "can't tell"). With
-        `wait`, first block until no pair is pending, calling `check` (which may raise to stop) whenever the wait
-        is cut short by `stopping`. Pairs leave `pending` only when this returns: if `check` raises, a checkpoint
-        still holds every pair whose answer was not handed back (and the answers are in the log)."""
+        `wait`, first block until no pair is pending, telling `show` how many still wait every `refresh_every`
+        seconds and calling `check` (which may raise to stop) each time. Pairs leave `pending` only when this
+        returns: if `check` raises, a checkpoint still holds every pair whose answer was not handed back (and the
+        answers are in the log)."""
         answers: dict = {}  # pair id -> its answer, in the order they came
         try:
             while True:
@@ -454,7 +460,10 @@ class HumanTeacher(Teacher):
                 waiting = [pair_id for pair_id in self.pending if pair_id not in answers]
                 if not wait or not waiting:
                     break
-                self.server.wait_until_labelled(waiting, stop=_StopFlag(stopping))
+                show(len(waiting))
+                tick = time.monotonic() + self.refresh_every
+                stop = _StopFlag(lambda tick=tick: stopping() or time.monotonic() > tick)
+                self.server.wait_until_labelled(waiting, stop=stop)
                 check()
         except BaseException:
             self._taken = list(answers.values())  # taken from the server: a later collect hands them back

@@ -162,6 +162,12 @@ class Progress:
         start_time, start_step = self._start
         return (step - start_step) / max(time.time() - start_time, 1e-9)
 
+    def exclude_from_eta(self, seconds: float) -> None:
+        """Leave `seconds` of waiting (for a person's labels) out of the speed the ETA extrapolates."""
+        if self._learning_start is not None:
+            start_time, start_step = self._learning_start
+            self._learning_start = (start_time + seconds, start_step)
+
     def eta_seconds(self) -> float | None:
         if self._learning_start is None:
             return None
@@ -374,8 +380,14 @@ def launch(
     try:
         if state is not None:
             algorithm.load_state_dict(state["algorithm"])
-        for note in args.budget_notes():
-            print(f"note: {note}", file=sys.stderr, flush=True)
+            require(
+                algorithm.global_step <= args.total_timesteps,
+                f"--total-timesteps {args.total_timesteps}: the run in --resume {args.resume} is already at step "
+                f"{algorithm.global_step:,}; give at least that",
+            )
+        else:  # notes about the flags a run started with: a resumed run heard them when it started
+            for note in args.budget_notes():
+                print(f"note: {note}", file=sys.stderr, flush=True)
         run.directory = directory
         run.progress.start()
         try:

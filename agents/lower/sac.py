@@ -516,7 +516,8 @@ class SACTrainer:
                 self._log_speed()
             if crossed(previous_step, self.global_step, a.eval_every):
                 self.evaluate()
-            if crossed(previous_step, self.global_step, a.save_every):
+            # The run's last step saves at its end anyway (agents.infra.run.run_to_completion): not twice.
+            if crossed(previous_step, self.global_step, a.save_every) and self.global_step < a.total_timesteps:
                 run.save()
         self._log_speed()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -397,6 +398,11 @@ class PreferenceLearner:
     def global_step(self) -> int:
         return self.trainer.global_step
 
+    @property
+    def last_score(self) -> float | None:
+        """The true return of the latest finished game of the agent the reward trains."""
+        return self.trainer.last_score
+
     STAGES = ("query", "label", "reward", "agent")  # one outer iteration, in the order of the paper's Algorithm 3
 
     def train(self) -> None:
@@ -506,7 +512,9 @@ class PreferenceLearner:
             signals.check,
             self.run.progress.set_phase,
         )
+        started = time.time()
         labelled, counts = self.teacher.label(queries, ids, context)
+        self.run.progress.exclude_from_eta(time.time() - started)  # a person's answers take minutes
         if counts:
             self.log_label_step(**counts)
         return labelled if labelled is not None else self.pairs.get(torch.zeros(0, dtype=torch.long))
@@ -656,7 +664,9 @@ class PreferenceLearner:
     def load_state_dict(self, state: dict) -> None:
         self.trainer.load_state_dict(state["sac"])
         self.iteration, self.stage = int(state["iteration"]), state["stage"]
-        self.epochs_done, self.agent_phase_end = int(state["epochs_done"]), int(state["agent_phase_end"])
+        # A resume may lower --total-timesteps: the phase in progress then ends at the new total.
+        self.epochs_done = int(state["epochs_done"])
+        self.agent_phase_end = min(int(state["agent_phase_end"]), self.args.total_timesteps)
         self.reward_net.load_state_dict(state["reward_net"])
         self.reward_net.eval()
         saved_optimizers = state.get("reward_optimizers") or [state["reward_optimizer"]]  # before --ensemble: one
