@@ -1,48 +1,19 @@
 """AIHF ("Learning reward and policy jointly from demonstration and preference improves alignment"): the reward
 model fits the preference pairs and, at the same time, scores expert demonstrations above the agent's own play.
 
-The pipeline is DRLHF's and SoBiRL's (agents/pipeline/learner.py: reward CNN, synthetic teacher, query schedule,
-pair FIFO, SAC-discrete on r_phi as the lower level); only the reward loss differs. Each reward minibatch minimises
+The pipeline is DRLHF's (agents/pipeline/learner.py); only the reward loss differs (`AIHFLoss`):
 
     loss = mean over pairs of BCE(sigmoid(R(tau1) - R(tau2)), y)                          (the paper's L2, BTL)
          + w1 * (mean over agent fragments of R(tau^A) - mean over demo fragments of R(tau^E))   (its L1)
 
-with R(tau) = sum_{t<H} gamma^t r_phi(s_t, a_t) over an H-step fragment (gamma = SAC's --gamma; --no-discount-return
-sets it to 1, the undiscounted return DRLHF and SoBiRL use, and then the first term is exactly their loss).
-Demonstration fragments come from a file recorded by `sobirl/demos.py`, agent fragments from the agent's latest
---inner-steps of rollouts (the current policy pi^{k+1}); --demo-batch of each per minibatch, each from its own
-seeded generator.
+with R(tau) = sum_{t<H} gamma^t r_phi(s_t, a_t) (`discounted_returns`). The loss is the negative of the objective
+the paper ascends (its eq. 19). Demonstrations come from a file `sobirl/demos.py` records; agent fragments from the
+latest rollouts. The demonstration term is linear in r and unbounded below, so w1 (--demo-weight) matters.
 
-Sign. The paper ascends g = w1 (grad R(tau^E) - grad R(tau^A)) + (1 - sigma(R_W - R_L)) (grad R_W - grad R_L)
-(its eq. 19). The optimizer here descends, so the loss is the negative of that objective: minimising
-w1 (R(tau^A) - R(tau^E)) steps along +w1 (grad R(tau^E) - grad R(tau^A)), and minimising the cross-entropy steps
-along the second part. In expectation the demonstration term's gradient is -w1 beta times the gradient of the
-demonstration log-likelihood L1: by the paper's Lemma 4.1, grad L1 = (1/beta)(E_{pi^E}[sum_t gamma^t grad r] -
-E_{pi_phi}[sum_t gamma^t grad r]) for the soft-optimal pi_phi at temperature beta (SAC's alpha); the 1/beta is
-absorbed into w1. `agents.exact.tabular_bilevel.demonstration_gradient` computes that identity exactly and
-tests/test_tabular_bilevel.py::test_aihf_demonstration_gradient_equals_finite_differences checks it against finite
-differences of L1. (Here the sums run over H-step fragments taken anywhere in a game, not whole trajectories from
-the initial state: the usual truncation of a fragment-based method.)
+Specification, sign, scale of w1, and why demonstration and agent fragments share one BatchNorm pass:
+docs/algorithms.md §8.3.
 
-Scale. The demonstration term is linear in r and unbounded below: while the agent's fragments stay where they are
-(the warm-up trains on the uniform-random rollouts for --warmup-epochs) it can push their reward down without limit,
-and only AdamW's weight decay and the [-1, 1] clamp SAC applies hold it back. On a 20k-step MinAtar Breakout run
-w1 = 1 took the agent fragments' return to -53 in the warm-up and the pairs' cross-entropy to 15, where w1 = 0.1 kept
-it at 0.72; on the 100k-step MinAtar benchmark of 2026-11-22 w1 = 0.1 still ran away on SpaceInvaders and Freeway
-(demonstration returns near +900 and +3,600 per fragment, 99% of SAC's rewards at the clamp) while 0.01 did not.
-The default is 0.01. The paper gives no w1 for control tasks: 0.01 is the largest value of its ablation, which
-trained a language model with a DPO-style objective, a different setting, so it is a starting point, not the
-paper's setting.
-
-BatchNorm. The reward CNN is in training mode during the update, so each forward pass normalises with its own batch
-statistics. The pairs go through one forward pass in agents/pipeline/learner.py; the demonstration and agent fragments
-go through a second one, together: normalising them apart would remove most of the difference between their mean
-rewards, which is the whole signal of the term. (So the running statistics are updated twice per minibatch, the
-second time on demo and agent observations in equal parts.)
-
-    python sobirl/beamrider.py --algo sac --env-id MinAtar/Breakout-v1 --total-timesteps 30000 --buffer-size 30000 \
-        --learning-starts 5000                                                  # an expert on the true reward
-    python sobirl/demos.py record --checkpoint runs/<that run> --steps 10000 --min-return 2 --out breakout_demos.npz
+    python sobirl/demos.py record --checkpoint runs/<sac run> --steps 10000 --min-return 2 --out breakout_demos.npz
     python sobirl/beamrider.py --algo aihf --env-id MinAtar/Breakout-v1 --demos breakout_demos.npz
 """
 
@@ -119,7 +90,7 @@ class AIHFLoss:
         )
         demo_frames, demo_actions = self.demo_fragments(self.batch, length, self.demo_generator)
         agent_frames, agent_actions = self.agent_fragments(self.batch, length, self.agent_generator)
-        # One forward pass for both sets, so BatchNorm normalises them with the same statistics (module docstring).
+        # One forward pass for both sets, so BatchNorm normalises them with the same statistics (algorithms.md §8.3).
         rewards = x.model(fragment_observations(torch.cat([demo_frames, agent_frames.to(demo_frames.device)]), length))
         demo_rewards, agent_rewards = rewards.view(2, self.batch, length, -1).unbind(0)
         demo_return = discounted_returns(demo_rewards, demo_actions, gamma).mean()

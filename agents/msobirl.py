@@ -2,7 +2,7 @@
 
 Bilevel problem:   min_x  f(x, π*_x)   where   π*_x is the entropy-regularized (temperature τ) optimal policy
 of the MDP with transitions P and reward r_x. The hyper-gradient has the closed form (9) (see
-docs/algorithms.md, "M-SoBiRL"); Algorithm 1 follows it inexactly, amortizing both the lower-level solve
+docs/algorithms.md §7); Algorithm 1 follows it inexactly, amortizing both the lower-level solve
 (N warm-started soft Bellman sweeps per outer step) and the linear solve (one gradient step on a
 least-squares variable w per outer step).
 

@@ -2,60 +2,17 @@
 SAC as the lower level: the reward update follows the implicit-function hyper-gradient, computed with
 Hessian-vector products of the actor and a conjugate-gradient solve.
 
-Minimisation convention. The upper loss is L(phi, theta) = E_{pairs ~ pi_theta}[l], l the Bradley-Terry
-cross-entropy of a pair, and theta*(phi) = argmax_theta J(theta; phi). Then
+With l a pair's Bradley-Terry cross-entropy and g = grad_theta E[l] its score-function gradient through the actor,
 
-    grad F(phi) = grad_phi L  -  d2J/dphi dtheta (d2J/dtheta2)^-1 g,
-    g = grad_theta L = E[ l * sum_{t in tau1 u tau2} grad_theta log pi_theta(a_t|s_t) ]        (score function)
+    grad F(phi) = grad_phi E[l]  -  d2J/dphi dtheta (d2J/dtheta2)^-1 g.
 
-The Hessian inverted (a stated departure from the paper). PARL's eq. (16) is the Hessian of the lower level's
-whole-trajectory objective; here it is the Hessian of the SAC actor objective, exact over the discrete actions, on a
-replay batch, with Q held fixed:
+`PARLLoss` computes, per reward minibatch: g (`implicit_direction`), v = (-d2J/dtheta2 + lambda I)^-1 g by
+`conjugate_gradient` on Hessian-vector products of the SAC actor objective (Q held fixed) on replay states
+(`damped_implicit_vector`), and the mixed term along v (`mixed_term`: PARL's eq. (17) on the minibatch's fragments,
+`trajectory_mixed_surrogate`, or SoBiRL's one-step truncation); the loss is mean l + mixed.
 
-    J_actor(theta) = E_{s~replay}[ sum_a pi_theta(a|s) (Q(s, a) - alpha log pi_theta(a|s)) ].
-
-At a soft-optimal policy, with replay states from its discounted state distribution and Q its soft Q, the two agree
-up to the normalisation 1 / (1 - gamma) (the terms through grad Q and grad d_pi vanish there); elsewhere it is what
-a SAC learner can differentiate.
-
-The mixed term, --parl-mixed:
-    paper     PARL's eq. (17), grad2 J / dphi dtheta = E[ sum_h gamma^h grad_phi r(s_h, a_h) (sum_{j<=h}
-              grad_theta log pi(a_j|s_j))^T ], estimated on the minibatch's stored fragments (each taken as a
-              trajectory from its first state, truncated at its H steps) and normalised by sum_{h<H} gamma^h, the
-              normalisation of the replay-state Hessian above (exact as H grows when the replay states follow
-              the discounted state distribution of the fragments' start states, e.g. fragments from the initial
-              distribution and replay states from its occupancy; docs/algorithms.md §8). Its product with v is the
-              phi-gradient of the surrogate
-                  mean_fragments sum_h gamma^h r_phi(s_h, a_h) c_h / sum_h gamma^h,   c_h = sum_{j<=h} w_j Dlog pi_j[v],
-              Dlog pi_j[v] the directional derivative of log pi(a_j|s_j) along v (forward mode), w_j the clipped
-              ratio pi/mu with a ratio correction (else 1), and with a baseline c_h minus the leave-one-out mean of
-              the other fragments' c_h (unbiased on-policy: another fragment's scores have mean zero). r_phi on the
-              fragments is evaluated as SAC sees it. With H = 1 it is the one-step term below, in expectation.
-    one-step  the actor objective's own mixed derivative with Qt = Q.detach() + r_phi - r_phi.detach(), i.e.
-              grad_phi Q ~ grad_phi r: SoBiRL's one-step truncation, on replay states. Under it, at the lower
-              level's optimum, A-PARL's gradient equals SoBiRL's estimator (78), so its drift is SoBiRL's.
-
-Each reward minibatch, once global_step > --parl-start:
-    1. g      autograd of the surrogate mean_i[l_i.detach() * sum_t log pi_theta(a_t|s_t)] over the minibatch's pair
-              observations (the actor evaluated with gradient, --policy-chunk observations at a time). The pairs
-              were gathered by older policies, so this is SoBiRL's off-policy score-function estimate, and it
-              drifts the same way; --implicit-correction applies SoBiRL's remedies to it: l_i minus the
-              leave-one-out mean (baseline), each step weighted by the clipped ratio pi/mu (ratio), or both. The
-              default, none, is the paper's on-policy estimator applied as it is;
-    2. v      conjugate gradient on (-d2J/dtheta2 + lambda I) v = g, lambda = --cg-damping, --cg-iters iterations,
-              the Hessian-vector products by double backward through the actor (Q and r detached) on --hvp-batch
-              replay states drawn with this loss's own seeded generator; CG stops early at negative curvature;
-    3. mixed  the surrogate of --parl-mixed (above) along v; its phi-gradient is +d2J/dphi dtheta v =
-              -d2J/dphi dtheta (d2J/dtheta2)^-1 g, since the matrix solved is -d2J/dtheta2 (+ lambda I). The
-              one-step form is (Dpi_theta[v] * r_phi(s, .)).sum(-1).mean() on the replay states, Dpi_theta[v] the
-              directional derivative of the action probabilities (forward mode, torch.func.jvp), a constant;
-    4. loss   mean l + mixed.
-
-r_phi in the mixed term is evaluated as SAC sees it: in evaluation mode (training mode with
---reward-train-mode-in-sac), unclamped. The returned loss has the value mean l + mixed and exactly their gradient,
-formed from the two gradients this loss computes anyway, so reward/bce_grad_norm (||grad mean l||) and
-reward/second_order_norm (||grad mixed||) cost no extra backward pass. reward/cg_residual is the relative residual
-||g - A v|| / ||g|| of the solve.
+Specification, the departures from the paper (which Hessian is inverted, fragments as truncated trajectories)
+and the logged norms: docs/algorithms.md §8.1.
 
     python agents/parl.py --env-id BeamRiderNoFrameskip-v4
     python sobirl/beamrider.py --algo parl

@@ -1,91 +1,17 @@
 """Penalty methods for bilevel RLHF with two discrete-SAC agents sharing the reward net: PBRL (Shen, Yang & Chen,
-"Principled penalty-based methods for bilevel RL and RLHF", ICML 2024) and the first-order penalty method of Gaur,
-Bedi, Pasupathy & Aggarwal 2024 ("On the global convergence of online RLHF with neural parametrization"), both
-after Kwon et al.'s penalty reformulation. No second-order information: only gradients of values and of the upper
-loss.
+ICML 2024) and the first-order penalty method of Gaur et al. 2024, both after Kwon et al.'s penalty reformulation.
 
-Minimisation form. With l_up(phi, lambda) = E_{pairs ~ pi_lambda}[l] (l a pair's upper loss) and J(lambda; phi) the
-lower level's value under r_phi,
+Agent A (`sac.SACTrainer`) is SAC on r_phi, the lower-level best response lambda*; agent B (`AgentBTrainer`,
+`PenalisedSAC`) approximates the penalised policy lambda'_sigma = argmax J - sigma l_up. The reward loss
+(`PenaltyLoss`) is
 
-    L_sigma(phi) = l_up(phi, lambda'_sigma) + (1/sigma) [J(lambda*; phi) - J(lambda'_sigma; phi)],
-    lambda*        = argmax_lambda J(lambda; phi)                       agent A, SAC on r_phi (DRLHF's lower level)
-    lambda'_sigma  = argmax_lambda J(lambda; phi) - sigma l_up(phi, lambda)   agent B, SAC on r_phi plus a penalty
+    mean_pairs l + (1/sigma) (J_A - J_B),      J_X = c_H * mean over X's fresh fragments of sum_{t<H} gamma^t r_phi
 
-and by Danskin's theorem grad L_sigma = grad_phi l_up(phi, lambda'_sigma) + (1/sigma)[grad_phi J(lambda*) -
-grad_phi J(lambda'_sigma)], an O(sigma) approximation of the bilevel hyper-gradient (agents/exact/tabular_bilevel.py,
-`penalty_gradient`, checks this exactly on tabular problems).
+(c_H = `return_units`), and B's actor loss adds sigma * kappa times a surrogate of grad l_up on a pool of labelled
+pairs (`preference_surrogate`). Both agents' env steps count in the run's global step (`RunClock`).
 
-Reward loss, per minibatch of labelled pairs, once the penalty is on:
-
-    loss_phi = mean_pairs l  +  (1/sigma) [ J_A - J_B ],
-    J_X = mean_{frag~X} c_H sum_{t<H} gamma^t r_phi(s_t, a_t),      c_H = 1 / ((1 - gamma) sum_{t<H} gamma^t)
-
-(the truncated value-gradient estimate (15) of Gaur et al.), on --value-fragments fragments of each agent's latest
-rollouts drawn afresh for every minibatch (one fixed draw per reward phase would let the reward fit that draw); r_phi
-on them is evaluated as SAC sees it (evaluation mode, or training mode with --reward-train-mode-in-sac; unclamped),
-A's and B's fragments in one batch. c_H puts J in the units of the whole discounted return, the units of agent B's
-objective J - sigma l_up below, so that sigma is one number on both sides: a fragment's discounted sum covers
-sum_{t<H} gamma^t of the 1 / (1 - gamma) the return weighs (about 0.22 for H = 25, gamma = 0.99), and without c_H
-the reward side's sigma would act 1 / 0.22 times larger than B's.
-
-The value gap is linear in r and bounded below only while agent A is an exact best response: the reward can grow
-J_B over J_A (a negative gap) instead of fitting the preferences. reward/value_a, reward/value_b and
-reward/value_gap_positive (the share of minibatches with J_A > J_B) show which way it goes.
-
-Agent B's actor loss, each SAC update, once the penalty is on:
-
-    actor_loss_B = sac_actor_loss + sigma * kappa * S,
-    S = mean_{k pairs}( w_i * sum_{t in pair i} log pi_B(a_t|s_t) )            (--penalty-surrogate score)
-
-a score-function estimate of sigma * grad l_up(phi, lambda) over --penalty-actor-pairs pairs drawn from the newest
---penalty-pool labelled pairs; w_i = l_i under the current r_phi, a constant fixed at the start of B's phase
-(--penalty-baseline subtracts the leave-one-out pool mean). The pool is held fixed for the whole phase (new labels
-arrive once per outer iteration), and on a fixed sample the score form is unbounded below: measured on MinAtar
-Breakout it drove log pi_B of the pool's actions to -inf (S from -45 to -45,000 within three phases). The default,
---penalty-surrogate clip, replaces log pi by PPO's clipped ratio rho_t = pi_B(a_t|s_t) / pi_old(a_t|s_t), pi_old
-B's actor when the pool was made: the same gradient at the start of the phase, and none once rho_t has moved by
---penalty-clip in the direction w_i asks (a trust region per outer iteration, like PBRL's single policy step per
-outer iteration); ratio is the unclipped ratio.
-
-kappa converts units (--penalty-units): SAC's actor loss is a per-state soft value averaged over states and the A
-actions, and grad J ~ A / (1 - gamma) times its gradient, so kappa = (1 - gamma) / A makes B descend on
-(1 - gamma)/A * [-J + sigma l_up], the objective whose sigma the reward loss divides by; --penalty-units raw takes
-kappa = 1 (the formula as first specified, whose score term then outweighs SAC's actor gradient by about
-A / (1 - gamma)).
-
-What the papers leave open, and what this file chooses:
-  1. Which policy's pairs the upper loss sees. Kwon et al. and PBRL take it at the penalised policy lambda'_sigma
-     (--penalty-form pbrl: queries come from B's rollouts, the Danskin gradient of L_sigma); Gaur et al.'s
-     Algorithm 1 (line 13) evaluates it at the lower-level iterate lambda^K (--penalty-form seed: queries come from
-     A's rollouts, not the gradient of any penalty function). B's actor term uses the newest labelled pairs either
-     way (B's own in pbrl; A's in seed, as the seed's d'_k uses the pairs sampled with pi^{lambda_k}).
-  2. Likelihood or log-likelihood. Gaur et al.'s G uses likelihoods U = y P + (1 - y)(1 - P) (not logs); PBRL and
-     DRLHF use the log-likelihood. --upper-likelihood log (default): l = the Bradley-Terry cross-entropy, so
-     reward/bce and accuracies compare with DRLHF; plain: l = 1 - U.
-  3. sigma. The theory wants sigma^2 ~ epsilon (sigma -> 0) with exact lower-level solves; with sampled value
-     gaps the reward's penalty term has variance ~ 1/sigma^2, and B's term vanishes with sigma. The papers give no
-     value for this setting; the default, 1, is a starting point. A pilot over 1, 10 and 100 at the MinAtar
-     benchmark's budget (docs/results/sigma, 2 seeds each) chose 100, the top of its grid, by a rule fixed before
-     it ran; sigma = 1 had the lowest returns and the highest cross-entropy there.
-  4. The lower-level solver and budget. Both agents are SAC-discrete with SoBiRL's hyperparameters; the papers'
-     policy-gradient / mirror-descent steps and normalised step sizes are not used. --inner-split each (default):
-     each agent runs --inner-steps env steps per outer iteration (the lower-level solve per reward update is as
-     good as DRLHF's, and an iteration costs twice the env steps); half: --inner-steps/2 each (same steps per
-     iteration as DRLHF, half the lower-level progress). Every env step of both agents counts in global_step and
-     in --total-timesteps, which is a cap; A runs first in each agent phase, then B.
-  5. When the penalty starts. Before B has left its uniform-random phase (its own --learning-starts steps) its
-     rollouts say nothing about lambda'_sigma: the value-gap term and B's score term are off until B's step count
-     exceeds --learning-starts and global_step exceeds --penalty-start (default 0); before that the reward loss is
-     the upper loss alone and B is a second SAC on r_phi.
-  6. Iteration 0. Both agents are uniformly random before learning starts, so the warm-up pairs are drawn from A's
-     random-phase rollouts for either form (B's would follow the same distribution and cost more env steps).
-
-Logs: the same tags as DRLHF and SoBiRL (reward/loss, reward/bce, reward/hyper_term = loss - bce, accuracies),
-agent A's games as charts/episodic_return (A is the lower-level best response, the policy that matters) and B's
-under charts_b/ (losses_b/, eval_b/, reward_b/ for B's SAC metrics); every tag at the run's global step (A's + B's
-env steps). reward/value_a, reward/value_b, reward/value_gap (J_A - J_B, in return units),
-reward/value_gap_positive and reward/upper_loss once the penalty is on; losses_b/preference_term for B's score term;
-charts/agent_seconds and charts_b/agent_seconds time each agent's phase.
+Specification, the choices the papers leave open (--penalty-form, --upper-likelihood, --sigma, --inner-split,
+--penalty-start, --penalty-surrogate, --penalty-units) and the tags logged: docs/algorithms.md §8.2.
 
     python agents/penalty.py --env-id MinAtar/Breakout-v1 --sigma 1
     python sobirl/beamrider.py --algo penalty --penalty-form seed
@@ -296,7 +222,7 @@ def preference_term(
 
 
 def actor_penalty_coefficient(sigma: float, gamma: float, num_actions: int, units: str) -> float:
-    """sigma * kappa: kappa = (1 - gamma) / A ("return") or 1 ("raw"); see the module docstring."""
+    """sigma * kappa: kappa = (1 - gamma) / A ("return") or 1 ("raw"); why: docs/algorithms.md §8.2."""
     return sigma * ((1.0 - gamma) / num_actions if units == "return" else 1.0)
 
 

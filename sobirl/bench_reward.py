@@ -1,9 +1,9 @@
 """Benchmark one SoBiRL reward-model update: 64 pairs of 25-step BeamRider-shaped fragments, policy evaluated.
 
-The update is the training code path itself (`agents.pipeline.reward_training.reward_update`): one batched reward-CNN forward
-over 64 x 2 x 25 observations, a Nature-CNN actor's probabilities for the implicit term, backward and an AdamW
-step. Each measurement runs in a fresh Python process so its peak memory is not inflated by anything else.
-The authors' implementation takes a median of 4.45 s and 3.9 GB on 2 CPU threads; the target is <= 2.0 s, <= 1.5 GB.
+The update is the training code path itself (`agents.pipeline.reward_training.reward_update`): one batched
+reward-CNN forward over 64 x 2 x 25 observations, a Nature-CNN actor's probabilities for the implicit term, backward
+and an AdamW step. Each measurement runs in a fresh Python process so its peak memory is not inflated by anything
+else. Figures and targets: docs/performance.md.
 
     PYTHONPATH=. python sobirl/bench_reward.py [--device cpu] [--threads 2] [--repeats 5]
 """
@@ -23,8 +23,8 @@ NUM_ACTIONS = 9  # BeamRider
 PAIRS = 64
 FRAGMENT_LENGTH = 25
 # PyTorch reads this once, at its first CPU allocation: it backs large tensors with 2 MB pages, sparing the page
-# faults of the many fresh activation buffers an update allocates (about a third of the update's time with 4 KB
-# pages). The training scripts set it too (agents.pipeline.learner.enable_huge_pages).
+# faults of the many fresh activation buffers an update allocates (a large share of the update's time with 4 KB
+# pages: docs/performance.md). The training scripts set it too (agents.pipeline.learner.enable_huge_pages).
 THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 
 

@@ -1,36 +1,15 @@
 """Exact tabular hyper-gradients of bilevel RL from preferences: SoBiRL, M-SoBiRL, PARL, penalty methods, AIHF.
 
 Everything here is float64 and exact up to rounding, so that each method's gradient can be compared, as a number,
-with central finite differences of the true hyper-objective. No function here samples anything.
+with central finite differences of the true hyper-objective F(phi) = l_up(phi, pi*_phi) (`hyper_objective`). No
+function here samples anything: all (S*A)^H fragments of a small soft MDP with a linear reward are enumerated
+(`make_instance`, `enumerate_fragments`), and the lower level over tabular logits theta is the exact soft value
+J(theta; phi) (`lower_objective`), maximised by theta* = Q*/tau (tau: the temperature, SAC's alpha). Shapes and the
+soft-MDP primitives: agents/exact/soft_mdp.py (P[s, a, s'] = P(s'|s, a)).
 
-The instance is a small soft MDP: S states, A actions, transitions P (S, A, S) with P[s, a, s'] = P(s'|s, a),
-discount γ, entropy temperature τ (SAC's α), initial distribution ρ0, and a linear reward
-
-    r_φ(s, a) = features(s, a) · φ,          so ∇_φ r_φ(s, a) = features(s, a) exactly.
-
-Lower level. π*_φ is the entropy-regularised optimal policy: π*_φ(a|s) = exp((Q*(s,a) − V*(s))/τ), with the soft
-Bellman fixed point Q*(s,a) = r_φ(s,a) + γ Σ_s' P(s'|s,a) V*(s'), V*(s) = τ log Σ_a exp(Q*(s,a)/τ). Over tabular
-logits θ (S, A) with π_θ = softmax(θ) it maximises the soft value
-
-    J(θ; φ) = E_{s0~ρ0} V^{π_θ}(s0),   V^π = (I − γ P_π)⁻¹ Σ_a π(a|·) (r_φ(·, a) − τ log π(a|·)),
-
-so θ*(φ) = Q*/τ (up to a constant per state) is a maximiser.
-
-Upper level (RLHF). Length-H fragments start at s0 ~ ρ0 and follow π; a fragment's return is R_φ(τ) = Σ_{h<H}
-r_φ(s_h, a_h) (undiscounted, as in SoBiRL's Bradley–Terry model). For two independent fragments τ_i, τ_j the loss
-is the binary cross-entropy ℓ_ij = BCE(σ(R_φ(τ_i) − R_φ(τ_j)), y_ij), with soft labels y_ij = σ(R_true(τ_i) −
-R_true(τ_j)) from a fixed ground-truth reward. Enumerating all N = (S·A)^H fragments,
-
-    ℓ_up(φ, π) = Σ_{i,j} p_π(τ_i) p_π(τ_j) ℓ_ij(φ),        F(φ) = ℓ_up(φ, π*_φ),
-
-where p_π(τ) = ρ0(s_0) Π_h π(a_h|s_h) Π_{h<H−1} P(s_{h+1}|s_h, a_h). F is the hyper-objective; its central
-differences are the ground truth for every gradient below.
-
-References: SoBiRL (arXiv 2405.19697, Prop. 5.1–5.2 and the practical estimator of its Algorithm 3; M-SoBiRL's
-closed form (9)); PARL (Chakraborty et al., ICLR 2024, implicit-function hyper-gradient); the first-order penalty
-method of Gaur et al. 2024 ("On the global convergence of online RLHF with neural parametrization", after Kwon et
-al. 2024); PBRL (Shen, Yang & Chen, "Principled penalty-based methods for bilevel RL and RLHF", ICML 2024); AIHF
-("Learning reward and policy jointly from demonstration and preference improves alignment").
+The instance, each method's formula (SoBiRL Prop. 5.1-5.2 and estimator (78), M-SoBiRL's (9), PARL's implicit
+function theorem, the penalty forms of Kwon et al./PBRL and Gaur et al., AIHF's Lemma 4.1) and what the comparison
+shows: docs/algorithms.md §8; `python sobirl/tabular_compare.py` prints the table.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ def limit_cpu_threads(obs_shape: tuple[int, ...] | None = None) -> None:
     """Use every core the process may run on (CI machines have 2), unless the user already set OMP_NUM_THREADS.
 
     Networks on small observations (MinAtar's 10x10 boards) run fastest on one thread: their per-layer work is too
-    small to split, and two threads spent most of an update waiting on each other (0.07 s vs 0.007 s measured).
+    small to split, and two threads spend most of an update waiting on each other (figures: docs/performance.md).
     """
     if "OMP_NUM_THREADS" in os.environ:
         return

@@ -58,9 +58,8 @@ class DiscreteHead(nn.Module):
         self.channels_last = False
 
     def use_fastest_layout(self) -> DiscreteHead:
-        """NHWC activations for the Nature CNN, where oneDNN's convolution backward is about 1.6x faster on CPU; small
-        boards stay NCHW, where NHWC costs layout copies and slower kernels (a MinAtar critic forward of batch 64:
-        360 us NCHW vs 565 us NHWC)."""
+        """NHWC activations for the Nature CNN, where oneDNN's convolution backward is faster on CPU; small boards
+        stay NCHW, where NHWC costs layout copies and slower kernels (figures: docs/performance.md)."""
         self.channels_last = isinstance(self.encoder[0], nn.Conv2d) and self.encoder[0].kernel_size[0] == 8
         return self.to(memory_format=torch.channels_last) if self.channels_last else self
 

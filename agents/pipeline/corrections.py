@@ -1,9 +1,9 @@
 """Off-policy corrections of a score-function term on stored preference pairs: SoBiRL's implicit term and A-PARL's
 upper-level gradient g are both estimated on fragments that older policies collected.
 
-Why the uncorrected term drifts, and what each correction removes, is explained once, in docs/algorithms.md
-("SoBiRL off-policy: why the implicit term drifts"). In short: on a step that a behaviour policy mu chose, the score
-term (e_{a_t} - pi(.|s)) has mean mu - pi instead of 0, a push that does not depend on the reward parameters.
+Why the uncorrected term drifts, and what each correction removes, is explained once, in docs/algorithms.md §5.
+In short: on a step that a behaviour policy mu chose, the score term (e_{a_t} - pi(.|s)) has mean mu - pi instead
+of 0, a push that does not depend on the reward parameters.
     none            the estimator as the papers apply it (the default)
     baseline        l minus the leave-one-out mean l of the minibatch's other pairs
     ratio           each step's score term weighted by pi(a_t|s_t) / mu(a_t|s_t), clipped at --ratio-clip

@@ -66,8 +66,8 @@ class Stateful(Protocol):
 
 def enable_huge_pages() -> None:
     """Back PyTorch's large CPU tensors with 2 MB pages (read once, at PyTorch's first CPU allocation, so call this
-    before creating any tensor). Every reward update allocates about a gigabyte of fresh activations; with 4 KB
-    pages faulting them in costs about a third of the update on CPU."""
+    before creating any tensor). Every reward update allocates about a gigabyte of fresh activations, and faulting
+    them in 4 KB pages costs a large share of the update on CPU (docs/performance.md)."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 

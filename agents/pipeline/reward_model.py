@@ -9,16 +9,8 @@ pass that gives r(s, a_t).
 `forward` is the textbook network written with stock modules; it is what runs on CUDA, in evaluation mode, and
 under --compile. One boundary sets the CPU apart: in training mode on a CPU, the hot path of every reward update
 (3,200 observations per 64-pair minibatch) goes through `cpu_training_forward`, the same function computed with
-less memory traffic. `python sobirl/bench.py` shows why it exists: on the 2-core development machine one BeamRider
-reward update took 2.1 s and 1.8 GB with stock modules (1.7 s with channels-last inputs) and 0.99 s and 1.1 GB
-this way, against a target of 1.0 s and 1.5 GB. Its tricks:
-- activations are channels-last, where oneDNN's convolution backward is several times faster on CPU;
-- the 1/255 pixel scaling is folded into the first kernel, and the first convolution keeps its uint8 input for
-  backward instead of a float copy four times larger;
-- inverted dropout's factor 1/(1-p) is folded into BatchNorm's affine parameters (LeakyReLU is positively
-  homogeneous), and LeakyReLU + Dropout run in place as one autograd node whose saved tensor is its own output,
-  which the next convolution keeps anyway;
-- on CPU, p = 0.5 dropout masks are random bits, one per unit, several times cheaper than `bernoulli_`.
+less memory traffic, because the stock modules missed the reward update's time and memory target on the 2-core
+development machine (the figures: docs/performance.md, "Atari figures"; `python sobirl/bench.py` measures them).
 """
 
 from __future__ import annotations
@@ -225,7 +217,16 @@ class RewardCNN(nn.Module):
     reference_forward = stock_forward
 
     def cpu_training_forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """`stock_forward` in training mode, computed with the CPU tricks of the module docstring."""
+        """`stock_forward` in training mode, computed with less memory traffic on CPU:
+
+        - activations are channels-last, where oneDNN's convolution backward is several times faster on CPU;
+        - the 1/255 pixel scaling is folded into the first kernel, and the first convolution keeps its uint8 input
+          for backward instead of a float copy four times larger;
+        - inverted dropout's factor 1/(1-p) is folded into BatchNorm's affine parameters (LeakyReLU is positively
+          homogeneous), and LeakyReLU + Dropout run in place as one autograd node whose saved tensor is its own
+          output, which the next convolution keeps anyway;
+        - on CPU, p = 0.5 dropout masks are random bits, one per unit, several times cheaper than `bernoulli_`.
+        """
         first = self.convs[0]
         weight = first.weight * PIXEL_SCALE
         if torch.is_grad_enabled() and (weight.requires_grad or first.bias.requires_grad):
