@@ -158,3 +158,33 @@ def test_the_resume_paragraph_names_every_flag_a_resumed_run_may_change():
     resumable = {name for algo in ALGORITHMS for name in algorithm_args(algo).RESUMABLE}
     missing = sorted(flag_name(name) for name in resumable if f"`{flag_name(name)}`" not in paragraph)
     assert not missing, f"docs/usage.md's resume paragraph does not name {missing}"
+
+
+def test_the_cpu_build_of_torch_comes_before_the_first_install_command():
+    """A reader who runs commands as they read must meet the CPU-torch instruction before `pip install -e .` (after
+    it, pip has already fetched several GB of CUDA packages)."""
+    readme = (REPO / "README.md").read_text()
+    first_install = readme.index("pip install -e .")
+    assert "download.pytorch.org/whl/cpu" in readme[:first_install]
+
+
+def test_the_test_extra_brings_what_the_slurm_tests_need():
+    """CI installs `.[test]`: without submitit the Slurm requeue tests of tests/test_sweep.py skip there."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def requirements(extra: str) -> list[str]:
+        out = []
+        for requirement in extras[extra]:
+            nested = re.fullmatch(r"sobirl\[(\w+)\]", requirement)
+            out += requirements(nested.group(1)) if nested else [requirement]
+        return out
+
+    assert any(requirement.startswith("submitit") for requirement in requirements("test"))
+
+
+def test_the_results_docs_say_what_a_reproduction_on_another_cpu_gives():
+    text = (REPO / "docs" / "results" / "README.md").read_text()
+    paragraph = text[text.index("**What a reproduction gives.**") :].split("\n\n")[0]
+    assert "same kind of machine" in paragraph and "another CPU" in paragraph
+    assert "2.575" in paragraph and "2.466" in paragraph, "the measured example (Breakout DRLHF seed 3)"
