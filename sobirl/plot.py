@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from agents.infra.cli import flag, parse_args, require, run_cli
-from sobirl import stats
+from sobirl.harness import stats
+from sobirl.harness.events import event_files, load_run
 
 RETURN_TAG = "charts/episodic_return"
 LENGTH_TAG = "charts/episodic_length"
@@ -106,84 +107,6 @@ def parse_run_name(name: str) -> tuple[str, str, int, int] | None:
         return None
 
 
-def _event_files(run_dir: Path) -> list[Path]:
-    return sorted(p for p in run_dir.iterdir() if p.is_file() and "tfevents" in p.name)
-
-
-def _read_event_file(path: Path) -> dict[str, list[tuple[float, int, float]]]:
-    """All scalars of one event file as tag -> [(wall_time, step, value)], in the order written."""
-    from tensorboard.backend.event_processing import event_accumulator as ea
-
-    # size_guidance 0 keeps every scalar (the default reservoir samples 10k); purging is done by load_run, which
-    # sees all the files of a run at once.
-    acc = ea.EventAccumulator(
-        str(path),
-        size_guidance={
-            ea.SCALARS: 0,
-            ea.TENSORS: 0,
-            ea.HISTOGRAMS: 1,
-            ea.IMAGES: 1,
-            ea.AUDIO: 1,
-            ea.COMPRESSED_HISTOGRAMS: 1,
-        },
-        purge_orphaned_data=False,
-    )
-    acc.Reload()
-    tags = acc.Tags()
-    out = {tag: [(e.wall_time, e.step, float(e.value)) for e in acc.Scalars(tag)] for tag in tags.get(ea.SCALARS, [])}
-    # Writers other than torch's SummaryWriter (tf.summary v2, tensorboard's own) store scalars as 0-d tensors.
-    if tags.get(ea.TENSORS):
-        from tensorboard.util import tensor_util
-
-        for tag in tags[ea.TENSORS]:
-            rows = []
-            for e in acc.Tensors(tag):
-                array = tensor_util.make_ndarray(e.tensor_proto)
-                if array.size == 1 and np.issubdtype(array.dtype, np.number):
-                    rows.append((e.wall_time, e.step, float(array.reshape(()))))
-            if rows:
-                out.setdefault(tag, []).extend(rows)
-    return out
-
-
-def load_run(run_dir: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Every scalar of a run as tag -> (steps, values), sorted by step, merged over the run's event files.
-
-    A resumed run appends a new event file whose steps restart at the checkpoint, below where the first process
-    had got to before it stopped. Files are applied oldest first; each one replaces the earlier points of its
-    tags from its own first step on (its start is taken over the tags it shares with earlier files), so the
-    abandoned stretch is dropped and the later run wins. Several episodes ending at the same step of a vector
-    env are all kept, which plain dedupe-by-step would not do.
-    """
-    run_dir = Path(run_dir)
-    files = [_read_event_file(p) for p in _event_files(run_dir)]
-    files = [f for f in files if f]
-
-    def first_wall_time(content: dict[str, list[tuple[float, int, float]]]) -> float:
-        return min(rows[0][0] for rows in content.values() if rows)
-
-    files.sort(key=first_wall_time)
-    merged: dict[str, list[tuple[int, float]]] = {}
-    for content in files:
-        shared = [tag for tag in content if tag in merged and content[tag]]
-        if shared:
-            cut = min(min(step for _, step, _ in content[tag]) for tag in shared)
-            for tag in content:
-                if tag in merged:
-                    merged[tag] = [(s, v) for s, v in merged[tag] if s < cut]
-        for tag, rows in content.items():
-            merged.setdefault(tag, []).extend((step, value) for _, step, value in rows)
-    out = {}
-    for tag, rows in merged.items():
-        if not rows:
-            continue
-        steps = np.array([s for s, _ in rows], dtype=np.int64)
-        values = np.array([v for _, v in rows], dtype=np.float64)
-        order = np.argsort(steps, kind="stable")
-        out[tag] = (steps[order], values[order])
-    return out
-
-
 def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing mean over the last `window` values (fewer at the start), so early points are not dropped."""
     values = np.asarray(values, dtype=np.float64)
@@ -264,7 +187,7 @@ def recorded_flags(run_dir: Path) -> dict[str, str]:
             pass
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    for path in _event_files(run_dir):
+    for path in event_files(run_dir):
         try:
             for index, event in enumerate(EventFileLoader(str(path)).Load()):
                 for value in event.summary.value:
@@ -284,7 +207,7 @@ def recorded_identity(run_dir: Path, relative: str) -> tuple[str, str, int, int]
     --runs-dir ({env_id}__{exp_name}__{seed}__{unix time}); None when neither says."""
     flags = recorded_flags(run_dir)
     try:
-        start = int(min(p.stat().st_mtime for p in _event_files(run_dir)))
+        start = int(min(p.stat().st_mtime for p in event_files(run_dir)))
         return flags["env_id"], flags["exp_name"], int(flags["seed"]), start
     except (KeyError, ValueError, OSError):
         # A link named otherwise than the run folder it points to: the folder's own name.

@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agents.infra.cli import OneLineErrorParser, UsageError, flag_name, require, run_cli  # noqa: E402
 from sobirl.beamrider import ALGORITHMS  # noqa: E402
-from sobirl.benchmark import BENCHMARKS, REPO, Job, Layout, select_jobs, split_list  # noqa: E402
-from sobirl.plot import load_run  # noqa: E402
-from sobirl.report import load_results  # noqa: E402
+from sobirl.harness.declarations import BENCHMARKS  # noqa: E402
+from sobirl.harness.events import load_run  # noqa: E402
+from sobirl.harness.jobs import REPO, Job, Layout, select_jobs, split_list  # noqa: E402
+from sobirl.harness.summaries import load_results  # noqa: E402
 
 COMPUTING_PATHS = ("agents", "wrappers", "sobirl/beamrider.py")
 # A tiny budget: 3k steps, the learning and every bilevel term on from 500 / 1,000 steps, a few reward phases.

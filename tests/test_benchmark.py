@@ -20,7 +20,21 @@ import pytest
 from agents.infra.cli import UsageError, build_parser
 from sobirl import benchmark
 from sobirl.beamrider import ALGORITHMS
-from sobirl.benchmark import BENCHMARKS, Job, Layout, declared_jobs, env_id, parse_seed_list, select_jobs
+from sobirl.harness import jobs as harness_jobs
+from sobirl.harness import runner, stats, summaries
+from sobirl.harness.declarations import BENCHMARKS, SMOKE_PREF, Arm, env_id
+from sobirl.harness.jobs import Job, Layout, declared_jobs, parse_seed_list, select_jobs
+from sobirl.harness.report import (
+    by_cell,
+    diagnostics_table,
+    fmt,
+    improvement_reading,
+    label_curves,
+    level_text,
+    provenance,
+    wall_time_text,
+    write_report,
+)
 from tests.conftest import REPO, assert_usage_error, run_script
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,8 +96,6 @@ def test_each_pilot_runs_seeds_no_other_committed_benchmark_uses():
 
 def test_every_label_curve_names_a_declared_arm_and_each_point_its_labels():
     """Breaks on a typo in Arm.curve (the report would drop the curve's own arm) or a point without --total-pairs."""
-    from sobirl.report import label_curves
-
     for bench in BENCHMARKS.values():
         for curve, points in label_curves(bench).items():
             assert all(isinstance(labels, int) and labels > 0 for labels, _, _ in points), (bench.name, points)
@@ -134,7 +146,7 @@ def test_a_stopped_benchmark_continues_where_it_was(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline:
         finished = [j for j in jobs if j.result_path(layout).is_file()]
-        training = [j for j in jobs if benchmark.device_of(j.log_path(layout)) and not j.result_path(layout).is_file()]
+        training = [j for j in jobs if runner.device_of(j.log_path(layout)) and not j.result_path(layout).is_file()]
         if finished and len(training) == 2:
             break
         time.sleep(0.2)
@@ -144,7 +156,7 @@ def test_a_stopped_benchmark_continues_where_it_was(tmp_path):
     harness.send_signal(signal.SIGTERM)
     output, _ = harness.communicate(timeout=120)
     assert harness.returncode == 143, output
-    states = {job.key: benchmark.job_state(job, layout) for job in jobs}
+    states = {job.key: harness_jobs.job_state(job, layout) for job in jobs}
     assert "partial" in states.values() and "finished" in states.values(), states
     assert any(state in ("pending", "blocked") for state in states.values()), states
 
@@ -154,7 +166,7 @@ def test_a_stopped_benchmark_continues_where_it_was(tmp_path):
     for job in jobs:
         result = json.loads(job.result_path(layout).read_text())
         assert result["global_step"] == job.bench.steps, job.key
-        attempts = benchmark.read_attempts(job.attempts_path(layout))
+        attempts = summaries.read_attempts(job.attempts_path(layout))
         starts = [a for a in attempts if a["event"] == "start"]
         assert len(starts) == 1, (job.key, attempts)
         if states[job.key] == "partial":
@@ -182,8 +194,8 @@ def test_a_stopped_benchmark_continues_where_it_was(tmp_path):
         "replaced, lost run's attempts aside"
     )
     assert json.loads(frozen.result_path(layout).read_text())["frozen_from"] == frozen.source.key
-    source_exit = benchmark.read_attempts(frozen.source.attempts_path(layout))[-1]
-    frozen_start = [a for a in benchmark.read_attempts(frozen.attempts_path(layout)) if a["event"] == "start"][-1]
+    source_exit = summaries.read_attempts(frozen.source.attempts_path(layout))[-1]
+    frozen_start = [a for a in summaries.read_attempts(frozen.attempts_path(layout)) if a["event"] == "start"][-1]
     assert source_exit["event"] == "exit" and frozen_start["time"] >= source_exit["time"], "waited for the rerun"
 
 
@@ -197,28 +209,28 @@ def test_a_lost_source_runs_again_just_before_the_first_run_that_needs_it_and_on
     for job in (frozen.source, aihf.source):
         job.result_path(layout).parent.mkdir(parents=True, exist_ok=True)
         job.result_path(layout).write_text("{}")
-    assert benchmark.source_lost(frozen, layout) and benchmark.job_state(frozen, layout) == "blocked"
-    plan = benchmark.with_lost_sources([frozen, aihf, aihf_2], layout)
+    assert harness_jobs.source_lost(frozen, layout) and harness_jobs.job_state(frozen, layout) == "blocked"
+    plan = harness_jobs.with_lost_sources([frozen, aihf, aihf_2], layout)
     assert [(job.key, job.rerun) for job in plan] == [
         (frozen.source.key, True), (frozen.key, False), (aihf.source.key, True), (aihf.key, False),
         (aihf_2.key, False),
     ]  # fmt: skip
-    assert benchmark.job_state(frozen.source, layout) == "finished"
-    assert benchmark.job_state(plan[0], layout) == "pending", "a rerun ignores the summary it replaces"
+    assert harness_jobs.job_state(frozen.source, layout) == "finished"
+    assert harness_jobs.job_state(plan[0], layout) == "pending", "a rerun ignores the summary it replaces"
     # A rerun part-way (its checkpoint not final) is still lost: the dependent waits, and the rerun resumes.
     partway = {str(frozen.source.run_dir(layout)): (25_000, 100_000)}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(benchmark, "checkpoint_progress", lambda run_dir: partway.get(str(run_dir)))
-        assert benchmark.source_lost(frozen, layout) and benchmark.job_state(frozen, layout) == "blocked"
-        assert benchmark.job_state(plan[0], layout) == "partial"
+        patch.setattr(harness_jobs, "checkpoint_progress", lambda run_dir: partway.get(str(run_dir)))
+        assert harness_jobs.source_lost(frozen, layout) and harness_jobs.job_state(frozen, layout) == "blocked"
+        assert harness_jobs.job_state(plan[0], layout) == "partial"
         partway[str(frozen.source.run_dir(layout))] = (100_000, 100_000)
-        assert not benchmark.source_lost(frozen, layout) and benchmark.job_state(frozen, layout) == "pending"
+        assert not harness_jobs.source_lost(frozen, layout) and harness_jobs.job_state(frozen, layout) == "pending"
     # Recorded demonstrations are all an AIHF run needs; a finished dependent needs nothing.
     aihf.demos_path(layout).parent.mkdir(parents=True, exist_ok=True)
     aihf.demos_path(layout).write_bytes(b"")
     frozen.result_path(layout).parent.mkdir(parents=True, exist_ok=True)
     frozen.result_path(layout).write_text("{}")
-    assert benchmark.with_lost_sources([frozen, aihf], layout) == [frozen, aihf]
+    assert harness_jobs.with_lost_sources([frozen, aihf], layout) == [frozen, aihf]
 
 
 def test_a_dependent_waits_while_a_worker_holds_its_source_between_queue_and_lock(tmp_path):
@@ -228,12 +240,12 @@ def test_a_dependent_waits_while_a_worker_holds_its_source_between_queue_and_loc
     layout = Layout(tmp_path / "runs", tmp_path / "results")
     bench = BENCHMARKS["smoke"]
     frozen = Job(bench, "Breakout", bench.arm("drlhf_frozen"), 1)
-    runner = benchmark.Runner([frozen.source, frozen], layout, workers=2)
-    assert runner.source_progress(frozen) == "waiting"  # queued
-    assert runner.next_job().key == frozen.source.key  # worker A takes it; its lock is not claimed yet
-    assert runner.source_progress(frozen) == "waiting"
-    runner.taken.clear()  # had worker A let go of it unrun, nobody would run it
-    assert runner.source_progress(frozen) == "blocked"
+    workers = runner.Runner([frozen.source, frozen], layout, workers=2)
+    assert workers.source_progress(frozen) == "waiting"  # queued
+    assert workers.next_job().key == frozen.source.key  # worker A takes it; its lock is not claimed yet
+    assert workers.source_progress(frozen) == "waiting"
+    workers.taken.clear()  # had worker A let go of it unrun, nobody would run it
+    assert workers.source_progress(frozen) == "blocked"
 
 
 def test_a_dependent_waits_until_the_worker_of_its_finished_source_lets_go(tmp_path):
@@ -249,13 +261,13 @@ def test_a_dependent_waits_until_the_worker_of_its_finished_source_lets_go(tmp_p
     source_dir.mkdir(parents=True)
     save_atomic({"algo": "drlhf", "args": {"total_timesteps": 10}, "global_step": 10, "algorithm": {}},
                 source_dir / CHECKPOINT_NAME)  # fmt: skip
-    assert benchmark.job_state(frozen.source, layout) == "complete"
-    runner = benchmark.Runner([frozen], layout, workers=2)
+    assert harness_jobs.job_state(frozen.source, layout) == "complete"
+    workers = runner.Runner([frozen], layout, workers=2)
     lock = frozen.source.lock_path(layout)
-    assert benchmark.claim(lock)  # this process: a live worker still on the source
-    assert runner.source_progress(frozen) == "waiting"
+    assert runner.claim(lock)  # this process: a live worker still on the source
+    assert workers.source_progress(frozen) == "waiting"
     lock.unlink()
-    assert runner.source_progress(frozen) == "ready"
+    assert workers.source_progress(frozen) == "ready"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,20 +276,20 @@ def test_a_dependent_waits_until_the_worker_of_its_finished_source_lets_go(tmp_p
 
 def test_windowed_means_carry_forward_and_last_at_is_a_step_function():
     steps, values = [5, 15, 16, 40], [1.0, 2.0, 4.0, 8.0]
-    assert benchmark.windowed_means(steps, values, [10, 20, 30, 40]) == [1.0, 3.0, 3.0, 8.0]
-    assert benchmark.windowed_means([25], [1.0], [10, 20, 30]) == [None, None, 1.0]
-    assert benchmark.last_at([10, 30], [1.0, 5.0], [5, 10, 20, 30]) == [None, 1.0, 1.0, 5.0]
+    assert summaries.windowed_means(steps, values, [10, 20, 30, 40]) == [1.0, 3.0, 3.0, 8.0]
+    assert summaries.windowed_means([25], [1.0], [10, 20, 30]) == [None, None, 1.0]
+    assert summaries.last_at([10, 30], [1.0, 5.0], [5, 10, 20, 30]) == [None, 1.0, 1.0, 5.0]
 
 
 def test_final_mean_takes_the_last_tenth_of_the_games():
-    assert benchmark.final_mean(list(range(20))) == 18.5
-    assert benchmark.final_mean([3.0]) == 3.0
-    assert benchmark.final_mean([math.nan]) is None
+    assert summaries.final_mean(list(range(20))) == 18.5
+    assert summaries.final_mean([3.0]) == 3.0
+    assert summaries.final_mean([math.nan]) is None
 
 
 def test_result_json_is_strict_and_keeps_lists_of_numbers_on_one_line():
-    content = benchmark.clean_json({"curve": [1.0, math.nan, None, -2.5e-05], "nested": {"x": [math.inf]}})
-    text = benchmark.to_json(content)
+    content = summaries.clean_json({"curve": [1.0, math.nan, None, -2.5e-05], "nested": {"x": [math.inf]}})
+    text = summaries.to_json(content)
     assert json.loads(text) == {"curve": [1.0, None, None, -2.5e-05], "nested": {"x": [None]}}
     assert '"curve": [1.0, null, null, -2.5e-05]' in text
 
@@ -287,9 +299,9 @@ def test_result_json_is_strict_and_keeps_lists_of_numbers_on_one_line():
 
 
 def fake_result(bench, game, arm, seed, final, curve_scale=1.0, labels=0):
-    grid = benchmark.grid_for(BENCHMARKS[bench].steps)
+    grid = summaries.grid_for(BENCHMARKS[bench].steps)
     return {
-        "format": benchmark.RESULT_FORMAT, "version": 1, "benchmark": bench, "game": game, "arm": arm, "seed": seed,
+        "format": summaries.RESULT_FORMAT, "version": 1, "benchmark": bench, "game": game, "arm": arm, "seed": seed,
         "final_return": final, "grid": grid, "return_curve": [final * curve_scale * (k + 1) / len(grid)
                                                               for k in range(len(grid))],
         "labels_curve": [0] * len(grid), "labels": labels, "commits": ["abc"], "machines": [], "wall_seconds": 60.0,
@@ -309,8 +321,6 @@ def write_fake_results(results_dir, arms_finals, seeds, bench="smoke", labels=0)
 
 def test_report_gives_intervals_from_five_runs_and_ranges_below(tmp_path):
     """Breaks if a cell of fewer than 5 runs got an interval, or the normalisation used the wrong arms."""
-    from sobirl.report import write_report
-
     layout = Layout(tmp_path / "runs", tmp_path / "results")
     finals = {("random", "Breakout"): 0.0, ("sac", "Breakout"): 2.0, ("drlhf", "Breakout"): 1.5}
     write_fake_results(layout.results, finals, seeds=range(1, 6))
@@ -334,7 +344,6 @@ def test_report_gives_intervals_from_five_runs_and_ranges_below(tmp_path):
 
 
 def test_an_arm_is_read_as_ahead_only_when_the_interval_excludes_one_half():
-    from sobirl.report import improvement_reading
 
     assert improvement_reading(0.55, 0.9, "A", "B", 5) == "A ahead"
     assert improvement_reading(0.1, 0.45, "A", "B", 5) == "B ahead"
@@ -346,8 +355,6 @@ def test_an_arm_is_read_as_ahead_only_when_the_interval_excludes_one_half():
 
 def test_diagnostics_pool_every_games_runs_of_an_arm_into_one_row():
     """Breaks if the all-games row took one game's runs only, or a one-game benchmark grew a pooled row."""
-    from sobirl.report import by_cell, diagnostics_table
-
     bench = dataclasses.replace(BENCHMARKS["smoke"], games=("Breakout", "Seaquest"))
     results = []
     for game, bce in (("Breakout", 0.5), ("Seaquest", 3.0)):
@@ -436,8 +443,6 @@ def test_every_decimal_in_the_readmes_findings_is_on_a_generated_results_page():
 def test_report_draws_the_label_curve_with_the_curves_own_arm_at_its_labels(tmp_path):
     """Breaks if a point took another arm's runs or labels, if the curve's own arm (30 labels here, main's 1,000
     in the labels benchmark) were left out, or if a point of 2 runs got an interval."""
-    from sobirl.benchmark import SMOKE_PREF, Arm
-    from sobirl.report import write_report
 
     def at(labels: int, seeds: int) -> Arm:
         flags = list(SMOKE_PREF)
@@ -466,8 +471,6 @@ def test_report_draws_the_label_curve_with_the_curves_own_arm_at_its_labels(tmp_
 def test_the_labels_report_takes_baselines_and_the_1000_label_point_from_main_on_the_points_seeds(tmp_path):
     """Breaks if the curve's own arm (main's drlhf, 10 seeds) entered with seeds the other points do not run, or the
     normalisation did not come from main's random and SAC runs."""
-    from sobirl.report import write_report
-
     layout = Layout(tmp_path / "runs", tmp_path / "results")
     game = "SpaceInvaders"
     main = {("random", game): 0.0, ("sac", game): 2.0}
@@ -488,7 +491,6 @@ def test_the_labels_report_takes_baselines_and_the_1000_label_point_from_main_on
 
 
 def test_wall_times_leave_out_runs_with_an_attempt_that_never_logged_its_exit():
-    from sobirl.report import wall_time_text
 
     runs = [{"wall_seconds": 480.0}, {"wall_seconds": 600.0, "untimed_attempts": 0}]
     assert wall_time_text(runs) == "8.0–10.0 min"
@@ -501,17 +503,16 @@ def test_wall_times_leave_out_runs_with_an_attempt_that_never_logged_its_exit():
 
 def test_attempt_times_count_the_attempts_whose_exit_was_never_logged():
     start, resume = {"event": "start"}, {"event": "resume"}
-    assert benchmark.attempt_times([start, {"event": "exit", "seconds": 60.0}]) == {
+    assert summaries.attempt_times([start, {"event": "exit", "seconds": 60.0}]) == {
         "attempts": 1,
         "wall_seconds": 60.0,
         "untimed_attempts": 0,
     }
     lost_twice = [start, resume, resume, {"event": "exit", "seconds": 30.04}]
-    assert benchmark.attempt_times(lost_twice) == {"attempts": 3, "wall_seconds": 30.0, "untimed_attempts": 2}
+    assert summaries.attempt_times(lost_twice) == {"attempts": 3, "wall_seconds": 30.0, "untimed_attempts": 2}
 
 
 def test_report_numbers_use_one_minus_sign_and_thousands_separators():
-    from sobirl.report import fmt
 
     assert [fmt(-0.5), fmt(-1234.5), fmt(-14_200.0), fmt(15_600.0), fmt(math.nan)] == [
         "−0.50",
@@ -523,7 +524,6 @@ def test_report_numbers_use_one_minus_sign_and_thousands_separators():
 
 
 def test_provenance_counts_each_machines_runs_and_warns_when_wall_times_mix_machines():
-    from sobirl.report import provenance
 
     slow, fast = (
         json.dumps({"cpu": cpu, "cores": 2, "avx512": avx, "torch": "2.13"}) for cpu, avx in (("A", 0), ("B", 1))
@@ -554,7 +554,6 @@ def test_status_counts_finished_and_pending_runs(tmp_path):
 
 
 def test_stats_interval_estimates_agree_with_a_plain_bootstrap_on_one_game():
-    from sobirl import stats
 
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(10, 1))
@@ -568,8 +567,6 @@ def test_stats_interval_estimates_agree_with_a_plain_bootstrap_on_one_game():
 def test_bootstrap_intervals_are_the_same_on_every_call_with_one_seed():
     """The pages are regenerated and compared; rliable's resampling ignores its random_state (it draws from numpy's
     global generator), so without a seed of ours two reports of the same runs differ in their intervals."""
-    from sobirl import stats
-
     rng = np.random.default_rng(0)
     scores = {"a": rng.normal(size=(5, 3)), "b": rng.normal(size=(5, 3))}
     first = stats.aggregate_estimates(scores, reps=200, seed=3)[1]["a"]
@@ -583,9 +580,6 @@ def test_bootstrap_intervals_are_the_same_on_every_call_with_one_seed():
 
 def test_a_bonferroni_interval_holds_the_plain_one_and_is_drawn_from_the_same_resamples():
     """The report's last P(first > second) column: the same bootstrap at level 1 - 0.05/k, so it can only widen."""
-    from sobirl import stats
-    from sobirl.report import level_text
-
     assert stats.bonferroni_confidence(5) == pytest.approx(0.99)
     assert [level_text(stats.bonferroni_confidence(k)) for k in (1, 3, 5)] == ["95%", "98.3%", "99%"]
     rng = np.random.default_rng(1)
@@ -598,8 +592,6 @@ def test_a_bonferroni_interval_holds_the_plain_one_and_is_drawn_from_the_same_re
 
 def test_profile_points_agree_with_rliables_profile():
     """The few-run profile of the aggregate figure is rliable's point estimate without its band."""
-    from sobirl import stats
-
     scores = np.random.default_rng(0).normal(0.5, 0.4, size=(5, 3))
     scores[0, :2] = 0.5, 1.0  # on a threshold: "above" is strict
     thresholds = np.linspace(-0.5, 1.5, 41)
@@ -609,8 +601,8 @@ def test_profile_points_agree_with_rliables_profile():
 
 def test_a_job_lock_is_refused_while_its_holder_lives_and_taken_over_once_it_died(tmp_path):
     lock = tmp_path / "seed1.lock"
-    assert benchmark.claim(lock) and lock.read_text() == str(__import__("os").getpid())
-    assert not benchmark.claim(lock), "held by this (live) process"
+    assert runner.claim(lock) and lock.read_text() == str(__import__("os").getpid())
+    assert not runner.claim(lock), "held by this (live) process"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(dead.stdout.strip())
-    assert benchmark.claim(lock), "a dead holder's lock is stale"
+    assert runner.claim(lock), "a dead holder's lock is stale"

@@ -12,7 +12,10 @@ import shlex
 import pytest
 
 from agents.infra.cli import build_parser
+from sobirl import benchmark
 from sobirl.beamrider import ALGORITHMS, DEFAULT_ALGO
+from sobirl.harness.declarations import BENCHMARKS
+from sobirl.harness.jobs import parse_seed_list, select_jobs, split_list
 from tests.conftest import REPO, run_script
 
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
@@ -95,11 +98,8 @@ def test_documented_python_command_parses(doc, command):
         check_sweep(argv)
         return
     if script == "sobirl/benchmark.py":
-        from sobirl import benchmark
-
         args = benchmark.parse_args(argv)
-        benchmark.select_jobs(benchmark.BENCHMARKS[args.bench], benchmark.split_list(args.games),
-                              benchmark.split_list(args.arms), benchmark.parse_seed_list(args.seeds))  # fmt: skip
+        select_jobs(BENCHMARKS[args.bench], split_list(args.games), split_list(args.arms), parse_seed_list(args.seeds))
         return
     parser, rest = script_parser(script, argv)
     parse(parser, rest)

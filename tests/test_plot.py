@@ -11,6 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from agents.infra.cli import UsageError, run_cli
 from sobirl import plot
+from sobirl.harness.events import load_run
 
 ENV = "BeamRiderNoFrameskip-v4"
 EPISODE_STEPS = np.arange(100, 2001, 100)  # 20 episodes per run
@@ -108,7 +109,7 @@ def test_final_value():
 
 
 def test_load_run_reads_known_values(runs_dir):
-    scalars = plot.load_run(runs_dir / f"{ENV}__sobirl__2__1700000000")
+    scalars = load_run(runs_dir / f"{ENV}__sobirl__2__1700000000")
     steps, values = scalars[plot.RETURN_TAG]
     assert steps.tolist() == EPISODE_STEPS.tolist()
     assert np.all(values == 20.0)
@@ -126,7 +127,7 @@ def test_load_run_merges_resumed_event_files(tmp_path):
         writer.add_scalar(plot.RETURN_TAG, 2.0, step, walltime=5000.0 + i)
     writer.close()
     assert len(list(run_dir.glob("*tfevents*"))) == 2
-    steps, values = plot.load_run(run_dir)[plot.RETURN_TAG]
+    steps, values = load_run(run_dir)[plot.RETURN_TAG]
     assert steps.tolist() == [0, 100, 200, 300, 400, 500, 600, 700, 700, 800, 1500]
     assert values.tolist() == [1.0] * 6 + [2.0] * 5
 
@@ -171,7 +172,7 @@ def test_main_writes_figure_table_and_json(runs_dir, tmp_path, capsys):
 
 
 def test_aggregate_curve_on_known_runs(runs_dir):
-    runs = [plot.load_run(runs_dir / f"{ENV}__sobirl__{s}__1700000000")[plot.RETURN_TAG] for s in (1, 2, 3)]
+    runs = [load_run(runs_dir / f"{ENV}__sobirl__{s}__1700000000")[plot.RETURN_TAG] for s in (1, 2, 3)]
     curve = plot.aggregate_curve(runs, num_points=10, smooth=5, reps=300)
     # The grid starts at the fifth game, where the rolling mean first averages five of them.
     assert curve.grid[0] == 500 and curve.grid[-1] == 2000 and curve.num_runs == 3
@@ -252,6 +253,6 @@ def test_every_panel_has_a_y_axis_label(runs_dir):
     args = plot.parse_args(plot.Args, ["--runs-dir", str(runs_dir)])
     runs = plot.select_runs(args)
     for run in runs:
-        run.scalars = plot.load_run(run.path)
+        run.scalars = load_run(run.path)
     fig = plot.build_figure(plot.group_runs(runs), args)
     assert len(fig.axes) == 3 and all(ax.get_ylabel() for ax in fig.axes)

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sobirl.benchmark import BENCHMARKS, REPO, Layout, select_jobs
+from sobirl.harness.declarations import BENCHMARKS
+from sobirl.harness.jobs import REPO, Layout, select_jobs
 from sobirl.same_code import code_state, differing_tags, tiny_flags
 from tests.conftest import run_script
 
@@ -30,7 +31,7 @@ def test_commits_that_change_only_docs_share_a_code_state_and_a_code_change_make
         (tmp_path / path).write_text("x = 1\n")
     first = commit("agents/loss.py", "def loss(): return 1\n")
     docs = commit("docs/notes.md", "a result\n")
-    harness = commit("sobirl/benchmark.py", "# declarations\n")
+    harness = commit("sobirl/harness/declarations.py", "# declarations\n")
     code = commit("agents/loss.py", "def loss(): return 2\n")
     entry = commit("sobirl/beamrider.py", "x = 2\n")
     states = [code_state(c, repo=tmp_path) for c in (first, docs, harness, code, entry)]

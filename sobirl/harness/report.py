@@ -2,7 +2,7 @@
 `python sobirl/benchmark.py report BENCH` writes docs/results/<bench>/README.md and its figures.
 
 Scores are normalised per game as (score - random) / (SAC on the true reward - random), both the means of those
-arms' runs. Statistics follow rliable (sobirl/stats.py): interquartile mean (IQM) and mean with stratified bootstrap
+arms' runs. Statistics follow rliable (stats.py): interquartile mean (IQM) and mean with stratified bootstrap
 95% intervals over runs x games, probabilities of improvement, performance profiles. A cell with fewer than 5 runs
 shows the range of its runs, never an interval.
 """
@@ -17,30 +17,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from agents.infra.cli import UsageError
-from sobirl import stats
+from sobirl.harness import stats
+from sobirl.harness.declarations import BENCHMARKS
+from sobirl.harness.summaries import load_results
 
 MIN_RUNS = stats.MIN_RUNS_FOR_INTERVAL
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_results(results_dir: Path, bench: str) -> list[dict]:
-    """Every run summary of one benchmark (docs/results/<bench>/<game>/<arm>/seed<k>.json)."""
-    folder = Path(results_dir) / bench
-    results = []
-    for path in sorted(folder.glob("*/*/seed*.json")):
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise UsageError(f"{path}: not a readable results file ({err})") from None
-        if result.get("format") != "sobirl-benchmark-result":
-            raise UsageError(f"{path}: not a benchmark results file")
-        results.append(result)
-    return results
+# Cells and scores
 
 
 def by_cell(results: Sequence[dict]) -> dict[tuple[str, str], dict[int, dict]]:
@@ -214,8 +202,6 @@ def aggregate_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str,
 
 def arm_title(bench, name: str) -> str:
     """An arm's legend text, from this benchmark or the one it takes its baselines from."""
-    from sobirl.benchmark import BENCHMARKS
-
     for source in (bench, BENCHMARKS.get(bench.baselines_from)):
         if source is not None and any(arm.name == name for arm in source.arms):
             return source.arm(name).title
@@ -273,8 +259,6 @@ def label_curves(bench) -> dict[str, list[tuple[int, str, int]]]:
     """{curve: [(labels, arm, last seed), ...] in order of labels}: the arms that name the curve, and the curve's own
     arm (of this benchmark or of the one it takes its baselines from) at its own labels, on the seeds the curve's
     other points run (main's DRLHF runs 10 seeds; the labels benchmark's points 5)."""
-    from sobirl.benchmark import BENCHMARKS
-
     curves: dict[str, list[tuple[int, str, int]]] = defaultdict(list)
     for arm in bench.arms:
         if arm.curve:
@@ -335,12 +319,8 @@ def label_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str, lis
 def draw_label_curves(bench, drawn, path: Path) -> None:
     """Normalised final score against labels (log axis), one line per curve: filled points are IQMs with their 95%
     interval, hollow ones the mean of fewer than MIN_RUNS runs with their range."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for k, (curve, points) in enumerate(drawn.items()):
         labels, point, low, high, enough = (np.array(column) for column in zip(*points))
         color = f"C{k}"
@@ -356,7 +336,6 @@ def draw_label_curves(bench, drawn, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def diagnostics_table(bench, cells) -> list[str]:
@@ -440,13 +419,9 @@ def curve_matrix(runs: Sequence[dict], key: str = "return_curve") -> np.ndarray:
 
 
 def draw_returns(bench, cells, path: Path, reps: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     colors = arm_colors(bench)
-    fig, axes = plt.subplots(1, len(bench.games), figsize=(5.2 * len(bench.games), 3.8), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(bench.games), 3.8))
+    axes = fig.subplots(1, len(bench.games), squeeze=False)
     for ax, game in zip(axes[0], bench.games):
         for arm in bench.arms:
             runs = list(cells.get((arm.name, game), {}).values())
@@ -474,21 +449,16 @@ def draw_returns(bench, cells, path: Path, reps: int) -> None:
     fig.suptitle(f"{bench.name}: IQM over runs, 95% bootstrap band (5+ runs) or min–max (fewer); runs in brackets")
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 def draw_aggregate(bench, cells, base, matrices: dict[str, np.ndarray], path: Path, reps: int) -> None:
     """IQM normalised score against env steps and the performance profiles of the final scores: with a stratified
     bootstrap band for arms of MIN_RUNS runs or more; for fewer, dashed: the mean of the runs' means over games and
     their min-max (their curves say what happened, not what to expect)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     games = [g for g in bench.games if g in base]
     colors = arm_colors(bench)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    fig = Figure(figsize=(12, 4))
+    left, right = fig.subplots(1, 2)
     curves = {}
     for name in matrices:
         seeds = common_seeds(cells, name, games)
@@ -530,7 +500,6 @@ def draw_aggregate(bench, cells, base, matrices: dict[str, np.ndarray], path: Pa
         right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def legend_entry(bench, name: str, runs: int) -> tuple[str, str]:

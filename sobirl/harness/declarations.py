@@ -1,0 +1,311 @@
+"""The benchmarks: each one's games, budget, shared flags and arms. The one file to edit to add a benchmark or an arm.
+
+A benchmark is declared once, in BENCHMARKS: its games, its budget, the flags every run shares and its arms (name,
+algorithm, flags, how many seeds). `python sobirl/benchmark.py list NAME` prints every job's full command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from agents.infra.cli import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    name: str  # folder and legend key; also the run's --exp-name
+    algo: str  # --algo of sobirl/beamrider.py
+    flags: tuple[str, ...] = ()
+    label: str = ""  # legend text
+    seeds: int = 5  # the arm runs seeds 1..seeds
+    frozen_from: str = ""  # SAC from scratch on the final reward model of this arm's run (same game and seed)
+    demos: bool = False  # AIHF: --demos, recorded from the benchmark's demonstration source (Benchmark.demos)
+    # Label efficiency: the arm (of this benchmark or of its baselines_from) whose label curve this arm is a point
+    # of, at the labels its runs use (Benchmark.labels).
+    curve: str = ""
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    name: str
+    description: str
+    games: tuple[str, ...]
+    steps: int  # env steps of every run
+    common: tuple[str, ...]  # flags every run shares
+    arms: tuple[Arm, ...]
+    # Scores are normalised per game as (score - random) / (sac - random) with these arms' mean final returns,
+    # taken from `baselines_from` (another benchmark's results) when this one does not run them.
+    random_arm: str = "random"
+    reference_arm: str = "sac"
+    baselines_from: str = ""
+    # "X vs Y" comparisons whose probability of improvement the report gives.
+    comparisons: tuple[tuple[str, str], ...] = ()
+    # Whether its summaries belong in docs/results (committed); otherwise they stay under the runs folder.
+    committed: bool = True
+    # Where demonstrations come from (arms with demos=True): (benchmark, arm, seed, steps): the finished run of that
+    # arm and seed on each game, whose policy `sobirl/demos.py record` plays for that many steps (whole games kept).
+    demos: tuple[str, str, int, int] | None = None
+    # Its seeds are seed_offset + 1 ... seed_offset + each arm's count (a pilot on seeds the benchmarks it informs
+    # do not use, so that choosing by its results does not select on those benchmarks' own runs).
+    seed_offset: int = 0
+
+    @property
+    def arm_names(self) -> tuple[str, ...]:
+        return tuple(arm.name for arm in self.arms)
+
+    def arm(self, name: str) -> Arm:
+        for arm in self.arms:
+            if arm.name == name:
+                return arm
+        raise UsageError(f"benchmark {self.name} has no arm {name!r} (its arms: {', '.join(self.arm_names)})")
+
+    def labels(self, arm: Arm) -> int | None:
+        """The --total-pairs an arm's runs get (the last one given wins, as on the command line); None if not set."""
+        flags = (*self.common, *arm.flags)
+        given = [k for k, flag in enumerate(flags[:-1]) if flag == "--total-pairs"]
+        return int(flags[given[-1] + 1]) if given else None
+
+
+# The proving-ground settings: SAC as in the paper except a 100k replay and 5k random steps; the paper's preference
+# schedule scaled to 100k steps: 5k SAC steps per outer iteration, 100 warm-up pairs x 100 epochs, 1,000 labels in
+# 20 iterations, 25-step fragments, oracle teacher; every bilevel term on from 20k steps.
+# A checkpoint every 25k steps (the replay included), so a machine that goes away mid-run costs at most a quarter run.
+PROVING_GROUND = ("--buffer-size", "100000", "--learning-starts", "5000", "--save-every", "25000")
+
+
+def preference_budget(labels: int, iterations: int = 20, initial: int = 0) -> tuple[str, ...]:
+    """The preference flags of `labels` labels over `iterations` outer iterations of 5k SAC steps; the warm-up
+    labels `initial` pairs (default a tenth of the labels) and trains on them for 100 epochs."""
+    return (
+        "--inner-steps", "5000", "--initial-pairs", str(initial or labels // 10), "--warmup-epochs", "100",
+        "--total-pairs", str(labels), "--schedule-iterations", str(iterations), "--pair-buffer", str(labels),
+    )  # fmt: skip
+
+
+PREF = preference_budget(1000)
+SMOKE_PREF = ("--inner-steps", "500", "--initial-pairs", "10", "--warmup-epochs", "2", "--total-pairs", "30",
+              "--schedule-iterations", "3", "--pair-buffer", "30", "--fragment-length", "10")  # fmt: skip
+RANDOM = Arm("random", "sac", ("--learning-starts", "100000000"), "Random policy", seeds=10)
+SAC = Arm("sac", "sac", (), "SAC-discrete (true reward)", seeds=10)
+DRLHF = Arm("drlhf", "drlhf", PREF, "DRLHF", seeds=10)
+SOBIRL = Arm("sobirl", "sobirl", (*PREF, "--hyper-start", "20000"), "SoBiRL as specified", seeds=10)
+SOBIRL_CORRECTED = Arm(
+    "sobirl_corrected",
+    "sobirl",
+    (*PREF, "--hyper-start", "20000", "--implicit-correction", "ratio-baseline"),
+    "SoBiRL, ratio-baseline correction",
+    seeds=10,
+)
+
+
+def penalty_flags(sigma: str) -> tuple[str, ...]:
+    """The penalty method (PBRL) at the main budget: each agent half the env steps, the value gap on from 20k."""
+    return (*PREF, "--penalty-start", "20000", "--inner-split", "half", "--sigma", sigma)
+
+
+def at_labels(source: Arm, labels: int) -> Arm:
+    """`source`, an arm of the main budget (its flags begin with PREF), at `labels` labels: a point of its curve."""
+    assert source.flags[: len(PREF)] == PREF, source.name
+    flags = (*preference_budget(labels), *source.flags[len(PREF) :])
+    return Arm(f"{source.name}_{labels}", source.algo, flags, f"{source.title}, {labels:,} labels", curve=source.name)
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark(
+            "main",
+            "Every preference method against random play and SAC on the true reward, on three MinAtar games at "
+            "equal env steps (100k) and label budget (1,000, of which a run uses 935: the query schedule's last two "
+            "batches fall after its last step); the authors' pipeline (--reference-quirks) beside ours.",
+            games=("SpaceInvaders", "Breakout", "Seaquest"),
+            steps=100_000,
+            common=PROVING_GROUND,
+            arms=(
+                RANDOM,
+                SAC,
+                DRLHF,
+                SOBIRL,
+                SOBIRL_CORRECTED,
+                Arm(
+                    "sobirl_quirks",
+                    "sobirl",
+                    (*PREF, "--hyper-start", "20000", "--reference-quirks"),
+                    "SoBiRL, the authors' pipeline",
+                ),
+                Arm("drlhf_quirks", "drlhf", (*PREF, "--reference-quirks"), "DRLHF, the authors' pipeline"),
+                # The frozen-reward check: a fresh SAC on each run's final reward model.
+                Arm("drlhf_frozen", "sac", (), "SAC on DRLHF's final reward", seeds=3, frozen_from="drlhf"),
+                Arm("sobirl_frozen", "sac", (), "SAC on SoBiRL's final reward", seeds=3, frozen_from="sobirl"),
+                Arm(
+                    "sobirl_corrected_frozen",
+                    "sac",
+                    (),
+                    "SAC on corrected SoBiRL's final reward",
+                    seeds=3,
+                    frozen_from="sobirl_corrected",
+                ),
+            ),
+            comparisons=(
+                ("sobirl", "drlhf"),
+                ("sobirl_corrected", "drlhf"),
+                ("sobirl_corrected", "sobirl"),
+                ("sobirl_quirks", "drlhf_quirks"),
+                ("drlhf", "sac"),
+            ),
+        ),
+        Benchmark(
+            "pilot",
+            "Which third game for main: SAC on the true reward against random play on MinAtar Seaquest and Freeway "
+            "at main's settings (100k env steps), 3 seeds each (seeds 201-203, which no other benchmark uses). The "
+            "rule: a game qualifies when SAC's lowest final return is above random play's highest. Main's choice of "
+            "Seaquest was made on 2026-12-02 from an earlier run of this pilot on seeds 1-3, whose summaries were not "
+            "committed (final return per seed: Seaquest SAC 0.69, 0.63, 0.56, random 0.09, 0.09, 0.13; Freeway SAC "
+            "0.25, 0.50, 0.50, random 0.25, 0.75, 0.25); these runs repeat it on fresh seeds, with their data kept.",
+            games=("Seaquest", "Freeway"),
+            steps=100_000,
+            common=PROVING_GROUND,
+            arms=(dataclasses.replace(RANDOM, seeds=3), dataclasses.replace(SAC, seeds=3)),
+            random_arm="",
+            reference_arm="",
+            seed_offset=200,
+        ),
+        Benchmark(
+            "sigma",
+            "Pilot for the penalty method's sigma (one number on both sides, in units of the discounted return): three "
+            "values a decade apart on MinAtar SpaceInvaders at the main benchmark's budget, 2 seeds each (seeds 101 "
+            "and 102, which no other benchmark uses), to choose the sigma of the peers benchmark before its runs. "
+            "The rule, fixed before the pilot ran: the highest mean final return over the two seeds; where the runs' "
+            "ranges overlap, the highest mean Spearman correlation of learned and true return on fresh fragments.",
+            games=("SpaceInvaders",),
+            steps=100_000,
+            common=PROVING_GROUND,
+            arms=tuple(
+                Arm(f"penalty_sigma{sigma}", "penalty", penalty_flags(sigma), f"penalty, sigma = {sigma}", seeds=2)
+                for sigma in ("1", "10", "100")
+            ),
+            baselines_from="main",
+            seed_offset=100,
+        ),
+        Benchmark(
+            "peers",
+            "The peer methods of the source papers on the main benchmark's games and budget: A-PARL with PARL's "
+            "mixed term (eq. 17), AIHF with w1 = 0.01 fixed before the runs (demonstrations: 10k steps of each game's "
+            "SAC seed-1 policy from main), the penalty method (PBRL, each agent half the steps) at sigma = 100, chosen "
+            "by the sigma pilot's rule (sigma = 10 had the highest mean return, 6.60 against 6.31, but the two "
+            "arms' ranges over their seeds overlapped, and sigma = 100's fresh-fragment Spearman was 0.71 against "
+            "0.25), 5 seeds; random play, SAC and DRLHF come from main.",
+            games=("SpaceInvaders", "Breakout", "Seaquest"),
+            steps=100_000,
+            common=PROVING_GROUND,
+            arms=(
+                Arm("parl", "parl", (*PREF, "--parl-start", "20000"), "A-PARL (PARL's mixed term)"),
+                Arm("aihf", "aihf", (*PREF, "--demo-weight", "0.01"), "AIHF, w1 = 0.01", demos=True),
+                Arm("penalty", "penalty", penalty_flags("100"), "penalty, sigma = 100"),
+            ),
+            baselines_from="main",
+            comparisons=(("parl", "drlhf"), ("aihf", "drlhf"), ("penalty", "drlhf")),
+            demos=("main", "sac", 1, 10_000),
+        ),
+        Benchmark(
+            "labels",
+            "Label efficiency on MinAtar SpaceInvaders: DRLHF and the corrected SoBiRL at 250, 500 and 2,000 labels, "
+            "5 seeds each, at the main benchmark's steps and schedule (the warm-up a tenth of the labels); the "
+            "1,000-label points are main's runs. The SoBiRL variant is the one main puts first among its SoBiRL arms, "
+            "the ratio-baseline correction: first at one seed per game when this benchmark was declared, and again "
+            "in main's 5-seed aggregate.",
+            games=("SpaceInvaders",),
+            steps=100_000,
+            common=PROVING_GROUND,
+            arms=tuple(
+                at_labels(source, labels) for source in (DRLHF, SOBIRL_CORRECTED) for labels in (250, 500, 2000)
+            ),
+            baselines_from="main",
+        ),
+        Benchmark(
+            "robustness",
+            "DRLHF and the corrected SoBiRL under B-Pref's imperfect teachers and with uncertainty-based query "
+            "selection, on MinAtar Breakout at half the main budget (50k steps, 500 labels).",
+            games=("Breakout",),
+            steps=50_000,
+            common=("--buffer-size", "50000", "--learning-starts", "5000", *preference_budget(500, 10, initial=100)),
+            arms=tuple(
+                Arm(
+                    f"{method}_{teacher}_{selection}",
+                    algo,
+                    (*method_flags, *teacher_flags, *selection_flags),
+                    f"{title}, {teacher}, {selection}",
+                    seeds=3,
+                )
+                for method, algo, method_flags, title in (
+                    ("drlhf", "drlhf", (), "DRLHF"),
+                    (
+                        "sobirl_corrected",
+                        "sobirl",
+                        ("--hyper-start", "20000", "--implicit-correction", "ratio-baseline"),
+                        "SoBiRL corrected",
+                    ),
+                )
+                for teacher, teacher_flags in (
+                    ("oracle", ("--teacher", "oracle")),
+                    *((t, ("--teacher", "bpref", "--bpref-preset", t)) for t in ("mistake", "noisy", "skip", "myopic")),
+                )
+                for selection, selection_flags in (
+                    ("uniform", ()),
+                    ("ensemble-uniform", ("--ensemble", "3")),
+                    ("disagreement", ("--ensemble", "3", "--query-selection", "disagreement")),
+                )
+                if selection == "uniform" or teacher in ("oracle", "mistake")
+            ),
+            random_arm="",
+            reference_arm="",
+        ),
+        Benchmark(
+            "quickstart",
+            "DRLHF, SoBiRL as specified and SoBiRL with the ratio-baseline correction on MinAtar Breakout: 50k env "
+            "steps and a 500-label budget each, one seed (a first look, not evidence).",
+            games=("Breakout",),
+            steps=50_000,
+            common=("--buffer-size", "50000", "--learning-starts", "5000", *preference_budget(500, 10)),
+            arms=(
+                Arm("drlhf", "drlhf", (), "DRLHF", seeds=1),
+                Arm("sobirl", "sobirl", ("--hyper-start", "20000"), "SoBiRL as specified", seeds=1),
+                Arm(
+                    "sobirl_corrected",
+                    "sobirl",
+                    ("--hyper-start", "20000", "--implicit-correction", "ratio-baseline"),
+                    "SoBiRL, ratio-baseline correction",
+                    seeds=1,
+                ),
+            ),
+            random_arm="",
+            reference_arm="",
+            committed=False,
+        ),
+        Benchmark(
+            "smoke",
+            "A one-minute check of the harness itself (tiny budgets; its numbers mean nothing).",
+            games=("Breakout",),
+            steps=2_000,
+            common=("--buffer-size", "2000", "--learning-starts", "500", "--batch-size", "16", "--save-every", "500"),
+            arms=(
+                Arm("random", "sac", ("--learning-starts", "100000000"), seeds=2),
+                Arm("sac", "sac", (), seeds=2),
+                Arm("drlhf", "drlhf", SMOKE_PREF, seeds=2),
+                Arm("drlhf_frozen", "sac", (), seeds=1, frozen_from="drlhf"),
+                Arm("aihf", "aihf", (*SMOKE_PREF, "--demo-batch", "8"), seeds=1, demos=True),
+            ),
+            comparisons=(("drlhf", "sac"),),
+            demos=("smoke", "sac", 1, 1000),
+            committed=False,
+        ),
+    )
+}
+
+
+def env_id(game: str) -> str:
+    return f"MinAtar/{game}-v1"
