@@ -551,7 +551,7 @@ class PreferenceLearner:
                         self.loss_fn,
                         self.trainer.alpha,
                         self.global_step,
-                        self.loss_fn.policy_probs or self.trainer.policy_probs,
+                        getattr(self.loss_fn, "policy_probs", None) or self.trainer.policy_probs,
                         self.shuffle_generator,
                         a.policy_chunk,
                         self.run.signals.check,

@@ -57,7 +57,9 @@ class LossInputs:
 
 
 class RewardLoss(Protocol):
-    # The policy to evaluate when needs_policy says so; None: the learner's current policy.
+    # Optional: the policy to evaluate when needs_policy says so; None or absent: the learner's current policy.
+    # Optional too: state_dict() and load_state_dict(state) for state of the loss's own (its generators), which the
+    # learner then keeps in every checkpoint.
     policy_probs: Callable[[torch.Tensor], torch.Tensor] | None
 
     def needs_policy(self, global_step: int) -> bool: ...
