@@ -187,8 +187,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     bench = BENCHMARKS[args.bench]
     arms = [bench.arm(name) for name in split_list(args.arms)] or list(bench.arms)
+    for arm in arms:
+        unchecked = unchecked_start_flags(arm.algo, [*bench.common, *arm.flags], bench.steps)
+        if unchecked:
+            raise UsageError(
+                f"arm {arm.name}: {', '.join(unchecked)}: the tiny runs would never switch that term on; add the "
+                "flag to TINY in sobirl/same_code.py"
+            )
     results = load_results(Path(args.results_dir), bench.name)
-    require(bool(results), f"no run summaries of {bench.name} under {args.results_dir}")
+    require(bool(results) or bool(args.against), f"no run summaries of {bench.name} under {args.results_dir}")
     # code state -> arm -> (game, seed, commit) of each run that ran (in part) on a commit of that state
     states: dict[str, dict[str, set[tuple[str, int, str]]]] = {}
     for result in results:
@@ -201,13 +208,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         require(state is not None, f"--against {args.against}: no such commit in this clone")
         commit = git("rev-parse", args.against)[:10]
         states = {state: {arm.name: {(game, 0, commit) for game in bench.games[:1]} for arm in arms}}
-    for arm in arms:
-        unchecked = unchecked_start_flags(arm.algo, [*bench.common, *arm.flags], bench.steps)
-        if unchecked:
-            raise UsageError(
-                f"arm {arm.name}: {', '.join(unchecked)}: the tiny runs would never switch that term on; add the "
-                "flag to TINY in sobirl/same_code.py"
-            )
     here = checkout_state()
     work = Path(args.work_dir).resolve()
     shutil.rmtree(work / "runs", ignore_errors=True)  # tiny runs of an earlier checkout are not this one's
