@@ -166,3 +166,47 @@ def test_a_run_name_that_holds_a_run_or_a_path_is_refused(drlhf_run):
     assert_usage_error(result, "--run-name", "--resume")
     result = run_script("sobirl/beamrider.py", "--algo", "sac", "--run-name", "a/b")
     assert_usage_error(result, "--run-name")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The epoch's diagnostics
+
+
+def test_the_epochs_gradient_ratio_is_its_first_minibatchs_not_times_its_size():
+    """Caught before: reward_epoch scaled every metric by its minibatch's size to average over pairs, the first
+    minibatch's `extra_grad_ratio` too, which it then did not divide back: every logged ratio was the real one times
+    the reward batch size (64 in every benchmark)."""
+    import copy
+
+    from agents.feedback.pairs import PairBuffer
+    from agents.pipeline.ensemble import epoch_order
+    from agents.pipeline.reward_training import reward_epoch, reward_update
+    from agents.sobirl import SoBiRLLoss
+    from tests.test_teachers import queries
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2 * 10 * 10, 4)
+
+        def forward(self, obs):
+            return self.layer(obs.float().flatten(1) / 255)
+
+    torch.manual_seed(0)
+    count, length = 8, 3
+    pairs = queries([float(i) for i in range(count)], [0.0] * count, length=length)
+    pairs.labels = torch.ones(count)
+    buffer = PairBuffer(count, length, pairs.frames1.shape[2:], 1, "cpu")
+    buffer.add(pairs)
+    net, twin = Linear(), None
+    twin = copy.deepcopy(net)
+    loss = SoBiRLLoss(hyper_start=0)
+    policy = lambda obs: torch.softmax(torch.ones(obs.shape[0], 4), -1)
+    frozen = lambda model: torch.optim.SGD(model.parameters(), lr=0.0)
+    stats = reward_epoch(net, frozen(net), buffer, 4, loss, global_step=10, policy_probs=policy,
+                         generator=torch.Generator().manual_seed(3), diagnose=True)  # fmt: skip
+    first = epoch_order(count, False, torch.Generator().manual_seed(3)).split(4)[0]
+    twin.train()
+    alone = reward_update(twin, frozen(twin), buffer.get(buffer.oldest_first()[first]), loss, 1.0, 10, policy,
+                          diagnose=True)  # fmt: skip
+    assert stats["extra_grad_ratio"] == pytest.approx(float(alone["extra_grad_ratio"]), rel=1e-6)

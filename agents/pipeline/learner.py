@@ -680,6 +680,8 @@ class PreferenceLearner:
             getattr(self, name).set_state(state[name].cpu())
         parts = state.get("parts", {})
         for name, part in self.checkpointed.items():
+            if name not in parts and part.state_dict() == {}:
+                continue  # nothing to restore (a checkpoint from before the part existed, or a part without state)
             if name not in parts:
                 raise UsageError(
                     f"--resume: the checkpoint holds no {name!r} state (written before this algorithm kept it); "

@@ -56,6 +56,12 @@ class LossInputs:
     policy_share: float = 1.0
 
 
+# A loss may return, among its metrics, POOLED: a scalar carrying gradient that the reward epoch does not step on
+# per minibatch but pools over the epoch and applies once (`GradientPool` in agents/pipeline/reward_training.py,
+# with the loss's `pooling` = (scale, cap)); called outside an epoch, the term is simply added to the loss.
+POOLED = "pooled_term"
+
+
 class RewardLoss(Protocol):
     # Optional: the policy to evaluate when needs_policy says so; None or absent: the learner's current policy.
     # Optional too: state_dict() and load_state_dict(state) for state of the loss's own (its generators), which the

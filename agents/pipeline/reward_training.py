@@ -11,13 +11,86 @@ import torch
 
 from agents.feedback.pairs import PairBatch, PairBuffer, pair_observations, split_pairs
 from agents.pipeline.ensemble import epoch_order, preference_probabilities, query_uncertainty
-from agents.pipeline.losses import BradleyTerryLoss, LossInputs, RewardLoss, bradley_terry_bce, fragment_returns
+from agents.pipeline.losses import (
+    POOLED,
+    BradleyTerryLoss,
+    LossInputs,
+    RewardLoss,
+    bradley_terry_bce,
+    fragment_returns,
+)
 
 PolicyProbs = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, *obs_shape) -> (N, A) action probabilities
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reward-model updates
+
+
+def flat_gradient(loss: torch.Tensor, params: Sequence[torch.Tensor], retain_graph: bool = True) -> torch.Tensor:
+    """The gradient of `loss` with respect to `params`, one flat vector (zeros where it does not depend on one)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+
+def capped(vector: torch.Tensor, reference_norm: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`vector` shrunk to norm at most cap * reference_norm, whether it was shrunk); cap <= 0: unchanged."""
+    norm = torch.linalg.vector_norm(vector)
+    if cap <= 0:
+        return vector, torch.zeros((), device=vector.device)
+    limit = cap * reference_norm
+    shrink = norm > limit
+    return torch.where(shrink, vector * (limit / norm.clamp_min(1e-30)), vector), shrink.float()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine of two flat vectors (0 if either is zero)."""
+    return (a @ b) / (torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)).clamp_min(1e-30)
+
+
+class GradientPool:
+    """A loss's pooled term (POOLED) over one reward epoch: each minibatch's gradient of it, weighted like that
+    minibatch's loss, is summed instead of stepped on; the last minibatch's step adds scale * their weighted mean,
+    its norm capped at `cap` times that step's own gradient norm (cap <= 0: no cap). Even and odd minibatches are
+    summed apart, so the cosine between the two halves (`split_half_cosine`) measures how much of the pooled
+    direction is signal: independent noise gives a cosine near 0, a shared direction one near 1."""
+
+    def __init__(self, params: Sequence[torch.Tensor], scale: float, cap: float):
+        self.params = [p for p in params if p.requires_grad]
+        self.scale, self.cap = scale, cap
+        self.halves: list[torch.Tensor | None] = [None, None]
+        self.weight = 0.0
+        self.count = 0
+
+    def add(self, term: torch.Tensor, weight: float) -> None:
+        if term.requires_grad:
+            gradient = flat_gradient(term, self.params) * weight
+            half = self.count % 2
+            self.halves[half] = gradient if self.halves[half] is None else self.halves[half] + gradient
+        self.weight += weight
+        self.count += 1
+
+    def apply(self) -> dict[str, torch.Tensor]:
+        """Add the pooled step to the parameters' .grad (which hold the last minibatch's own gradient); returns its
+        diagnostics: the pooled gradient's norm over the step's own before the cap, whether it was capped, and the
+        split-half cosine."""
+        halves = [h for h in self.halves if h is not None]
+        if not halves or self.weight == 0:
+            return {}
+        own = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
+        own_norm = torch.linalg.vector_norm(own)
+        pooled = self.scale * sum(halves) / self.weight
+        metrics = {"pooled_ratio": torch.linalg.vector_norm(pooled) / own_norm.clamp_min(1e-30)}
+        pooled, metrics["pooled_capped"] = capped(pooled, own_norm, self.cap)
+        if len(halves) == 2:
+            metrics["split_half_cosine"] = cosine(*halves)
+        offset = 0
+        for p in self.params:
+            size = p.numel()
+            part = pooled[offset : offset + size].view_as(p)
+            p.grad = part.clone() if p.grad is None else p.grad + part
+            offset += size
+        return metrics
 
 
 def probs_in_chunks(policy_probs: PolicyProbs, obs: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -38,9 +111,12 @@ def reward_update(
     policy_chunk: int = 1600,
     diagnose: bool = False,
     policy_share: float = 1.0,
+    pool: GradientPool | None = None,
+    last: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One optimizer step on `pairs` with `loss_fn`, its loss scaled by `weight`; `policy_share` is
-    LossInputs.policy_share (1/K for an ensemble member).
+    LossInputs.policy_share (1/K for an ensemble member). A pooled term the loss returns (POOLED) goes to `pool`,
+    which the `last` minibatch's step applies; without a pool it joins this step's loss.
 
     Returns detached tensors (no host round trip): the loss, the mean cross-entropy, hyper_term (the loss minus
     the cross-entropy: what the algorithm adds to DRLHF's fit), the loss's own metrics, the train-mode agreement
@@ -62,10 +138,21 @@ def reward_update(
     return1, return2 = fragment_returns(r1, pairs.actions1), fragment_returns(r2, pairs.actions2)
     bce = bradley_terry_bce(return1, return2, pairs.labels)
     loss, metrics = loss_fn(LossInputs(pairs, r1, r2, bce, alpha, global_step, pi1, pi2, reward_net, policy_share))
+    metrics = dict(metrics)
+    pooled = metrics.pop(POOLED, None)
+    if pooled is not None:
+        metrics["implicit_term"] = pooled.detach()
+        if pool is None:
+            loss = loss + pooled
     if diagnose:
-        metrics["extra_grad_ratio"] = gradient_norm_ratio(loss - bce.mean(), bce.mean(), reward_net)
+        extra = loss - bce.mean() + (pooled if pool is not None and pooled is not None else 0.0)
+        metrics["extra_grad_ratio"] = gradient_norm_ratio(extra, bce.mean(), reward_net)
+    if pool is not None and pooled is not None:
+        pool.add(pooled, weight)
     optimizer.zero_grad(set_to_none=True)
     (loss * weight).backward()
+    if pool is not None and last:
+        metrics.update(pool.apply())
     optimizer.step()
     with torch.no_grad():
         correct, counted = oracle_agreement(return1, return2, pairs.returns1, pairs.returns2)
@@ -133,7 +220,10 @@ def reward_epoch(
     rows = buffer.oldest_first()
     totals: dict[str, torch.Tensor] = {}
     sums = ("correct", "counted", "teacher_correct", "teacher_counted")
-    first_step_only = ("extra_grad_ratio",)
+    # Taken from one minibatch, not averaged over the epoch: the first's gradient ratio, the pool's diagnostics.
+    first_step_only = ("extra_grad_ratio", "pooled_ratio", "pooled_capped", "split_half_cosine")
+    pooling = getattr(loss_fn, "pooling", None)  # (scale, cap) of a loss whose POOLED term the epoch pools
+    pool = GradientPool(list(reward_net.parameters()), *pooling) if pooling else None
     try:
         for index, part in enumerate(minibatches):
             between_steps()
@@ -149,9 +239,11 @@ def reward_epoch(
                 policy_chunk,
                 diagnose=diagnose and index == 0,
                 policy_share=policy_share,
+                pool=pool,
+                last=index == len(minibatches) - 1,
             )
             for key, value in step.items():
-                scaled = value if key in sums else value * len(part)
+                scaled = value if key in sums or key in first_step_only else value * len(part)
                 totals[key] = totals[key] + scaled if key in totals else scaled
     finally:
         reward_net.eval()
