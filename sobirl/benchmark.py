@@ -14,11 +14,11 @@ from __future__ import annotations
 import shlex
 import signal
 import sys
-from argparse import ArgumentDefaultsHelpFormatter
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from agents.infra.cli import OneLineErrorParser, require, run_cli
+from agents.infra.cli import DefaultsHelpFormatter, OneLineErrorParser, require, run_cli
 from sobirl.harness.declarations import BENCHMARKS, Benchmark
 from sobirl.harness.jobs import (
     Job,
@@ -31,7 +31,7 @@ from sobirl.harness.jobs import (
     with_lost_sources,
 )
 from sobirl.harness.report import write_report
-from sobirl.harness.runner import STOPPED, Runner
+from sobirl.harness.runner import STOPPED, Runner, lock_held, progress_reader, progress_text
 
 
 def command_list(bench: Benchmark, jobs: Sequence[Job], layout: Layout) -> None:
@@ -64,7 +64,16 @@ def command_status(bench: Benchmark, jobs: Sequence[Job], layout: Layout) -> Non
             text = f"{c.get('finished', 0)} / {c.get('partial', 0) + c.get('complete', 0)} / {c.get('pending', 0)}"
             cells.append(text + (f" ({c['blocked']})" if c.get("blocked") else ""))
         print(f"| {arm} | " + " | ".join(cells) + " |")
-    partial = [(job, checkpoint_progress(job.run_dir(layout))) for job in jobs if job_state(job, layout) == "partial"]
+    # A running job (its lock held by a live `run`) shows where its event file has got to, not its last checkpoint.
+    now, running = time.time(), [job for job in jobs if lock_held(job.lock_path(layout))]
+    for job in running:
+        reader = progress_reader(job, layout)
+        print(f"running: {progress_text(job, reader.read(), now, reader.learning_starts)}")
+    partial = [
+        (job, checkpoint_progress(job.run_dir(layout)))
+        for job in jobs
+        if job not in running and job_state(job, layout) == "partial"
+    ]
     for job, (step, total) in partial:
         print(f"partial: {job.key} at step {step:,} of {total:,}")
     for job in with_lost_sources([job for job in jobs if job_state(job, layout) != "finished"], layout):
@@ -72,7 +81,7 @@ def command_status(bench: Benchmark, jobs: Sequence[Job], layout: Layout) -> Non
             print(f"lost: {job.key} (its run folder is gone; `run` runs it again before the runs that need it)")
 
 
-def command_run(jobs: Sequence[Job], layout: Layout, workers: int) -> None:
+def command_run(jobs: Sequence[Job], layout: Layout, workers: int, progress_every: float = 60.0) -> None:
     unfinished = [job for job in jobs if job_state(job, layout) != "finished"]
     todo = with_lost_sources(unfinished, layout)
     reruns = len(todo) - len(unfinished)
@@ -82,7 +91,7 @@ def command_run(jobs: Sequence[Job], layout: Layout, workers: int) -> None:
         if job.rerun:
             print(f"rerun: {job.key} (its run folder, which a run to go needs, is gone; its summary will be replaced)",
                   flush=True)  # fmt: skip
-    runner = Runner(todo, layout, workers)
+    runner = Runner(todo, layout, workers, progress_every)
     runner.run()
     if runner.stop_signal is not None:
         print(f"stopped; `run` again to continue ({runner.done} finished this time)", file=sys.stderr, flush=True)
@@ -95,13 +104,19 @@ def command_run(jobs: Sequence[Job], layout: Layout, workers: int) -> None:
 
 
 def parse_args(argv: Sequence[str] | None):
-    parser = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("command", choices=("list", "run", "status", "report"))
     parser.add_argument("bench", help=f"one of: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--games", default="", help="comma-separated subset of the benchmark's games")
-    parser.add_argument("--arms", default="", help="comma-separated subset of the benchmark's arms")
+    parser.add_argument("--games", default="", help="comma-separated subset of the benchmark's games (default: all)")
+    parser.add_argument("--arms", default="", help="comma-separated subset of the benchmark's arms (default: all)")
     parser.add_argument("--seeds", default="", help="seeds to run, e.g. 1-5 or 1,3 (default: each arm's own)")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (run), one thread each")
+    parser.add_argument(
+        "--progress-every",
+        type=float,
+        default=60.0,
+        help="seconds between progress lines (step, speed, ETA) of the running jobs (run); 0: none",
+    )
     parser.add_argument("--runs-dir", default="runs/bench", help="where the run folders and job logs go")
     parser.add_argument(
         "--results-dir",
@@ -114,6 +129,7 @@ def parse_args(argv: Sequence[str] | None):
     require(args.bench in BENCHMARKS, f"unknown benchmark {args.bench!r}; declared: {', '.join(BENCHMARKS)}")
     require(args.workers >= 1, f"--workers must be at least 1, got {args.workers}")
     require(args.reps >= 100, f"--reps must be at least 100, got {args.reps}")
+    require(args.progress_every >= 0, f"--progress-every must be 0 or more seconds, got {args.progress_every}")
     require(bool(args.runs_dir.strip()), "--runs-dir must name a folder")
     if not args.results_dir.strip():
         committed = BENCHMARKS[args.bench].committed
@@ -131,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "status":
         command_status(bench, jobs, layout)
     elif args.command == "run":
-        command_run(jobs, layout, args.workers)
+        command_run(jobs, layout, args.workers, args.progress_every)
     else:
         write_report(bench, layout, reps=args.reps)
 

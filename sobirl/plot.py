@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backend_bases import FigureCanvasBase
 
-from agents.infra.cli import flag, parse_args, require, run_cli
+from agents.infra.cli import UsageError, flag, parse_args, require, require_folder_name, run_cli
 from sobirl.harness import stats
 from sobirl.harness.events import event_files, load_run
 
@@ -248,18 +249,33 @@ def env_key(env_id: str) -> str:
 
 
 def keep_newest_per_seed(runs: list[Run]) -> tuple[list[Run], list[str]]:
-    """A seed restarted from scratch gets a new folder; counting both would weigh that seed twice."""
+    """A seed restarted from scratch gets a new folder; counting both would weigh that seed twice. The newest folder
+    wins, and a note names the folder kept and the one dropped (and the flags they recorded differently, since two
+    unrelated runs may share an experiment name and a seed)."""
     newest: dict[tuple[str, str, int], Run] = {}
     notes = []
     for run in sorted(runs, key=lambda r: r.start_time):
         key = (env_key(run.env_id), run.algo, run.seed)
         if key in newest:
+            dropped = newest[key]
+            differ = differing_flags(recorded_flags(run.path), recorded_flags(dropped.path))
             notes.append(
-                f"note: {run.algo} seed {run.seed} on {run.env_id} has several runs; "
-                f"using the newest, {run.path.name}, not {newest[key].path.name}"
+                f"note: {run.algo} seed {run.seed} on {run.env_id} has several runs; the newest folder wins: kept "
+                f"{run.path}, dropped {dropped.path}" + (f" (their flags differ: {differ})" if differ else "")
             )
         newest[key] = run
     return list(newest.values()), notes
+
+
+# Flags that name where a run went or how it was watched, not what it computed.
+PLACE_FLAGS = {"run_name", "runs_dir", "resume", "progress", "track", "wandb_project_name", "wandb_entity", "cuda"}
+
+
+def differing_flags(kept: dict[str, str], dropped: dict[str, str], most: int = 4) -> str:
+    """ "teacher human vs oracle, ..." for the flags two runs recorded differently (the first `most`)."""
+    keys = [k for k in sorted(set(kept) & set(dropped)) if k not in PLACE_FLAGS and kept[k] != dropped[k]]
+    text = ", ".join(f"{key} {kept[key]} vs {dropped[key]}" for key in keys[:most])
+    return text + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
 def algo_order(algo: str) -> tuple[int, str]:
@@ -376,6 +392,14 @@ def _curve_for(runs: list[Run], tag: str, args: Args, smooth: int) -> Curve | No
     if not per_run:
         return None
     curve = aggregate_curve(per_run, args.num_points, smooth, args.bootstrap_reps, args.seed)
+    fewest = min(len(steps) for steps, _ in per_run)
+    if len(curve.grid) == 1 and fewest < smooth:
+        print(
+            f"note: {runs[0].algo} on {runs[0].env_id}: {tag} is one point (at step {int(curve.grid[0]):,}), drawn "
+            f"as a dot: a run has {fewest} value{'s' * (fewest != 1)}, fewer than --smooth {smooth}; a lower "
+            "--smooth draws a curve",
+            file=sys.stderr,
+        )
     longest = max(int(steps[-1]) for steps, _ in per_run)
     if len(per_run) > 1 and curve.grid[-1] < 0.95 * longest:
         print(
@@ -387,7 +411,9 @@ def _curve_for(runs: list[Run], tag: str, args: Args, smooth: int) -> Curve | No
 
 
 def _draw(ax, curve: Curve, label: str, color: str, linestyle: str = "-", band: bool = True) -> None:
-    ax.plot(curve.grid, curve.point, color=color, linestyle=linestyle, label=label, linewidth=1.6)
+    # A curve of one point (a run shorter than the smoothing window) is a dot: a line through one point is invisible.
+    marker = "o" if len(curve.grid) == 1 else None
+    ax.plot(curve.grid, curve.point, color=color, linestyle=linestyle, label=label, linewidth=1.6, marker=marker)
     if band and curve.low is not None:
         ax.fill_between(curve.grid, curve.low, curve.high, color=color, alpha=0.2, linewidth=0)
 
@@ -446,9 +472,13 @@ def draw_figure(groups: dict[tuple[str, str], list[Run]], args: Args) -> None:
 
     fig = build_figure(groups, args)
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=150)
+    except OSError as err:  # checked before drawing; a folder that changed since, or a full disk
+        raise UsageError(f"--output {args.output}: {err.strerror or err}") from None
+    finally:
+        plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -457,6 +487,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     require(args.smooth >= 1, f"--smooth must be at least 1, got {args.smooth}")
     require(args.bootstrap_reps >= 1, f"--bootstrap-reps must be positive, got {args.bootstrap_reps}")
     require(0.0 < args.final_fraction <= 1.0, f"--final-fraction must be in (0, 1], got {args.final_fraction}")
+    require_folder_name(args, "runs_dir")
+    # Both destinations are checked before anything is drawn, so that a bad --json leaves no figure behind.
+    check_destination(args.output, "--output")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = Path(args.output).suffix.lstrip(".").lower()
+    require(
+        not extension or extension in formats,
+        f"--output {args.output}: unknown figure format {extension!r}; one of {', '.join(sorted(formats))}",
+    )
+    if args.json:
+        check_destination(args.json, "--json")
     runs = select_runs(args)
     for run in runs:
         run.scalars = load_run(run.path)
@@ -469,19 +510,33 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     require(len(empty) < len(runs), f"none of the selected runs has logged {args.return_tag}")
     groups = group_runs(runs)
     rows = summarize(groups, args)
+    summary = {"return_tag": args.return_tag, "final_fraction": args.final_fraction, "confidence": CONFIDENCE}
+    text = json.dumps(strict_json({**summary, "groups": rows}), indent=2, allow_nan=False) + "\n"
     draw_figure(groups, args)
     print(format_table(rows))
     print(f"\nfigure written to {args.output}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        summary = {
-            "return_tag": args.return_tag,
-            "final_fraction": args.final_fraction,
-            "confidence": CONFIDENCE,
-            "groups": rows,
-        }
-        Path(args.json).write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n")
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(text)
+        except OSError as err:
+            raise UsageError(f"--json {args.json}: {err.strerror or err}") from None
     return rows
+
+
+def check_destination(path_text: str, flag_text: str) -> None:
+    """Refuse an output file that cannot be written: a folder, or a place under a file or a read-only folder."""
+    path = Path(path_text)
+    require(bool(path_text.strip()), f"{flag_text} must name a file")
+    require(not path.is_dir(), f"{flag_text} {path_text}: is a folder; name a file")
+    if path.exists():
+        require(os.access(path, os.W_OK), f"{flag_text} {path_text}: the file is not writable")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    require(parent.is_dir(), f"{flag_text} {path_text}: {parent} is not a folder")
+    require(os.access(parent, os.W_OK | os.X_OK), f"{flag_text} {path_text}: {parent} is not writable")
 
 
 def strict_json(value):

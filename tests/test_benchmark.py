@@ -606,3 +606,119 @@ def test_a_job_lock_is_refused_while_its_holder_lives_and_taken_over_once_it_die
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(dead.stdout.strip())
     assert runner.claim(lock), "a dead holder's lock is stale"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saying what it is doing
+
+
+def write_events(run_dir, steps, seconds_per_step, start):
+    """An event file as a running job writes it: charts/SPS at `steps`, logged `seconds_per_step[k]` apart."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir))
+    wall = start
+    for step, pace in zip(steps, seconds_per_step):
+        wall += pace
+        writer.add_scalar("charts/SPS", 1.0, step, walltime=wall)
+    writer.close()
+    return wall
+
+
+def test_progress_is_read_from_the_event_file_with_the_speed_measured_once_learning_started(tmp_path):
+    """Breaks if the fast random-action steps before learning starts entered the speed (the ETA of a run would be
+    far too short), a speed were given from the first few steps of learning (the reward model's warm-up: far too
+    long), or a resumed attempt's new event file were not followed."""
+    from sobirl.harness.events import ProgressReader
+
+    run_dir = tmp_path / "seed1"
+    steps = list(range(100, 2001, 100))
+    # 100 steps per 0.1 s up to step 500 (random actions), then 100 steps per 1 s: 100 steps/s.
+    write_events(run_dir, steps, [0.1 if step <= 500 else 1.0 for step in steps], start=1000.0)
+    reader = ProgressReader(run_dir, learning_starts=500)
+    progress = reader.read()
+    assert progress.step == 2000 and progress.speed == pytest.approx(100.0)
+    assert ProgressReader(run_dir, learning_starts=5000).read().speed is None, "no speed before learning starts"
+    assert ProgressReader(run_dir, learning_starts=1500).read().speed is None, "nor over its first 1,000 steps"
+    assert reader.read() == progress, "reading again without new events changes nothing"
+    time.sleep(0.05)  # the resumed attempt's file is the newer one
+    resumed = list(range(2100, 3101, 100))
+    write_events(run_dir, resumed, [2.0] * len(resumed), start=2000.0)
+    assert reader.read().step == 3100 and reader.read().speed == pytest.approx(50.0)
+
+
+def test_status_shows_a_running_jobs_step_speed_and_eta_from_its_event_file(tmp_path, capsys):
+    """Breaks if `status` showed a running job by its last checkpoint only (or not at all before one)."""
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    job = Job(BENCHMARKS["smoke"], "Breakout", BENCHMARKS["smoke"].arm("drlhf"), 1)
+    steps = list(range(600, 1601, 100))  # learning starts at 500 in smoke
+    write_events(job.run_dir(layout), steps, [1.0] * len(steps), start=time.time() - len(steps))
+    assert runner.claim(job.lock_path(layout))  # this (live) process holds the job, as a worker of `run` does
+    benchmark.main(["status", "smoke", "--arms", "drlhf", "--runs-dir", str(layout.runs),
+                    "--results-dir", str(layout.results)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert re.search(r"running: smoke/Breakout/drlhf/seed1 at step 1,600 of 2,000 \(80%\), 100 steps/s, ETA \d+ s", out)
+    assert "smoke/Breakout/drlhf/seed2" not in out.split("|---|")[-1], "a job nobody runs has no progress line"
+
+
+def test_run_prints_a_progress_line_per_running_job_when_it_has_moved_on(tmp_path, capsys):
+    """Breaks if `run` stayed silent between a job's start and its end, or repeated a line for a job that has not
+    moved on since its last one."""
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    bench = BENCHMARKS["smoke"]
+    job = Job(bench, "Breakout", bench.arm("drlhf"), 1)
+    queued = Job(bench, "Breakout", bench.arm("sac"), 1)
+    workers = runner.Runner([queued], layout, workers=1)
+    now = time.time()
+    workers.running[job.key] = None  # started 10 s ago (the process is not needed here)
+    workers.watch(job, began=now - 10)
+    steps = list(range(600, 1601, 100))
+    write_events(job.run_dir(layout), steps, [2.0] * len(steps), start=now - 2.0 * len(steps))
+    workers.report_progress(now)
+    line = capsys.readouterr().out.strip()
+    # 400 steps left at 50 steps/s: 8 s for this job, and the queued one is taken to last as long as this one's
+    # projected time (10 s so far + 8 s left).
+    assert line == (
+        "[0 done, 1 running, 1 queued, ETA 26 s] progress: smoke/Breakout/drlhf/seed1 at step 1,600 of 2,000 (80%), "
+        "50 steps/s, ETA 8 s"
+    )
+    workers.report_progress(now)
+    assert capsys.readouterr().out == "", "no new step, no new line"
+
+
+def test_report_says_what_it_is_doing_and_which_declared_runs_are_missing(tmp_path, capsys):
+    """Breaks if `report` were silent while it bootstraps, or a partial benchmark's page did not name the runs it
+    lacks (here smoke's frozen-reward and AIHF runs and drlhf's seed 2)."""
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    write_fake_results(layout.results, {("random", "Breakout"): 0.0, ("sac", "Breakout"): 2.0}, seeds=(1, 2))
+    write_fake_results(layout.results, {("drlhf", "Breakout"): 1.0}, seeds=(1,))
+    page = write_report(BENCHMARKS["smoke"], layout, reps=200).read_text()
+    out = capsys.readouterr().out
+    missing = "3 of the 8 declared runs have no summary yet: drlhf (Breakout seed 2), drlhf_frozen (Breakout seed 1), "
+    missing += "aihf (Breakout seed 1)"
+    assert f"report smoke: {missing}\n" in out and f"- Missing: {missing}." in page
+    for stage in ("loaded 5 summaries", "final return per game", "drawing", "over Breakout", "1 comparison ("):
+        assert stage in out, stage
+    write_fake_results(layout.results, {("drlhf", "Breakout"): 1.0, ("drlhf_frozen", "Breakout"): 1.0}, seeds=(1, 2))
+    write_fake_results(layout.results, {("aihf", "Breakout"): 1.0}, seeds=(1,))
+    assert "Missing" not in write_report(BENCHMARKS["smoke"], layout, reps=200).read_text()
+
+
+def test_the_page_says_how_many_runs_ran_at_a_time_as_the_summaries_recorded_it():
+    """Breaks if every page said "two runs at a time" whatever --workers the runs had."""
+    one, three = [{"workers": [1], "machines": []}], [{"workers": [3], "machines": []}]
+    assert provenance(one)[-1] == "- Device: unknown; one thread per run, one run at a time per `run` (its --workers)"
+    assert provenance(three)[-1].endswith("3 runs at a time per `run` (its --workers)")
+    mixed = provenance(one + three + [{}])[-1]
+    assert mixed.endswith("1 or 3 runs at a time per `run` (its --workers); not recorded for 1")
+    # Summaries from before the attempts recorded --workers: the committed benchmarks ran two at a time.
+    assert provenance([{}])[-1].endswith("two runs at a time")
+
+
+def test_help_gives_each_default_once():
+    """Breaks on "(default: each arm's own) (default: )", or a "(default: )" for a flag whose empty default means
+    something the help says."""
+    result = run_script("sobirl/benchmark.py", "--help")
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0 and "(default: )" not in text
+    assert text.count("(default: each arm's own)") == 1 and "own) (default" not in text

@@ -8,6 +8,7 @@ import ast
 import importlib
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ from agents.infra.cli import build_parser
 from sobirl import benchmark
 from sobirl.beamrider import ALGORITHMS, DEFAULT_ALGO
 from sobirl.harness.declarations import BENCHMARKS
-from sobirl.harness.jobs import parse_seed_list, select_jobs, split_list
+from sobirl.harness.jobs import Layout, parse_seed_list, select_jobs, split_list
 from tests.conftest import REPO, run_script
 
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
@@ -186,5 +187,22 @@ def test_the_test_extra_brings_what_the_slurm_tests_need():
 def test_the_results_docs_say_what_a_reproduction_on_another_cpu_gives():
     text = (REPO / "docs" / "results" / "README.md").read_text()
     paragraph = text[text.index("**What a reproduction gives.**") :].split("\n\n")[0]
-    assert "same kind of machine" in paragraph and "another CPU" in paragraph
+    assert "machine that ran it" in paragraph and "another machine" in paragraph
     assert "2.575" in paragraph and "2.466" in paragraph, "the measured example (Breakout DRLHF seed 3)"
+
+
+def test_the_results_readme_reruns_one_committed_run_apart_and_compares_it_with_its_summary():
+    """Breaks if the recipe went, selected more than one run, wrote into the committed results, or compared files
+    other than the committed summary and the one its rerun writes."""
+    recipe = [shlex.split(c) for doc, c in PYTHON if doc == "docs/results/README.md"]
+    reruns = [t for t in recipe if t[1:3] == ["sobirl/benchmark.py", "run"] and "--results-dir" in t]
+    assert len(reruns) == 1, "one rerun of a single run, into results of its own"
+    args = benchmark.parse_args(reruns[0][2:])
+    selection = split_list(args.games), split_list(args.arms), parse_seed_list(args.seeds)
+    [job] = select_jobs(BENCHMARKS[args.bench], *selection)
+    assert args.results_dir != "docs/results" and args.runs_dir != "runs/bench"
+    committed = job.result_path(Layout(Path(args.runs_dir), Path("docs/results")))
+    rerun = job.result_path(Layout(Path(args.runs_dir), Path(args.results_dir)))
+    assert (REPO / committed).is_file()
+    [compare] = [tokens for tokens in recipe if tokens[1] == "-c" and "json.load" in tokens[2]]
+    assert compare[3:] == [str(committed), str(rerun)]

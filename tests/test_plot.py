@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 from agents.infra.cli import UsageError, run_cli
 from sobirl import plot
 from sobirl.harness.events import load_run
+from tests.conftest import cli_error
 
 ENV = "BeamRiderNoFrameskip-v4"
 EPISODE_STEPS = np.arange(100, 2001, 100)  # 20 episodes per run
@@ -256,3 +258,62 @@ def test_every_panel_has_a_y_axis_label(runs_dir):
         run.scalars = load_run(run.path)
     fig = plot.build_figure(plot.group_runs(runs), args)
     assert len(fig.axes) == 3 and all(ax.get_ylabel() for ax in fig.axes)
+
+
+def test_a_curve_of_fewer_games_than_smooth_is_a_dot_with_a_note(tmp_path, capsys):
+    """Breaks if a run shorter than --smooth left its panel empty under a legend entry, without a word."""
+    write_run(tmp_path, "drlhf", 1, {plot.RETURN_TAG: ([100, 200, 300], [1.0, 2.0, 3.0])})
+    args = plot.parse_args(plot.Args, ["--runs-dir", str(tmp_path), "--smooth", "20"])
+    runs = plot.select_runs(args)
+    for run in runs:
+        run.scalars = load_run(run.path)
+    fig = plot.build_figure(plot.group_runs(runs), args)
+    [line] = fig.axes[0].lines
+    assert len(line.get_xdata()) == 1 and line.get_marker() == "o"
+    err = capsys.readouterr().err
+    assert "one point" in err and "--smooth 20" in err and "3 values" in err
+
+
+def test_output_errors_are_one_line_and_nothing_is_drawn_when_a_destination_is_bad(tmp_path, capsys):
+    """Breaks if an unknown format, an output under a file, or a bad --json were tracebacks, or the figure were
+    written before a --json that cannot be."""
+    write_run(tmp_path / "runs", "drlhf", 1, {plot.RETURN_TAG: returns(1.0)})
+    runs = ["--runs-dir", str(tmp_path / "runs")]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert "unknown figure format 'xyz'" in cli_error(plot.main, [*runs, "--output", str(tmp_path / "f.xyz")], capsys)
+    assert "is not a folder" in cli_error(plot.main, [*runs, "--output", str(blocker / "f.png")], capsys)
+    assert "is a folder" in cli_error(plot.main, [*runs, "--output", str(tmp_path)], capsys)
+    figure = tmp_path / "f.png"
+    error = cli_error(plot.main, [*runs, "--output", str(figure), "--json", str(blocker / "s.json")], capsys)
+    assert error.startswith("error: --json") and not figure.exists()
+    assert "--runs-dir must name a folder" in cli_error(plot.main, ["--runs-dir", ""], capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_is_one_line(tmp_path, capsys):
+    write_run(tmp_path / "runs", "drlhf", 1, {plot.RETURN_TAG: returns(1.0)})
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    error = cli_error(plot.main, ["--runs-dir", str(tmp_path / "runs"), "--output", str(locked / "f.png")], capsys)
+    assert "not writable" in error
+
+
+def test_the_newest_folder_wins_and_the_note_names_the_kept_and_the_dropped_one(tmp_path, capsys):
+    """Breaks if a run replaced another of the same experiment name and seed (here a human-teacher run and an oracle
+    one) without naming both folders and what they recorded differently."""
+    for name, teacher in (("quickstart", "oracle"), ("labelled", "human")):
+        run_dir = tmp_path / name / "seed1"
+        writer = SummaryWriter(str(run_dir))
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n|exp_name|drlhf|\n|seed|1|\n"
+                        f"|env_id|MinAtar/Breakout-v1|\n|teacher|{teacher}|")  # fmt: skip
+        for step, value in zip(*returns(1.0)):
+            writer.add_scalar(plot.RETURN_TAG, value, int(step))
+        writer.close()
+        os.utime(next(run_dir.glob("*tfevents*")), (1e9, 1e9 + (name == "labelled")))  # the human-teacher run is newer
+    args = plot.parse_args(plot.Args, ["--runs-dir", str(tmp_path)])
+    [kept] = plot.select_runs(args)
+    assert kept.path == tmp_path / "labelled" / "seed1"
+    err = capsys.readouterr().err
+    assert f"kept {tmp_path / 'labelled' / 'seed1'}, dropped {tmp_path / 'quickstart' / 'seed1'}" in err
+    assert "teacher human vs oracle" in err

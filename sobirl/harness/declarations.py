@@ -63,11 +63,17 @@ class Benchmark:
                 return arm
         raise UsageError(f"benchmark {self.name} has no arm {name!r} (its arms: {', '.join(self.arm_names)})")
 
-    def labels(self, arm: Arm) -> int | None:
-        """The --total-pairs an arm's runs get (the last one given wins, as on the command line); None if not set."""
+    def flag(self, arm: Arm, name: str) -> str | None:
+        """The value of flag `name` in an arm's runs (the last one given wins, as on the command line); None if not
+        set."""
         flags = (*self.common, *arm.flags)
-        given = [k for k, flag in enumerate(flags[:-1]) if flag == "--total-pairs"]
-        return int(flags[given[-1] + 1]) if given else None
+        given = [k for k, flag in enumerate(flags[:-1]) if flag == name]
+        return flags[given[-1] + 1] if given else None
+
+    def labels(self, arm: Arm) -> int | None:
+        """The --total-pairs an arm's runs get; None if not set."""
+        labels = self.flag(arm, "--total-pairs")
+        return None if labels is None else int(labels)
 
 
 # The proving-ground settings: SAC as in the paper except a 100k replay and 5k random steps; the paper's preference

@@ -1,4 +1,5 @@
-"""TensorBoard event files -> scalars: every scalar of a run, merged over the event files its attempts wrote.
+"""TensorBoard event files -> scalars: every scalar of a run, merged over the event files its attempts wrote; and
+the progress of a run still being written (its latest step and speed).
 
 Shared by the harness (summaries, progress of running jobs) and the figure script (sobirl/plot.py), so that neither
 imports the other.
@@ -6,11 +7,13 @@ imports the other.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
 from tensorboard.backend.event_processing import event_accumulator as ea
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
 
 
@@ -86,3 +89,54 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarr
         order = np.argsort(steps, kind="stable")
         out[tag] = (steps[order], values[order])
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    step: int  # the latest env step the run logged a scalar at
+    wall_time: float  # when it logged it (seconds since the epoch)
+    speed: float | None  # env steps per second since learning started, reward phases included; None: not yet known
+
+
+class ProgressReader:
+    """Follows the newest event file of a run folder (the current attempt's), reading only what was appended since
+    the last call. The speed is measured from the first step past `learning_starts` to the latest, so it includes the
+    reward phases, as an ETA must; it is None before that step (random actions, far faster than the rest of a run)
+    and for the first MIN_SPAN steps after it (the reward model's warm-up would make it far too slow)."""
+
+    MIN_SPAN = 1000
+
+    def __init__(self, run_dir: Path, learning_starts: int = 0):
+        self.run_dir, self.learning_starts = Path(run_dir), learning_starts
+        self.path: Path | None = None
+        self.loader: EventFileLoader | None = None
+        self.start: tuple[float, int] | None = None  # (wall time, step) of the file's first scalar past learning_starts
+        self.last: tuple[float, int] | None = None
+
+    def read(self) -> Progress | None:
+        """The run's progress so far; None before its first scalar."""
+        try:
+            files = event_files(self.run_dir)
+            newest = max(files, key=lambda path: path.stat().st_mtime) if files else None
+        except OSError:  # no run folder yet, or a file went between listing and stat
+            newest = None
+        if newest is None:
+            return None
+        if newest != self.path:  # a new attempt (a resume) writes a file of its own
+            self.path, self.loader = newest, EventFileLoader(str(newest))
+            self.start = self.last = None
+        for event in self.loader.Load():
+            if not event.summary.value:
+                continue
+            point = (event.wall_time, int(event.step))
+            if self.start is None and point[1] > self.learning_starts:
+                self.start = point
+            if self.last is None or point[1] >= self.last[1]:
+                self.last = point
+        if self.last is None:
+            return None
+        speed = None
+        if self.start is not None:
+            seconds, steps = self.last[0] - self.start[0], self.last[1] - self.start[1]
+            speed = steps / seconds if seconds >= 1 and steps >= self.MIN_SPAN else None
+        return Progress(self.last[1], self.last[0], speed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ from matplotlib.figure import Figure
 from agents.infra.cli import UsageError
 from sobirl.harness import stats
 from sobirl.harness.declarations import BENCHMARKS
+from sobirl.harness.jobs import select_jobs
 from sobirl.harness.summaries import load_results
 
 MIN_RUNS = stats.MIN_RUNS_FOR_INTERVAL
@@ -145,8 +147,49 @@ def provenance(results: Sequence[dict]) -> list[str]:
     if len(machines) > 1:
         lines.append("- Wall times mix these machines: compare them only within one machine.")
     devices = sorted({r.get("device") or "unknown" for r in results})
-    lines.append(f"- Device: {', '.join(devices)}; one thread per run, two runs at a time")
+    lines.append(f"- Device: {', '.join(devices)}; one thread per run, {concurrency_text(results)}")
     return lines
+
+
+def concurrency_text(results: Sequence[dict]) -> str:
+    """How many runs ran at a time, as the summaries recorded it (the --workers of the `run` that started them)."""
+    recorded = sorted({w for r in results for w in r.get("workers", [])})
+    if not recorded:
+        # Summaries from before the attempts recorded --workers: every committed one ran two at a time (see
+        # docs/results/README.md).
+        return "two runs at a time"
+    unrecorded = sum(1 for r in results if not r.get("workers"))
+    text = "one run" if recorded == [1] else f"{' or '.join(map(str, recorded))} runs"
+    return text + " at a time per `run` (its --workers)" + (f"; not recorded for {unrecorded}" if unrecorded else "")
+
+
+def seeds_text(seeds: Sequence[int]) -> str:
+    """[1, 2, 3, 5] -> "seeds 1-3, 5"; [4] -> "seed 4"."""
+    seeds, parts = sorted(seeds), []
+    for seed in seeds:
+        if parts and seed == parts[-1][1] + 1:
+            parts[-1][1] = seed
+        else:
+            parts.append([seed, seed])
+    text = ", ".join(str(low) if low == high else f"{low}-{high}" for low, high in parts)
+    return f"seed{'s' if len(seeds) > 1 else ''} {text}"
+
+
+def missing_runs(bench, results: Sequence[dict]) -> tuple[int, str]:
+    """(how many, which) of the benchmark's declared runs have no summary: "sobirl (Breakout seed 1), ..."."""
+    have = {(r["game"], r["arm"], int(r["seed"])) for r in results}
+    missing: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    count = 0
+    for job in select_jobs(bench):
+        if (job.game, job.arm.name, job.seed) not in have:
+            missing[job.arm.name][job.game].append(job.seed)
+            count += 1
+    arms = [
+        f"{arm} ({'; '.join(f'{game} {seeds_text(seeds)}' for game, seeds in missing[arm].items())})"
+        for arm in bench.arm_names
+        if arm in missing
+    ]
+    return count, ", ".join(arms)
 
 
 def returns_table(bench, cells, reps: int) -> list[str]:
@@ -518,20 +561,38 @@ def normalise_curve(curve: Sequence[float | None], base: tuple[float, float]) ->
 
 
 def write_report(bench, layout, reps: int = 2000) -> Path:
-    """Write docs/results/<bench>/README.md and its figures from the summaries; returns the page's path."""
+    """Write docs/results/<bench>/README.md and its figures from the summaries; returns the page's path. Says what
+    it is doing as it goes (the bootstraps of a large benchmark take minutes)."""
+    began = time.time()
+
+    def say(text: str) -> None:
+        print(f"report {bench.name}: {text}", flush=True)
+
     results = load_results(layout.results, bench.name)
     if not results:
         raise UsageError(f"no results for benchmark {bench.name} under {layout.results / bench.name}")
     cells = by_cell(results)
     baseline_cells = cells
+    loaded = f"loaded {len(results)} summaries from {layout.results / bench.name}"
     if bench.baselines_from:
-        baseline_cells = by_cell(load_results(layout.results, bench.baselines_from))
+        baseline_results = load_results(layout.results, bench.baselines_from)
+        baseline_cells = by_cell(baseline_results)
+        loaded += f", and {len(baseline_results)} of {bench.baselines_from} for the baselines"
+    say(loaded)
+    absent, which = missing_runs(bench, results)
+    gaps = []  # a partial benchmark's page names the runs it lacks
+    if absent:
+        text = f"{absent} of the {absent + len(results)} declared runs have no summary yet: {which}"
+        say(text)
+        gaps.append(f"- Missing: {text}.")
     # Comparisons and label curves may name the baseline benchmark's arms (DRLHF in main): their runs join here.
     joined = {**baseline_cells, **cells}
     base, missing = {}, {}
     if bench.random_arm and bench.reference_arm:
         base, missing = baselines(baseline_cells, bench.games, bench.random_arm, bench.reference_arm)
     folder = layout.results / bench.name
+    bootstrapped = sum(len(runs) >= MIN_RUNS for key, runs in cells.items() if key[0] in bench.arm_names)
+    say(f"final return per game: {len(cells)} cells, {bootstrapped} of them bootstrapped ({reps:,} resamples each)")
     page = [
         f"# Benchmark `{bench.name}`",
         "",
@@ -542,6 +603,7 @@ def write_report(bench, layout, reps: int = 2000) -> Path:
         f"`python sobirl/benchmark.py list {bench.name}`.",
         "",
         *provenance(results),
+        *gaps,
         "",
         "## Final return per game",
         "",
@@ -551,19 +613,27 @@ def write_report(bench, layout, reps: int = 2000) -> Path:
         *returns_table(bench, cells, reps),
         "",
     ]
+    say(f"drawing {folder / 'returns.png'} (a bootstrap band per curve of {MIN_RUNS} or more runs)")
     draw_returns(bench, cells, folder / "returns.png", reps)
     page += ["![returns](returns.png)", ""]
     matrices: dict[str, np.ndarray] = {}
     if base:
+        say(f"aggregate over {', '.join(base)}: bootstrapping the IQM and mean of each arm ({reps:,} resamples)")
         lines, matrices = aggregate_table(bench, cells, base, reps)
         page += ["## Aggregate over games", "", *lines, ""]
         for game, why in missing.items():
             page += [f"Left out of the aggregate: {game} ({why}).", ""]
         if bench.comparisons:
+            say(
+                f"probability of improvement: bootstrapping {len(bench.comparisons)} comparison"
+                f"{'s' * (len(bench.comparisons) != 1)} ({reps:,} resamples, at 95% and at the Bonferroni level)"
+            )
             page += ["## Probability of improvement", "", *improvement_table(bench, joined, base, reps), ""]
+        say(f"drawing {folder / 'aggregate.png'} (score over training and performance profiles, with bands)")
         draw_aggregate(bench, cells, base, matrices, folder / "aggregate.png", reps)
         page += ["![aggregate](aggregate.png)", ""]
         if any(arm.curve for arm in bench.arms):
+            say(f"label efficiency: bootstrapping each point of {len(label_curves(bench))} label curve(s)")
             lines, drawn = label_table(bench, joined, base, reps)
             page += [
                 "## Label efficiency",
@@ -588,5 +658,5 @@ def write_report(bench, layout, reps: int = 2000) -> Path:
     path.write_text("\n".join(page))
     summary = {"benchmark": bench.name, "runs": len(results), "baselines": base}
     (folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {path} ({time.time() - began:.0f} s)")
     return path

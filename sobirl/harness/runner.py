@@ -2,7 +2,8 @@
 
 `run` skips finished runs, resumes runs that saved a checkpoint (`--resume`) and starts the others, seed-major (every
 arm has the same seeds at any moment). A lock file per job lets several `run`s share one queue. Ctrl-C or SIGTERM
-stops every running job with a checkpoint; the next `run` goes on.
+stops every running job with a checkpoint; the next `run` goes on. Each running job's step, speed and ETA are read
+from its event file (the job logs have no progress bar) and printed every --progress-every seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agents.infra.checkpoint import process_alive
+from sobirl.harness.events import Progress, ProgressReader
 from sobirl.harness.jobs import REPO, Job, Layout, job_state, source_lost
 from sobirl.harness.summaries import append_attempt, git_commit, machine, write_summary
 
@@ -55,8 +57,9 @@ def claim(path: Path) -> bool:
 class Runner:
     """Local workers, one job (one process, one thread) each; a stop signal is passed on to every running job."""
 
-    def __init__(self, jobs: Sequence[Job], layout: Layout, workers: int):
+    def __init__(self, jobs: Sequence[Job], layout: Layout, workers: int, progress_every: float = 60.0):
         self.layout, self.workers = layout, workers
+        self.progress_every = progress_every  # seconds between progress lines of the running jobs; 0: none
         self.queue = list(jobs)
         self.lock = threading.Condition()
         self.running: dict[str, subprocess.Popen] = {}
@@ -66,6 +69,9 @@ class Runner:
         self.done = 0
         self.durations: list[float] = []
         self.started_at = time.time()
+        # The running jobs' progress, from their event files: (job, when it started, reader, latest progress).
+        self.watched: dict[str, tuple[Job, float, ProgressReader, Progress | None]] = {}
+        self.printed_steps: dict[str, int] = {}  # the step each job's last progress line named
 
     # -- scheduling ------------------------------------------------------------------------------------------------
 
@@ -113,12 +119,60 @@ class Runner:
                 self.taken.discard(job.key)
                 self.lock.notify_all()
 
-    def eta(self) -> str:
-        if not self.durations:
+    def eta(self, now: float | None = None) -> str:
+        """The time left for every queued and running job, shared by the workers (and never less than the longest
+        running job's): a running job's own ETA where its event file gives one; any other job the mean time of the
+        runs finished so far or, before the first, the running jobs' projected times; "-" until one is known."""
+        now = time.time() if now is None else now
+        left, projected = {}, []
+        for key, (job, begin, _, progress) in self.watched.items():
+            seconds = job_eta(job, progress, now)
+            if seconds is not None:
+                left[key] = seconds
+                projected.append(now - begin + seconds)
+        known = self.durations or projected
+        if not known:
             return "-"
-        left = len(self.queue) + len(self.running)
-        seconds = left * (sum(self.durations) / len(self.durations)) / self.workers
-        return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+        per_run = sum(known) / len(known)
+        running = []
+        for key in self.running:
+            begin = self.watched[key][1] if key in self.watched else now
+            running.append(left.get(key, max(0.0, per_run - (now - begin))))
+        shared = (sum(running) + len(self.queue) * per_run) / self.workers
+        return duration_text(max([shared, *running]))
+
+    def counts(self, now: float | None = None) -> str:
+        return f"[{self.done} done, {len(self.running)} running, {len(self.queue)} queued, ETA {self.eta(now)}]"
+
+    # -- progress --------------------------------------------------------------------------------------------------
+
+    def watch(self, job: Job, began: float | None = None) -> None:
+        """Follow a job just started (or resumed) through its event file."""
+        began = time.time() if began is None else began
+        self.watched[job.key] = (job, began, progress_reader(job, self.layout), None)
+
+    def report_progress(self, now: float | None = None) -> None:
+        """One line per running job that has logged steps since its last line: its step, speed and ETA."""
+        now = time.time() if now is None else now
+        lines = []
+        with self.lock:
+            watched = list(self.watched.items())
+        for key, (job, begin, reader, _) in watched:
+            try:
+                progress = reader.read()
+            except Exception:  # noqa: BLE001 - a damaged event file must not stop the benchmark
+                progress = None
+            with self.lock:
+                if key in self.watched:
+                    self.watched[key] = (job, begin, reader, progress)
+            if progress is not None and progress.step != self.printed_steps.get(key):
+                self.printed_steps[key] = progress.step
+                lines.append(progress_text(job, progress, now, reader.learning_starts))
+        if lines:
+            with self.lock:
+                counts = self.counts(now)
+            for line in lines:
+                print(f"{counts} progress: {line}", flush=True)
 
     def run_job(self, job: Job) -> None:
         lock = job.lock_path(self.layout)
@@ -149,7 +203,8 @@ class Runner:
         attempts = job.attempts_path(layout)
         if job.rerun and event == "start" and attempts.is_file():  # the lost run's attempts are not this run's
             attempts.replace(attempts.with_suffix(".lost.jsonl"))
-        append_attempt(attempts, {"event": event, "time": time.time(), **git_commit(), "machine": machine()})
+        record = {"event": event, "time": time.time(), **git_commit(), "machine": machine(), "workers": self.workers}
+        append_attempt(attempts, record)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
         # The runs use this checkout's code, even where an editable install points at another checkout.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -161,14 +216,15 @@ class Runner:
             process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)  # fmt: skip
             self.running[job.key] = process
-            print(f"[{self.done} done, {len(self.running)} running, {len(self.queue)} queued, ETA {self.eta()}] "
-                  f"{event}: {job.key}", flush=True)  # fmt: skip
+            self.watch(job)
+            print(f"{self.counts()} {event}: {job.key}", flush=True)
         rc = process.wait()
         seconds = time.time() - begin
         device = device_of(job.log_path(layout))
         append_attempt(attempts, {"event": "exit", "time": time.time(), "rc": rc, "seconds": seconds, "device": device})
         with self.lock:
             self.running.pop(job.key, None)
+            self.watched.pop(job.key, None)
             if rc == 0:
                 self.done += 1
                 self.durations.append(seconds)
@@ -221,9 +277,13 @@ class Runner:
             threads = [threading.Thread(target=self.worker, daemon=True) for _ in range(self.workers)]
             for thread in threads:
                 thread.start()
+            reported = time.time()
             while any(thread.is_alive() for thread in threads):
                 for thread in threads:
                     thread.join(timeout=0.5)
+                if self.progress_every and time.time() - reported >= self.progress_every:
+                    self.report_progress()
+                    reported = time.time()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -236,3 +296,37 @@ def device_of(log_path: Path) -> str | None:
     except OSError:
         return None
     return found[-1] if found else None
+
+
+def progress_reader(job: Job, layout: Layout) -> ProgressReader:
+    """A reader of the job's event file that measures its speed once learning has started (from the start, for an
+    arm that never learns within its steps, like random play)."""
+    starts = int(job.bench.flag(job.arm, "--learning-starts") or 0)
+    return ProgressReader(job.run_dir(layout), starts if starts < job.bench.steps else 0)
+
+
+def job_eta(job: Job, progress: Progress | None, now: float) -> float | None:
+    """Seconds until the job reaches its last step at its speed so far; None while its speed is unknown."""
+    if progress is None or not progress.speed:
+        return None
+    return max(0.0, (job.bench.steps - progress.step) / progress.speed - (now - progress.wall_time))
+
+
+def progress_text(job: Job, progress: Progress | None, now: float, learning_starts: int = 0) -> str:
+    """ "KEY at step S of T (P%), V steps/s, ETA E" from the job's event file."""
+    if progress is None:
+        return f"{job.key}: no step logged yet"
+    total = job.bench.steps
+    text = f"{job.key} at step {progress.step:,} of {total:,} ({100 * progress.step / total:.0f}%)"
+    seconds = job_eta(job, progress, now)
+    if seconds is None:
+        return text + f", ETA from step {learning_starts + ProgressReader.MIN_SPAN:,} on"
+    text += f", {progress.speed:,.0f} steps/s, ETA {duration_text(seconds)}"
+    quiet = now - progress.wall_time
+    return text + (f" (nothing logged for {duration_text(quiet)})" if quiet >= 120 else "")
+
+
+def duration_text(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"

@@ -151,6 +151,7 @@ def summarize_run(job: Job, layout: Layout) -> dict:
         "global_step": int(meta["global_step"]),
         "commits": sorted({a["commit"] for a in started if a.get("commit")}),
         "dirty": any(a.get("dirty") for a in started),
+        "workers": sorted({a["workers"] for a in started if a.get("workers")}),  # --workers of the `run`s that ran it
         "machines": sorted({json.dumps(a["machine"], sort_keys=True) for a in started if a.get("machine")}),
         "device": next((a.get("device") for a in reversed(attempts) if a.get("device")), None),
         **attempt_times(attempts),
