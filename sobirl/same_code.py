@@ -22,7 +22,6 @@ import os
 import shutil
 import subprocess
 import sys
-from argparse import ArgumentDefaultsHelpFormatter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -30,7 +29,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agents.infra.cli import OneLineErrorParser, UsageError, flag_name, require, run_cli  # noqa: E402
+from agents.infra.cli import (  # noqa: E402
+    DefaultsHelpFormatter,
+    OneLineErrorParser,
+    UsageError,
+    flag_name,
+    require,
+    run_cli,
+)
 from sobirl.beamrider import ALGORITHMS  # noqa: E402
 from sobirl.harness.declarations import BENCHMARKS  # noqa: E402
 from sobirl.harness.events import load_run  # noqa: E402
@@ -162,7 +168,7 @@ def tiny_run(job: Job, tree: Path, out: Path, seed: int) -> Path | None:
 
 
 def build_parser() -> OneLineErrorParser:
-    parser = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("bench", help=f"one of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--arms", default="", help="comma-separated subset of the benchmark's arms")
     parser.add_argument("--results-dir", default="docs/results", help="where the benchmark's run summaries are")

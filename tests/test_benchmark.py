@@ -370,6 +370,18 @@ def test_diagnostics_pool_every_games_runs_of_an_arm_into_one_row():
     assert not any(line.startswith("| all games") for line in one_game)
 
 
+def test_a_summary_from_before_the_ratio_fix_has_its_gradient_ratio_divided_by_the_reward_batch_size():
+    """Summaries written before the fix hold reward/extra_grad_ratio times the reward batch size; new ones mark
+    themselves and are read as they are. Breaks if either kind were read the other way."""
+    from sobirl.harness.report import diagnostic
+
+    old = {"diagnostics": {"extra_grad_ratio": 128.0, "bce": 0.7}, "flags": {"reward_batch_size": 32}}
+    new = {"diagnostics": {"extra_grad_ratio": 4.0}, "flags": {"reward_batch_size": 32}, "extra_grad_ratio_fixed": True}
+    assert diagnostic(old, "extra_grad_ratio") == 4.0 and diagnostic(old, "bce") == 0.7
+    assert diagnostic(new, "extra_grad_ratio") == 4.0
+    assert diagnostic({"diagnostics": {"extra_grad_ratio": 64.0}}, "extra_grad_ratio") == 1.0  # the default batch
+
+
 COMMITTED_RESULTS = sorted(
     name
     for name, bench in BENCHMARKS.items()

@@ -381,6 +381,15 @@ def draw_label_curves(bench, drawn, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def diagnostic(run: dict, key: str) -> float | None:
+    """A run's final diagnostic; summaries written before commit 7d1fd73 hold the extra / BCE gradient ratio times
+    the reward batch size (the epoch scaled it as if it were a per-pair mean), which is divided out here."""
+    value = run.get("diagnostics", {}).get(key)
+    if key != "extra_grad_ratio" or value is None or run.get("extra_grad_ratio_fixed"):
+        return value
+    return value / (run.get("flags") or {}).get("reward_batch_size", 64)
+
+
 def diagnostics_table(bench, cells) -> list[str]:
     columns = [
         ("accuracy_fresh", "fresh-pair accuracy", 2),
@@ -399,7 +408,10 @@ def diagnostics_table(bench, cells) -> list[str]:
             "with more runs weighs more)."
             if several_games
             else "."
-        ),
+        )
+        + " Extra / BCE gradient: the ratio of the norms of the two terms' gradients on the first minibatch of a"
+        " phase's last epoch; runs before commit 7d1fd73 logged it times the reward batch size (64), which is divided"
+        " out here.",
         "",
         "| game | arm | runs | " + " | ".join(title for _, title, _ in columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
@@ -411,7 +423,7 @@ def diagnostics_table(bench, cells) -> list[str]:
                 continue
             row = []
             for key, _, digits in columns:
-                values = [r["diagnostics"].get(key) for r in runs]
+                values = [diagnostic(r, key) for r in runs]
                 values = np.array([v for v in values if v is not None], dtype=np.float64)
                 if not len(values):
                     row.append("—")

@@ -164,6 +164,8 @@ def summarize_run(job: Job, layout: Layout) -> dict:
         "return_curve": windowed_means(steps, returns, grid) if len(returns) else [None] * len(grid),
         "labels_curve": last_at(*labels, grid) if labels is not None else [0] * len(grid),
         "diagnostics": diagnostics,
+        # Runs logged reward/extra_grad_ratio times the reward batch size until commit 7d1fd73; from then on as is.
+        "extra_grad_ratio_fixed": True,
         "diagnostic_curves": curves,
     }
 
