@@ -7,11 +7,13 @@ Agent A (`sac.SACTrainer`) is SAC on r_phi, the lower-level best response lambda
 
     mean_pairs l + (1/sigma) (J_A - J_B),      J_X = c_H * mean over X's fresh fragments of sum_{t<H} gamma^t r_phi
 
-(c_H = `return_units`), and B's actor loss adds sigma * kappa times a surrogate of grad l_up on a pool of labelled
-pairs (`preference_surrogate`). Both agents' env steps count in the run's global step (`RunClock`).
+(c_H = `return_units`; with --value-gap-clamp on clamp(r_phi, -1, 1), the reward SAC learns from), and B's actor loss
+adds sigma * kappa times a surrogate of grad l_up on a pool of labelled pairs (`preference_surrogate`). Both agents'
+env steps count in the run's global step (`RunClock`); with --budget agent-a only A's do, and A gets DRLHF's steps.
 
 Specification, the choices the papers leave open (--penalty-form, --upper-likelihood, --sigma, --inner-split,
---penalty-start, --penalty-surrogate, --penalty-units) and the tags logged: docs/algorithms.md §8.2.
+--budget, --penalty-start, --penalty-surrogate, --penalty-units, --value-gap-clamp) and the tags logged:
+docs/algorithms.md §8.2.
 
     python agents/penalty.py --env-id MinAtar/Breakout-v1 --sigma 1
     python sobirl/beamrider.py --algo penalty --penalty-form seed
@@ -41,6 +43,7 @@ ALGO = "penalty"
 FORMS = ("pbrl", "seed")
 LIKELIHOODS = ("log", "plain")
 SPLITS = ("each", "half")
+BUDGETS = ("both", "agent-a")
 UNITS = ("return", "raw")
 SURROGATES = ("clip", "ratio", "score")
 B_SEED_OFFSET = 100_000_007  # agent B's environments, replay sampling and action draws
@@ -93,17 +96,28 @@ class ValueFragments(NamedTuple):
 
 class PenaltyLoss:
     """mean_pairs l + (1/sigma)(J_A - J_B) while `draw` returns fragments (the penalty is on), the mean upper loss
-    alone when it returns None or is unset. The learner sets `draw` once: fresh fragments of both agents per call."""
+    alone when it returns None or is unset. The learner sets `draw` once: fresh fragments of both agents per call.
+
+    With `clamp`, J is taken of clamp(r_phi, -1, 1), the reward SAC learns from: each J is then within
+    +-1/(1 - gamma) and the gap within +-2/(1 - gamma), and a saturated r_phi(s, a) has no gradient."""
 
     policy_probs = None
 
-    def __init__(self, sigma: float, gamma: float, likelihood: str = "log", reward_train_mode: bool = False):
+    def __init__(
+        self,
+        sigma: float,
+        gamma: float,
+        likelihood: str = "log",
+        reward_train_mode: bool = False,
+        clamp: bool = False,
+    ):
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
         self.sigma = sigma
         self.gamma = gamma
         self.likelihood = likelihood
         self.reward_train_mode = reward_train_mode
+        self.clamp = clamp
         self.draw: Callable[[], ValueFragments | None] | None = None
 
     def needs_policy(self, global_step: int) -> bool:
@@ -119,6 +133,8 @@ class PenaltyLoss:
         finally:
             model.train(was_training)
         rewards = rewards.view(-1, length, rewards.shape[-1])
+        if self.clamp:
+            rewards = rewards.clamp(-1.0, 1.0)  # as SAC sees r_phi (sac.SACTrainer._batch_rewards)
         values = fragment_values(rewards, torch.cat([f.actions_a, f.actions_b]), self.gamma)
         return values[:count_a].mean(), values[count_a:].mean()
 
@@ -273,7 +289,7 @@ class AgentBTrainer(sac.SACTrainer):
 
 
 class RunClock:
-    """The run's global step: the env steps of every agent."""
+    """The run's global step: the env steps of every agent it counts (A's alone with --budget agent-a)."""
 
     def __init__(self):
         self.agents: tuple = ()
@@ -365,6 +381,18 @@ class Args(PreferenceArgs):
         "env steps per outer iteration: each (both agents run --inner-steps) or half (--inner-steps / 2 each)",
         choices=SPLITS,
     )
+    budget: str = flag(
+        "both",
+        "whose env steps the run's step counts (--total-timesteps, the phase plan, the run's end, --penalty-start, "
+        "the logs): both (A's + B's) or agent-a (A's alone: A runs DRLHF's steps and schedule, B as many more "
+        "after A each phase; needs --inner-split each)",
+        choices=BUDGETS,
+    )
+    value_gap_clamp: bool = flag(
+        False,
+        "the value gap J_A - J_B of the reward loss on clamp(r_phi, -1, 1), the reward SAC learns from (each J "
+        "within 1/(1 - gamma)); default: on the unclamped r_phi",
+    )
     value_fragments: int = flag(
         32, "fragments of each agent's latest rollouts for the value gap, drawn afresh for every reward minibatch"
     )
@@ -392,6 +420,11 @@ class Args(PreferenceArgs):
         super().validate()
         require_positive(self, "sigma", "value_fragments", "penalty_pool", "penalty_actor_pairs", "penalty_clip")
         require_non_negative(self, "penalty_start", "b_buffer_size")
+        require(
+            self.budget == "both" or self.inner_split == "each",
+            "--budget agent-a gives agent A --inner-steps per outer iteration, as DRLHF's agent: it needs "
+            f"--inner-split each, got --inner-split {self.inner_split}",
+        )
         per_agent = self.agent_steps()
         require(
             per_agent >= self.num_envs,
@@ -420,6 +453,10 @@ class Args(PreferenceArgs):
         """Env steps each agent runs per outer iteration."""
         return self.inner_steps if self.inner_split == "each" else self.inner_steps // 2
 
+    def counts_agent_b(self) -> bool:
+        """Whether B's env steps count in the run's step (--budget both)."""
+        return self.budget == "both"
+
     def agent_b_args(self) -> Args:
         return dataclasses.replace(
             self, seed=self.seed + B_SEED_OFFSET, buffer_size=self.b_buffer_size or self.buffer_size
@@ -446,8 +483,8 @@ class PenaltyLearner(PreferenceLearner):
     """The shared outer loop around two agents: `trainer` is A (the best response), `trainer_b` is B (penalised).
 
     Each agent phase runs A for its planned steps, then B, every phase planned so that the run's global step
-    (A's + B's) stays within --total-timesteps. Queries come from B's rollouts (pbrl) or A's (seed); the reward
-    phase draws the value-gap fragments first."""
+    (A's + B's; A's alone with --budget agent-a) stays within --total-timesteps. Queries come from B's rollouts
+    (pbrl) or A's (seed); every reward minibatch draws fresh value-gap fragments."""
 
     def __init__(
         self, args: Args, trainer: sac.SACTrainer, trainer_b: AgentBTrainer, loss_fn: PenaltyLoss, run: Run, run_b: Run
@@ -464,6 +501,8 @@ class PenaltyLearner(PreferenceLearner):
 
     @property
     def global_step(self) -> int:
+        if not self.args.counts_agent_b():
+            return self.trainer_a.global_step
         return self.trainer_a.global_step + self.trainer_b.global_step
 
     def train(self) -> None:
@@ -482,7 +521,9 @@ class PenaltyLearner(PreferenceLearner):
         """Iteration 0: A's uniform-random phase (both agents' policy then). Later: B's rollouts (pbrl) or A's (seed).
 
         A pair's `collected` step is the run's step minus the fragment's age in the agent's steps: exact for B's
-        latest phase (B runs last), earlier by the other agent's interleaved steps otherwise."""
+        latest phase (B runs last), earlier by the other agent's interleaved steps otherwise. With --budget agent-a
+        the run's step is A's, which stands still while B runs: B's fragments then date from before A's phase end by
+        their age in B's steps."""
         if self.iteration == 0 or self.args.penalty_form == "seed":
             return super().query_candidates(count, window)
         self.run.progress.set_phase("query B")
@@ -516,17 +557,27 @@ class PenaltyLearner(PreferenceLearner):
     # -- 4. agents ---------------------------------------------------------------------------------------------------
 
     def plan_agent_phase(self) -> None:
-        """Each agent's steps this phase: --inner-steps (or half) each, the remaining budget split evenly when short."""
+        """Each agent's steps this phase: --inner-steps (or half) each, the remaining budget split evenly when short.
+        With --budget agent-a: A's steps are DRLHF's (--inner-steps, or what is left of --total-timesteps), and B
+        runs as many."""
         remaining = max(self.args.total_timesteps - self.global_step, 0)
-        steps_a = min(self.args.agent_steps(), -(-remaining // 2))
-        steps_b = min(self.args.agent_steps(), remaining - steps_a)
+        if self.args.counts_agent_b():
+            steps_a = min(self.args.agent_steps(), -(-remaining // 2))
+            steps_b = min(self.args.agent_steps(), remaining - steps_a)
+            self.agent_phase_end = self.global_step + steps_a + steps_b
+        else:
+            steps_a = steps_b = min(self.args.agent_steps(), remaining)
+            self.agent_phase_end = self.global_step + steps_a
         self.phases.ends = (self.trainer_a.global_step + steps_a, self.trainer_b.global_step + steps_b)
-        self.agent_phase_end = self.global_step + steps_a + steps_b
         self.phases.iteration = self.iteration
+
+    def planned_end(self) -> int:
+        """The run's step at which the planned phase ends."""
+        return sum(self.phases.ends) if self.args.counts_agent_b() else self.phases.ends[0]
 
     def train_agent(self) -> None:
         # Planned once per outer iteration; again when a resume lowered --total-timesteps below the plan's end.
-        if self.phases.iteration != self.iteration or sum(self.phases.ends) > self.args.total_timesteps:
+        if self.phases.iteration != self.iteration or self.planned_end() > self.args.total_timesteps:
             self.plan_agent_phase()
         end_a, end_b = self.phases.ends
         if self.trainer_a.global_step < end_a:
@@ -573,7 +624,8 @@ class PenaltyLearner(PreferenceLearner):
 
 
 def build(args: Args, device: torch.device, run: Run) -> PenaltyLearner:
-    """Both agents, their shared run (logs and progress at the combined step), the learner."""
+    """Both agents, their shared run (logs and progress at the run's step: A's + B's, or A's with --budget
+    agent-a), the learner."""
     clock = RunClock()
     progress = run.progress
     run.logger = CombinedStepLogger(clock)
@@ -590,8 +642,10 @@ def build(args: Args, device: torch.device, run: Run) -> PenaltyLearner:
     trainer_b = None
     try:
         trainer_b = AgentBTrainer(args.agent_b_args(), device, run_b)
-        clock.agents = (trainer_a, trainer_b)
-        loss = PenaltyLoss(args.sigma, args.gamma, args.upper_likelihood, args.reward_train_mode_in_sac)
+        clock.agents = (trainer_a, trainer_b) if args.counts_agent_b() else (trainer_a,)
+        loss = PenaltyLoss(
+            args.sigma, args.gamma, args.upper_likelihood, args.reward_train_mode_in_sac, args.value_gap_clamp
+        )
         return PenaltyLearner(args, trainer_a, trainer_b, loss, run, run_b)
     except BaseException:
         trainer_a.close()

@@ -222,3 +222,29 @@ def test_bad_demonstrations_are_one_line_errors(demo_file, tmp_path, capsys, kee
     assert "--fragment-length 90" in line
     assert "--demo-weight" in aihf_error([*TINY, *runs, "--demos", str(demo_file), "--demo-weight", "-1"], capsys)
     assert not (tmp_path / "runs").exists(), "bad input creates no run directory"
+
+
+@pytest.mark.parametrize("ensemble", [1, 2])
+def test_the_learner_hands_the_aihf_loss_each_members_share_of_the_policy(
+    demo_file, tmp_path, monkeypatch, keep_torch_threads, ensemble
+):
+    """Through the real learner (`aihf.main`) with --ensemble K: every call of AIHF's loss gets policy_share 1/K, and
+    its demonstration term is 1/K of w1 (R(agent) - R(demo)). Breaks on the variant where the learner hands every
+    member a share of 1 (`reward_epoch(..., policy_share=1.0)` in PreferenceLearner.train_reward): with K members
+    the policy, which follows their mean reward, would get the demonstration term K times over."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    calls = []
+    call = AIHFLoss.__call__
+
+    def recording_call(self, x):
+        loss, metrics = call(self, x)
+        calls.append((x.policy_share, self.demo_weight, {key: float(value) for key, value in metrics.items()}))
+        return loss, metrics
+
+    monkeypatch.setattr(AIHFLoss, "__call__", recording_call)
+    flags = [*TINY, "--total-timesteps", "150", "--ensemble", str(ensemble), "--demo-weight", "0.5"]
+    aihf.main([*flags, "--demos", str(demo_file), "--runs-dir", str(tmp_path)])
+    assert calls and {share for share, _, _ in calls} == {1.0 / ensemble}
+    for _, weight, metrics in calls:
+        unshared = weight * (metrics["agent_return"] - metrics["demo_return"])
+        assert metrics["demo_term"] == pytest.approx(unshared / ensemble, rel=1e-5, abs=1e-7)

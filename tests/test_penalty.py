@@ -266,32 +266,22 @@ def test_penalty_seed_form_plain_likelihood_half_split(tmp_path, monkeypatch):
     assert dict(tags["reward/penalty_active"])[241] == 1.0
 
 
-def test_a_run_stopped_inside_agent_b_phase_resumes_its_plan(monkeypatch):
+# both: A's 41 random steps, then 60 steps of A and 60 of B per phase; the last phase splits the 120 steps left evenly.
+# agent-a: A's phases are DRLHF's (60 steps, the last one the 59 left), and B runs as many after each.
+RESUME_CASES = {
+    "both": ([(41, 0), (101, 60), (161, 120)], (221, 179)),
+    "agent-a": ([(41, 0), (101, 60), (161, 120), (221, 180), (281, 240), (341, 300)], (400, 359)),
+}
+
+
+@pytest.mark.parametrize("budget", list(RESUME_CASES))
+def test_a_run_stopped_inside_agent_b_phase_resumes_its_plan(monkeypatch, budget):
     """Stopped (SIGTERM) half-way through B's part of an agent phase, a run restored from the state it saved finishes
-    that phase's plan and then runs exactly as the uninterrupted run does."""
+    that phase's plan and then runs exactly as the uninterrupted run does (with --budget agent-a too)."""
     pytest.importorskip("minatar")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    args = penalty.Args(
-        env_id="MinAtar/Breakout-v1",
-        learning_starts=50,
-        buffer_size=1000,
-        batch_size=8,
-        initial_pairs=4,
-        warmup_epochs=1,
-        inner_steps=60,
-        fragment_length=5,
-        pair_buffer=20,
-        total_pairs=20,
-        schedule_iterations=4,
-        reward_batch_size=4,
-        fresh_pairs=0,
-        value_fragments=4,
-        penalty_pool=8,
-        penalty_actor_pairs=2,
-        total_timesteps=400,
-        progress=False,
-        cuda=False,
-    )
+    args = tiny_args(budget=budget)
+    expected_phases, expected_end = RESUME_CASES[budget]
 
     def learner():
         return penalty.build(args, torch.device("cpu"), detached_run(args, penalty.ALGO))
@@ -311,9 +301,8 @@ def test_a_run_stopped_inside_agent_b_phase_resumes_its_plan(monkeypatch):
     whole_phases = trace(whole)
     whole.train()
     whole.close()
-    # A's 41 random steps, then 60 steps of A and 60 of B per phase; the last phase splits the 120 steps left evenly
-    assert whole_phases == [(41, 0), (101, 60), (161, 120)]
-    assert (whole.trainer_a.global_step, whole.trainer_b.global_step) == (221, 179)
+    assert whole_phases == expected_phases
+    assert (whole.trainer_a.global_step, whole.trainer_b.global_step) == expected_end
 
     stopped = learner()
     phases = trace(stopped)
@@ -336,7 +325,7 @@ def test_a_run_stopped_inside_agent_b_phase_resumes_its_plan(monkeypatch):
     resumed.train()
     resumed.close()
     assert phases + resumed_phases == whole_phases
-    assert (resumed.trainer_a.global_step, resumed.trainer_b.global_step) == (221, 179)
+    assert (resumed.trainer_a.global_step, resumed.trainer_b.global_step) == expected_end
 
 
 @pytest.mark.parametrize(
@@ -347,6 +336,8 @@ def test_a_run_stopped_inside_agent_b_phase_resumes_its_plan(monkeypatch):
         (["--inner-split", "half", "--inner-steps", "40", "--fragment-length", "25"], ["--fragment-length", "half"]),
         (["--penalty-form", "kwon"], ["--penalty-form"]),
         (["--penalty-actor-pairs", "0"], ["--penalty-actor-pairs"]),
+        (["--budget", "agent-a", "--inner-split", "half"], ["--budget agent-a", "--inner-split each"]),
+        (["--budget", "agent-b"], ["--budget"]),
     ],
 )
 def test_penalty_bad_flags_are_one_line_errors(tmp_path, capsys, flags, words):
@@ -439,3 +430,192 @@ def test_every_reward_minibatch_draws_fresh_value_fragments():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     stats = reward_epoch(model, optimizer, buffer, batch_size=2, loss_fn=loss_fn, global_step=1000)
     assert len(calls) == stats["steps"] == -(-B // 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --value-gap-clamp: the value gap on the reward SAC learns from
+
+
+class Huge(nn.Module):
+    """r(s, .) = 1000 * table[s]: a reward net whose outputs are far past SAC's clamp for most (s, a)."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs.to(DTYPE) @ self.table
+
+
+def test_value_gap_clamp_bounds_the_gap_and_has_no_gradient_where_the_reward_is_saturated():
+    """With --value-gap-clamp each J is taken of clamp(r, -1, 1), as SAC sees r: |J| <= 1/(1 - gamma), |gap| <=
+    2/(1 - gamma), and the gradient is the unclamped one restricted to the unsaturated (s, a). Breaks on the variant
+    that ignores the flag (the value gap on the unclamped r_phi): the gap is then 684 against the bound 20, and
+    every visited (s, a) has a gradient."""
+    _, pairs, fragments, (sa, aa, sb, ab) = case()
+    # Rows 0-1 saturated (+-1000 per action), the other rows inside (-1, 1).
+    table = torch.tensor([[1000.0, 900.0, 1200.0], [-800.0, -1000.0, -950.0]], dtype=DTYPE)
+    table = torch.cat([table, torch.rand(S - 2, A, generator=torch.Generator().manual_seed(3), dtype=DTYPE) - 0.5])
+    model = Huge(table)
+    bound = 1 / (1 - GAMMA)
+    units = 1.0 / ((1 - GAMMA) * sum(GAMMA**t for t in range(H)))
+    saturated = table.abs() >= 1
+    x = inputs(model, pairs)
+    (bce_grad,) = torch.autograd.grad(x.bce.mean(), model.table, retain_graph=True)
+    expected_gap_grad = units * (discounted_visits(sa, aa) - discounted_visits(sb, ab))
+    assert (expected_gap_grad[saturated] != 0).any() and (expected_gap_grad[~saturated] != 0).any()
+
+    clamped = penalty.PenaltyLoss(1.0, GAMMA, clamp=True)
+    clamped.draw = lambda: fragments
+    loss, metrics = clamped(x)
+    assert abs(float(metrics["value_a"])) <= bound and abs(float(metrics["value_b"])) <= bound
+    assert abs(float(metrics["value_gap"])) <= 2 * bound
+    value = lambda s, a: units * (table.clamp(-1, 1)[s, a] * GAMMA ** torch.arange(H)).sum(-1).mean()
+    torch.testing.assert_close(metrics["value_gap"], value(sa, aa) - value(sb, ab))
+    (grad,) = torch.autograd.grad(loss, model.table, retain_graph=True)
+    gap_grad = grad - bce_grad
+    torch.testing.assert_close(gap_grad[saturated], torch.zeros_like(gap_grad[saturated]))
+    torch.testing.assert_close(gap_grad[~saturated], expected_gap_grad[~saturated])
+
+    # The default (today's computation): the unclamped reward, an unbounded gap, gradient everywhere visited.
+    unclamped = penalty.PenaltyLoss(1.0, GAMMA)
+    unclamped.draw = lambda: fragments
+    loss, metrics = unclamped(x)
+    assert abs(float(metrics["value_gap"])) > 2 * bound
+    (grad,) = torch.autograd.grad(loss, model.table)
+    torch.testing.assert_close(grad - bce_grad, expected_gap_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through the real learner: fresh value fragments per minibatch, the ensemble share, --budget agent-a
+
+
+def tiny_args(**changes) -> penalty.Args:
+    """A two-agent run of seconds: A's 41 random steps, then 60-step agent phases; the penalty is on once B has
+    passed its 50 random steps (B's first phase)."""
+    values = dict(
+        env_id="MinAtar/Breakout-v1",
+        learning_starts=50,
+        buffer_size=1000,
+        batch_size=8,
+        initial_pairs=4,
+        warmup_epochs=1,
+        inner_steps=60,
+        fragment_length=5,
+        pair_buffer=20,
+        total_pairs=20,
+        schedule_iterations=4,
+        reward_batch_size=4,
+        fresh_pairs=0,
+        value_fragments=4,
+        penalty_pool=8,
+        penalty_actor_pairs=2,
+        total_timesteps=400,
+        progress=False,
+        cuda=False,
+    )
+    return penalty.Args(**{**values, **changes})
+
+
+def tiny_learner(args: penalty.Args) -> penalty.PenaltyLearner:
+    args.validate()
+    return penalty.build(args, torch.device("cpu"), detached_run(args, penalty.ALGO))
+
+
+def test_the_learner_draws_fresh_value_fragments_for_every_reward_minibatch(monkeypatch):
+    """Through the real PenaltyLearner: in every reward phase with the penalty on, the loss sees as many value-gap
+    draws as the phase has minibatches, and no two of them alike. Breaks on the variant that draws once per reward
+    phase (`active_value_fragments` caching its first draw for the phase: every minibatch then sees the same
+    fragments), which the loss-level test of `reward_epoch` above does not catch: it replaces the learner's draw."""
+    pytest.importorskip("minatar")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    learner = tiny_learner(tiny_args(total_timesteps=340, value_gap_clamp=True))
+    assert learner.loss_fn.clamp, "--value-gap-clamp reaches the loss"
+    phases: list[dict] = []
+    values = learner.loss_fn.values
+
+    def recording_values(model, fragments):
+        phases[-1]["draws"].append([t.clone() for t in fragments])
+        return values(model, fragments)
+
+    train_reward = learner.train_reward
+
+    def recording_train_reward():
+        minibatches = -(-len(learner.pairs) // learner.args.reward_batch_size)
+        phases.append({"active": learner.penalty_active(), "minibatches": minibatches, "draws": []})
+        train_reward()
+
+    monkeypatch.setattr(learner.loss_fn, "values", recording_values)
+    monkeypatch.setattr(learner, "train_reward", recording_train_reward)
+    learner.train()
+    learner.close()
+    active = [phase for phase in phases if phase["active"]]
+    assert [phase["active"] for phase in phases] == [False, True, True]
+    assert all(not phase["draws"] for phase in phases if not phase["active"])
+    for phase in active:
+        draws = phase["draws"]
+        assert phase["minibatches"] >= 2 and len(draws) == phase["minibatches"]
+        for i in range(len(draws)):
+            for j in range(i):
+                assert not all(torch.equal(a, b) for a, b in zip(draws[i], draws[j])), "a value-gap draw reused"
+
+
+@pytest.mark.parametrize("ensemble", [1, 2])
+def test_the_learner_hands_the_penalty_loss_each_members_share_of_the_policy(monkeypatch, ensemble):
+    """Through the real PenaltyLearner with --ensemble K: every call of the loss gets policy_share 1/K, and the
+    penalty term it adds is 1/K of the member's (J_A - J_B) / sigma. Breaks on the variant where the learner hands
+    every member a share of 1 (`reward_epoch(..., policy_share=1.0)` in PreferenceLearner.train_reward): each of
+    the K members would then push the policy's mean reward K times too hard along the value gap."""
+    pytest.importorskip("minatar")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    shares, terms = [], []
+    call = penalty.PenaltyLoss.__call__
+
+    def recording_call(self, x):
+        loss, metrics = call(self, x)
+        shares.append(x.policy_share)
+        if "penalty_term" in metrics:
+            terms.append((float(metrics["penalty_term"]), float(metrics["value_gap"]) / self.sigma))
+        return loss, metrics
+
+    monkeypatch.setattr(penalty.PenaltyLoss, "__call__", recording_call)
+    learner = tiny_learner(tiny_args(total_timesteps=280, ensemble=ensemble, sigma=0.5))
+    learner.train()
+    learner.close()
+    assert shares and set(shares) == {1.0 / ensemble}
+    assert terms, "the penalty was on in some reward phase"
+    for term, gap_over_sigma in terms:
+        assert term == pytest.approx(gap_over_sigma / ensemble, rel=1e-5, abs=1e-7)
+
+
+def test_budget_agent_a_gives_agent_a_drlhfs_env_steps_and_query_schedule(tmp_path, monkeypatch):
+    """--budget agent-a: A's global step at the end, the steps of every reward phase and the pairs queried and stored
+    at each are DRLHF's with the same flags; B runs as many steps as A in every agent phase (A's 41 warm-up steps
+    fewer in all), A's annealed learning rates are DRLHF's, and every tag is written at A's step (the run's), so no
+    tag passes --total-timesteps. Breaks on the variants that count B's steps in the run's step (the run would end
+    at 400 steps of A and B together, and the reward phases fall where the default's do: 41, 141, 241, ...) or that
+    run B only inside the budget left over."""
+    pytest.importorskip("minatar")
+    from agents import drlhf
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    flags = [*tiny_preference_flags(**SHORT_PHASES), "--total-timesteps", "400", "--runs-dir", str(tmp_path)]
+    extra = ["--value-fragments", "8", "--penalty-pool", "8", "--penalty-actor-pairs", "2", "--budget", "agent-a"]
+    ours = penalty.main([*flags, *extra, "--run-name", "penalty"])
+    theirs = drlhf.main([*flags, "--run-name", "drlhf"])
+    assert ours.trainer_a.global_step == theirs.global_step == ours.global_step == 400
+    assert ours.trainer_b.global_step == 400 - 41
+    learning_rates = lambda learner: [
+        getattr(learner.trainer.agent, name).param_groups[0]["lr"]
+        for name in ("q_optimizer", "actor_optimizer", "alpha_optimizer")
+    ]
+    assert learning_rates(ours) == learning_rates(theirs)
+    tags, reference = scalar_tags(tmp_path / "penalty"), scalar_tags(tmp_path / "drlhf")
+    steps = lambda tag, of=tags: [step for step, _ in of[tag]]
+    assert steps("reward/loss") == steps("reward/loss", reference) == [41, 91, 141, 191, 241, 291, 341, 391]
+    for tag in ("reward/pairs_queried", "reward/num_pairs", "reward/iteration", "reward/new_pairs"):
+        assert tags[tag] == reference[tag], tag
+    assert max(step for points in tags.values() for step, _ in points) == 400
+    assert {"charts_b/episodic_return", "losses_b/preference_term"} <= set(tags)
+    # --penalty-start counts the run's step, A's: the penalty is on once B has passed its 50 random steps
+    assert [value for _, value in tags["reward/penalty_active"]] == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
