@@ -464,13 +464,18 @@ class Args(CorrectionArgs, PreferenceArgs):
         "the implicit term is on once global_step exceeds this (as SoBiRL's --hyper-start); "
         "the mean cross-entropy alone before",
     )
-    cg_iters: int = flag(10, "conjugate-gradient iterations (Hessian-vector products) per reward minibatch")
+    cg_iters: int = flag(
+        10, "conjugate-gradient iterations (curvature-vector products: Hessian or Fisher) per reward minibatch"
+    )
     cg_damping: float = flag(
         0.1,
         "lambda in (-d2J/dtheta2 + lambda I) v = g: regularises the solve where the actor's "
-        "Hessian is singular (softmax shifts) or indefinite (away from the optimum)",
+        "Hessian is singular (softmax shifts) or indefinite (away from the optimum); unused when "
+        "--cg-damping-relative is positive",
     )
-    hvp_batch: int = flag(256, "replay states on which J and its Hessian-vector products are taken")
+    hvp_batch: int = flag(
+        256, "replay states on which J and its curvature-vector products are taken (with --curvature-states replay)"
+    )
     parl_mixed: str = flag(
         "paper",
         "the mixed second derivative d2J/dphi dtheta: paper (PARL's eq. 17: discounted reward sums times the "

@@ -276,9 +276,9 @@ def test_corrected_parl_reaches_the_exact_hypergradient_where_the_truncation_fai
     normalised occupancy) has cosine ≥ 0.95 to ∇F on all 8 instances, whole gradient and implicit part, while
     SoBiRL's one-step truncation (78) falls below 0.5 on at least one. Measured (seeds 0–7): corrected ≥ 0.985
     (whole), ≥ 0.96 (implicit); (78) whole down to 0.470 (γ = 0.9) and 0.428 (γ = 0.99), its implicit part to
-    −0.663 and 0.177. Broken variants it catches, each run here: the one-step mixed term (down to 0.47), the
-    Fisher curvature on uniformly weighted states while M keeps the occupancy (down to 0.50), and PARL's absolute
-    damping 0.1 in place of 1e-3·τ (down to 0.69)."""
+    −0.663 and 0.177. Broken variants it catches, each run here: the one-step mixed term (down to 0.47 / 0.42),
+    the Fisher curvature on uniformly weighted states while M keeps the occupancy (down to 0.51), and PARL's
+    absolute damping 0.1 in place of 1e-3·τ (down to 0.69)."""
     whole, implicit = corrected_cosines(action_dependent_cases)
     assert min(whole) >= 0.95 and min(implicit) >= 0.95, (whole, implicit)
     truncated_whole, truncated_implicit = [], []
