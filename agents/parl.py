@@ -11,6 +11,11 @@ With l a pair's Bradley-Terry cross-entropy and g = grad_theta E[l] its score-fu
 (`damped_implicit_vector`), and the mixed term along v (`mixed_term`: PARL's eq. (17) on the minibatch's fragments,
 `trajectory_mixed_surrogate`, or SoBiRL's one-step truncation); the loss is mean l + mixed.
 
+The corrected A-PARL (issue 34; every part a flag whose default is the computation above): the Gauss-Newton/Fisher
+curvature alpha E_s[J_z^T (diag pi - pi pi^T) J_z] in place of -d2J/dtheta2 (`fisher_implicit_vector`: positive
+semi-definite, no negative-curvature stops), damping relative to alpha, curvature on the pairs' own states, the
+mixed term through clamp(r, -1, 1) as SAC sees the reward, and a cap on the implicit part's norm.
+
 Specification, the departures from the paper (which Hessian is inverted, fragments as truncated trajectories)
 and the logged norms: docs/algorithms.md §8.1.
 
@@ -101,6 +106,49 @@ def conjugate_gradient(
         p = r + (rs_new / rs) * p
         rs = rs_new
     return CGResult(x, float(rs.sqrt()) / b_norm, done, False)
+
+
+def fisher_implicit_vector(
+    actor: nn.Module,
+    named: Sequence[tuple[str, torch.Tensor]],
+    states: torch.Tensor,
+    alpha: float,
+    g: torch.Tensor,
+    iterations: int,
+    damping: float,
+    chunk: int,
+) -> CGResult:
+    """v with (C + damping I) v = g by CG, C = alpha mean_s J_z(s)^T (diag pi_s - pi_s pi_s^T) J_z(s), the
+    Gauss-Newton (Fisher) form of -d2/dtheta2 of the soft actor objective, J_z(s) = d logits(s) / d params.
+
+    Each product is a Jacobian-vector product through the logits (forward mode) and a vector-Jacobian product back
+    (reverse mode), `chunk` states at a time; no matrix is formed. C is positive semi-definite for every policy,
+    so CG never meets negative curvature (with damping > 0, or g in C's range), and at a per-state soft optimum
+    pi = softmax(Q / alpha) it equals -d2J/dtheta2 exactly: the other chain-rule term multiplies dJ/dz = 0."""
+    names = [name for name, _ in named]
+    primals = tuple(p.detach() for _, p in named)
+    pieces = []  # (pi, vjp function) per chunk: the forward pass is taken once, reused by every product
+    for start in range(0, len(states), chunk):
+        part = states[start : start + chunk]
+
+        def logits(*values: torch.Tensor, part: torch.Tensor = part) -> torch.Tensor:
+            return torch.func.functional_call(actor, dict(zip(names, values)), (part,))
+
+        z, pull_back = torch.func.vjp(logits, *primals)
+        pieces.append((logits, torch.softmax(z.detach(), dim=-1), pull_back))
+    scale = alpha / len(states)
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        tangents = tuple(unflatten(v, primals))
+        out = [torch.zeros_like(p) for p in primals]
+        for logits, pi, pull_back in pieces:
+            _, dz = torch.func.jvp(logits, primals, tangents)
+            w = pi * dz - pi * (pi * dz).sum(-1, keepdim=True)  # (diag pi - pi pi^T) J_z v
+            for acc, grad in zip(out, pull_back(scale * w)):
+                acc.add_(grad)
+        return flatten(out) + damping * v
+
+    return conjugate_gradient(matvec, g.detach(), iterations)
 
 
 def damped_implicit_vector(
@@ -221,6 +269,9 @@ def trajectory_mixed_surrogate(
 # The loss
 
 MIXED_FORMS = ("paper", "one-step")
+CURVATURES = ("hessian", "fisher")
+CURVATURE_STATES = ("replay", "pairs")
+SAC_REWARD_CLAMP = 1.0  # SAC learns from clamp(r, -1, 1) (agents/lower/sac.py)
 
 
 class PARLLoss:
@@ -247,9 +298,25 @@ class PARLLoss:
         ratio_clip: float = 10.0,
         mixed: str = "paper",
         gamma: float = 0.99,
+        curvature: str = "hessian",
+        cg_damping_relative: float = 0.0,
+        curvature_states: str = "replay",
+        reward_clamp: bool = False,
+        max_ratio: float = 0.0,
     ):
         if mixed not in MIXED_FORMS:
             raise ValueError(f"unknown mixed term {mixed!r}; expected one of {', '.join(MIXED_FORMS)}")
+        if curvature not in CURVATURES:
+            raise ValueError(f"unknown curvature {curvature!r}; expected one of {', '.join(CURVATURES)}")
+        if curvature_states not in CURVATURE_STATES:
+            raise ValueError(
+                f"unknown curvature states {curvature_states!r}; expected one of {', '.join(CURVATURE_STATES)}"
+            )
+        self.curvature = curvature
+        self.cg_damping_relative = cg_damping_relative
+        self.curvature_states = curvature_states
+        self.reward_clamp = reward_clamp
+        self.max_ratio = max_ratio
         self.mixed = mixed
         self.gamma = gamma
         self.actor = actor
@@ -276,8 +343,13 @@ class PARLLoss:
     def active(self, global_step: int) -> bool:
         return global_step > self.parl_start
 
+    def damping(self, alpha: float) -> float:
+        """lambda: --cg-damping-relative times alpha when that is positive, else the absolute --cg-damping."""
+        return self.cg_damping_relative * alpha if self.cg_damping_relative > 0 else self.cg_damping
+
     def implicit_direction(self, x: LossInputs) -> tuple[torch.Tensor, CGResult, torch.Tensor, dict]:
-        """(replay states, the CG result for v, ||g||, v as tangents: parameter name -> tensor)."""
+        """(the curvature's states: replay states or the pairs' own, the CG result for v, ||g||, v as tangents:
+        parameter name -> tensor)."""
         p = x.pairs
         batch, length = p.actions1.shape
         named = [(name, q) for name, q in self.actor.named_parameters() if q.requires_grad]
@@ -293,20 +365,28 @@ class PARLLoss:
         g = flatten(
             score_gradient(self.actor, params, obs, actions, weights, self.policy_chunk, behaviour, self.ratio_clip)
         )
+        # 2. v = (C + lambda I)^-1 g, C = -d2J/dtheta2 (hessian) or its Fisher form, on replay or the pairs' states.
+        states = obs if self.curvature_states == "pairs" else self.sample_states(self.generator)
         del obs
-        # 2. v = (-d2J/dtheta2 + lambda I)^-1 g on replay states.
-        states = self.sample_states(self.generator)
-        with torch.no_grad():
-            q = self.critic(states)
-        objective = soft_actor_objective(self.actor, states, q, x.alpha)
-        cg = damped_implicit_vector(objective, params, g, self.cg_iters, self.cg_damping)
-        del objective
+        damping = self.damping(x.alpha)
+        if self.curvature == "fisher":
+            cg = fisher_implicit_vector(
+                self.actor, named, states, x.alpha, g, self.cg_iters, damping, self.policy_chunk
+            )
+        else:
+            with torch.no_grad():
+                q = self.critic(states)
+            objective = soft_actor_objective(self.actor, states, q, x.alpha)
+            cg = damped_implicit_vector(objective, params, g, self.cg_iters, damping)
+            del objective
         tangents = {name: t for (name, _), t in zip(named, unflatten(cg.x, params))}
         return states, cg, torch.linalg.vector_norm(g), tangents
 
     def mixed_term(self, x: LossInputs, states: torch.Tensor, tangents: dict[str, torch.Tensor]) -> torch.Tensor:
         """3. The mixed term's surrogate along v (its phi-gradient is d2J/dphi dtheta v): --parl-mixed paper on the
-        minibatch's fragments, one-step on the replay states."""
+        minibatch's fragments, one-step on the curvature's states (replay states, or the pairs' own). Off-policy
+        corrections (--implicit-correction) reach the paper form's scores; the one-step form takes the exact
+        expectation over actions (D pi[v]) on its states, with no sampled action to correct."""
         if self.mixed == "one-step":
             dpi = probability_jvp(self.actor, states, tangents).detach()
             rewards = self.reward_on(x.model, states)
@@ -325,13 +405,15 @@ class PARLLoss:
         )
 
     def reward_on(self, model: nn.Module, states: torch.Tensor) -> torch.Tensor:
-        """r_phi(s, .) with gradient, in the mode the lower level sees it."""
+        """r_phi(s, .) with gradient, in the mode the lower level sees it; with --parl-reward-clamp also through
+        clamp(r, -1, 1), as SAC sees it (zero gradient where the reward is saturated)."""
         was_training = model.training
         model.train(self.reward_train_mode)
         try:
-            return model(states)
+            rewards = model(states)
         finally:
             model.train(was_training)
+        return rewards.clamp(-SAC_REWARD_CLAMP, SAC_REWARD_CLAMP) if self.reward_clamp else rewards
 
     def __call__(self, x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if x.model is None:
@@ -346,9 +428,19 @@ class PARLLoss:
             states, cg, g_norm, tangents = self.implicit_direction(x)
             mixed = x.policy_share * self.mixed_term(x, states, tangents).to(bce.dtype)
             mixed_grads = gradients(mixed, phi)
+            second_order_norm = torch.linalg.vector_norm(flatten(mixed_grads))
+            if self.max_ratio > 0:
+                # --parl-max-ratio: both gradients are at hand, so the cap scales the implicit part's gradient (and
+                # its value) by one constant, ||grad mixed|| <= kappa ||grad mean l||, at no extra backward pass.
+                scale = torch.clamp(
+                    self.max_ratio * metrics["bce_grad_norm"] / second_order_norm.clamp_min(1e-30), max=1.0
+                ).detach()
+                mixed_grads = [scale * g for g in mixed_grads]
+                mixed = scale * mixed
+                metrics["second_order_scale"] = scale
             grads = [a + b for a, b in zip(grads, mixed_grads)]
             metrics.update(
-                second_order_norm=torch.linalg.vector_norm(flatten(mixed_grads)),
+                second_order_norm=second_order_norm,
                 cg_residual=torch.tensor(cg.relative_residual),
                 cg_iterations=torch.tensor(float(cg.iterations)),
                 cg_negative_curvature=torch.tensor(float(cg.negative_curvature)),
@@ -372,13 +464,18 @@ class Args(CorrectionArgs, PreferenceArgs):
         "the implicit term is on once global_step exceeds this (as SoBiRL's --hyper-start); "
         "the mean cross-entropy alone before",
     )
-    cg_iters: int = flag(10, "conjugate-gradient iterations (Hessian-vector products) per reward minibatch")
+    cg_iters: int = flag(
+        10, "conjugate-gradient iterations (curvature-vector products: Hessian or Fisher) per reward minibatch"
+    )
     cg_damping: float = flag(
         0.1,
         "lambda in (-d2J/dtheta2 + lambda I) v = g: regularises the solve where the actor's "
-        "Hessian is singular (softmax shifts) or indefinite (away from the optimum)",
+        "Hessian is singular (softmax shifts) or indefinite (away from the optimum); unused when "
+        "--cg-damping-relative is positive",
     )
-    hvp_batch: int = flag(256, "replay states on which J and its Hessian-vector products are taken")
+    hvp_batch: int = flag(
+        256, "replay states on which J and its curvature-vector products are taken (with --curvature-states replay)"
+    )
     parl_mixed: str = flag(
         "paper",
         "the mixed second derivative d2J/dphi dtheta: paper (PARL's eq. 17: discounted reward sums times the "
@@ -387,9 +484,39 @@ class Args(CorrectionArgs, PreferenceArgs):
         choices=MIXED_FORMS,
     )
 
+    parl_curvature: str = flag(
+        "hessian",
+        "the matrix the CG solve inverts: hessian (-d2J/dtheta2 of the SAC actor objective by double backward; "
+        "indefinite away from the optimum, CG stops at negative curvature) or fisher (its Gauss-Newton form "
+        "alpha E_s[J_z^T (diag pi - pi pi^T) J_z] through the actor's logits: positive semi-definite, equal to "
+        "the Hessian at a soft optimum)",
+        choices=CURVATURES,
+    )
+    cg_damping_relative: float = flag(
+        0.0,
+        "when positive, the solve's damping is this times the SAC temperature alpha (lambda = C alpha, relative to "
+        "the curvature's scale) in place of the absolute --cg-damping; 0: --cg-damping",
+    )
+    curvature_states: str = flag(
+        "replay",
+        "the states of the curvature (and of the one-step mixed term): replay (--hvp-batch replay states) or pairs "
+        "(the minibatch's own fragment states, those g and the paper's mixed term are taken on)",
+        choices=CURVATURE_STATES,
+    )
+    parl_reward_clamp: bool = flag(
+        False,
+        "differentiate the mixed term through clamp(r, -1, 1), the reward SAC learns from (no gradient where SAC "
+        "sees a saturated reward); off: the unclamped r_phi",
+    )
+    parl_max_ratio: float = flag(
+        0.0,
+        "when positive, cap the norm of the implicit (second-order) part of each minibatch's reward gradient at "
+        "this times the cross-entropy's gradient norm; 0: no cap",
+    )
+
     def validate(self) -> None:
         super().validate()
-        require_non_negative(self, "parl_start", "cg_damping")
+        require_non_negative(self, "parl_start", "cg_damping", "cg_damping_relative", "parl_max_ratio")
         require_positive(self, "cg_iters", "hvp_batch")
 
 
@@ -417,6 +544,11 @@ def make_loss(args: Args, trainer: sac.SACTrainer) -> PARLLoss:
         args.ratio_clip,
         args.parl_mixed,
         args.gamma,
+        args.parl_curvature,
+        args.cg_damping_relative,
+        args.curvature_states,
+        args.parl_reward_clamp,
+        args.parl_max_ratio,
     )
 
 

@@ -125,27 +125,39 @@ def dense_expected_gradient(
     correction: str = "none",
     ratio_clip: float = 10.0,
     mixed: str = "paper",
+    curvature: str = "hessian",
+    damping: float = DAMPING,
+    clamp: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_phi mean BCE + M^T (K + lambda I)^-1 g, M^T (K + lambda I)^-1 g), from dense autograd Hessians: K of
-    the actor objective J on the replay states, M of J (one-step) or of PARL's eq. (17) on the minibatch's fragments
-    (paper); g and the paper's scores with the off-policy `correction` written out pair by pair and step by step."""
+    the actor objective J on `replay_states` (the curvature's states: replay, or the pairs' own), M of J (one-step)
+    or of PARL's eq. (17) on the minibatch's fragments (paper); g and the paper's scores with the off-policy
+    `correction` written out pair by pair and step by step. curvature="fisher": K = alpha mean_s
+    (diag pi_s - pi_s pi_s^T) placed on state s's logits; `clamp`: M of clamp(r_phi, -1, 1) in place of r_phi."""
     n = S * A
     states = replay_states.to(DTYPE)
-    r0 = states @ reward.table.detach()
+    squash = (lambda r: r.clamp(-1.0, 1.0)) if clamp else (lambda r: r)
+    r0 = squash(states @ reward.table.detach())
 
     def J(z: torch.Tensor) -> torch.Tensor:
         theta, phi = z[:n].view(S, A), z[n:].view(S, A)
         log_pi = torch.log_softmax(states @ theta, -1)
-        q_tilde = states @ q_table + states @ phi - r0
+        q_tilde = states @ q_table + squash(states @ phi) - r0
         return (log_pi.exp() * (q_tilde - ALPHA * log_pi)).sum(-1).mean()
 
     hessian = torch.autograd.functional.hessian(
         J, torch.cat([actor.table.detach().flatten(), reward.table.detach().flatten()])
     )
     K, M = -hessian[:n, :n], hessian[:n, n:]
-    assert torch.linalg.eigvalsh(K + DAMPING * torch.eye(n, dtype=DTYPE)).min() > 0  # CG's assumption holds
+    if curvature == "fisher":
+        K = torch.zeros(n, n, dtype=DTYPE)
+        for s_id in states.argmax(-1).tolist():
+            pi_s = torch.softmax(actor.table.detach()[s_id], -1)
+            block = slice(s_id * A, (s_id + 1) * A)
+            K[block, block] += ALPHA * (torch.diag(pi_s) - torch.outer(pi_s, pi_s)) / len(states)
+    assert torch.linalg.eigvalsh(K + damping * torch.eye(n, dtype=DTYPE)).min() > 0  # CG's assumption holds
     if mixed == "paper":
-        M = paper_mixed_jacobian(actor, reward, pairs, correction, ratio_clip)
+        M = paper_mixed_jacobian(actor, reward, pairs, correction, ratio_clip, clamp)
     # g: grad_theta of mean_i l_i (sum_t log pi(a_t|s_t) over both fragments), written out step by step
     theta = actor.table.detach().clone().requires_grad_(True)
     x = loss_inputs(pairs, reward)
@@ -167,15 +179,16 @@ def dense_expected_gradient(
                     ratio = min(float(log_pi.detach().exp()) / float(mu[i, t]), ratio_clip)
                 surrogate = surrogate + weight * ratio * log_pi / B
     (g,) = torch.autograd.grad(surrogate, theta)
-    implicit = M.T @ torch.linalg.solve(K + DAMPING * torch.eye(n, dtype=DTYPE), g.flatten())
+    implicit = M.T @ torch.linalg.solve(K + damping * torch.eye(n, dtype=DTYPE), g.flatten())
     (explicit,) = torch.autograd.grad(x.bce.mean(), reward.table)
     return explicit.flatten() + implicit, implicit
 
 
-def paper_mixed_jacobian(actor, reward, pairs, correction: str, ratio_clip: float) -> torch.Tensor:
+def paper_mixed_jacobian(actor, reward, pairs, correction: str, ratio_clip: float, clamp: bool = False) -> torch.Tensor:
     """d2 Psi / dtheta dphi (theta x phi) of PARL's eq. (17) on the minibatch's 2B fragments, written out:
     Psi = mean_f sum_h gamma^h r(s_fh, a_fh) chat_fh(theta) / sum_h gamma^h, c_fh = sum_{j<=h} w_fj log pi(a_fj|s_fj),
-    chat = c minus the other fragments' mean c (with a baseline), w the clipped ratios pi/mu as constants."""
+    chat = c minus the other fragments' mean c (with a baseline), w the clipped ratios pi/mu as constants; with
+    `clamp`, r is clamp(r, -1, 1)."""
     n = S * A
     frames = torch.cat([pairs.frames1, pairs.frames2])
     actions = torch.cat([pairs.actions1, pairs.actions2])
@@ -192,7 +205,8 @@ def paper_mixed_jacobian(actor, reward, pairs, correction: str, ratio_clip: floa
         c = (weights * log_pi).cumsum(-1)
         if correction in ("baseline", "ratio-baseline"):
             c = c - (c.sum(0) - c) / (len(c) - 1)
-        return (phi[states, actions] * c * discount).sum(-1).mean() / discount.sum()
+        rewards = phi[states, actions].clamp(-1.0, 1.0) if clamp else phi[states, actions]
+        return (rewards * c * discount).sum(-1).mean() / discount.sum()
 
     z = torch.cat([actor.table.detach().flatten(), reward.table.detach().flatten()])
     return torch.autograd.functional.hessian(psi, z)[:n, n:]

@@ -60,6 +60,10 @@ class LowerDerivatives(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+TRANSITIONS = ("dense", "action-dependent")
+ACTION_DEPENDENT_SCALE = 6.0  # P(·|s,a) = softmax(6·N(0, 1)): most of each row's mass on one or two next states
+
+
 def make_instance(
     num_states: int = 3,
     num_actions: int = 2,
@@ -67,15 +71,26 @@ def make_instance(
     gamma: float = 0.5,
     tau: float = 0.7,
     seed: int = 0,
+    transitions: str = "dense",
 ) -> TabularInstance:
-    """Draw a dense random instance from `seed` (every P(s'|s,a) ≥ 0.1/(S + 0.1·S) > 0, ρ0 > 0 everywhere).
+    """Draw a random instance from `seed` (ρ0 > 0 everywhere).
 
-    The draws do not depend on γ or τ, so one seed names the same MDP, features and φ at any discount/temperature.
+    transitions="dense" (the default): every P(s'|s,a) ≥ 0.1/(S + 0.1·S) > 0, rows uniform-ish and barely dependent
+    on the action. "action-dependent": each row P(·|s,a) = softmax(6·N(0, 1)), peaked on one or two next states
+    that differ from action to action, the regime in which SoBiRL's one-step truncation (78) is far off
+    (docs/algorithms.md §8). The two options draw P from the same generator but differently, so one seed names
+    two unrelated instances. The draws do not depend on γ or τ, so one seed (and option) names the same MDP,
+    features and φ at any discount/temperature.
     """
+    if transitions not in TRANSITIONS:
+        raise ValueError(f"unknown transitions {transitions!r}: use one of {', '.join(TRANSITIONS)}")
     g = torch.Generator().manual_seed(seed)
     S, A, d = num_states, num_actions, num_features
-    P = torch.rand(S, A, S, generator=g, dtype=DTYPE) + 0.1
-    P = P / P.sum(-1, keepdim=True)
+    if transitions == "dense":
+        P = torch.rand(S, A, S, generator=g, dtype=DTYPE) + 0.1
+        P = P / P.sum(-1, keepdim=True)
+    else:
+        P = torch.softmax(ACTION_DEPENDENT_SCALE * torch.randn(S, A, S, generator=g, dtype=DTYPE), dim=-1)
     features = torch.randn(S, A, d, generator=g, dtype=DTYPE)
     phi = torch.randn(d, generator=g, dtype=DTYPE)
     rho0 = torch.softmax(torch.randn(S, generator=g, dtype=DTYPE), 0)
@@ -389,6 +404,140 @@ def parl_hypergradient(
     jac = implicit_jacobian(lower_derivatives(theta, phi, inst), theta.shape[1], method, damping, fixed_action)
     g = score_function_gradient(phi, pi, inst, frags).flatten()
     return explicit_gradient(phi, pi, inst, frags) + jac.T @ g
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The corrected A-PARL: Fisher curvature, damping relative to τ, conjugate gradient, untruncated mixed term
+# ---------------------------------------------------------------------------------------------------------------
+
+CURVATURES = ("fisher", "hessian")
+MIXED_TERMS = ("exact", "one-step")
+CURVATURE_STATES = ("occupancy", "uniform")
+
+
+class CorrectedPARL(NamedTuple):
+    """The corrected A-PARL hyper-gradient and its parts."""
+
+    gradient: torch.Tensor  # (d,) explicit + implicit
+    explicit: torch.Tensor  # (d,) ∇_φ ℓ_up at fixed π (the cross-entropy's gradient)
+    implicit: torch.Tensor  # (d,) Mᵀ v, v = (C + λI)⁻¹ g by conjugate gradient
+    cg_iterations: int
+    negative_curvature: bool  # CG met pᵀ(C + λI)p ≤ 0 and stopped (never with the Fisher curvature)
+
+
+def conjugate_gradient(
+    matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iterations: int, tol: float = 1e-14
+) -> tuple[torch.Tensor, int, bool]:
+    """(x, products taken, stopped at negative curvature) for A x = b, A symmetric, from x = 0.
+
+    The same rule as agents/parl.py's solver (written again here: agents/exact imports no algorithm): stop after
+    `iterations` products, once ‖r‖ ≤ tol ‖b‖, or at the first direction with pᵀAp ≤ 0 (then x is the last
+    iterate).
+    """
+    x = torch.zeros_like(b)
+    if float(b.norm()) == 0.0:
+        return x, 0, False
+    r, p = b.clone(), b.clone()
+    rs = r @ r
+    for done in range(1, iterations + 1):
+        Ap = matvec(p)
+        curvature = p @ Ap
+        if float(curvature) <= 0.0:
+            return x, done, True
+        step = rs / curvature
+        x, r = x + step * p, r - step * Ap
+        rs_new = r @ r
+        if float(rs_new.sqrt()) <= tol * float(b.norm()):
+            return x, done, False
+        p, rs = r + (rs_new / rs) * p, rs_new
+    return x, iterations, False
+
+
+def occupancy_weights(inst: TabularInstance, pi: torch.Tensor) -> torch.Tensor:
+    """w(s) = (1 − γ) d_π(s): the discounted state occupancy from ρ0, normalised to a distribution, (S,).
+
+    The exact lower objective J = ρ0·V^π weighs each state's policy gradient by d_π(s); normalised, its curvature is
+    a mean over states like the SAC actor objective's (agents/parl.py), and the factor 1/(1 − γ) cancels in K⁻¹M.
+    """
+    return (1 - inst.gamma) * state_occupancy(inst.P, pi, inst.rho0, inst.gamma)
+
+
+def fisher_curvature(pi: torch.Tensor, weights: torch.Tensor, tau: float) -> torch.Tensor:
+    """C_F = τ Σ_s w(s) J_zᵀ (diag π_s − π_s π_sᵀ) J_z over tabular logits (J_z = I), (SA, SA) block-diagonal.
+
+    The Gauss–Newton (Fisher) form of −∇²_θ of the entropy-regularised objective: positive semi-definite for every
+    π (null only along per-state logit shifts), and equal to −(1 − γ)∇²_θθ J exactly at a soft optimum, where the
+    other chain-rule term multiplies ∂J/∂z = 0.
+    """
+    blocks = torch.diag_embed(pi) - pi[:, :, None] * pi[:, None, :]  # (S, A, A)
+    return tau * torch.block_diag(*(weights[:, None, None] * blocks))
+
+
+def mixed_jacobian(inst: TabularInstance, pi: torch.Tensor, weights: torch.Tensor, form: str = "exact") -> torch.Tensor:
+    """M(s·A + a, :) = w(s) π(a|s) (∇_φQ^π(s,a) − ∇_φV^π(s)), (SA, d): ∇²_θφ of the soft objective.
+
+    With w = (1 − γ) d_π it is (1 − γ) ∇²_θφ J exactly, for any π: the policy gradient of J is
+    d_π(s)(diag π_s − π_s π_sᵀ)(Q^π(s,·) − τ log π_s), and only Q^π depends on φ, through policy evaluation
+    (`soft_value_gradients` at this π). It is also the expectation of PARL's eq. (17), untruncated, on trajectories
+    from ρ0. form="one-step" replaces ∇Q^π − ∇V^π by ∇r − Σ_a' π ∇r (SoBiRL's truncation in (78)).
+    """
+    if form == "exact":
+        dQ, dV = soft_value_gradients(inst, pi)
+        advantage = dQ - dV[:, None, :]
+    elif form == "one-step":
+        advantage = truncated_advantage_features(inst, pi)
+    else:
+        raise ValueError(f"unknown mixed term {form!r}: use one of {', '.join(MIXED_TERMS)}")
+    return (weights[:, None, None] * pi[:, :, None] * advantage).reshape(-1, advantage.shape[-1])
+
+
+def corrected_parl_hypergradient(
+    phi: torch.Tensor,
+    inst: TabularInstance,
+    frags: Fragments,
+    *,
+    theta: torch.Tensor | None = None,
+    damping_relative: float = 1e-3,
+    cg_iters: int = 30,
+    curvature: str = "fisher",
+    mixed: str = "exact",
+    curvature_states: str = "occupancy",
+) -> CorrectedPARL:
+    """The corrected A-PARL hyper-gradient ∇_φ ℓ_up + Mᵀ v, (C + λI) v = g, at logits θ (default θ* = Q*/τ):
+
+    - curvature="fisher": C = τ Σ_s w(s)(diag π_s − π_s π_sᵀ) (`fisher_curvature`), positive semi-definite, so the
+      solve never meets negative curvature; "hessian": C = −(1 − γ)∇²_θθ J, PARL's own (indefinite away from θ*).
+    - λ = damping_relative · τ, damping relative to the temperature that scales C.
+    - v by `cg_iters` conjugate-gradient products (the system has S·A unknowns: 20–50 products converge).
+    - M: `mixed_jacobian` ("exact": the untruncated mixed term; "one-step": (78)'s truncation).
+    - g = ∇_θ ℓ_up (`score_function_gradient`, exact on-policy expectation over all fragment pairs), and the states
+      of C and M weighted by w = (1 − γ) d_π, as the exact objective weighs them; curvature_states="uniform" gives
+      the Fisher curvature uniform state weights instead (M keeps w): the mismatch of K and M from different
+      states (agents/parl.py's replay states against the pairs' fragments).
+    At θ* with the Fisher curvature and exact M this is PARL's implicit-function gradient, equal to ∇F up to the
+    O(λ) damping bias and the CG residual.
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"unknown curvature {curvature!r}: use one of {', '.join(CURVATURES)}")
+    if curvature_states not in CURVATURE_STATES:
+        raise ValueError(f"unknown curvature states {curvature_states!r}: use one of {', '.join(CURVATURE_STATES)}")
+    if theta is None:
+        theta = optimal_logits(inst, phi)
+    pi = torch.softmax(theta, dim=-1)
+    weights = occupancy_weights(inst, pi)
+    curvature_weights = weights if curvature_states == "occupancy" else torch.full_like(weights, 1 / len(weights))
+    if curvature == "fisher":
+        C = fisher_curvature(pi, curvature_weights, inst.tau)
+    elif curvature_states == "occupancy":
+        C = (1 - inst.gamma) * lower_derivatives(theta, phi, inst).K
+    else:
+        raise ValueError("the Hessian curvature is that of J itself: its states are weighted by the occupancy")
+    lam = damping_relative * inst.tau
+    g = score_function_gradient(phi, pi, inst, frags).flatten()
+    v, iterations, negative = conjugate_gradient(lambda u: C @ u + lam * u, g, cg_iters)
+    implicit = mixed_jacobian(inst, pi, weights, mixed).T @ v
+    explicit = explicit_gradient(phi, pi, inst, frags)
+    return CorrectedPARL(explicit + implicit, explicit, implicit, iterations, negative)
 
 
 # ---------------------------------------------------------------------------------------------------------------
