@@ -123,12 +123,13 @@ def test_graph_ready_update_equals_the_default_update_for_k_1_to_4():
     the logged metrics (every 3rd update, so some logs fall inside a K-update step) and learned-reward statistics
     are the same values at the same steps.
 
-    Broken on purpose: `set_learning_rates` not filling the learning-rate tensors under --graph-ready -> the
-    parameters differed from K = 2 on (and with the learned reward left unclamped, they differed at K = 1)."""
+    Broken on purpose: `set_learning_rates` not filling the learning-rate tensors under --graph-ready -> log alpha
+    differed at K = 1 (and, separately, `_batch_rewards_on_device` returning the learned reward unclamped -> the
+    parameters differed at K = 1)."""
     torch.manual_seed(7)
     reward_net = RewardCNN(OBS_SHAPE, NUM_ACTIONS).eval()
     with torch.no_grad():
-        reward_net.head.bias.add_(0.8)  # some rewards beyond [-1, 1]: the clamp and saturation count matter
+        reward_net.head.bias.add_(1.0)  # some rewards beyond [-1, 1]: the clamp and saturation count matter
     eager = make_trainer(tiny_args(), copy.deepcopy(reward_net))
     ready = make_trainer(tiny_args(graph_ready=True), copy.deepcopy(reward_net))
     assert ready.agent.q_optimizer.param_groups[0]["capturable"]
@@ -167,7 +168,8 @@ def test_graph_ready_update_equals_the_default_update_for_k_1_to_4():
     lr = ready.agent.q_optimizer.param_groups[0]["lr"]
     assert lr is ready.agent.lr_tensors["q"] and float(lr) == annealed_lr(1e-4, step, 600)
     assert [tag for tag, _, _ in logs_eager].count("losses/qf1_loss") == 3  # updates 3, 6, 9
-    assert "reward/sac_reward_saturated" in {tag for tag, _, _ in logs_eager}
+    saturated = [value for tag, value, _ in logs_eager if tag == "reward/sac_reward_saturated"]
+    assert len(saturated) == 3 and all(0 < value < 1 for value in saturated)
     assert logs_ready == logs_eager
 
 
@@ -285,9 +287,9 @@ def test_act_and_graph_ready_updates_never_sync_nor_build_host_tensors():
     second call shown to have read the new state.
 
     Broken on purpose, one at a time: (1) `sample_indices_on_device` drawing `torch.randint(0, self.written, ...)`
-    -> HostSync (the poisoned host `written`); (2) `_batch_rewards_on_device` counting with
-    `torch.tensor(float(raw.numel()), device=raw.device)` -> HostSync (aten.lift_fresh); (3) `act_packed` using
-    torch.multinomial -> HostSync."""
+    -> failed (torch.randint refused the poisoned host `written` with a TypeError); (2) `_batch_rewards_on_device`
+    counting with `torch.tensor(float(raw.numel()), device=raw.device)` -> HostSync (torch.tensor); (3)
+    `act_packed` using torch.multinomial -> HostSync (aten.multinomial)."""
     torch.manual_seed(5)
     reward_net = RewardCNN(OBS_SHAPE, NUM_ACTIONS).eval()
     trainer = make_trainer(tiny_args(graph_ready=True), reward_net)
