@@ -2,6 +2,7 @@
 
     python sobirl/bench.py            # human-readable
     python sobirl/bench.py --json     # one JSON object
+    python sobirl/bench.py --gpu-report [--dry-run]   # issue 33's one-call GPU measurement (sobirl/bench_gpu.py)
 
 Figures: agent steps/s of `make_envs` with 1 and 8 envs (random actions); SAC learning SPS on BeamRider (env steps
 per second in the learning phase: acting with the actor, storing, one update of batch 64 per 4 env steps); replay
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agents.infra.cli import flag, parse_args, require_positive, run_cli
+from agents.infra.cli import flag, parse_args, require, require_positive, run_cli
 from agents.infra.run import limit_cpu_threads, pick_device
 
 ENV_ID = "BeamRiderNoFrameskip-v4"
@@ -37,6 +38,14 @@ class BenchArgs:
     skip_reward: bool = flag(False, "skip the reward-model update measurement")
     skip_proving_ground: bool = flag(False, "skip the MinAtar proving-ground measurement (about 2 minutes)")
     compile: bool = flag(False, "measure the SAC and proving-ground figures with --compile")
+    gpu_report: bool = flag(
+        False,
+        "instead: issue 33's one-call GPU measurement (about 8 minutes at most; sobirl/bench_gpu.py): env steps/s "
+        "for 1/4/8 envs, eager vs graph-ready vs graphed update time, kernel time per update, the bound 4/t, "
+        "DRLHF's and SoBiRL's learning-phase env steps/s (1 and 4 envs, eager and --graph-ready), host syncs per "
+        "vector step and the projected minutes of a 4.3M-step run",
+    )
+    dry_run: bool = flag(False, "with --gpu-report: tiny sizes on MinAtar (seconds on CPU), to check that it runs")
 
 
 def env_steps_per_second(num_envs: int, steps: int) -> float:
@@ -112,9 +121,30 @@ def measure(args: BenchArgs) -> dict:
     return results
 
 
+def format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def gpu_report(args: BenchArgs) -> dict:
+    from sobirl.bench_gpu import gpu_report as report
+
+    limit_cpu_threads()
+    device = pick_device(args.cuda)
+    emit = (lambda key, value: None) if args.json else lambda key, value: print(f"{key:<52} {format_value(value)}")
+    results = report(device, args.dry_run, emit)
+    if args.json:
+        print(json.dumps(results))
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(BenchArgs, argv, __doc__)
     require_positive(args, "env_steps", "sac_steps", "reward_repeats")
+    require(not args.dry_run or args.gpu_report, "--dry-run applies to --gpu-report only")
+    if args.gpu_report:
+        return gpu_report(args)
     results = measure(args)
     if args.json:
         print(json.dumps(results))

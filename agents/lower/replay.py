@@ -94,6 +94,10 @@ class FrameReplayBuffer:
         self.sampleable = torch.zeros(shape, dtype=torch.bool, device=self.device)
         self.pos = 0  # next slot to write
         self.written = 0  # slots written so far, capped at self.slots
+        # The same two numbers on the device, updated in place by `add` (and `sync_device_cursor`): what a sampler
+        # that never reads a host value (`sample_indices_on_device`, captured in a CUDA graph) draws from.
+        self.pos_t = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.written_t = torch.zeros((), dtype=torch.int64, device=self.device)
         self._next_first = torch.ones(num_envs, dtype=torch.bool, device=self.device)
         self.invalid_draws = torch.zeros((), dtype=torch.int64, device=self.device)
 
@@ -133,6 +137,12 @@ class FrameReplayBuffer:
             self.sampleable[(p + torch.arange(1, self.stack, device=self.device)) % self.slots] = False
         self.pos = (p + 1) % self.slots
         self.written = min(self.written + 1, self.slots)
+        self.sync_device_cursor()
+
+    def sync_device_cursor(self) -> None:
+        """Copy `pos` and `written` into `pos_t` and `written_t`, in place (call it after loading a state)."""
+        self.pos_t.fill_(self.pos)
+        self.written_t.fill_(self.written)
 
     def break_episodes(self) -> None:
         """The environments restart (a resumed run): the stored last step leads nowhere and the next one is a start."""
@@ -192,13 +202,34 @@ class FrameReplayBuffer:
         slots are a handful per game plus `stack - 1` at the write head, so running short of valid draws is
         astronomically unlikely; `invalid_draws` counts any that happen (it stays 0; a test checks).
         """
+        return self.batch_at(*self.sample_indices(batch_size, generator))
+
+    def sample_indices(self, batch_size: int, generator: torch.Generator | None = None):
+        """(slot, env) of the transitions `sample` takes: slots drawn below the host's `written`."""
         draws = self.OVERSAMPLE * batch_size
         slot = torch.randint(0, self.written, (draws,), device=self.device, generator=generator)
-        env = torch.randint(0, self.num_envs, (draws,), device=self.device, generator=generator)
+        return self._keep_sampleable(slot, batch_size, generator)
+
+    def sample_indices_on_device(self, batch_size: int, generator: torch.Generator | None = None):
+        """`sample_indices` without reading a host value: slots are floor(u * written_t), u ~ U[0, 1) in float64
+        (uniform over the written slots up to a 2^-53 bias), so a CUDA graph that captured it draws from the
+        replay's size at each replay. Another random stream than `sample_indices` (torch.randint's integers cannot
+        be reproduced from a device-side bound)."""
+        draws = self.OVERSAMPLE * batch_size
+        u = torch.rand(draws, dtype=torch.float64, device=self.device, generator=generator)
+        slot = torch.minimum((u * self.written_t).long(), self.written_t - 1)
+        return self._keep_sampleable(slot, batch_size, generator)
+
+    def _keep_sampleable(self, slot: torch.Tensor, batch_size: int, generator: torch.Generator | None):
+        env = torch.randint(0, self.num_envs, (slot.shape[0],), device=self.device, generator=generator)
         ok = self.sampleable[slot, env]
         chosen = torch.sort((~ok).to(torch.uint8), stable=True).indices[:batch_size]
         slot, env = slot[chosen], env[chosen]
         self.invalid_draws += batch_size - ok[chosen].sum()
+        return slot, env
+
+    def batch_at(self, slot: torch.Tensor, env: torch.Tensor) -> Batch:
+        """The transitions at (slot, env), observations rebuilt from frames."""
         return Batch(
             obs=self.stacks(slot, env),
             actions=self.actions[slot, env],

@@ -34,6 +34,7 @@ from agents.infra.run import Run, detached_run, limit_cpu_threads
 from agents.lower.evaluation import play_games
 from agents.lower.networks import Actor, SoftQNetwork, encoder_for
 from agents.lower.replay import Batch, Fragments, FrameReplayBuffer
+from agents.lower.step_graph import StepGraph
 from wrappers import make_envs
 from wrappers.video import record_greedy_episode
 
@@ -100,6 +101,14 @@ class Args:
     target_entropy_scale: float = flag(0.89, "target entropy = scale * ln(number of actions)")
     max_episode_frames: int = flag(108_000, "emulator frames after which a game is truncated (ALE's default)")
     log_every: int = flag(100, "gradient updates between loss logs (metrics stay on the device in between)")
+    graph_ready: bool = flag(
+        False,
+        "the GPU path (issue 33; not yet measured on a GPU): act without host checks (argmax(p / Exp(1)), the "
+        "draws torch.multinomial makes on CPU) with one read-back per vector step; run the K updates of a vector "
+        "step without host syncs (replay size on the device, capturable optimizers, learning rates as tensors); "
+        "on CUDA capture them once in a CUDA graph and replay it. Replay sampling draws from another random stream "
+        "than the default path",
+    )
     fire_after_life_loss: bool = flag(
         False,
         "Atari: press FIRE after every lost life, as SB3's AtariWrapper (the "
@@ -253,13 +262,30 @@ class SACDiscrete:
         self.qf2 = SoftQNetwork(obs_shape, num_actions).to(device).use_fastest_layout()
         self.qf1_target = copy.deepcopy(self.qf1)
         self.qf2_target = copy.deepcopy(self.qf2)
+        self.graph_ready = getattr(args, "graph_ready", False)
+        # --graph-ready: each optimizer's learning rate is a tensor on the device, refreshed in place by
+        # `set_learning_rates` (outside any CUDA graph), and the optimizers are capturable. On CPU the tensor is
+        # float64, so the fused kernel reads exactly the float the default path passes; on CUDA float32, what the
+        # fused CUDA kernel computes in anyway.
+        lr_dtype = torch.float64 if device.type == "cpu" else torch.float32
+        self.lr_tensors = (
+            {name: torch.tensor(0.0, dtype=lr_dtype, device=device) for name in ("q", "actor", "alpha")}
+            if self.graph_ready
+            else {}
+        )
         # fused: one kernel for all parameters; the per-tensor loop costs more than a convolution on a 2-core CPU.
-        adam = lambda params, lr: torch.optim.Adam(params, lr=lr, eps=args.adam_eps, fused=True)
-        self.q_optimizer = adam(list(self.qf1.parameters()) + list(self.qf2.parameters()), args.q_lr)
-        self.actor_optimizer = adam(self.actor.parameters(), args.policy_lr)
+        adam = lambda params, lr, name: torch.optim.Adam(
+            params,
+            lr=self.lr_tensors[name].fill_(lr) if self.graph_ready else lr,
+            eps=args.adam_eps,
+            fused=True,
+            capturable=self.graph_ready,
+        )
+        self.q_optimizer = adam(list(self.qf1.parameters()) + list(self.qf2.parameters()), args.q_lr, "q")
+        self.actor_optimizer = adam(self.actor.parameters(), args.policy_lr, "actor")
         self.entropy_target = target_entropy(num_actions, args.target_entropy_scale)
         self.log_alpha = torch.tensor(float(np.log(args.alpha)), device=device, requires_grad=True)
-        self.alpha_optimizer = adam([self.log_alpha], args.q_lr)
+        self.alpha_optimizer = adam([self.log_alpha], args.q_lr, "alpha")
         # --compile: the loss functions are compiled (forward and backward graphs); the eager ones stay the reference.
         self._critic_loss = torch.compile(self.critic_loss) if args.compile else self.critic_loss
         self._actor_and_alpha_losses = (
@@ -270,14 +296,29 @@ class SACDiscrete:
     def alpha(self) -> float:
         return float(self.log_alpha.detach().exp())
 
-    def set_learning_rates(self, global_step: int) -> None:
+    def _optimizers(self) -> tuple[tuple[str, torch.optim.Optimizer, float], ...]:
         a = self.args
-        for optimizer, base in (
-            (self.q_optimizer, a.q_lr),
-            (self.actor_optimizer, a.policy_lr),
-            (self.alpha_optimizer, a.q_lr),
-        ):
-            optimizer.param_groups[0]["lr"] = annealed_lr(base, global_step, a.anneal_steps)
+        return (
+            ("q", self.q_optimizer, a.q_lr),
+            ("actor", self.actor_optimizer, a.policy_lr),
+            ("alpha", self.alpha_optimizer, a.q_lr),
+        )
+
+    def set_learning_rates(self, global_step: int) -> None:
+        for name, optimizer, base in self._optimizers():
+            lr = annealed_lr(base, global_step, self.args.anneal_steps)
+            if self.graph_ready:
+                self.lr_tensors[name].fill_(lr)  # in place: a captured update reads it at every replay
+            else:
+                optimizer.param_groups[0]["lr"] = lr
+
+    def _bind_learning_rate_tensors(self) -> None:
+        """Point every optimizer at this agent's learning-rate tensors again (loading an optimizer's state replaces
+        its param group's `lr` with the checkpoint's object)."""
+        for name, optimizer, _ in self._optimizers():
+            loaded = optimizer.param_groups[0]["lr"]
+            self.lr_tensors[name].fill_(float(loaded))
+            optimizer.param_groups[0]["lr"] = self.lr_tensors[name]
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,6 +326,20 @@ class SACDiscrete:
         probs, _ = self.actor.probs(obs)
         actions = torch.multinomial(probs, 1)
         return actions.squeeze(-1), probs.gather(1, actions).squeeze(-1)
+
+    @torch.no_grad()
+    def act_packed(self, obs: torch.Tensor) -> torch.Tensor:
+        """--graph-ready's act: a (2, N) float32 tensor on the device, the sampled actions (exact in float32) over
+        the probability each was chosen with, so one copy brings both to the host.
+
+        The action is argmax(p / E) with E ~ Exp(1) drawn from the default generator: torch.multinomial's own
+        algorithm for one sample (pytorch's Distributions.cpp) without its host-side checks of p, which read values
+        back. On CPU it reproduces multinomial's draws for the same generator state (tests/test_graph_ready.py);
+        on CUDA the two consume the generator alike but were not compared.
+        """
+        probs, _ = self.actor.probs(obs)
+        actions = (probs / torch.empty_like(probs).exponential_()).argmax(-1, keepdim=True)
+        return torch.cat([actions.to(probs.dtype), probs.gather(1, actions)], dim=1).T
 
     def critic_loss(self, batch: Batch, rewards: torch.Tensor, alpha: torch.Tensor):
         """Twin soft-Q regression onto r + gamma (1 - terminated) V_target(s'); returns (loss, metrics)."""
@@ -357,8 +412,16 @@ class SACDiscrete:
                     self.log_alpha.copy_(value)
             else:
                 getattr(self, name).load_state_dict(value)
+        if self.graph_ready:
+            self._bind_learning_rate_tensors()
 
     def copy_targets(self) -> None:
+        if self.graph_ready:
+            # The same values, copied into the targets' own storage in one call (a captured update reads them there).
+            with torch.no_grad():
+                targets = [*self.qf1_target.state_dict().values(), *self.qf2_target.state_dict().values()]
+                torch._foreach_copy_(targets, [*self.qf1.state_dict().values(), *self.qf2.state_dict().values()])
+            return
         self.qf1_target.load_state_dict(self.qf1.state_dict())
         self.qf2_target.load_state_dict(self.qf2.state_dict())
 
@@ -415,6 +478,11 @@ class SACTrainer:
         self.last_score: float | None = None
         self._speed_logged_at: int | None = None  # the step of the last charts/SPS point
         self._random_prob = np.full(args.num_envs, 1.0 / self.num_actions, dtype=np.float32)
+        self._obs_staging: tuple[torch.Tensor, torch.Tensor] | None = None  # --graph-ready on CUDA: pinned, device
+        # --graph-ready: the learned reward's running sums since the last log, and the update count, on the device.
+        self._reward_sums = torch.zeros(4, device=device)
+        self._updates_t = torch.zeros((), dtype=torch.int64, device=device)
+        self._step_graph: StepGraph | None = None
 
     def _make_envs(self, seed: int):
         a = self.args
@@ -486,8 +554,23 @@ class SACTrainer:
         """Actions and the probability the acting policy gave each (stored for off-policy corrections)."""
         if self.global_step < self.args.learning_starts:
             return self.rng.integers(0, self.num_actions, size=self.args.num_envs), self._random_prob
+        if self.agent.graph_ready:
+            packed = self.agent.act_packed(self._upload_obs()).cpu().numpy()  # the vector step's one host sync
+            return packed[0].astype(np.int64), packed[1]
         actions, probs = self.agent.act(torch.as_tensor(self.obs, device=self.device))
         return actions.cpu().numpy(), probs.cpu().numpy()
+
+    def _upload_obs(self) -> torch.Tensor:
+        """The observations on the device; on CUDA through one pinned staging buffer (an asynchronous copy)."""
+        if self.device.type != "cuda":
+            return torch.as_tensor(self.obs, device=self.device)
+        obs = np.asarray(self.obs)
+        if self._obs_staging is None:
+            host = torch.empty(obs.shape, dtype=torch.from_numpy(obs[:0]).dtype, pin_memory=True)
+            self._obs_staging = host, torch.empty_like(host, device=self.device)
+        host, device_obs = self._obs_staging
+        host.numpy()[...] = obs  # the previous step's copy has finished: its actions were read back since
+        return device_obs.copy_(host, non_blocking=True)
 
     def collect(self, num_steps: int) -> None:
         """Continue for `num_steps` environment steps (rounded up to whole vector steps), learning as it goes."""
@@ -508,8 +591,12 @@ class SACTrainer:
                 if previous_step <= a.learning_starts:
                     run.progress.set_phase("sac")
                 self.agent.set_learning_rates(self.global_step)
-                for _ in range(self.global_step // a.update_frequency - previous_step // a.update_frequency):
-                    self._update()
+                updates = self.global_step // a.update_frequency - previous_step // a.update_frequency
+                if self.agent.graph_ready:
+                    self._update_graph_ready(updates)
+                else:
+                    for _ in range(updates):
+                        self._update()
                 if crossed(previous_step, self.global_step, a.target_network_frequency):
                     self.agent.copy_targets()
             if self.global_step % 1000 < a.num_envs:
@@ -541,7 +628,11 @@ class SACTrainer:
     def _log_reward_stats(self) -> None:
         if self._reward_stats is None:
             return
-        total, squares, saturated, count = self._reward_stats.tolist()
+        self._write_reward_stats(self._reward_stats)
+        self._reward_stats = None
+
+    def _write_reward_stats(self, stats: torch.Tensor) -> None:
+        total, squares, saturated, count = stats.tolist()
         mean = total / count
         for tag, value in (
             ("mean", mean),
@@ -549,7 +640,6 @@ class SACTrainer:
             ("saturated", saturated / count),
         ):
             self.run.logger.scalar(f"reward/sac_reward_{tag}", value, self.global_step)
-        self._reward_stats = None
 
     def _update(self) -> None:
         # Counting sampleable transitions scans the whole buffer (and syncs a GPU), so it is done only until the
@@ -565,6 +655,70 @@ class SACTrainer:
             for tag, value in metrics.items():
                 self.run.logger.scalar(tag, float(value), self.global_step)
             self._log_reward_stats()
+
+    # -- --graph-ready: the K updates of a vector step without a host sync (captured as a CUDA graph on CUDA) --------
+
+    def _batch_rewards_on_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_batch_rewards` without host values: the clamped rewards and the learned reward's sums since the last
+        logged update (what `_reward_stats` holds in the default path, summed in the same order), or None."""
+        if self._reward_fn is None:
+            return batch.rewards, None
+        with torch.no_grad():
+            raw = self._reward_fn(batch.obs, batch.actions).float()
+            total = raw.sum()
+            stats = torch.stack(
+                [total, raw.square().sum(), (raw.abs() >= 1.0).float().sum(), torch.full_like(total, raw.numel())]
+            )
+            # The default path starts new sums after each logged update (every --log-every-th).
+            after_log = (self._updates_t % self.args.log_every == 0) & (self._updates_t > 0)
+            sums = torch.where(after_log, torch.zeros_like(stats), self._reward_sums) + stats
+            self._reward_sums.copy_(sums)
+            return raw.clamp(-1.0, 1.0), sums
+
+    def updates_without_sync(self, k: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+        """k SAC updates (sampling, learned reward, critics, actor, temperature) that read nothing back to the host
+        and build no tensor from a host value: what `step_graph` captures on CUDA. Returns each update's metrics and
+        learned-reward sums (tensors; read them before the next call)."""
+        results = []
+        for _ in range(k):
+            slot, env = self.buffer.sample_indices_on_device(self.args.batch_size, self.sample_generator)
+            batch = self.buffer.batch_at(slot, env)
+            rewards, sums = self._batch_rewards_on_device(batch)
+            results.append((self.agent.update(batch, rewards), sums))
+            self._updates_t += 1
+        return results
+
+    @property
+    def step_graph(self) -> StepGraph:
+        """The wrapper that runs (on CUDA: captures and replays) `updates_without_sync`, built at its first use, when
+        the agent is final (a subclass may replace it after this class's __init__)."""
+        if self._step_graph is None:
+            self._step_graph = StepGraph(
+                self.updates_without_sync,
+                self.device,
+                generators=[self.sample_generator],
+                # Compiled losses, and a subclass's own policy losses (the penalty method reads its pool's size on
+                # the host), run the same code eagerly instead.
+                capture=not self.args.compile and type(self.agent).policy_losses is SACDiscrete.policy_losses,
+            )
+        return self._step_graph
+
+    def _update_graph_ready(self, k: int) -> None:
+        """What k calls of `_update` do, with the updates run by `step_graph` and the logs read afterwards."""
+        if k <= 0:
+            return
+        if not self._replay_ready:
+            self._replay_ready = len(self.buffer) >= self.args.batch_size
+            if not self._replay_ready:
+                return
+        results = self.step_graph(k, key=id(self._reward_fn))
+        for metrics, sums in results:
+            self.num_updates += 1
+            if self.num_updates % self.args.log_every == 0:
+                for tag, value in metrics.items():
+                    self.run.logger.scalar(tag, float(value), self.global_step)
+                if sums is not None:
+                    self._write_reward_stats(sums)
 
     def _log_games(self, info: dict) -> None:
         if "_episode" not in info:
@@ -633,6 +787,8 @@ class SACTrainer:
             except ValueError as err:
                 raise UsageError(f"--resume: {err}") from None
         self.buffer.break_episodes()
+        self.buffer.sync_device_cursor()
+        self._updates_t.fill_(self.num_updates)
         restore_rng_state(state["rng"], self.rng, self.sample_generator)
         self.envs.close()
         self.envs = self._make_envs(self.args.seed + self.global_step)
