@@ -531,7 +531,8 @@ def test_checkpoint_size_follows_the_steps_not_the_capacity(tmp_path, capsys):
             capsys=capsys,
         )
         assert code == 0
-        return (only_run_dir(runs) / "checkpoint.pt").stat().st_size
+        run_dir = only_run_dir(runs)  # the main file and the replay's chunk files beside it
+        return sum(p.stat().st_size for p in [run_dir / "checkpoint.pt", *run_dir.glob("checkpoint.chunks/*/*")])
 
     small, large = checkpoint_bytes("small", 1000, 300), checkpoint_bytes("large", 100_000, 300)
     longer = checkpoint_bytes("longer", 100_000, 900)
@@ -700,6 +701,28 @@ def test_a_corrupted_checkpoint_is_refused_with_a_checksum_message(minatar_run, 
     assert "--resume" in line and "checksum" in line, line
     assert files_under(tmp_path) == before
     assert load_checkpoint_metadata(run_dir)["algo"] == "sac"  # the header is intact: the payload is what changed
+
+
+def test_a_corrupted_or_missing_replay_chunk_is_refused_with_one_line_naming_it(minatar_run, tmp_path, capsys):
+    """The replay lives in chunk files beside checkpoint.pt, each checked against the SHA-256 the main file records.
+    Broken on purpose once: without the checksum comparison in `_read_chunk` the damaged chunk (its frames flipped,
+    the archive still readable) loads and the run resumes."""
+    run_dir = copy_of(minatar_run, tmp_path)
+    chunks = sorted(run_dir.glob("checkpoint.chunks/replay.rows/chunk-*.pt"))
+    assert len(chunks) == 1, chunks  # 200 MinAtar steps: one chunk
+    chunk = chunks[0]
+    data = bytearray(chunk.read_bytes())
+    frames = data.index(b"data/0") + 200  # inside the first tensor's bytes (the frames), past the record's header
+    data[frames : frames + 64] = bytes(b ^ 0xFF for b in data[frames : frames + 64])
+    chunk.write_bytes(bytes(data))
+    before = files_under(tmp_path)
+    line = refused(capsys, "--resume", str(run_dir), "--total-timesteps", "300")
+    assert f"--resume {chunk}" in line, line
+    assert "corrupted replay chunk" in line and "checksum" in line, line
+    assert files_under(tmp_path) == before
+    chunk.unlink()
+    line = refused(capsys, "--resume", str(run_dir), "--total-timesteps", "300")
+    assert f"--resume {chunk}" in line and "missing" in line, line
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the curves through inf and NaN

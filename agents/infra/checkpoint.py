@@ -5,6 +5,15 @@ the payload written by `torch.save`. A checkpoint is written to a temporary file
 disk and renamed over the previous one, so a crash, SIGKILL or full disk while saving leaves the last complete
 checkpoint in place; temporary files of processes that died are removed at the next save. Loading checks the
 checksum, so a truncated or corrupted file is refused with one line instead of loading silently.
+
+Large row-wise state (the replay, up to 7 GB) is not in the main file: a state dict holds it as `ChunkedRows`, which
+`save_atomic` writes as chunk files beside the checkpoint, `checkpoint.chunks/<key path>/chunk-<index>-<sha>.pt`,
+each named by its SHA-256, and the main file records every chunk's name, size and SHA-256. A chunk a previous
+checkpoint already wrote (its rows unchanged since) is referenced again instead of rewritten. Order on save: new
+chunks are written under temporary names, fsynced and renamed to their (new, content-addressed) names; the main file
+is then replaced atomically; only once that is on disk are the chunks it no longer references deleted. A kill at any
+point leaves the previous main file and every chunk it references in place. Loading verifies a chunk only when its
+rows are read (a resumed run reads them all; --frozen-reward and `sobirl/demos.py record` read none).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import io
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +34,11 @@ from agents.infra.cli import UsageError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MAGIC = "sobirl-checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the replay in chunk files beside the main file (ChunkedRows); 2: the replay inline
+READABLE_VERSIONS = (2, 3)  # a version-2 checkpoint still loads: its replay arrives as tensors in the payload
 HEADER_BYTES = 65536
+CHUNKS_SUFFIX = ".chunks"  # checkpoint.pt keeps its chunks in checkpoint.chunks/
+_MANIFEST = "__sobirl_chunked_rows__"
 
 
 class _HashingWriter(io.RawIOBase):
@@ -87,11 +100,183 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+class ChunkedRows:
+    """Tensors of equal length along dim 0 (rows) that a checkpoint keeps in chunk files of `chunk_rows` rows each.
+
+    A state dict builds one from its live tensors, with `reuse` (chunk index -> the entry a previous checkpoint wrote
+    for the same rows, still unchanged) and `on_saved(entries)`, called once a checkpoint holding these rows is
+    durable. `load_checkpoint` builds one from a saved manifest: `chunk(i)` then reads and verifies chunk i's file.
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor] | None,
+        rows: int,
+        chunk_rows: int,
+        reuse: dict[int, dict[str, Any]] | None = None,
+        on_saved: Callable[[list[dict[str, Any]]], None] | None = None,
+    ):
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+        self.tensors, self.rows, self.chunk_rows = tensors, rows, chunk_rows
+        self.reuse, self.on_saved = reuse or {}, on_saved
+        self.entries: list[dict[str, Any]] | None = None  # the chunk files, once saved or loaded
+        self.directory: Path | None = None  # where the entries' file names are relative to
+        self.flag = "--resume"
+
+    def __len__(self) -> int:
+        return -(-self.rows // self.chunk_rows)
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        return index * self.chunk_rows, min((index + 1) * self.chunk_rows, self.rows)
+
+    def chunk(self, index: int) -> dict[str, torch.Tensor]:
+        """Rows bounds(index) of every tensor: views of the live tensors, or read from the chunk file (verified)."""
+        if self.tensors is not None:
+            start, stop = self.bounds(index)
+            return {name: tensor[start:stop] for name, tensor in self.tensors.items()}
+        assert self.entries is not None and self.directory is not None
+        return _read_chunk(self.directory, self.entries[index], self.flag)
+
+
+def chunk_directory(path: Path) -> Path:
+    return path.with_name(path.stem + CHUNKS_SUFFIX)
+
+
+def _replace_all(obj: Any, key_path: tuple[str, ...], replace: Callable[[Any, tuple[str, ...]], Any]) -> Any:
+    """`obj` with every value for which `replace` returns something else replaced, containers copied only where a
+    value inside them changed."""
+    new = replace(obj, key_path)
+    if new is not obj:
+        return new
+    if isinstance(obj, dict):
+        out = None
+        for key, value in obj.items():
+            replaced = _replace_all(value, (*key_path, str(key)), replace)
+            if replaced is not value:
+                out = dict(obj) if out is None else out
+                out[key] = replaced
+        return obj if out is None else out
+    if type(obj) in (list, tuple):
+        items = [_replace_all(value, (*key_path, str(i)), replace) for i, value in enumerate(obj)]
+        return obj if all(a is b for a, b in zip(items, obj, strict=True)) else type(obj)(items)
+    return obj
+
+
+def _namespace(key_path: tuple[str, ...]) -> str:
+    """The chunk folder of a ChunkedRows at this key path: 'sac.replay.rows', 'parts.sac_b.replay.rows', ..."""
+    parts = key_path[1:] if key_path[:1] == ("algorithm",) else key_path
+    name = ".".join(parts) or "rows"
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def _write_chunk(path: Path, namespace: str, index: int, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One chunk file, written to a temporary name, fsynced and renamed to a name holding its SHA-256: a file of
+    that name already there has these very bytes, so no file a checkpoint references is ever changed."""
+    folder = chunk_directory(path) / namespace
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".chunk-{index:06d}.tmp-{os.getpid()}"
+    # Fresh storage holding the chunk's rows alone (torch.save writes a view's whole storage).
+    rows = {name: t.clone() if t.device.type == "cpu" else t.cpu() for name, t in tensors.items()}
+    try:
+        with open(tmp, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(rows, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        sha = writer.sha.hexdigest()
+        final = folder / f"chunk-{index:06d}-{sha[:16]}.pt"
+        if not (final.is_file() and final.stat().st_size == writer.size):
+            os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"file": final.relative_to(path.parent).as_posix(), "sha256": sha, "bytes": writer.size}
+
+
+def _save_chunks(state: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[tuple[ChunkedRows, list]]]:
+    """Write the chunks of every ChunkedRows in `state` that no earlier checkpoint holds; return the state with
+    manifests in their place, and each ChunkedRows with its entries (for `on_saved`)."""
+    saved: list[tuple[ChunkedRows, list]] = []
+    written_folders: set[Path] = set()
+
+    def replace(value: Any, key_path: tuple[str, ...]) -> Any:
+        if not isinstance(value, ChunkedRows):
+            return value
+        reuse = value.reuse
+        if value.tensors is None:  # a loaded state saved again: its chunks are reused where they are, else copied
+            assert value.entries is not None and value.directory is not None
+            same_place = value.directory.resolve() == path.parent.resolve()
+            reuse = dict(enumerate(value.entries)) if same_place else {}
+        namespace = _namespace(key_path)
+        entries = []
+        for index in range(len(value)):
+            start, stop = value.bounds(index)
+            old = reuse.get(index)
+            if old is not None and (old.get("start"), old.get("stop")) == (start, stop):
+                if (path.parent / old["file"]).is_file():
+                    entries.append(old)
+                    continue
+            entry = _write_chunk(path, namespace, index, value.chunk(index))
+            entries.append({**entry, "start": start, "stop": stop})
+            written_folders.add(chunk_directory(path) / namespace)
+        saved.append((value, entries))
+        return {_MANIFEST: 1, "rows": value.rows, "chunk_rows": value.chunk_rows, "chunks": entries}
+
+    state = _replace_all(state, (), replace)
+    for folder in written_folders:  # the new names survive a power cut before the main file that references them
+        _fsync_directory(folder)
+    if written_folders:
+        _fsync_directory(chunk_directory(path))
+        _fsync_directory(path.parent)
+    return state, saved
+
+
+def _collect_chunk_garbage(path: Path, referenced: set[str]) -> None:
+    """Delete the chunk files the (durable) main file at `path` does not reference, and temporaries of dead
+    processes."""
+    root = chunk_directory(path)
+    if not root.is_dir():
+        return
+    for file in root.rglob("*"):
+        if not file.is_file():
+            continue
+        name = file.name
+        if name.startswith(".chunk-") and ".tmp-" in name:
+            pid = name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+                file.unlink(missing_ok=True)
+        elif name.startswith("chunk-") and file.relative_to(path.parent).as_posix() not in referenced:
+            file.unlink(missing_ok=True)
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+        try:
+            folder.rmdir()  # only empty ones
+        except OSError:
+            pass
+    try:
+        root.rmdir()
+    except OSError:
+        pass
+
+
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
-    """Write `state` (a dict; its "algo", "args" and "global_step" are copied into the header) to `path`."""
+    """Write `state` (a dict; its "algo", "args" and "global_step" are copied into the header) to `path`, and its
+    ChunkedRows to chunk files beside it (only the chunks no earlier checkpoint there holds)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path.parent, path.name)
+    state, chunked = _save_chunks(state, path)
+    _write_main(state, path)
+    for rows, entries in chunked:
+        if rows.on_saved is not None:
+            rows.on_saved(entries)
+    # The new main file is durable: the chunks only the previous one referenced can go.
+    try:
+        _collect_chunk_garbage(path, {entry["file"] for _, entries in chunked for entry in entries})
+    except OSError:
+        pass  # left for the next save's collection
+
+
+def _write_main(state: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -151,7 +336,7 @@ def _read_header(f, path: Path, flag: str = "--resume") -> dict[str, Any]:
         header = None
     if not isinstance(header, dict) or header.get("magic") != MAGIC:
         raise UsageError(f"{flag} {path}: not a sobirl checkpoint")
-    if header.get("format_version") != FORMAT_VERSION:
+    if header.get("format_version") not in READABLE_VERSIONS:
         raise UsageError(f"{flag} {path}: checkpoint format {header.get('format_version')}, expected {FORMAT_VERSION}")
     return header
 
@@ -181,7 +366,34 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", flag: 
             state = torch.load(_PayloadReader(f, HEADER_BYTES), map_location=device, weights_only=False)
         except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged archive
             raise UsageError(f"{flag} {path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
-    return state
+    return _replace_all(state, (), lambda value, _: _chunked_from_manifest(value, path.parent, flag))
+
+
+def _chunked_from_manifest(value: Any, directory: Path, flag: str) -> Any:
+    if not (isinstance(value, dict) and _MANIFEST in value):
+        return value
+    rows = ChunkedRows(None, int(value["rows"]), int(value["chunk_rows"]))
+    rows.entries, rows.directory, rows.flag = list(value["chunks"]), directory, flag
+    return rows
+
+
+def _read_chunk(directory: Path, entry: dict[str, Any], flag: str) -> dict[str, torch.Tensor]:
+    """A chunk file's tensors; a missing, truncated or corrupted one is a UsageError naming it."""
+    file = directory / entry["file"]
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {file}: replay chunk missing (the checkpoint beside it needs it)") from None
+    except OSError as err:
+        raise UsageError(f"{flag} {file}: replay chunk unreadable ({err.strerror or err})") from None
+    if len(data) != entry["bytes"]:
+        raise UsageError(f"{flag} {file}: truncated replay chunk ({len(data)} of {entry['bytes']} bytes)")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise UsageError(f"{flag} {file}: corrupted replay chunk (checksum mismatch)")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged archive
+        raise UsageError(f"{flag} {file}: not a readable replay chunk ({type(err).__name__})") from None
 
 
 def rng_state(numpy_rng: np.random.Generator, torch_generator: torch.Generator) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from agents.infra.checkpoint import ChunkedRows
+
 
 @dataclass
 class Batch:
@@ -100,6 +102,7 @@ class FrameReplayBuffer:
         self.written_t = torch.zeros((), dtype=torch.int64, device=self.device)
         self._next_first = torch.ones(num_envs, dtype=torch.bool, device=self.device)
         self.invalid_draws = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._saved_chunks: _SavedChunks | None = None  # the chunk files of the last checkpoint (state_dict)
 
     def __len__(self) -> int:
         """Number of transitions that can be sampled now (all envs)."""
@@ -151,35 +154,63 @@ class FrameReplayBuffer:
         self._next_first.fill_(True)
 
     _STATE = ("frames", "actions", "rewards", "behaviour", "terminated", "first", "real", "sampleable", "_next_first")
+    CHUNK_BYTES = 64 << 20  # a checkpoint keeps the replay in files of about this many bytes of slots each
 
-    def state_dict(self) -> dict:
+    def state_dict(self, vector_steps: int | None = None) -> dict:
         """The written slots only (the ring fills slots 0, 1, ... before it wraps), so a checkpoint's size follows the
-        steps collected, not the capacity."""
-        filled = {
-            name: written_rows(getattr(self, name), self.written) for name in self._STATE if name != "_next_first"
-        }
+        steps collected, not the capacity. They go into chunk files beside the checkpoint (`ChunkedRows`); given
+        `vector_steps`, the number of `add` calls so far, a chunk whose slots no `add` touched since the last
+        checkpoint saved (its `on_saved`) is not written again but referenced."""
+        pos, written = int(self.pos), int(self.written)
+        tensors = {name: getattr(self, name) for name in self._STATE if name != "_next_first"}
+        saved = self._saved_chunks
+        chunk_rows = saved.chunk_rows if saved is not None else self._chunk_rows()
+        reuse = {} if saved is None else saved.unchanged(vector_steps, pos, written, self.slots, self.stack)
+
+        def on_saved(entries: list[dict]) -> None:
+            self._saved_chunks = _SavedChunks(vector_steps, pos, written, chunk_rows, entries)
+
         return {
             "slots": self.slots,
-            "pos": self.pos,
-            "written": self.written,
+            "pos": pos,
+            "written": written,
+            "vector_steps": vector_steps,
+            "frame_shape": tuple(self.frames.shape[1:]),
             "_next_first": self._next_first.cpu(),
-            **filled,
+            "rows": ChunkedRows(tensors, written, chunk_rows, reuse, on_saved),
         }
 
+    def _chunk_rows(self) -> int:
+        row_bytes = sum(getattr(self, name)[:1].nbytes for name in self._STATE if name != "_next_first")
+        return max(1, self.CHUNK_BYTES // row_bytes)
+
     def load_state_dict(self, state: dict) -> None:
-        if int(state["slots"]) != self.slots or state["frames"].shape[1:] != self.frames.shape[1:]:
+        """A state from `state_dict`, or (checkpoint format 2) one with every written slot's tensors inline."""
+        rows = state.get("rows")
+        frame_shape = tuple(state["frame_shape"]) if rows is not None else tuple(state["frames"].shape[1:])
+        if int(state["slots"]) != self.slots or frame_shape != tuple(self.frames.shape[1:]):
             raise ValueError(
-                f"the checkpoint's replay holds {int(state['slots'])} steps of {tuple(state['frames'].shape[1:])} per "
+                f"the checkpoint's replay holds {int(state['slots'])} steps of {frame_shape} per "
                 f"slot; this run's holds {self.slots} of {tuple(self.frames.shape[1:])}"
             )
         written = int(state["written"])
-        for name in self._STATE:
-            if name == "_next_first":
-                self._next_first.copy_(state[name])
-            else:
+        self._next_first.copy_(state["_next_first"])
+        if rows is None:
+            for name in self._STATE[:-1]:
                 getattr(self, name)[:written].copy_(state[name])
+        else:
+            for index in range(len(rows)):
+                start, stop = rows.bounds(index)
+                for name, part in rows.chunk(index).items():
+                    getattr(self, name)[start:stop].copy_(part)
         self.sampleable[written:] = False
         self.pos, self.written = int(state["pos"]), written
+        saved_files = None if rows is None else rows.entries
+        self._saved_chunks = (
+            None
+            if saved_files is None
+            else _SavedChunks(state.get("vector_steps"), self.pos, written, rows.chunk_rows, saved_files)
+        )
 
     def stacks(self, slot: torch.Tensor, env: torch.Tensor) -> torch.Tensor:
         """Observations (B, *obs_shape) at the given slots, rebuilt from single frames."""
@@ -300,22 +331,35 @@ class FrameReplayBuffer:
         return slot, env, torch.tensor([len(g[1]) for g in games], device=self.device)
 
 
-def written_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """tensor[:rows] on the CPU, as a tensor whose storage holds those rows alone, without copying them on CPU.
+@dataclass
+class _SavedChunks:
+    """The replay's chunk files in the last checkpoint that saved it, and where the write head was then."""
 
-    torch.save writes the whole storage of a view, so `tensor[:rows]` would save the entire capacity (tens of GB of
-    untouched pages for a large replay); a copy would double the memory of what has been written. A prefix of a
-    contiguous tensor is a prefix of its storage, which a storage slice shares without a copy.
-    """
-    part = tensor[:rows]
-    if tensor.device.type != "cpu":
-        return part.cpu()  # a copy of the written rows only
-    if rows == tensor.shape[0] and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
-        return tensor
-    if not tensor.is_contiguous() or tensor.storage_offset() != 0:
-        return part.clone()
-    storage = tensor.untyped_storage()[: part.numel() * part.element_size()]
-    return torch.empty(0, dtype=tensor.dtype).set_(storage, 0, part.shape, part.stride())
+    vector_steps: int | None
+    pos: int
+    written: int
+    chunk_rows: int
+    entries: list[dict]
+
+    def unchanged(self, vector_steps: int | None, pos: int, written: int, slots: int, stack: int) -> dict[int, dict]:
+        """The saved chunks (index -> entry) whose slots no `add` can have touched since, given that `vector_steps`
+        adds have happened in all: an add at slot p writes slot p, marks p - 1 sampleable and, once the ring is
+        full, p + 1 .. p + stack - 1 unsampleable (and `break_episodes` changes pos - 1); `stack` slots of margin on
+        each side cover these. Anything unexpected (no step counts, a head not where they put it) reuses nothing."""
+        if vector_steps is None or self.vector_steps is None:
+            return {}
+        adds = vector_steps - self.vector_steps
+        if adds < 0 or (self.pos + adds) % slots != pos or min(self.written + adds, slots) != written:
+            return {}
+        touched = adds + 2 * stack
+        if touched >= slots:
+            return {}
+        first = (self.pos - stack) % slots  # touched: slots first, first + 1, ..., first + touched - 1 (mod slots)
+        spans = [(first, min(first + touched, slots))]
+        if first + touched > slots:
+            spans.append((0, first + touched - slots))
+        dirty = {i for start, stop in spans for i in range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1)}
+        return {i: entry for i, entry in enumerate(self.entries) if i not in dirty}
 
 
 def _fragment_starts(ok: torch.Tensor, ends_episode: torch.Tensor, length: int) -> torch.Tensor:

@@ -771,7 +771,8 @@ class SACTrainer:
             "global_step": self.global_step,
             "num_updates": self.num_updates,
             "agent": self.agent.state_dict(),
-            "replay": self.buffer.state_dict() if self.args.save_replay else None,
+            # One buffer.add per vector step: the count lets a checkpoint skip the chunks no add touched since.
+            "replay": self.buffer.state_dict(self.global_step // self.args.num_envs) if self.args.save_replay else None,
             "rng": rng_state(self.rng, self.sample_generator),
         }
 

@@ -1,0 +1,105 @@
+"""Bytes and seconds a checkpoint spends on the replay, with and without chunk reuse (a measurement, not a test).
+
+    python sobirl/bench_checkpoint.py                       # 100,000-slot Atari replay, a save every 10,000 steps
+    python sobirl/bench_checkpoint.py --steps 300000 --buffer-size 200000 --save-every 25000 --json
+
+Fills a FrameReplayBuffer with Atari-shaped steps (random 84x84 frames, frame stack 4; no emulator, no network)
+and saves its state with `save_atomic` every --save-every steps, into a scratch run directory, twice: with the
+chunk files of agents/infra/checkpoint.py reused across checkpoints (today's format), and with every chunk written
+at every save (a chunk as large as the replay: what each checkpoint wrote before the replay was chunked). Prints,
+for both, the bytes written per checkpoint (mean and last, from the file sizes the saves wrote) and the seconds per
+save. --buffer-size smaller than --steps shows the ring after it wraps.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import agents.infra.checkpoint as checkpoint
+from agents.infra.cli import flag, parse_args, require_positive, run_cli
+from agents.lower.replay import FrameReplayBuffer
+
+OBS_SHAPE = (4, 84, 84)
+
+
+@dataclass
+class CheckpointBenchArgs:
+    json: bool = flag(False, "print one JSON object instead of text")
+    steps: int = flag(100_000, "agent steps stored (one env)")
+    buffer_size: int = flag(100_000, "replay capacity in transitions")
+    save_every: int = flag(10_000, "steps between checkpoints")
+    directory: str = flag("", "scratch folder for the checkpoints (default: a temporary folder, removed after)")
+
+
+def run_saves(args: CheckpointBenchArgs, chunk_bytes: int, directory: Path) -> dict:
+    """Store --steps steps, saving every --save-every; bytes written and seconds per save."""
+    buffer = FrameReplayBuffer(args.buffer_size, 1, OBS_SHAPE, 4, "cpu")
+    buffer.CHUNK_BYTES = chunk_bytes
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(256, 1, *OBS_SHAPE), dtype=np.uint8)  # reused: content does not matter
+    written, seconds = [], []
+    real_write_chunk = checkpoint._write_chunk
+    counted: list[int] = []
+
+    def counting(path, namespace, index, tensors):
+        entry = real_write_chunk(path, namespace, index, tensors)
+        counted.append(entry["bytes"])
+        return entry
+
+    checkpoint._write_chunk = counting
+    try:
+        path = directory / checkpoint.CHECKPOINT_NAME
+        for step in range(1, args.steps + 1):
+            buffer.add(frames[step % 256], [step % 9], [0.0], [step % 97 == 0], [False], [1.0 / 9])
+            if step % args.save_every == 0:
+                counted.clear()
+                start = time.perf_counter()
+                checkpoint.save_atomic({"replay": buffer.state_dict(step)}, path)
+                seconds.append(time.perf_counter() - start)
+                written.append(sum(counted) + path.stat().st_size)
+    finally:
+        checkpoint._write_chunk = real_write_chunk
+    return {
+        "saves": len(written),
+        "bytes_per_save_mean": int(np.mean(written)),
+        "bytes_per_save_last": written[-1],
+        "seconds_per_save_mean": round(float(np.mean(seconds)), 3),
+        "chunk_rows": buffer._saved_chunks.chunk_rows if buffer._saved_chunks else None,
+    }
+
+
+def measure(args: CheckpointBenchArgs) -> dict:
+    results: dict = {"steps": args.steps, "buffer_size": args.buffer_size, "save_every": args.save_every}
+    with tempfile.TemporaryDirectory(dir=args.directory or None) as scratch:
+        for name, chunk_bytes in (("chunked", FrameReplayBuffer.CHUNK_BYTES), ("whole", 1 << 62)):
+            folder = Path(scratch) / name
+            folder.mkdir()
+            for key, value in run_saves(args, chunk_bytes, folder).items():
+                results[f"{name}_{key}"] = value
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(CheckpointBenchArgs, argv, __doc__)
+    require_positive(args, "steps", "buffer_size", "save_every")
+    torch.set_num_threads(1)
+    results = measure(args)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        width = max(map(len, results))
+        for key, value in results.items():
+            print(f"{key:<{width}}  {value}")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
