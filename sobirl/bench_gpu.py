@@ -33,7 +33,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 PAPER_STEPS = 4_300_000
 PAPER_RANDOM_STEPS = 20_000
-# The 4.3M run's reward phases: the estimate of ../shared/docs/GPU.md, not measured by this report.
+# The 4.3M run's reward phases: an estimate (about 430 outer iterations of one reward epoch, at the 8.6 ms
+# reward update measured on an H200, docs/performance.md), not measured by this report.
 REWARD_PHASES_MIN = 5.0
 
 FULL = dict(
@@ -297,11 +298,11 @@ def syncs_per_vector_step(sizes: dict, device: torch.device, graph_ready: bool) 
 
 def projection(out: dict) -> None:
     """Minutes of the 4.3M-step run: the random phase at the 1-env env rate, learning at each measured loop speed,
-    plus ../shared/docs/GPU.md's estimate of the reward phases (not measured here) and no checkpoint time."""
+    plus an estimate of the reward phases (REWARD_PHASES_MIN, not measured here) and no checkpoint time."""
     out["projection_assumes"] = (
         f"{PAPER_RANDOM_STEPS:,} random steps at env_steps_per_s_1, {PAPER_STEPS - PAPER_RANDOM_STEPS:,} learning "
-        f"steps at the loop's speed, + {REWARD_PHASES_MIN:g} min of reward phases (the estimate of "
-        "../shared/docs/GPU.md, not measured here), no checkpoint time"
+        f"steps at the loop's speed, + {REWARD_PHASES_MIN:g} min of reward phases (an estimate from the "
+        "reward-update time measured on an H200, not measured here), no checkpoint time"
     )
     env_sps = out.get("env_steps_per_s_1")
     random_min = PAPER_RANDOM_STEPS / env_sps / 60 if isinstance(env_sps, float) else float("nan")
