@@ -325,6 +325,23 @@ BENCHMARKS: dict[str, Benchmark] = {
             comparisons=(("parl_fisher", "drlhf"), ("penalty_equal", "drlhf")),
         ),
         Benchmark(
+            "envs4",
+            "Is learning unchanged by the GPU path's design? DRLHF and the corrected SoBiRL on MinAtar SpaceInvaders "
+            "at main's settings with 4 envs and --graph-ready (one update of batch 64 per 4 env steps, as with one "
+            "env; sampling without host syncs), seeds 1-5, each compared with main's 1-env runs of the same arm on "
+            "the same seeds. The reading, written before the runs: learning is taken as unchanged where the "
+            "probability of improvement's 95% interval contains 0.5.",
+            games=("SpaceInvaders",),
+            steps=100_000,
+            common=(*PROVING_GROUND, "--num-envs", "4", "--graph-ready"),
+            arms=(
+                Arm("drlhf_4envs", "drlhf", PREF, "DRLHF, 4 envs, graph-ready"),
+                Arm("sobirl_corrected_4envs", "sobirl", (*PREF, *CORRECTED), "corrected SoBiRL, 4 envs, graph-ready"),
+            ),
+            baselines_from="main",
+            comparisons=(("drlhf_4envs", "drlhf"), ("sobirl_corrected_4envs", "sobirl_corrected")),
+        ),
+        Benchmark(
             "robustness",
             "DRLHF and the corrected SoBiRL under B-Pref's imperfect teachers and with uncertainty-based query "
             "selection, on MinAtar Breakout at half the main budget (50k steps, 500 labels).",
