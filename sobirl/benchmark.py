@@ -125,6 +125,12 @@ def parse_args(argv: Sequence[str] | None):
         "<runs-dir>/<bench>-results)",
     )
     parser.add_argument("--reps", type=int, default=2000, help="bootstrap resamples (report)")
+    parser.add_argument(
+        "--history-dir",
+        default="",
+        help="a results folder in a git checkout whose history of the summaries tells which runs reruns replaced "
+        "(report; default: the results folder)",
+    )
     args = parser.parse_args(argv)
     require(args.bench in BENCHMARKS, f"unknown benchmark {args.bench!r}; declared: {', '.join(BENCHMARKS)}")
     require(args.workers >= 1, f"--workers must be at least 1, got {args.workers}")
@@ -149,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "run":
         command_run(jobs, layout, args.workers, args.progress_every)
     else:
-        write_report(bench, layout, reps=args.reps)
+        write_report(bench, layout, reps=args.reps, history=Path(args.history_dir) if args.history_dir else None)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,11 @@ from sobirl.beamrider import ALGORITHMS
 from sobirl.harness import jobs as harness_jobs
 from sobirl.harness import runner, stats, summaries
 from sobirl.harness.declarations import BENCHMARKS, SMOKE_PREF, Arm, env_id
+from sobirl.harness.history import replaced_runs
 from sobirl.harness.jobs import Job, Layout, declared_jobs, parse_seed_list, select_jobs
 from sobirl.harness.report import (
     by_cell,
+    curve_area,
     diagnostics_table,
     fmt,
     improvement_reading,
@@ -138,7 +140,8 @@ def start_harness(tmp_path, *extra):
 
 def test_a_stopped_benchmark_continues_where_it_was(tmp_path):
     """SIGTERM part-way: the running jobs save and the harness exits 143; a second `run` resumes those and starts
-    the rest. Breaks if the harness restarted a partial run from scratch or re-ran a finished one."""
+    the rest. Breaks if the harness restarted a partial run from scratch or re-ran a finished one, or a rerun's
+    summary did not record the summary it replaced."""
     layout = Layout(tmp_path / "runs", tmp_path / "results")
     jobs = select_jobs(BENCHMARKS["smoke"])
     harness = start_harness(tmp_path)
@@ -193,6 +196,7 @@ def test_a_stopped_benchmark_continues_where_it_was(tmp_path):
     assert new_source["finished"] != old_source["finished"] and new_source["attempts"] == 1, (
         "replaced, lost run's attempts aside"
     )
+    assert new_source["replaces"] == [{key: old_source[key] for key in ("finished", "final_return", "commits")}]
     assert json.loads(frozen.result_path(layout).read_text())["frozen_from"] == frozen.source.key
     source_exit = summaries.read_attempts(frozen.source.attempts_path(layout))[-1]
     frozen_start = [a for a in summaries.read_attempts(frozen.attempts_path(layout)) if a["event"] == "start"][-1]
@@ -335,7 +339,7 @@ def test_report_gives_intervals_from_five_runs_and_ranges_below(tmp_path):
     assert aggregate.split("|")[3].strip().startswith("0.75")
     improvement = next(line for line in page.splitlines() if line.startswith("| drlhf vs sac |"))
     assert improvement.split("|")[3].strip().startswith("0.00")
-    assert improvement.split("|")[4].strip() == "sac ahead"
+    assert improvement.split("|")[4].strip() == "sac ahead: every run of sac above every run of drlhf"
     k = len(BENCHMARKS["smoke"].comparisons)
     header = next(line for line in page.splitlines() if line.startswith("| comparison (first vs second) |"))
     assert header.split("|")[5].strip() == f"[{100 * (1 - 0.05 / k):.3g}% CI], Bonferroni"
@@ -429,7 +433,8 @@ def test_each_committed_results_page_is_what_report_makes_of_the_committed_summa
         target = results / summary.relative_to(REPO / "docs/results")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(summary.read_bytes())
-    benchmark.main(["report", name, "--results-dir", str(results), "--runs-dir", str(tmp_path / "runs")])
+    benchmark.main(["report", name, "--results-dir", str(results), "--runs-dir", str(tmp_path / "runs"),
+                    "--history-dir", str(REPO / "docs/results")])  # fmt: skip
     regenerate = f"regenerate it: python sobirl/benchmark.py report {name}"
     assert same_page((results / name / "README.md").read_text(), (committed / "README.md").read_text()), regenerate
     generated_summary = json.loads((results / name / "summary.json").read_text())
@@ -734,3 +739,203 @@ def test_help_gives_each_default_once():
     text = " ".join(result.stdout.split())
     assert result.returncode == 0 and "(default: )" not in text
     assert text.count("(default: each arm's own)") == 1 and "own) (default" not in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-game probabilities, IQM differences, replaced runs, the area under the learning curve
+
+
+def write_finals(results_dir, bench, game, arm, finals, seeds=None):
+    """Summaries of `finals` (one per seed, seeds 1.. unless given)."""
+    for seed, final in zip(seeds or range(1, len(finals) + 1), finals):
+        path = results_dir / bench / game / arm / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(fake_result(bench, game, arm, seed, final)))
+
+
+def section(page: str, title: str) -> str:
+    return page.split(f"\n{title}\n")[1].split("\n## ")[0].split("\n### ")[0]
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines()
+            if line.startswith(f"| {first_cell} |")]  # fmt: skip
+
+
+def test_the_per_game_table_gives_each_games_probability_over_that_games_runs(tmp_path):
+    """On Breakout 6 of the 25 pairs of runs have drlhf above sac (0.24), on Seaquest all of them (1.00, read as every
+    run above); the aggregate is their mean, 0.62. Broken once on purpose: each game's row bootstrapped the whole
+    (runs, games) matrices instead of that game's column, and every row read 0.62."""
+    bench = dataclasses.replace(BENCHMARKS["smoke"], games=("Breakout", "Seaquest"))
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    for game in bench.games:
+        write_finals(layout.results, "smoke", game, "random", [0.0] * 5)
+    write_finals(layout.results, "smoke", "Breakout", "drlhf", [0.1, 0.2, 0.3, 0.4, 0.5])
+    write_finals(layout.results, "smoke", "Breakout", "sac", [0.25, 0.35, 0.45, 0.55, 0.65])
+    write_finals(layout.results, "smoke", "Seaquest", "drlhf", [1.0, 2.0, 3.0, 4.0, 5.0])
+    write_finals(layout.results, "smoke", "Seaquest", "sac", [0.1, 0.2, 0.3, 0.4, 0.5])
+    page = write_report(bench, layout, reps=200).read_text()
+    aggregate = table_rows(section(page, "## Probability of improvement"), "drlhf vs sac")
+    assert aggregate[0][2].startswith("0.62 [") and aggregate[0][3] == "not separated at 5 runs per game"
+    rows = {row[1]: row for row in table_rows(section(page, "### Per game"), "drlhf vs sac")}
+    assert set(rows) == {"Breakout", "Seaquest"} and rows["Breakout"][2] == "5"
+    point, low, high = (float(v) for v in re.findall(r"−?[\d.]+", rows["Breakout"][3].replace("−", "-")))
+    assert point == 0.24 and low < 0.24 < high and (low, high) != (0.0, 1.0)
+    assert rows["Breakout"][4] == "not separated at 5 runs per game"
+    assert rows["Seaquest"][3] == "1.00 [1.00, 1.00]"
+    assert rows["Seaquest"][4] == "drlhf ahead: every run of drlhf above every run of sac"
+
+
+def test_the_iqm_difference_holds_its_point_and_flips_sign_when_the_arms_swap():
+    """The point is IQM(first) - IQM(second), inside its interval; swapping the arms negates the point and, up to the
+    resampling, the interval. Broken once on purpose: the difference taken as IQM(second) - IQM(first) (the swap
+    still flips it; the point no longer matches the two IQMs)."""
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(0.8, 0.1, size=(10, 3)), rng.normal(0.5, 0.1, size=(10, 3))
+    points, intervals = stats.iqm_difference({"x vs y": (x, y), "y vs x": (y, x)}, reps=1000, seed=0)
+    assert points["x vs y"] == pytest.approx(stats.iqm(x) - stats.iqm(y)) and points["x vs y"] > 0.2
+    assert points["y vs x"] == pytest.approx(-points["x vs y"])
+    low, high = intervals["x vs y"]
+    assert 0 < low < points["x vs y"] < high
+    swapped_low, swapped_high = intervals["y vs x"]
+    assert swapped_high < 0 and swapped_low < points["y vs x"] < swapped_high
+    assert swapped_low == pytest.approx(-high, abs=0.03) and swapped_high == pytest.approx(-low, abs=0.03)
+
+
+def test_the_reading_says_every_run_above_where_one_arm_beats_every_run_of_the_other():
+    """Breaks if a 0.00 [0.00, 0.00] interval were read only as "ahead", or a tie counted as being above. Broken once
+    on purpose: stats.dominance compared with >= (a tie at the boundary then read as every run above)."""
+    low_runs, high_runs = np.array([[0.1, 1.0], [0.2, 2.0]]), np.array([[0.3, 3.0], [0.4, 4.0]])
+    assert stats.dominance(high_runs, low_runs) == 1 and stats.dominance(low_runs, high_runs) == -1
+    tied = high_runs.copy()
+    tied[0, 0] = 0.2  # one run of the higher arm ties the lower arm's best on one game
+    assert stats.dominance(tied, low_runs) == 0
+    assert stats.dominance(np.array([[0.5], [0.1]]), np.array([[0.3], [0.2]])) == 0  # overlapping
+    assert improvement_reading(0.0, 0.0, "A", "B", 5, dominance=-1, games=3) == (
+        "B ahead: every run of B above every run of A, on each game"
+    )
+    assert improvement_reading(1.0, 1.0, "A", "B", 5, dominance=1) == "A ahead: every run of A above every run of B"
+    assert improvement_reading(0.0, 0.1, "A", "B", 5) == "B ahead"
+
+
+def test_the_area_under_the_learning_curve_is_the_mean_of_the_normalised_grid_with_early_gaps_at_random_play():
+    """Random play at 1, SAC at 3: the curve None, 1, 3, 3 normalises to (0), 0, 1, 1; its area over the run's steps is
+    their mean, 0.5. Broken once on purpose: the missing early point dropped instead of counted as random play's
+    level (2/3)."""
+    assert curve_area([None, 1.0, 3.0, 3.0], (1.0, 3.0)) == pytest.approx(0.5)
+    assert curve_area([2.0, 2.0, 5.0, 5.0], (1.0, 3.0)) == pytest.approx((0.5 + 0.5 + 2.0 + 2.0) / 4)
+
+
+def test_the_page_gives_the_area_under_the_learning_curve_of_each_arm(tmp_path):
+    """Random play at 0 and SAC averaging 2.03: drlhf's curve None, None, 2.03, 2.03 and then 0 at the other 16 grid
+    points normalises to 0, 0, 1, 1, 0, ...: an area of 2 / 20 = 0.10 in every run. Broken once on purpose: the
+    trapezoid rule over the grid points (2 / 19, printed 0.11), which treats the windows' means as point values."""
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    write_fake_results(layout.results, {("random", "Breakout"): 0.0, ("sac", "Breakout"): 2.0}, seeds=range(1, 6))
+    write_finals(layout.results, "smoke", "Breakout", "random", [0.0] * 5)
+    write_finals(layout.results, "smoke", "Breakout", "drlhf", [1.0] * 5)
+    for path in (layout.results / "smoke/Breakout/drlhf").glob("seed*.json"):
+        result = json.loads(path.read_text())
+        result["return_curve"] = [None, None, 2.03, 2.03] + [0.0] * 16
+        path.write_text(json.dumps(result))
+    page = write_report(BENCHMARKS["smoke"], layout, reps=200).read_text()
+    row = table_rows(section(page, "## Area under the learning curve"), "drlhf")[0]
+    assert row[1] == "5" and row[2] == "0.10 [0.10, 0.10]"
+
+
+def git_in(folder):
+    def git(*args: str) -> str:
+        command = ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        return subprocess.run(command, cwd=folder, capture_output=True, text=True, check=True).stdout.strip()
+
+    return git
+
+
+def test_a_summary_is_listed_as_replaced_when_a_committed_version_of_it_had_another_finished_time(tmp_path):
+    """In a tiny repository: a rewrite that keeps `finished` (a migration) replaces nothing; a rerun's new
+    `finished`, committed or not yet, does; without git only the summaries' own `replaces` records are known, and the
+    page says so. Broken once on purpose: any summary with more than one commit counted as replaced (the migrated
+    one was then listed)."""
+    repo = tmp_path / "repo"
+    folder = repo / "docs/results/main"
+    repo.mkdir()
+    git = git_in(repo)
+    git("init", "-q")
+
+    def put(arm: str, seed: int, finished: str, final: float, **extra) -> dict:
+        result = {**fake_result("main", "Breakout", arm, seed, final), "finished": finished, **extra}
+        path = folder / "Breakout" / arm / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result))
+        return result
+
+    def commit(message: str) -> None:
+        git("add", "-A")
+        git("commit", "-qm", message)
+
+    put("sac", 1, "2026-12-01T10:00:00+00:00", 2.4)
+    put("random", 1, "2026-12-01T09:00:00+00:00", 0.4)
+    put("drlhf", 2, "2026-12-01T11:00:00+00:00", 2.0)
+    commit("first runs")
+    put("random", 1, "2026-12-01T09:00:00+00:00", 0.4, untimed_attempts=0)  # a migration: same run
+    put("sac", 1, "2026-12-03T10:00:00+00:00", 2.3)  # a rerun
+    commit("migration and a rerun")
+    current = [put("sac", 1, "2026-12-03T10:00:00+00:00", 2.3), put("random", 1, "2026-12-01T09:00:00+00:00", 0.4)]
+    current.append(put("drlhf", 2, "2026-12-04T08:00:00+00:00", 2.2))  # a rerun not committed yet
+    replaced, unavailable = replaced_runs(current, folder)
+    assert unavailable is None
+    assert [(e["arm"], e["seed"], e["found"]) for e in replaced] == [("sac", 1, "git"), ("drlhf", 2, "git")]
+    assert replaced[0]["replaced"] == [{"finished": "2026-12-01T10:00:00+00:00", "final_return": 2.4,
+                                        "commits": ["abc"]}]  # fmt: skip
+    assert replaced[1]["replaced"][0]["final_return"] == 2.0 and replaced[1]["current"]["final_return"] == 2.2
+
+    # A copy without git: the records the summaries carry, and a note.
+    recorded = {**current[2], "replaces": [replaced[1]["replaced"][0]]}
+    copy, unavailable = replaced_runs([current[0], recorded], tmp_path / "not_a_repo")
+    assert unavailable == "git history not available"
+    assert [(e["arm"], e["found"]) for e in copy] == [("drlhf", "summary")]
+    # In the repository, a record the summary carries and git agree: one entry, found by both.
+    both, _ = replaced_runs([recorded], folder)
+    assert len(both[0]["replaced"]) == 1 and both[0]["found"] == "summary, git"
+
+
+def test_the_page_lists_replaced_runs_or_says_the_history_is_not_available(tmp_path):
+    """Breaks if a replaced run went unmentioned, or a page made without git history claimed a complete list."""
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    write_fake_results(layout.results, {("random", "Breakout"): 0.0, ("sac", "Breakout"): 2.0}, seeds=(1, 2))
+    path = layout.results / "smoke/Breakout/sac/seed1.json"
+    rerun = {**json.loads(path.read_text()), "finished": "2026-12-04T01:48:05+00:00"}
+    rerun["replaces"] = [{"finished": "2026-12-02T23:32:07+00:00", "final_return": 2.48, "commits": ["abc"]}]
+    path.write_text(json.dumps(rerun))
+    page = write_report(BENCHMARKS["smoke"], layout, reps=200).read_text()
+    text = section(page, "## Runs replaced by reruns")
+    assert "Here git history not available: only the runs whose summaries record it are listed." in text
+    assert table_rows(text, "Breakout") == [
+        ["Breakout", "sac", "1", "2026-12-02 23:32, 2.48", "2026-12-04 01:48, 2.01", "summary"]
+    ]
+
+
+def test_a_rerun_summary_records_the_summaries_it_replaced(tmp_path, monkeypatch):
+    """Breaks if the harness wrote over a summary without saying so, or a second rerun lost the first's record.
+    Broken once on purpose: the old summary's own `replaces` records not carried over."""
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    job = Job(BENCHMARKS["smoke"], "Breakout", BENCHMARKS["smoke"].arm("sac"), 1)
+    runs = iter(
+        [("2026-12-01T00:00:00+00:00", 1.0), ("2026-12-02T00:00:00+00:00", 2.0), ("2026-12-03T00:00:00+00:00", 3.0)]
+    )
+
+    def summarize(job, layout):
+        finished, final = next(runs)
+        return {**fake_result("smoke", job.game, job.arm.name, job.seed, final), "finished": finished}
+
+    monkeypatch.setattr(summaries, "summarize_run", summarize)
+    path = summaries.write_summary(job, layout)
+    assert "replaces" not in json.loads(path.read_text())
+    summaries.write_summary(job, layout)
+    summaries.write_summary(job, layout)
+    third = json.loads(path.read_text())
+    assert third["final_return"] == 3.0
+    assert third["replaces"] == [
+        {"finished": "2026-12-01T00:00:00+00:00", "final_return": 1.0, "commits": ["abc"]},
+        {"finished": "2026-12-02T00:00:00+00:00", "final_return": 2.0, "commits": ["abc"]},
+    ]

@@ -3,8 +3,9 @@
 
 Scores are normalised per game as (score - random) / (SAC on the true reward - random), both the means of those
 arms' runs. Statistics follow rliable (stats.py): interquartile mean (IQM) and mean with stratified bootstrap
-95% intervals over runs x games, probabilities of improvement, performance profiles. A cell with fewer than 5 runs
-shows the range of its runs, never an interval.
+95% intervals over runs x games, probabilities of improvement (over games and on each game), differences of IQMs,
+performance profiles; the area under the learning curve beside the final return; and the runs whose summaries
+reruns replaced (history.py). A cell with fewer than 5 runs shows the range of its runs, never an interval.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from matplotlib.figure import Figure
 from agents.infra.cli import UsageError
 from sobirl.harness import stats
 from sobirl.harness.declarations import BENCHMARKS
+from sobirl.harness.history import replaced_runs
 from sobirl.harness.jobs import select_jobs
 from sobirl.harness.summaries import load_results
 
@@ -251,14 +253,44 @@ def arm_title(bench, name: str) -> str:
     return name
 
 
-def improvement_reading(low: float, high: float, first: str, second: str, runs: int) -> str:
+def improvement_reading(
+    low: float, high: float, first: str, second: str, runs: int, dominance: int = 0, games: int = 1
+) -> str:
     """What a probability-of-improvement interval supports: one arm ahead only when the interval, as printed (two
-    decimals), excludes 0.5."""
+    decimals), excludes 0.5. Where every run of one arm scores above every run of the other (`dominance`, from
+    stats.dominance: the interval is then 1.00 [1.00, 1.00] or 0.00 [0.00, 0.00], which says nothing of its own), the
+    reading says so."""
+    on_each = ", on each game" if games > 1 else ""
+    if dominance > 0:
+        return f"{first} ahead: every run of {first} above every run of {second}{on_each}"
+    if dominance < 0:
+        return f"{second} ahead: every run of {second} above every run of {first}{on_each}"
     if round(low, 2) > 0.5:
         return f"{first} ahead"
     if round(high, 2) < 0.5:
         return f"{second} ahead"
     return f"not separated at {runs} runs per game"
+
+
+def difference_reading(low: float, high: float, first: str, second: str, runs: int) -> str:
+    """What an interval of IQM(first) - IQM(second) supports: one IQM higher only where the interval, as printed
+    (two decimals), excludes 0."""
+    if round(low, 2) > 0:
+        return f"{first} higher"
+    if round(high, 2) < 0:
+        return f"{second} higher"
+    return f"not separated at {runs} runs per game"
+
+
+def comparison_pairs(bench, cells, games: Sequence[str]):
+    """For each declared comparison, in order: (name, (first's title, second's title), the seeds both arms share on
+    every one of `games`, first arm, second arm)."""
+    out = []
+    for x, y in bench.comparisons:
+        seeds = sorted(set(common_seeds(cells, x, games)) & set(common_seeds(cells, y, games)))
+        titles = (arm_title(bench, x), arm_title(bench, y))
+        out.append((f"{titles[0]} vs {titles[1]}", titles, seeds, x, y))
+    return out
 
 
 def improvement_table(bench, cells, base, reps: int) -> list[str]:
@@ -276,10 +308,7 @@ def improvement_table(bench, cells, base, reps: int) -> list[str]:
         "|---|---|---|---|---|",
     ]
     pairs, counts, titles = {}, {}, {}
-    for x, y in bench.comparisons:
-        seeds = sorted(set(common_seeds(cells, x, games)) & set(common_seeds(cells, y, games)))
-        name = f"{arm_title(bench, x)} vs {arm_title(bench, y)}"
-        titles[name] = (arm_title(bench, x), arm_title(bench, y))
+    for name, titles[name], seeds, x, y in comparison_pairs(bench, cells, games):
         if len(seeds) < MIN_RUNS:
             lines.append(f"| {name} | {len(seeds)} | — (fewer than {MIN_RUNS} runs) | — | — |")
             continue
@@ -290,11 +319,158 @@ def improvement_table(bench, cells, base, reps: int) -> list[str]:
         _, corrected = stats.probability_of_improvement(pairs, reps, confidence=level)
         for name in pairs:
             low, high = intervals[name]
-            reading = improvement_reading(low, high, *titles[name], counts[name])
+            above = stats.dominance(*pairs[name])
+            reading = improvement_reading(low, high, *titles[name], counts[name], above, len(games))
             together = interval_text(points[name], *corrected[name])
             lines.append(
                 f"| {name} | {counts[name]} | {interval_text(points[name], low, high)} | {reading} | {together} |"
             )
+    return lines
+
+
+def per_game_improvement_table(bench, cells, base, reps: int) -> list[str]:
+    """P(first > second) of each declared comparison on each game alone, on the seeds both arms share on that game:
+    the same bootstrap as the aggregate's, whose strata are then that one game's runs."""
+    games = [g for g in bench.games if g in base]
+    lines = [
+        "The same probability on each game alone, on the seeds both arms share on that game, with a 95% bootstrap "
+        f"interval over that game's runs (the stratified bootstrap of one game). These {len(bench.comparisons)} × "
+        f"{len(games)} intervals are not corrected for being several.",
+        "",
+        "| comparison (first vs second) | game | runs | P(first > second) [95% CI] | reading |",
+        "|---|---|---|---|---|",
+    ]
+    pairs, rows = {}, []
+    for name, titles, _, x, y in comparison_pairs(bench, cells, games):
+        for game in games:
+            seeds = sorted(set(cells.get((x, game), {})) & set(cells.get((y, game), {})))
+            key = f"{name} | {game}"
+            rows.append((key, name, game, titles, len(seeds)))
+            if len(seeds) >= MIN_RUNS:
+                pairs[key] = (score_matrix(cells, x, [game], base, seeds), score_matrix(cells, y, [game], base, seeds))
+    points, intervals = stats.probability_of_improvement(pairs, reps) if pairs else ({}, {})
+    for key, name, game, titles, runs in rows:
+        if key not in pairs:
+            lines.append(f"| {name} | {game} | {runs} | — (fewer than {MIN_RUNS} runs) | — |")
+            continue
+        low, high = intervals[key]
+        reading = improvement_reading(low, high, *titles, runs, stats.dominance(*pairs[key]))
+        lines.append(f"| {name} | {game} | {runs} | {interval_text(points[key], low, high)} | {reading} |")
+    return lines
+
+
+def iqm_difference_table(bench, cells, base, reps: int) -> list[str]:
+    """IQM(first) - IQM(second) of the normalised final scores of each declared comparison, on the seeds both arms
+    share on every game, with a 95% stratified-bootstrap interval of the difference."""
+    games = [g for g in bench.games if g in base]
+    lines = [
+        "The IQM of the first arm's normalised final scores minus the second's, on the seeds both arms share, with a "
+        "95% stratified-bootstrap interval of the difference: each resample draws the runs of both arms with "
+        "replacement within each game, recomputes both IQMs and takes their difference. One IQM is read as higher "
+        f"only where the interval excludes 0; the {len(bench.comparisons)} intervals are not corrected for being "
+        "several.",
+        "",
+        "| comparison (first vs second) | runs per game | IQM first − IQM second [95% CI] | reading |",
+        "|---|---|---|---|",
+    ]
+    pairs, counts, titles = {}, {}, {}
+    for name, titles[name], seeds, x, y in comparison_pairs(bench, cells, games):
+        if len(seeds) < MIN_RUNS:
+            lines.append(f"| {name} | {len(seeds)} | — (fewer than {MIN_RUNS} runs) | — |")
+            continue
+        pairs[name] = (score_matrix(cells, x, games, base, seeds), score_matrix(cells, y, games, base, seeds))
+        counts[name] = len(seeds)
+    if pairs:
+        points, intervals = stats.iqm_difference(pairs, reps)
+        for name in pairs:
+            low, high = intervals[name]
+            reading = difference_reading(low, high, *titles[name], counts[name])
+            lines.append(f"| {name} | {counts[name]} | {interval_text(points[name], low, high)} | {reading} |")
+    return lines
+
+
+def curve_area(curve: Sequence[float | None], base: tuple[float, float]) -> float:
+    """The normalised area under a run's learning curve, divided by its steps: the mean over the fixed grid of the
+    return curve normalised like the final return. A grid point is the mean score of the games that ended in its
+    window (the previous point, this one], so the mean of the points is the area under that step function over the
+    run's steps. A point before the run's first game ended (None) counts as random play's level, 0 (the agents act
+    at random until learning starts), as in the aggregate figure."""
+    values = normalise_curve(curve, base)
+    return float(np.nan_to_num(values, nan=0.0).mean())
+
+
+def area_table(bench, cells, base, reps: int) -> list[str]:
+    """IQM and mean over runs x games of each arm's normalised area under the learning curve (`curve_area`), with
+    stratified-bootstrap intervals from MIN_RUNS runs, the range of the runs' means over games below."""
+    games = [g for g in bench.games if g in base]
+    lines = [
+        "A second statistic beside the final return (which stays the headline): the area under each run's learning "
+        "curve divided by its steps, i.e. the mean over the 20 points of the fixed step grid of its return curve "
+        "(each point the mean true score of the games that ended since the previous point), normalised per game like "
+        "the final return, with random play's and SAC's mean final returns. 1 would be SAC's final level from the "
+        "first step; a point before a run's first game ended would count as random play's level, 0.",
+        "",
+        "| arm | runs per game | IQM [95% CI] | mean [95% CI] |",
+        "|---|---|---|---|",
+    ]
+    matrices = {}
+    for arm in bench.arms:
+        if arm.name in (bench.random_arm, bench.reference_arm) or arm.frozen_from:
+            continue
+        seeds = common_seeds(cells, arm.name, games)
+        if not seeds:
+            continue
+        matrix = np.array(
+            [[curve_area(cells[(arm.name, g)][s]["return_curve"], base[g]) for g in games] for s in seeds]
+        )
+        matrices[arm.name] = matrix
+        if len(seeds) < MIN_RUNS:
+            lines.append(
+                f"| {arm.title} | {len(seeds)} | {range_text(matrix.mean(axis=1))} (mean over games per run) | — |"
+            )
+    enough = with_enough_runs(matrices)
+    if enough:
+        points, intervals = stats.aggregate_estimates(enough, reps)
+        for name, matrix in enough.items():
+            p, ci = points[name], intervals[name]
+            lines.append(
+                f"| {bench.arm(name).title} | {len(matrix)} | {interval_text(p[0], ci[0, 0], ci[1, 0])} | "
+                f"{interval_text(p[1], ci[0, 1], ci[1, 1])} |"
+            )
+    return lines
+
+
+def replaced_table(bench, replaced: Sequence[dict], unavailable: str | None) -> list[str]:
+    """The runs whose summaries replaced others (history.replaced_runs), and how they were found."""
+    how = (
+        "Runs whose summary replaced an earlier run's: the harness runs a job again when its run folder, which a "
+        "frozen-reward check or a demonstration recording needs, was lost, and the new summary takes the old one's "
+        "place, so every table above uses the replacing run only. Found from the `replaces` record the harness "
+        "writes into a rerun's summary and from the git history of the summary files: a committed version of a "
+        "summary with a `finished` time other than the current one's was another run."
+    )
+    if unavailable:
+        how += f" Here {unavailable}: only the runs whose summaries record it are listed."
+    lines = [how, ""]
+    if not replaced:
+        return [*lines, "None."]
+    order = {(game, arm): k for k, (game, arm) in enumerate((g, a) for g in bench.games for a in bench.arm_names)}
+    lines += [
+        "| game | arm | seed | replaced run: finished, final return | current run: finished, final return | found in |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def run_text(record: dict) -> str:
+        when = str(record.get("finished") or "unknown")[:16].replace("T", " ")
+        value = record.get("final_return")
+        return f"{when}, {fmt(value) if value is not None else '—'}"
+
+    for entry in sorted(replaced, key=lambda e: (order.get((e["game"], e["arm"]), len(order)), e["seed"])):
+        old = "; ".join(run_text(record) for record in entry["replaced"])
+        lines.append(
+            f"| {entry['game']} | {arm_title(bench, entry['arm'])} | {entry['seed']} | {old} | "
+            f"{run_text(entry['current'])} | {entry['found']} |"
+        )
     return lines
 
 
@@ -572,9 +748,10 @@ def normalise_curve(curve: Sequence[float | None], base: tuple[float, float]) ->
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_report(bench, layout, reps: int = 2000) -> Path:
+def write_report(bench, layout, reps: int = 2000, history: Path | None = None) -> Path:
     """Write docs/results/<bench>/README.md and its figures from the summaries; returns the page's path. Says what
-    it is doing as it goes (the bootstraps of a large benchmark take minutes)."""
+    it is doing as it goes (the bootstraps of a large benchmark take minutes). `history`: the results folder whose
+    git history tells which summaries reruns replaced (default: the one the summaries are read from)."""
     began = time.time()
 
     def say(text: str) -> None:
@@ -635,12 +812,17 @@ def write_report(bench, layout, reps: int = 2000) -> Path:
         page += ["## Aggregate over games", "", *lines, ""]
         for game, why in missing.items():
             page += [f"Left out of the aggregate: {game} ({why}).", ""]
+        say(f"area under the learning curve: bootstrapping the IQM and mean of each arm ({reps:,} resamples)")
+        page += ["## Area under the learning curve", "", *area_table(bench, cells, base, reps), ""]
         if bench.comparisons:
             say(
                 f"probability of improvement: bootstrapping {len(bench.comparisons)} comparison"
-                f"{'s' * (len(bench.comparisons) != 1)} ({reps:,} resamples, at 95% and at the Bonferroni level)"
+                f"{'s' * (len(bench.comparisons) != 1)} ({reps:,} resamples, at 95% and at the Bonferroni level), "
+                "then each on each game, then the difference of their IQMs"
             )
             page += ["## Probability of improvement", "", *improvement_table(bench, joined, base, reps), ""]
+            page += ["### Per game", "", *per_game_improvement_table(bench, joined, base, reps), ""]
+            page += ["## Difference of IQMs", "", *iqm_difference_table(bench, joined, base, reps), ""]
         say(f"drawing {folder / 'aggregate.png'} (score over training and performance profiles, with bands)")
         draw_aggregate(bench, cells, base, matrices, folder / "aggregate.png", reps)
         page += ["![aggregate](aggregate.png)", ""]
@@ -666,6 +848,9 @@ def write_report(bench, layout, reps: int = 2000) -> Path:
         page += ["## Reward diagnostics", "", *diagnostics, ""]
     if any(arm.frozen_from for arm in bench.arms):
         page += ["## Frozen-reward check", "", *frozen_table(bench, cells), ""]
+    replaced, unavailable = replaced_runs(results, Path(history or layout.results) / bench.name)
+    say(f"runs replaced by reruns: {len(replaced)}" + (f" ({unavailable})" if unavailable else ""))
+    page += ["## Runs replaced by reruns", "", *replaced_table(bench, replaced, unavailable), ""]
     path = folder / "README.md"
     path.write_text("\n".join(page))
     summary = {"benchmark": bench.name, "runs": len(results), "baselines": base}

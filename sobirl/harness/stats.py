@@ -97,6 +97,35 @@ def probability_of_improvement(
     return {name: float(value) for name, value in points.items()}, {k: v.ravel() for k, v in intervals.items()}
 
 
+def iqm_difference(
+    pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], reps: int = 2000, seed: int = 0, confidence: float = CONFIDENCE
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """IQM(X) - IQM(Y) for each "X vs Y" pair of (runs, games) score matrices, with a stratified-bootstrap interval
+    at `confidence`: each resample draws the runs of X and, independently, those of Y with replacement within every
+    game (rliable's StratifiedIndependentBootstrap, as for the probability of improvement), recomputes both IQMs and
+    takes the difference."""
+    _, metrics = _rliable()
+    points, intervals = _stratified_bootstrap(
+        {name: (np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)) for name, (x, y) in pairs.items()},
+        lambda x, y: metrics.aggregate_iqm(x) - metrics.aggregate_iqm(y),
+        reps,
+        seed,
+        confidence,
+    )
+    return {name: float(value) for name, value in points.items()}, {k: v.ravel() for k, v in intervals.items()}
+
+
+def dominance(x: np.ndarray, y: np.ndarray) -> int:
+    """1 if on every game every run of X scores above every run of Y (a probability of improvement of exactly 1 in
+    every resample), -1 if every run of Y scores above every run of X, 0 otherwise; (runs, games) matrices."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if np.all(x.min(axis=0) > y.max(axis=0)):
+        return 1
+    if np.all(y.min(axis=0) > x.max(axis=0)):
+        return -1
+    return 0
+
+
 def bonferroni_confidence(comparisons: int, confidence: float = CONFIDENCE) -> float:
     """The level at which each of `comparisons` intervals must hold for all of them to hold together at
     `confidence` (Bonferroni): 1 - (1 - confidence) / comparisons."""

@@ -22,6 +22,7 @@ from agents.infra.checkpoint import load_checkpoint_metadata
 from agents.infra.cli import UsageError
 from sobirl.harness.declarations import env_id
 from sobirl.harness.events import load_run
+from sobirl.harness.history import replaced_record
 from sobirl.harness.jobs import REPO, Job, Layout
 
 RESULT_FORMAT = "sobirl-benchmark-result"
@@ -196,8 +197,19 @@ def clean_json(value):
 
 
 def write_summary(job: Job, layout: Layout) -> Path:
+    """Write a finished run's summary. The harness writes over an existing summary only when it ran the job again
+    (a rerun of a run whose folder was lost: see jobs.source_lost); the new summary then records what it replaced
+    (`replaces`: the old summary's finished time, final return and commits, after the old one's own records), so
+    that the report can list replaced runs without git history."""
     path = job.result_path(layout)
-    write_json_atomic(path, clean_json(summarize_run(job, layout)))
+    summary = summarize_run(job, layout)
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        old = None
+    if isinstance(old, dict) and old.get("finished"):
+        summary["replaces"] = [*(old.get("replaces") or []), replaced_record(old)]
+    write_json_atomic(path, clean_json(summary))
     return path
 
 
