@@ -641,8 +641,9 @@ class SACTrainer:
           action, probability and game-start flags, transition t-1 made sampleable, the write head moved on. The
           updates then see the sampleable set, frames, slot t-1's reward and the write head the synchronous update
           sees; `add_outcome` stores r_t and terminated_t after `recv`, before the next update (the next vector
-          step's), as `add` would have before it. Replay sampling draws only sampleable slots (rejection sampling;
-          `invalid_draws` counts any shortfall, and stays 0), so the stale r_t in the slot is never sampled;
+          step's), as `add` would have before it. Meanwhile slot t holds an older (or unwritten) reward: an update
+          could read it only if rejection sampling ran short of sampleable draws and kept an unsampleable slot,
+          which `buffer.invalid_draws` counts (it stays 0; the tests check);
         * the step count, the learning rates, the update count K and the target copy follow from the step count
           alone, advanced before the updates as there; the policy acting at step t is the one after the updates of
           step t-1 in both orders; the random phase's actions come from the same generator, called in the same order.
