@@ -9,7 +9,9 @@ In one call (at most about 8 minutes on a GPU machine; `--dry-run` is seconds on
    captures, run eagerly) and, on CUDA, graphed (replays of the captured update), with graphed against eager after
    20 updates as a check, the profiler's summed kernel time per update, and the update-only bound 4 / t;
 4. the real loop's learning-phase env steps/s (SAC on the learned reward, reward phases not included) for DRLHF and
-   SoBiRL at 1 and 4 envs, default path and --graph-ready;
+   SoBiRL at 1 and 4 envs, default path and --graph-ready (synchronous order), and at 4 envs --graph-ready with the
+   overlapped order (--async-envs on: the emulators step while the updates run; Atari only, n/a in the MinAtar dry
+   run);
 5. host syncs per vector step in the learning phase (`torch.cuda.set_sync_debug_mode("warn")`, counted);
 6. the projected minutes of the paper's 4.3M-step run from those figures.
 
@@ -232,7 +234,7 @@ def graphed_against_eager(sizes: dict, device: torch.device, updates: int) -> fl
     return diff
 
 
-def learner(algo: str, sizes: dict, device: torch.device, num_envs: int, graph_ready: bool):
+def learner(algo: str, sizes: dict, device: torch.device, num_envs: int, graph_ready: bool, async_envs: str = "off"):
     """A DRLHF or SoBiRL learner (the paper's settings but a small pair buffer and replay), past its random phase."""
     from agents.drlhf import Args as DrlhfArgs
     from agents.infra.run import detached_run
@@ -248,6 +250,7 @@ def learner(algo: str, sizes: dict, device: torch.device, num_envs: int, graph_r
         learning_starts=sizes["loop_random"],
         buffer_size=max(8 * (sizes["loop_random"] + sizes["loop_warmup"] + sizes["loop_steps"]), 2_000),
         graph_ready=graph_ready,
+        async_envs=async_envs,  # explicit: "auto" would overlap --graph-ready on CUDA
         initial_pairs=4,
         pair_buffer=16,
         total_pairs=16,
@@ -263,8 +266,10 @@ def learner(algo: str, sizes: dict, device: torch.device, num_envs: int, graph_r
     return learn
 
 
-def loop_sps(algo: str, sizes: dict, device: torch.device, num_envs: int, graph_ready: bool) -> float:
-    learn = learner(algo, sizes, device, num_envs, graph_ready)
+def loop_sps(
+    algo: str, sizes: dict, device: torch.device, num_envs: int, graph_ready: bool, async_envs: str = "off"
+) -> float:
+    learn = learner(algo, sizes, device, num_envs, graph_ready, async_envs)
     trainer = learn.trainer
     trainer.collect(sizes["loop_warmup"])  # first updates: kernel choice, the CUDA graph's warm-up and capture
     synchronize(device)
@@ -342,14 +347,20 @@ def gpu_report(device: torch.device, dry_run: bool, emit: Callable[[str, object]
     section("update", lambda: update_figures(sizes, device, out))
 
     def loops() -> None:
+        # (name, --graph-ready, --async-envs); the overlapped order at 4 envs only, and only where envs have send/recv.
+        modes = [("eager", False, "off"), ("graph_ready", True, "off"), ("graph_ready_async", True, "on")]
         for algo in ("drlhf", "sobirl"):
             for n in (1, 4):
-                for graph_ready in (False, True):
-                    name = f"loop_{algo}_{n}env_{'graph_ready' if graph_ready else 'eager'}"
-                    if time.perf_counter() - start > sizes["budget_s"]:
-                        out[name] = "skipped: over the time budget"
+                for mode, graph_ready, async_envs in modes:
+                    name = f"loop_{algo}_{n}env_{mode}"
+                    if async_envs == "on" and n != 4:
                         continue
-                    out[name] = loop_sps(algo, sizes, device, n, graph_ready)
+                    if async_envs == "on" and sizes["env_id"].startswith("MinAtar/"):
+                        out[name] = "n/a on MinAtar (no send/recv)"
+                    elif time.perf_counter() - start > sizes["budget_s"]:
+                        out[name] = "skipped: over the time budget"
+                    else:
+                        out[name] = loop_sps(algo, sizes, device, n, graph_ready, async_envs)
 
     section("loop", loops)
 

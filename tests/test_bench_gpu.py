@@ -29,6 +29,8 @@ def test_gpu_report_dry_run_on_cpu():
             for mode in ("eager", "graph_ready"):
                 assert report[f"loop_{algo}_{n}env_{mode}"] > 0
     assert report["projected_min_sobirl_4env_graph_ready"] > 0
+    for algo in ("drlhf", "sobirl"):  # the overlapped order needs send/recv: Atari only
+        assert report[f"loop_{algo}_4env_graph_ready_async"] == "n/a on MinAtar (no send/recv)"
     for key in ("kernel_ms_per_update", "update_graphed_ms", "host_syncs_per_vector_step_sobirl_4env_graph_ready"):
         assert report[key] == "n/a on CPU"
     assert seconds < 120, seconds  # "well under a minute" on an idle CPU; the margin is for shared CI cores

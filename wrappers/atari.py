@@ -8,7 +8,11 @@ on (`life_loss_info=True`, the DQN episodic-life semantics). What it lacks is wr
   whole game (all lives) while handing the learner sign-clipped rewards;
 * gymnasium-style `info["episode"]` / `info["_episode"]` at the step a game (not a life) ends;
 * `info["game_over"]`: the game ended at this step, so with NEXT_STEP autoreset the next step is a reset step whose
-  transition (terminal frame -> first frame of the next game) is not real and must not be learned from.
+  transition (terminal frame -> first frame of the next game) is not real and must not be learned from;
+* `send(actions)` / `recv()`: a step split in two, as ale-py's vector env splits it (its `step` is `send` then
+  `recv`; between them the emulator threads step while the caller does other work, the learner's updates with
+  `--async-envs`). `steps_in_background` says whether the wrapped env has that split; without it (MinAtar's
+  `SyncVectorEnv`) `send` only keeps the actions and `recv` steps synchronously, so the same calls work everywhere.
 """
 
 from __future__ import annotations
@@ -88,12 +92,35 @@ class GameStatistics(gym.vector.VectorWrapper):
         self._score = np.zeros(self.num_envs, dtype=np.float64)
         self._length = np.zeros(self.num_envs, dtype=np.int64)
         self._reset_next = np.zeros(self.num_envs, dtype=bool)
+        self._sent: np.ndarray | None = None  # the actions of a `send` whose `recv` is still to come
+
+    @property
+    def steps_in_background(self) -> bool:
+        """Whether the wrapped env steps between `send` and `recv` (ale-py's vector env) rather than inside `recv`."""
+        return callable(getattr(self.env, "send", None)) and callable(getattr(self.env, "recv", None))
+
+    def send(self, actions) -> None:
+        """Start a step with `actions`; `recv` returns what `step(actions)` would have returned."""
+        if self._sent is not None:
+            raise RuntimeError("send called twice without a recv in between")
+        self._sent = np.array(actions, copy=True)
+        if self.steps_in_background:
+            self.env.send(actions)
+
+    def recv(self):
+        """Finish the step `send` started (on an env without `send`/`recv`, take it now)."""
+        if self._sent is None:
+            raise RuntimeError("recv called without a send")
+        actions, self._sent = self._sent, None
+        return self._finish_step(self.env.recv() if self.steps_in_background else self.env.step(actions))
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
         if seed is None:
             seed, self._first_reset_seed = self._first_reset_seed, None
         if isinstance(seed, int) and self.seeds is not None:
             seed = fold_seed(seed, self.num_envs, self.seeds)
+        if self._sent is not None:
+            raise RuntimeError("reset between send and recv")
         obs, info = self.env.reset(seed=seed, options=options)
         self._score[:] = 0.0
         self._length[:] = 0
@@ -101,7 +128,11 @@ class GameStatistics(gym.vector.VectorWrapper):
         return obs, info
 
     def step(self, actions):
-        obs, reward, terminated, truncated, info = self.env.step(actions)
+        return self._finish_step(self.env.step(actions))
+
+    def _finish_step(self, result):
+        """The statistics and clipping of one step of the wrapped env (`step`'s or `recv`'s result)."""
+        obs, reward, terminated, truncated, info = result
         reward = np.asarray(reward, dtype=np.float64)
         was_reset_step = self._reset_next.copy()
         # A NEXT_STEP reset step starts a new game: its reward is 0 and it is not part of any game's length.

@@ -103,6 +103,7 @@ class FrameReplayBuffer:
         self._next_first = torch.ones(num_envs, dtype=torch.bool, device=self.device)
         self.invalid_draws = torch.zeros((), dtype=torch.int64, device=self.device)
         self._saved_chunks: _SavedChunks | None = None  # the chunk files of the last checkpoint (state_dict)
+        self._outcome_slot: int | None = None  # the slot `add_step` wrote whose reward `add_outcome` has not yet
 
     def __len__(self) -> int:
         """Number of transitions that can be sampled now (all envs)."""
@@ -119,15 +120,22 @@ class FrameReplayBuffer:
         `autoreset[e]` is true when env e's previous step ended its game, so this step only reset it (NEXT_STEP
         autoreset): `obs[e]` is that game's terminal observation and the transition out of it is not real.
         """
+        self.add_step(obs, actions, autoreset, behaviour)
+        self.add_outcome(rewards, terminated)
+
+    def add_step(self, obs, actions, autoreset, behaviour) -> None:
+        """`add`'s first half, all that is known before the environments step: the frame of `obs`, the action and its
+        probability, the game-start flags; the previous step's transition becomes sampleable (its next observation,
+        `obs`, is now stored) and the write head moves on. The reward and termination of this step follow with
+        `add_outcome` (the overlapped loop of `SACTrainer.collect` runs its updates in between): until then the new
+        slot is not sampleable, so nothing sampled reads them."""
         as_tensor = lambda x, dtype: torch.as_tensor(np.asarray(x), dtype=dtype).to(self.device, non_blocking=True)
         obs = as_tensor(obs, torch.uint8)
         autoreset = as_tensor(autoreset, torch.bool)
         p = self.pos
         self.frames[p] = obs[:, -1] if self.stack > 1 else obs
         self.actions[p] = as_tensor(actions, torch.int64)
-        self.rewards[p] = as_tensor(rewards, torch.float32)
         self.behaviour[p] = as_tensor(behaviour, torch.float32)
-        self.terminated[p] = as_tensor(terminated, torch.bool)
         self.first[p] = self._next_first
         self.real[p] = ~autoreset
         self._next_first = autoreset
@@ -138,9 +146,19 @@ class FrameReplayBuffer:
         if self.written == self.slots:
             # The slots just after the write head lost the older frames their stacks are built from.
             self.sampleable[(p + torch.arange(1, self.stack, device=self.device)) % self.slots] = False
+        self._outcome_slot = p
         self.pos = (p + 1) % self.slots
         self.written = min(self.written + 1, self.slots)
         self.sync_device_cursor()
+
+    def add_outcome(self, rewards, terminated) -> None:
+        """`add`'s second half: the reward and termination of the step `add_step` stored last."""
+        p, self._outcome_slot = self._outcome_slot, None
+        if p is None:
+            raise RuntimeError("add_outcome without a preceding add_step")
+        as_tensor = lambda x, dtype: torch.as_tensor(np.asarray(x), dtype=dtype).to(self.device, non_blocking=True)
+        self.rewards[p] = as_tensor(rewards, torch.float32)
+        self.terminated[p] = as_tensor(terminated, torch.bool)
 
     def sync_device_cursor(self) -> None:
         """Copy `pos` and `written` into `pos_t` and `written_t`, in place (call it after loading a state)."""

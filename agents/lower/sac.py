@@ -109,6 +109,14 @@ class Args:
         "on CUDA capture them once in a CUDA graph and replay it. Replay sampling draws from another random stream "
         "than the default path",
     )
+    async_envs: str = flag(
+        "auto",
+        "with --graph-ready on Atari: step the emulators between the vector env's send and recv while the vector "
+        "step's updates run (issue 33; not yet measured on a GPU), computing exactly what the synchronous order "
+        "does. auto: on with --graph-ready on CUDA on Atari, else off (on CPU the updates and the emulator threads "
+        "share the same cores); on: refused on MinAtar (no send/recv) and without --graph-ready",
+        choices=("auto", "on", "off"),
+    )
     fire_after_life_loss: bool = flag(
         False,
         "Atari: press FIRE after every lost life, as SB3's AtariWrapper (the "
@@ -127,6 +135,7 @@ class Args:
             "progress",
             "cuda",
             "compile",
+            "async_envs",  # the overlapped order computes what the synchronous one does
             "track",
             "wandb_project_name",
             "wandb_entity",
@@ -172,6 +181,12 @@ class Args:
             self.batch_size <= self.buffer_size,
             f"--batch-size {self.batch_size} is larger than --buffer-size {self.buffer_size}",
         )
+        if self.async_envs == "on":
+            require(self.graph_ready, "--async-envs on needs --graph-ready (the overlapped order runs its updates)")
+            require(
+                not self.env_id.startswith("MinAtar/"),
+                f"--async-envs on: {self.env_id} steps synchronously (MinAtar has no send/recv); use --async-envs off",
+            )
         require(
             0.0 < self.target_entropy_scale <= 1.0,
             f"--target-entropy-scale must be in (0, 1], got {self.target_entropy_scale}",
@@ -461,6 +476,7 @@ class SACTrainer:
         except ValueError as err:
             raise UsageError(str(err)) from None
         self.agent = SACDiscrete(self.obs_shape, self.num_actions, args, device)
+        self.overlapped = self._overlapped_order()
         try:
             self.buffer = FrameReplayBuffer(args.buffer_size, args.num_envs, self.obs_shape, stack, device)
         except ValueError as err:
@@ -490,6 +506,16 @@ class SACTrainer:
         if options and a.env_id.startswith("MinAtar/"):
             raise UsageError("--fire-after-life-loss: MinAtar games have no lives")
         return make_envs(a.env_id, a.num_envs, seed, max_episode_frames=a.max_episode_frames, **options)
+
+    def _overlapped_order(self) -> bool:
+        """Whether `collect` steps the envs between send and recv while it updates (--async-envs; see
+        `_overlapped_step`). auto: with --graph-ready on CUDA, on an env that steps in the background (Atari)."""
+        mode = getattr(self.args, "async_envs", "off")
+        background = getattr(self.envs, "steps_in_background", False)
+        if mode == "on":
+            require(background, f"--async-envs on: the {self.args.env_id} envs have no send/recv")
+            return True
+        return mode == "auto" and self.agent.graph_ready and self.device.type == "cuda" and background
 
     # -- entry points for outer loops -----------------------------------------------------------------------------
 
@@ -581,24 +607,16 @@ class SACTrainer:
         while self.global_step < end:
             run.signals.check()
             actions, behaviour = self._choose_actions()
-            next_obs, rewards, terminated, truncated, info = self.envs.step(actions)
-            self.buffer.add(self.obs, actions, rewards, terminated, self.autoreset, behaviour)
-            self.obs, self.autoreset = next_obs, info["game_over"]
             previous_step = self.global_step
-            self.global_step += a.num_envs
-            self._log_games(info)
-            if self.global_step > a.learning_starts:
-                if previous_step <= a.learning_starts:
-                    run.progress.set_phase("sac")
-                self.agent.set_learning_rates(self.global_step)
-                updates = self.global_step // a.update_frequency - previous_step // a.update_frequency
-                if self.agent.graph_ready:
-                    self._update_graph_ready(updates)
-                else:
-                    for _ in range(updates):
-                        self._update()
-                if crossed(previous_step, self.global_step, a.target_network_frequency):
-                    self.agent.copy_targets()
+            if self.overlapped:
+                info = self._overlapped_step(actions, behaviour)
+            else:
+                next_obs, rewards, terminated, truncated, info = self.envs.step(actions)
+                self.buffer.add(self.obs, actions, rewards, terminated, self.autoreset, behaviour)
+                self.obs, self.autoreset = next_obs, info["game_over"]
+                self.global_step += a.num_envs
+                self._log_games(info)
+                self._learn(previous_step)
             if self.global_step % 1000 < a.num_envs:
                 self._log_speed()
             if crossed(previous_step, self.global_step, a.eval_every):
@@ -607,6 +625,58 @@ class SACTrainer:
             if crossed(previous_step, self.global_step, a.save_every) and self.global_step < a.total_timesteps:
                 run.save()
         self._log_speed()
+
+    def _overlapped_step(self, actions: np.ndarray, behaviour: np.ndarray) -> dict:
+        """One vector step in the overlapped order (--async-envs): the emulators step between `send` and `recv` while
+        the vector step's updates run; returns the step's info.
+
+        The same transitions are sampleable at every update as in the synchronous order (step; `buffer.add`; update),
+        and everything an update reads is the same:
+        * there, the update follows `add` of step t, which stores obs_t's frame, a_t and mu(a_t|s_t) in slot t and
+          thereby makes transition t-1 (obs_{t-1}, a_{t-1}, r_{t-1}, obs_t) sampleable: its reward and termination
+          were stored by step t-1's `add`. Transition t is not sampleable (obs_{t+1} is not stored), and once the ring
+          is full slots t+1..t+stack-1 are not either. So the update samples transitions up to t-1, reads frames up
+          to slot t and the rewards and terminations of slots up to t-1; r_t and terminated_t are never read;
+        * here, `add_step` (before `send`) does exactly `add`'s part that needs no outcome of step t: slot t's frame,
+          action, probability and game-start flags, transition t-1 made sampleable, the write head moved on. The
+          updates then see the sampleable set, frames, slot t-1's reward and the write head the synchronous update
+          sees; `add_outcome` stores r_t and terminated_t after `recv`, before the next update (the next vector
+          step's), as `add` would have before it. Meanwhile slot t holds an older (or unwritten) reward: an update
+          could read it only if rejection sampling ran short of sampleable draws and kept an unsampleable slot,
+          which `buffer.invalid_draws` counts (it stays 0; the tests check);
+        * the step count, the learning rates, the update count K and the target copy follow from the step count
+          alone, advanced before the updates as there; the policy acting at step t is the one after the updates of
+          step t-1 in both orders; the random phase's actions come from the same generator, called in the same order.
+        `add_step` reads `self.obs` before `send`, so an env that reused its output arrays while stepping would do no
+        harm. tests/test_async_envs.py checks all of this against the synchronous loop."""
+        a = self.args
+        previous_step = self.global_step
+        self.buffer.add_step(self.obs, actions, self.autoreset, behaviour)
+        self.envs.send(actions)
+        self.global_step += a.num_envs
+        self._learn(previous_step)  # on CUDA: launched, then run by the GPU while the emulators step
+        next_obs, rewards, terminated, truncated, info = self.envs.recv()
+        self.buffer.add_outcome(rewards, terminated)
+        self.obs, self.autoreset = next_obs, info["game_over"]
+        self._log_games(info)
+        return info
+
+    def _learn(self, previous_step: int) -> None:
+        """After a vector step from `previous_step` to `global_step`: its updates (1 per --update-frequency env steps)
+        and the target copy, in the learning phase."""
+        a, run = self.args, self.run
+        if self.global_step > a.learning_starts:
+            if previous_step <= a.learning_starts:
+                run.progress.set_phase("sac")
+            self.agent.set_learning_rates(self.global_step)
+            updates = self.global_step // a.update_frequency - previous_step // a.update_frequency
+            if self.agent.graph_ready:
+                self._update_graph_ready(updates)
+            else:
+                for _ in range(updates):
+                    self._update()
+            if crossed(previous_step, self.global_step, a.target_network_frequency):
+                self.agent.copy_targets()
 
     def _batch_rewards(self, batch: Batch) -> torch.Tensor:
         if self._reward_fn is None:
