@@ -86,38 +86,15 @@ def sobirl_loss_terms(
     implicit_scale: float = 1.0,
     implicit_rewards: tuple[torch.Tensor, torch.Tensor] | None = None,
     placebo_order: torch.Tensor | None = None,
+    implicit_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, mean BCE, implicit term as it enters the loss); loss = mean BCE + implicit_scale * mean implicit term.
     See `sobirl_loss` for the arguments the paper's estimator takes; the keyword-only ones are what `SoBiRLLoss`'s
     flags add: per-step weights (w1, w2) (B, H) of the score terms (--implicit-correction ratio), a weight per pair
     (B,) (--implicit-pairs learned or latest: 0 for the pairs left out), the scale of the whole term (an ensemble
     member's policy share), the rewards the term differentiates (--clamp-aware: the clamped ones SAC sees) and the
-    placebo's permutation of the pairs' cross-entropies (--implicit-placebo)."""
-    loss, bce_mean, hyper_mean = implicit_loss_terms(
-        r1, a1, pi1, r2, a2, pi2, y, inv_alpha, baseline, step_weights=step_weights, pair_weights=pair_weights,
-        implicit_scale=implicit_scale, implicit_rewards=implicit_rewards, placebo_order=placebo_order,
-    )  # fmt: skip
-    return loss, bce_mean, hyper_mean.detach()
-
-
-def implicit_loss_terms(
-    r1: torch.Tensor,
-    a1: torch.Tensor,
-    pi1: torch.Tensor | None,
-    r2: torch.Tensor,
-    a2: torch.Tensor,
-    pi2: torch.Tensor | None,
-    y: torch.Tensor,
-    inv_alpha: float,
-    baseline: bool = False,
-    *,
-    step_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
-    pair_weights: torch.Tensor | None = None,
-    implicit_scale: float = 1.0,
-    implicit_rewards: tuple[torch.Tensor, torch.Tensor] | None = None,
-    placebo_order: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`sobirl_loss_terms` with the implicit term's mean still carrying its gradient (to be pooled)."""
+    placebo's permutation of the pairs' cross-entropies (--implicit-placebo). With `implicit_grad` the third
+    output keeps its gradient (for a loss that pools the term)."""
     bce = bradley_terry_bce(fragment_returns(r1, a1), fragment_returns(r2, a2), y)
     bce_mean = bce.mean()
     if inv_alpha == 0:
@@ -130,7 +107,7 @@ def implicit_loss_terms(
     if pair_weights is not None:
         hyper = hyper * pair_weights.to(hyper.dtype)
     hyper_mean = implicit_scale * hyper.mean()
-    return bce_mean + hyper_mean, bce_mean.detach(), hyper_mean
+    return bce_mean + hyper_mean, bce_mean.detach(), hyper_mean if implicit_grad else hyper_mean.detach()
 
 
 def sobirl_loss(
@@ -239,10 +216,10 @@ class SoBiRLLoss:
         order = None
         if self.placebo_generator is not None:
             order = torch.randperm(len(p.labels), generator=self.placebo_generator).to(p.labels.device)
-        loss, bce_mean, hyper_mean = implicit_loss_terms(
+        loss, _, hyper_mean = sobirl_loss_terms(
             x.r1, p.actions1, x.pi1, x.r2, p.actions2, x.pi2, p.labels, inv_alpha, self.correction.baseline,
             step_weights=step_weights, pair_weights=chosen, implicit_scale=x.policy_share, implicit_rewards=clamped,
-            placebo_order=order,
+            placebo_order=order, implicit_grad=self.pooling is not None,
         )  # fmt: skip
         if self.pooling is not None:
             return x.bce.mean(), {**metrics, POOLED: hyper_mean}

@@ -213,26 +213,23 @@ def returns_table(bench, cells, reps: int) -> list[str]:
     return lines
 
 
-def aggregate_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str, np.ndarray]]:
-    games = [g for g in bench.games if g in base]
-    lines = [
-        f"Normalised over {', '.join(games)}: (score − random) / (SAC − random), per run and game.",
-        "",
-        "| arm | runs per game | IQM [95% CI] | mean [95% CI] |",
-        "|---|---|---|---|",
-    ]
-    matrices = {}
+def arm_rows(bench, cells, games, reps: int, score) -> tuple[list[str], dict[str, np.ndarray]]:
+    """One table row per arm (random play, the reference and frozen-reward arms aside): the IQM and mean over runs x
+    games of `score(arm, seeds)` (a runs x games matrix) with stratified-bootstrap intervals from MIN_RUNS runs, the
+    range of the runs' means over games below that; and the matrices."""
+    lines, matrices = [], {}
     for arm in bench.arms:
         if arm.name in (bench.random_arm, bench.reference_arm) or arm.frozen_from:
             continue
         seeds = common_seeds(cells, arm.name, games)
         if not seeds:
             continue
-        matrix = score_matrix(cells, arm.name, games, base, seeds)
+        matrix = score(arm.name, seeds)
         matrices[arm.name] = matrix
         if len(seeds) < MIN_RUNS:
-            per_run = matrix.mean(axis=1)
-            lines.append(f"| {arm.title} | {len(seeds)} | {range_text(per_run)} (mean over games per run) | — |")
+            lines.append(
+                f"| {arm.title} | {len(seeds)} | {range_text(matrix.mean(axis=1))} (mean over games per run) | — |"
+            )
     enough = with_enough_runs(matrices)
     if enough:
         points, intervals = stats.aggregate_estimates(enough, reps)
@@ -243,6 +240,20 @@ def aggregate_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str,
                 f"{interval_text(p[1], ci[0, 1], ci[1, 1])} |"
             )
     return lines, matrices
+
+
+def aggregate_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str, np.ndarray]]:
+    games = [g for g in bench.games if g in base]
+    lines = [
+        f"Normalised over {', '.join(games)}: (score − random) / (SAC − random), per run and game.",
+        "",
+        "| arm | runs per game | IQM [95% CI] | mean [95% CI] |",
+        "|---|---|---|---|",
+    ]
+    rows, matrices = arm_rows(
+        bench, cells, games, reps, lambda arm, seeds: score_matrix(cells, arm, games, base, seeds)
+    )
+    return lines + rows, matrices
 
 
 def arm_title(bench, name: str) -> str:
@@ -413,31 +424,10 @@ def area_table(bench, cells, base, reps: int) -> list[str]:
         "| arm | runs per game | IQM [95% CI] | mean [95% CI] |",
         "|---|---|---|---|",
     ]
-    matrices = {}
-    for arm in bench.arms:
-        if arm.name in (bench.random_arm, bench.reference_arm) or arm.frozen_from:
-            continue
-        seeds = common_seeds(cells, arm.name, games)
-        if not seeds:
-            continue
-        matrix = np.array(
-            [[curve_area(cells[(arm.name, g)][s]["return_curve"], base[g]) for g in games] for s in seeds]
-        )
-        matrices[arm.name] = matrix
-        if len(seeds) < MIN_RUNS:
-            lines.append(
-                f"| {arm.title} | {len(seeds)} | {range_text(matrix.mean(axis=1))} (mean over games per run) | — |"
-            )
-    enough = with_enough_runs(matrices)
-    if enough:
-        points, intervals = stats.aggregate_estimates(enough, reps)
-        for name, matrix in enough.items():
-            p, ci = points[name], intervals[name]
-            lines.append(
-                f"| {bench.arm(name).title} | {len(matrix)} | {interval_text(p[0], ci[0, 0], ci[1, 0])} | "
-                f"{interval_text(p[1], ci[0, 1], ci[1, 1])} |"
-            )
-    return lines
+    area = lambda arm, seeds: np.array(
+        [[curve_area(cells[(arm, g)][s]["return_curve"], base[g]) for g in games] for s in seeds]
+    )
+    return lines + arm_rows(bench, cells, games, reps, area)[0]
 
 
 def replaced_table(bench, replaced: Sequence[dict], unavailable: str | None) -> list[str]:
