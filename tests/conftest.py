@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# submitit configures logging when imported (logging.config.dictConfig), which closes every existing handler;
+# absl's handler (imported with rliable, e.g. by the plot tests) holds pytest's capture stream and closes it,
+# after which pytest itself fails at the end of the session. The tests need no submitit log configuration.
+os.environ.setdefault("SUBMITIT_LOG_LEVEL", "NOCONFIG")
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Two CI cores: keep torch from oversubscribing when pytest and a subprocess run side by side.
