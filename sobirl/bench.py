@@ -139,6 +139,16 @@ def gpu_report(args: BenchArgs) -> dict:
     return results
 
 
+def print_results(results: dict, as_json: bool) -> None:
+    """A benchmark's figures: one JSON object, or one aligned `name  value` line each."""
+    if as_json:
+        print(json.dumps(results))
+    else:
+        width = max(map(len, results))
+        for key, value in results.items():
+            print(f"{key:<{width}}  {value}")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(BenchArgs, argv, __doc__)
     require_positive(args, "env_steps", "sac_steps", "reward_repeats")
@@ -146,12 +156,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.gpu_report:
         return gpu_report(args)
     results = measure(args)
-    if args.json:
-        print(json.dumps(results))
-    else:
-        width = max(map(len, results))
-        for key, value in results.items():
-            print(f"{key:<{width}}  {value}")
+    print_results(results, args.json)
     return results
 
 

@@ -13,7 +13,6 @@ save. --buffer-size smaller than --steps shows the ring after it wraps.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ import torch
 import agents.infra.checkpoint as checkpoint
 from agents.infra.cli import flag, parse_args, require_positive, run_cli
 from agents.lower.replay import FrameReplayBuffer
+from sobirl.bench import print_results
 
 OBS_SHAPE = (4, 84, 84)
 
@@ -92,12 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     require_positive(args, "steps", "buffer_size", "save_every")
     torch.set_num_threads(1)
     results = measure(args)
-    if args.json:
-        print(json.dumps(results))
-    else:
-        width = max(map(len, results))
-        for key, value in results.items():
-            print(f"{key:<{width}}  {value}")
+    print_results(results, args.json)
     return results
 
 
