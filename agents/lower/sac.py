@@ -546,8 +546,10 @@ class SACTrainer:
             self.collect(min(missing * self.args.num_envs, budget))
 
     def recent_fragments(self, count: int, length: int, window_steps: int, generator: torch.Generator) -> Fragments:
-        """`count` random `length`-step fragments from the latest `window_steps` env steps (over all envs), the window
-        widened as far as the replay reaches when episode ends leave no room for a whole fragment."""
+        """`count` random `length`-step fragments from the latest `window_steps` env steps (over all envs). When episode
+        ends leave no room for a whole fragment, the window is widened as far as the replay reaches and then, if still
+        no game lasted `length` steps (short random-play games at a small label budget), the envs play on (twice the
+        stored steps each time, within --total-timesteps and the replay) until one does."""
         self.collect_until_stored(length + 1)
         stored = self.steps_per_env_stored()
         if stored < length:
@@ -562,12 +564,16 @@ class SACTrainer:
             fragments = self.buffer.recent_fragments(length, count, recent, generator)
             if fragments is not None:
                 return fragments
-            if recent >= stored:
+            if recent < stored:
+                recent = min(2 * recent, stored)
+                continue
+            self.collect_until_stored(2 * stored)
+            if self.steps_per_env_stored() == stored:  # the budget or the replay is exhausted
                 raise UsageError(
                     f"--fragment-length {length}: no {length}-step stretch inside one episode among the latest "
                     f"{stored} steps per env; use shorter fragments"
                 )
-            recent = min(2 * recent, stored)
+            stored = recent = self.steps_per_env_stored()
 
     # -- the SAC loop ------------------------------------------------------------------------------------------------
 
