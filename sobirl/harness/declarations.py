@@ -7,6 +7,7 @@ algorithm, flags, how many seeds). `python sobirl/benchmark.py list NAME` prints
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 
 from agents.infra.cli import UsageError
 
@@ -27,6 +28,16 @@ class Arm:
     @property
     def title(self) -> str:
         return self.label or self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """A pilot's rule, declared before its runs and applied by its report: on each game, once every declared run of
+    that game has finished, `pick` gets each arm's normalised IQM of final return, in the order the arms are declared,
+    and names the chosen arm, or None when the rule keeps none (the game leaves what the pilot informs)."""
+
+    rule: str
+    pick: Callable[[Sequence[tuple[str, float]]], str | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +63,8 @@ class Benchmark:
     # Its seeds are seed_offset + 1 ... seed_offset + each arm's count (a pilot on seeds the benchmarks it informs
     # do not use, so that choosing by its results does not select on those benchmarks' own runs).
     seed_offset: int = 0
+    # A pilot's rule, which its report applies (None: the benchmark chooses nothing).
+    choice: Choice | None = None
 
     @property
     def arm_names(self) -> tuple[str, ...]:
@@ -132,6 +145,21 @@ BETA_PILOT_RULE = (
     "SpaceInvaders at the budget the headroom pilot chose for it, 3 seeds each (seeds 401-403): the beta with the "
     "highest normalised IQM of final return; on a tie (equal to two decimals), the smaller beta"
 )
+HEADROOM_CEILING = 0.8
+
+
+def largest_budget_with_room(iqms: Sequence[tuple[str, float]]) -> str | None:
+    """HEADROOM_PILOT_RULE, the arms given in increasing budget: the last one at or below the ceiling, if any."""
+    with_room = [arm for arm, value in iqms if value <= HEADROOM_CEILING]
+    return with_room[-1] if with_room else None
+
+
+def highest_smaller_on_tie(iqms: Sequence[tuple[str, float]]) -> str:
+    """BETA_PILOT_RULE, the arms given in increasing beta: the highest IQM to two decimals, the first of equals."""
+    best = max(round(value, 2) for _, value in iqms)
+    return next(arm for arm, value in iqms if round(value, 2) == best)
+
+
 HEADROOM_SUCCESS = (
     "a bilevel arm helps if its probability of improvement over DRLHF has its 95% interval above 0.5 and, where it "
     "has a placebo, its probability of improvement over the placebo has too; the README names the arm, if any, with "
@@ -152,6 +180,12 @@ PENALTY_EQUAL_STEPS = ("--penalty-start", "20000", "--inner-split", "each", "--b
 def pooled(beta: str) -> tuple[str, ...]:
     """The pooled, capped implicit term at scale beta, with main's correction."""
     return (*CORRECTED, "--implicit-pooling", "--implicit-scale", beta, "--implicit-cap", "1")
+
+
+# The headroom pilot's choice for SpaceInvaders (its page applies the rule to the committed summaries; a test checks
+# that this is what it chose).
+BETA_PILOT_LABELS = 250
+BETAS = ("0.03", "0.1", "0.3")  # increasing: the rule's tie goes to the first
 
 
 def headroom_arms(labels: int, beta: str, seeds: int = 10) -> tuple[Arm, ...]:
@@ -305,6 +339,30 @@ BENCHMARKS: dict[str, Benchmark] = {
             arms=tuple(dataclasses.replace(at_labels(DRLHF, labels), seeds=3) for labels in (50, 100, 250)),
             baselines_from="main",
             seed_offset=300,
+            choice=Choice(HEADROOM_PILOT_RULE, largest_budget_with_room),
+        ),
+        Benchmark(
+            "beta_pilot",
+            f"The scale beta of the pooled, capped implicit term for `headroom`, on MinAtar SpaceInvaders at "
+            f"{BETA_PILOT_LABELS} labels (the budget the headroom pilot chose for it), main's steps and schedule "
+            "otherwise, 3 seeds each (seeds 401-403, which no other benchmark uses); random play and SAC from main "
+            "normalise. The rule, written before the runs: " + BETA_PILOT_RULE + ".",
+            games=("SpaceInvaders",),
+            steps=100_000,
+            common=PROVING_GROUND,
+            arms=tuple(
+                Arm(
+                    f"pooled_beta{beta}",
+                    "sobirl",
+                    (*preference_budget(BETA_PILOT_LABELS), *pooled(beta)),
+                    f"pooled, capped term, beta {beta}",
+                    seeds=3,
+                )
+                for beta in BETAS
+            ),
+            baselines_from="main",
+            seed_offset=400,
+            choice=Choice(BETA_PILOT_RULE, highest_smaller_on_tie),
         ),
         Benchmark(
             "peers_fair",

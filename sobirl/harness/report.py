@@ -10,6 +10,7 @@ reruns replaced (history.py). A cell with fewer than 5 runs shows the range of i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -254,6 +255,53 @@ def aggregate_table(bench, cells, base, reps: int) -> tuple[list[str], dict[str,
         bench, cells, games, reps, lambda arm, seeds: score_matrix(cells, arm, games, base, seeds)
     )
     return lines + rows, matrices
+
+
+@dataclasses.dataclass(frozen=True)
+class GameChoice:
+    """What a pilot's rule made of one game: each arm's (name, normalised IQM, runs), and the chosen arm (None: the
+    rule keeps none), or `waiting` runs still missing (then nothing is chosen yet)."""
+
+    iqms: tuple[tuple[str, float, int], ...]
+    chosen: str | None
+    waiting: int
+
+
+def pilot_choices(bench, cells, base) -> dict[str, GameChoice]:
+    """The declared rule (bench.choice) applied on each normalised game, once all its declared runs have finished."""
+    choices = {}
+    for game in (g for g in bench.games if g in base):
+        waiting = sum(job.seed not in cells.get((job.arm.name, game), {}) for job in select_jobs(bench, games=[game]))
+        iqms = tuple(
+            (arm.name, stats.iqm(score_matrix(cells, arm.name, [game], base, sorted(runs))), len(runs))
+            for arm in bench.arms
+            if (runs := cells.get((arm.name, game)))
+        )
+        chosen = None if waiting else bench.choice.pick([(name, value) for name, value, _ in iqms])
+        choices[game] = GameChoice(iqms, chosen, waiting)
+    return choices
+
+
+def choice_lines(bench, choices: dict[str, GameChoice]) -> list[str]:
+    lines = [
+        f"The rule, written before the runs: {bench.choice.rule}. Normalised IQM of final return over each arm's runs "
+        "on the game.",
+        "",
+        "| game | arm | runs | normalised IQM | chosen |",
+        "|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for game, choice in choices.items():
+        for name, value, runs in choice.iqms:
+            mark = "yes" if name == choice.chosen else ""
+            lines.append(f"| {game} | {bench.arm(name).title} | {runs} | {fmt(value)} | {mark} |")
+        if choice.waiting:
+            verdicts.append(f"- {game}: not chosen yet, {choice.waiting} declared runs still missing.")
+        elif choice.chosen is None:
+            verdicts.append(f"- {game}: no arm meets the rule; the game leaves what this pilot informs.")
+        else:
+            verdicts.append(f"- {game}: {bench.arm(choice.chosen).title}.")
+    return [*lines, "", *verdicts]
 
 
 def arm_title(bench, name: str) -> str:
@@ -802,6 +850,8 @@ def write_report(bench, layout, reps: int = 2000, history: Path | None = None) -
         page += ["## Aggregate over games", "", *lines, ""]
         for game, why in missing.items():
             page += [f"Left out of the aggregate: {game} ({why}).", ""]
+        if bench.choice is not None:
+            page += ["## The rule's choice", "", *choice_lines(bench, pilot_choices(bench, cells, base)), ""]
         say(f"area under the learning curve: bootstrapping the IQM and mean of each arm ({reps:,} resamples)")
         page += ["## Area under the learning curve", "", *area_table(bench, cells, base, reps), ""]
         if bench.comparisons:
