@@ -8,6 +8,8 @@ import pytest
 from sobirl.harness.declarations import (
     BENCHMARKS,
     BETA_PILOT_LABELS,
+    HEADROOM_BETA,
+    HEADROOM_BUDGETS,
     highest_smaller_on_tie,
     largest_budget_with_room,
 )
@@ -71,3 +73,20 @@ def test_the_beta_pilot_runs_at_the_budget_the_headroom_pilot_chose_for_spaceinv
     assert choice.waiting == 0 and choice.chosen == f"drlhf_{BETA_PILOT_LABELS}"
     beta_pilot = BENCHMARKS["beta_pilot"]
     assert {beta_pilot.labels(arm) for arm in beta_pilot.arms} == {BETA_PILOT_LABELS}
+
+
+@pytest.mark.skipif(not (REPO / "docs/results/beta_pilot").is_dir(), reason="no committed beta pilot")
+def test_headroom_runs_the_games_budgets_and_beta_the_committed_pilots_chose():
+    budgets = {}
+    for game, choice in committed_choices("headroom_pilot").items():
+        assert choice.waiting == 0
+        if choice.chosen is not None:
+            budgets[game] = PILOT.labels(PILOT.arm(choice.chosen))
+    assert budgets == HEADROOM_BUDGETS
+    beta = committed_choices("beta_pilot")["SpaceInvaders"]
+    assert beta.waiting == 0 and beta.chosen == f"pooled_beta{HEADROOM_BETA}"
+    headroom = BENCHMARKS["headroom"]
+    assert headroom.games == tuple(budgets)
+    assert {headroom.labels(arm) for arm in headroom.arms} == set(budgets.values())
+    pooled_arms = [arm for arm in headroom.arms if "--implicit-pooling" in arm.flags]
+    assert len(pooled_arms) == 3 and {headroom.flag(arm, "--implicit-scale") for arm in pooled_arms} == {HEADROOM_BETA}
