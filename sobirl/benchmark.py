@@ -4,6 +4,7 @@
     python sobirl/benchmark.py run main --workers 2      # skips finished runs, resumes stopped ones, starts the rest
     python sobirl/benchmark.py status main               # finished / partial / pending per arm x game
     python sobirl/benchmark.py report main               # tables and figures from docs/results/main alone
+    python sobirl/benchmark.py diagnostics main          # re-read finished runs' diagnostics from their folders
 
 The command line of the harness in sobirl/harness/: the benchmarks are declared in declarations.py, jobs and their
 states in jobs.py, the workers in runner.py, summaries of finished runs in summaries.py, the pages in report.py.
@@ -32,6 +33,7 @@ from sobirl.harness.jobs import (
 )
 from sobirl.harness.report import write_report
 from sobirl.harness.runner import STOPPED, Runner, lock_held, progress_reader, progress_text
+from sobirl.harness.summaries import refresh_diagnostics
 
 
 def command_list(bench: Benchmark, jobs: Sequence[Job], layout: Layout) -> None:
@@ -103,9 +105,17 @@ def command_run(jobs: Sequence[Job], layout: Layout, workers: int, progress_ever
     print(f"done: {runner.done} runs finished", flush=True)
 
 
+def command_diagnostics(jobs: Sequence[Job], layout: Layout) -> None:
+    finished = [job for job in jobs if job.result_path(layout).is_file()]
+    refreshed = sum(refresh_diagnostics(job, layout) for job in finished)
+    print(f"diagnostics read again from the run folders under {layout.runs} into {refreshed} of {len(finished)} "
+          f"finished runs' summaries in {layout.results}" + (f"; {len(finished) - refreshed} have no run folder there"
+          if refreshed < len(finished) else ""))  # fmt: skip
+
+
 def parse_args(argv: Sequence[str] | None):
     parser = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
-    parser.add_argument("command", choices=("list", "run", "status", "report"))
+    parser.add_argument("command", choices=("list", "run", "status", "report", "diagnostics"))
     parser.add_argument("bench", help=f"one of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--games", default="", help="comma-separated subset of the benchmark's games (default: all)")
     parser.add_argument("--arms", default="", help="comma-separated subset of the benchmark's arms (default: all)")
@@ -154,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         command_status(bench, jobs, layout)
     elif args.command == "run":
         command_run(jobs, layout, args.workers, args.progress_every)
+    elif args.command == "diagnostics":
+        command_diagnostics(jobs, layout)
     else:
         write_report(bench, layout, reps=args.reps, history=Path(args.history_dir) if args.history_dir else None)
 

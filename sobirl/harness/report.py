@@ -604,36 +604,20 @@ def diagnostic(run: dict, key: str) -> float | None:
     return value / (run.get("flags") or {}).get("reward_batch_size", 64)
 
 
-def diagnostics_table(bench, cells) -> list[str]:
-    columns = [
-        ("accuracy_fresh", "fresh-pair accuracy", 2),
-        ("game_spearman", "Spearman, whole games", 2),
-        ("fresh_spearman", "Spearman, fresh fragments", 2),
-        ("bce", "final cross-entropy", 2),
-        ("hyper_term", "final extra term", 2),
-        ("extra_grad_ratio", "extra / BCE gradient", 1),
-    ]
-    several_games = len(bench.games) > 1
-    pooled = [(game, [game]) for game in bench.games] + ([("all games", list(bench.games))] if several_games else [])
+def median_rows(bench, cells, columns, present: str) -> list[str]:
+    """One table row per game (and, with several games, for all games pooled) and arm whose runs logged `present`:
+    each column's median over the runs with their range."""
+    pooled = [(game, [game]) for game in bench.games] + (
+        [("all games", list(bench.games))] if len(bench.games) > 1 else []
+    )
     lines = [
-        "Median over runs of each run's last 10% of reward phases (range in brackets)"
-        + (
-            "; the rows for all games pool every game's runs of an arm (runs there counts runs × games, and a game "
-            "with more runs weighs more)."
-            if several_games
-            else "."
-        )
-        + " Extra / BCE gradient: the ratio of the norms of the two terms' gradients on the first minibatch of a"
-        " phase's last epoch; runs before commit 7d1fd73 logged it times the reward batch size (64), which is divided"
-        " out here.",
-        "",
         "| game | arm | runs | " + " | ".join(title for _, title, _ in columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
     ]
     for label, games in pooled:
         for arm in bench.arms:
             runs = [run for game in games for run in cells.get((arm.name, game), {}).values()]
-            if not runs or not any(r.get("diagnostics", {}).get("bce") is not None for r in runs):
+            if not runs or not any(r.get("diagnostics", {}).get(present) is not None for r in runs):
                 continue
             row = []
             for key, _, digits in columns:
@@ -646,6 +630,59 @@ def diagnostics_table(bench, cells) -> list[str]:
                 row.append(f"{fmt(float(np.median(values)), digits)} [{fmt(low, digits)}, {fmt(high, digits)}]")
             lines.append(f"| {label} | {arm.title} | {len(runs)} | " + " | ".join(row) + " |")
     return lines
+
+
+def diagnostics_table(bench, cells) -> list[str]:
+    columns = [
+        ("accuracy_fresh", "fresh-pair accuracy", 2),
+        ("game_spearman", "Spearman, whole games", 2),
+        ("fresh_spearman", "Spearman, fresh fragments", 2),
+        ("bce", "final cross-entropy", 2),
+        ("hyper_term", "final extra term", 2),
+        ("extra_grad_ratio", "extra / BCE gradient", 1),
+    ]
+    return [
+        "Median over runs of each run's last 10% of reward phases (range in brackets)"
+        + (
+            "; the rows for all games pool every game's runs of an arm (runs there counts runs × games, and a game "
+            "with more runs weighs more)."
+            if len(bench.games) > 1
+            else "."
+        )
+        + " Extra / BCE gradient: the ratio of the norms of the two terms' gradients on the first minibatch of a"
+        " phase's last epoch; runs before commit 7d1fd73 logged it times the reward batch size (64), which is divided"
+        " out here. With the pooled term it is that minibatch's own implicit term before the pooling, the scale"
+        " beta and the cap (the step's extra term is then 0: the pooled term joins the epoch's last step alone; the"
+        " next table has what it adds).",
+        "",
+        *median_rows(bench, cells, columns, "bce"),
+    ]
+
+
+def pooled_table(bench, cells) -> list[str]:
+    """The pooled implicit term's diagnostics, for the arms that pool it (--implicit-pooling)."""
+    rows = median_rows(
+        bench,
+        cells,
+        [
+            ("split_half_cosine", "split-half cosine", 2),
+            ("pooled_ratio", "pooled / cross-entropy gradient, before the cap", 2),
+            ("pooled_capped", "share of phases capped", 2),
+        ],
+        "pooled_ratio",
+    )
+    if len(rows) == 2:
+        return []
+    return [
+        "The pooled implicit term (--implicit-pooling), on each reward epoch's last step; median over runs of each "
+        "run's last 10% of reward phases (range in brackets). Split-half cosine: the cosine between the summed "
+        "gradients of the epoch's even and odd minibatches, near 0 where the pooled direction is noise and near 1 "
+        "where the minibatches share it. Pooled / cross-entropy gradient: the norm of the pooled term, times beta, "
+        "over the norm of that step's cross-entropy gradient, before the cap (--implicit-cap) shrinks it to at most "
+        "the cap; share capped: the share of those phases in which it did.",
+        "",
+        *rows,
+    ]
 
 
 def frozen_table(bench, cells) -> list[str]:
@@ -886,6 +923,9 @@ def write_report(bench, layout, reps: int = 2000, history: Path | None = None) -
     diagnostics = diagnostics_table(bench, cells)
     if len(diagnostics) > 4:
         page += ["## Reward diagnostics", "", *diagnostics, ""]
+    pooled = pooled_table(bench, cells)
+    if pooled:
+        page += ["### The pooled implicit term", "", *pooled, ""]
     if any(arm.frozen_from for arm in bench.arms):
         page += ["## Frozen-reward check", "", *frozen_table(bench, cells), ""]
     replaced, unavailable = replaced_runs(results, Path(history or layout.results) / bench.name)

@@ -117,8 +117,26 @@ DIAGNOSTICS = {
     "sac_reward_saturated": "reward/sac_reward_saturated",
     "offpolicy_share": "reward/offpolicy_share",
     "entropy": "losses/entropy",
+    # The pooled implicit term (--implicit-pooling): its norm over the step's own before the cap, whether the cap
+    # shrank it, and the cosine of its even and odd minibatches' halves (near 0: noise; near 1: a shared direction).
+    "pooled_ratio": "reward/pooled_ratio",
+    "pooled_capped": "reward/pooled_capped",
+    "split_half_cosine": "reward/split_half_cosine",
 }
 DIAGNOSTIC_CURVES = ("accuracy_fresh", "game_spearman", "bce")
+
+
+def event_diagnostics(scalars: dict, grid: Sequence[int]) -> dict:
+    """The summary's fields read from a run's reward diagnostics: each one's mean over the last 10% of reward phases
+    and the curves of a few on the step grid."""
+    return {
+        "diagnostics": {name: final_mean(scalars[tag][1]) for name, tag in DIAGNOSTICS.items() if tag in scalars},
+        "diagnostic_curves": {
+            name: last_at(*scalars[DIAGNOSTICS[name]], grid)
+            for name in DIAGNOSTIC_CURVES
+            if DIAGNOSTICS[name] in scalars
+        },
+    }
 
 
 def summarize_run(job: Job, layout: Layout) -> dict:
@@ -131,10 +149,6 @@ def summarize_run(job: Job, layout: Layout) -> dict:
     steps, returns = scalars.get("charts/episodic_return", ([], []))
     final_count = max(1, math.ceil(FINAL_FRACTION * len(returns))) if len(returns) else 0
     labels = scalars.get("reward/pairs_queried")
-    diagnostics = {name: final_mean(scalars[tag][1]) for name, tag in DIAGNOSTICS.items() if tag in scalars}
-    curves = {
-        name: last_at(*scalars[DIAGNOSTICS[name]], grid) for name in DIAGNOSTIC_CURVES if DIAGNOSTICS[name] in scalars
-    }
     started = [a for a in attempts if a.get("event") in ("start", "resume")]
     return {
         "format": RESULT_FORMAT,
@@ -164,10 +178,9 @@ def summarize_run(job: Job, layout: Layout) -> dict:
         "grid": grid,
         "return_curve": windowed_means(steps, returns, grid) if len(returns) else [None] * len(grid),
         "labels_curve": last_at(*labels, grid) if labels is not None else [0] * len(grid),
-        "diagnostics": diagnostics,
         # Runs logged reward/extra_grad_ratio times the reward batch size until commit 7d1fd73; from then on as is.
         "extra_grad_ratio_fixed": True,
-        "diagnostic_curves": curves,
+        **event_diagnostics(scalars, grid),
     }
 
 
@@ -211,6 +224,20 @@ def write_summary(job: Job, layout: Layout) -> Path:
         summary["replaces"] = [*(old.get("replaces") or []), replaced_record(old)]
     write_json_atomic(path, clean_json(summary))
     return path
+
+
+def refresh_diagnostics(job: Job, layout: Layout) -> bool:
+    """Read a finished run's diagnostics again from its run folder's event files into its summary (after a
+    diagnostic was added to DIAGNOSTICS); nothing else in the summary changes, its `finished` time included, so the
+    report does not take it for a rerun. False when the summary or the run folder's event files are missing."""
+    path = job.result_path(layout)
+    run_dir = job.run_dir(layout)
+    if not path.is_file() or not any(run_dir.glob("events.out.tfevents.*")):
+        return False
+    summary = json.loads(path.read_text())
+    summary.update(event_diagnostics(load_run(run_dir), summary["grid"]))
+    write_json_atomic(path, clean_json(summary))
+    return True
 
 
 def attempt_times(attempts: Sequence[dict]) -> dict:
