@@ -11,7 +11,7 @@ from sobirl import benchmark
 from sobirl.harness import summaries
 from sobirl.harness.declarations import BENCHMARKS
 from sobirl.harness.jobs import Layout, select_jobs
-from sobirl.harness.report import by_cell, pooled_table
+from sobirl.harness.report import by_cell, diagnostics_table, pooled_table
 from tests.test_benchmark import fake_result, write_fake_results
 
 
@@ -76,3 +76,16 @@ def test_a_summary_is_built_from_the_same_diagnostics_the_refresh_reads(tmp_path
     assert set(fields["diagnostics"]) == set(summaries.DIAGNOSTICS)
     assert all(value == 2.0 for value in fields["diagnostics"].values())
     assert set(fields["diagnostic_curves"]) == set(summaries.DIAGNOSTIC_CURVES)
+
+
+def test_the_reward_diagnostics_give_the_share_of_off_policy_pairs():
+    results = []
+    for seed, share in ((1, 0.8), (2, 0.9), (3, 1.0)):
+        result = fake_result("smoke", "Breakout", "drlhf", seed, 1.0)
+        result["diagnostics"]["offpolicy_share"] = share
+        results.append(result)
+    lines = diagnostics_table(BENCHMARKS["smoke"], by_cell(results))
+    header = next(line for line in lines if line.startswith("| game |"))
+    row = next(line for line in lines if line.startswith("| Breakout | drlhf |"))
+    assert header.split("|")[-2].strip() == "off-policy pairs"
+    assert row.split("|")[-2].strip() == "0.90 [0.80, 1.00]"

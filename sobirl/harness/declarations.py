@@ -415,16 +415,25 @@ BENCHMARKS: dict[str, Benchmark] = {
             "at main's settings with 4 envs and --graph-ready (one update of batch 64 per 4 env steps, as with one "
             "env; sampling without host syncs), seeds 1-5, each compared with main's 1-env runs of the same arm on "
             "the same seeds. The reading, written before the runs: learning is taken as unchanged where the "
-            "probability of improvement's 95% interval contains 0.5.",
+            "probability of improvement's 95% interval contains 0.5. DRLHF's 4-env runs were ahead of its 1-env "
+            "runs; the third arm, added on 2026-12-07 after those runs, tells the two parts of the change apart: "
+            "DRLHF with 4 envs on the default path (host-side sampling, torch.multinomial and torch.randint), read "
+            "against the 1-env runs (the 4 envs) and against the graph-ready 4-env runs (the path) by the same rule.",
             games=("SpaceInvaders",),
             steps=100_000,
             common=(*PROVING_GROUND, "--num-envs", "4", "--graph-ready"),
             arms=(
                 Arm("drlhf_4envs", "drlhf", PREF, "DRLHF, 4 envs, graph-ready"),
                 Arm("sobirl_corrected_4envs", "sobirl", (*PREF, *CORRECTED), "corrected SoBiRL, 4 envs, graph-ready"),
+                Arm("drlhf_4envs_default", "drlhf", (*PREF, "--no-graph-ready"), "DRLHF, 4 envs, default path"),
             ),
             baselines_from="main",
-            comparisons=(("drlhf_4envs", "drlhf"), ("sobirl_corrected_4envs", "sobirl_corrected")),
+            comparisons=(
+                ("drlhf_4envs", "drlhf"),
+                ("sobirl_corrected_4envs", "sobirl_corrected"),
+                ("drlhf_4envs_default", "drlhf"),
+                ("drlhf_4envs", "drlhf_4envs_default"),
+            ),
         ),
         Benchmark(
             "robustness",

@@ -640,6 +640,7 @@ def diagnostics_table(bench, cells) -> list[str]:
         ("bce", "final cross-entropy", 2),
         ("hyper_term", "final extra term", 2),
         ("extra_grad_ratio", "extra / BCE gradient", 1),
+        ("offpolicy_share", "off-policy pairs", 2),
     ]
     return [
         "Median over runs of each run's last 10% of reward phases (range in brackets)"
@@ -653,7 +654,8 @@ def diagnostics_table(bench, cells) -> list[str]:
         " phase's last epoch; runs before commit 7d1fd73 logged it times the reward batch size (64), which is divided"
         " out here. With the pooled term it is that minibatch's own implicit term before the pooling, the scale"
         " beta and the cap (the step's extra term is then 0: the pooled term joins the epoch's last step alone; the"
-        " next table has what it adds).",
+        " next table has what it adds). Off-policy pairs: the share of the stored pairs collected before the latest"
+        " agent phase, by an earlier policy than the one the implicit term's pi is.",
         "",
         *median_rows(bench, cells, columns, "bce"),
     ]
