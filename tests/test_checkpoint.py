@@ -337,3 +337,94 @@ def test_a_format_2_checkpoint_with_the_replay_inline_still_loads(tmp_path, monk
     assert_same_replay(loaded_replay(tmp_path / "checkpoint.pt", buffer), buffer)
     trainer.close()
     restored.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pair buffer in chunk files: a checkpoint writes only the chunks of the pairs added since the last one
+
+
+def chunked_pairs(monkeypatch, capacity: int = 50, chunk_pairs: int = 10):
+    from agents.feedback.pairs import FIELDS, PairBuffer
+
+    buffer = PairBuffer(capacity, fragment_length=3, frame_shape=(4, 4), stack=2, device="cpu")
+    row_bytes = sum(getattr(buffer, name)[:1].nbytes for name in FIELDS)
+    monkeypatch.setattr(PairBuffer, "CHUNK_BYTES", chunk_pairs * row_bytes)
+    return buffer
+
+
+def loaded_pairs(path, capacity: int = 50):
+    from agents.feedback.pairs import PairBuffer
+
+    buffer = PairBuffer(capacity, fragment_length=3, frame_shape=(4, 4), stack=2, device="cpu")
+    buffer.load_state_dict(load_checkpoint(path)["pairs"])
+    return buffer
+
+
+def assert_same_pairs(restored, live) -> None:
+    from agents.feedback.pairs import FIELDS
+
+    assert (restored.pos, restored.size, restored.total_added) == (live.pos, live.size, live.total_added)
+    for name in FIELDS:
+        restored_rows, live_rows = getattr(restored, name)[: live.size], getattr(live, name)[: live.size]
+        torch.testing.assert_close(restored_rows, live_rows, rtol=0, atol=0, equal_nan=True, msg=name)  # NaN: unknown
+
+
+def test_a_second_checkpoint_writes_only_the_chunks_of_the_pairs_added_since_the_first(tmp_path, monkeypatch):
+    """Chunks of 10 pairs in a FIFO of 50: each save writes the chunks the new pairs went into, also once the FIFO
+    has wrapped, and the checkpoint always loads as the live buffer. Broken on purpose once: `_SavedPairChunks.
+    unchanged` returning {} (every chunk rewritten) fails the second count."""
+    from tests.test_preference import make_pairs
+
+    buffer = chunked_pairs(monkeypatch)
+    writes = count_chunk_writes(monkeypatch)
+    path = tmp_path / "checkpoint.pt"
+    added = 0
+
+    def save_and_count(new_pairs: int) -> set[int]:
+        nonlocal added
+        if new_pairs:
+            buffer.add(make_pairs(list(range(added, added + new_pairs))))
+            added += new_pairs
+        writes.clear()
+        save_atomic({"pairs": buffer.state_dict()}, path)
+        assert_same_pairs(loaded_pairs(path), buffer)
+        return {index for index, _ in writes}
+
+    assert save_and_count(25) == {0, 1, 2}  # rows 0-24
+    assert save_and_count(7) == {2, 3}  # rows 25-31
+    assert save_and_count(0) == set()
+    assert save_and_count(30) == {3, 4, 0, 1}  # rows 32-49 then 0-11: the FIFO wrapped
+    assert save_and_count(60) == {0, 1, 2, 3, 4}  # more than the FIFO holds: every row new
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "checkpoint.chunks").rglob("*.pt"))
+    assert files == sorted(entry["file"] for entry in load_checkpoint(path)["pairs"]["rows"].entries)
+
+
+def test_a_checkpoint_with_the_pairs_inline_oldest_first_still_loads(tmp_path, monkeypatch):
+    """Checkpoints written before the pairs moved to chunk files hold the stored pairs inline, oldest first."""
+    from agents.feedback.pairs import FIELDS
+    from tests.test_preference import make_pairs, stored_ids
+
+    buffer = chunked_pairs(monkeypatch, capacity=5)
+    buffer.add(make_pairs([0, 1, 2, 3, 4, 5, 6]))  # wrapped: rows hold 5, 6, 2, 3, 4
+    stored = buffer.get(buffer.oldest_first())
+    old = {"total_added": buffer.total_added, **{name: getattr(stored, name) for name in FIELDS}}
+    save_atomic({"pairs": old}, tmp_path / "checkpoint.pt")
+    restored = loaded_pairs(tmp_path / "checkpoint.pt", capacity=5)
+    assert stored_ids(restored) == stored_ids(buffer) == [2, 3, 4, 5, 6]
+    assert restored.total_added == 7
+    save_atomic({"pairs": restored.state_dict()}, tmp_path / "checkpoint.pt")  # the next save: chunk files
+    assert stored_ids(loaded_pairs(tmp_path / "checkpoint.pt", capacity=5)) == [2, 3, 4, 5, 6]
+
+
+def test_a_pair_checkpoint_larger_than_the_runs_pair_buffer_is_refused(tmp_path, monkeypatch):
+    from tests.test_preference import make_pairs
+
+    buffer = chunked_pairs(monkeypatch)
+    buffer.add(make_pairs(list(range(30))))
+    save_atomic({"pairs": buffer.state_dict()}, tmp_path / "checkpoint.pt")
+    try:
+        loaded_pairs(tmp_path / "checkpoint.pt", capacity=20)
+    except ValueError as err:
+        assert "holds 30 pairs" in str(err) and "--pair-buffer" in str(err)
+    else:
+        raise AssertionError("a checkpoint of 30 pairs loaded into a buffer of 20")

@@ -202,8 +202,9 @@ def test_penalty_runs_two_agents_on_minatar_and_resumes(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     assert run_dir.name.startswith("MinAtar-Breakout-v1__penalty__1__")
-    # A's and B's replays in chunk files of their own beside the checkpoint
-    assert {p.name for p in (run_dir / "checkpoint.chunks").iterdir()} == {"sac.replay.rows", "parts.sac_b.replay.rows"}
+    # A's and B's replays and the shared pairs in chunk files of their own beside the checkpoint
+    chunk_folders = {p.name for p in (run_dir / "checkpoint.chunks").iterdir()}
+    assert chunk_folders == {"sac.replay.rows", "parts.sac_b.replay.rows", "pairs.rows"}
     result = run_script("sobirl/beamrider.py", "--resume", str(run_dir), "--total-timesteps", "400", "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     tags = scalar_tags(run_dir)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from agents.infra.checkpoint import ChunkedRows, ring_chunks
+
 # Bradley-Terry logits R1 - R2 are clamped to +-LOGIT_CLAMP wherever a preference probability is computed (the
 # reference clamps before the sigmoid, RLHF.py:480): log P >= -50, so the cross-entropy never saturates to inf.
 LOGIT_CLAMP = 50.0
@@ -123,6 +125,8 @@ def _apply(value: torch.Tensor | None, function):
 class PairBuffer:
     """FIFO of labelled fragment pairs: once `capacity` pairs are stored, each new pair replaces the oldest."""
 
+    CHUNK_BYTES = 64 << 20  # a checkpoint keeps the pairs in files of about this many bytes of rows each
+
     def __init__(
         self, capacity: int, fragment_length: int, frame_shape: tuple[int, ...], stack: int, device: torch.device | str
     ):
@@ -146,6 +150,7 @@ class PairBuffer:
         self.pos = 0  # next row to write
         self.size = 0
         self.total_added = 0
+        self._saved_chunks: _SavedPairChunks | None = None  # the last checkpoint's chunk files of the rows
 
     def __len__(self) -> int:
         return self.size
@@ -181,15 +186,74 @@ class PairBuffer:
         return (start + torch.arange(self.size)) % self.capacity
 
     def state_dict(self) -> dict:
-        """The stored pairs only, oldest first: a checkpoint's size follows the pairs collected."""
-        stored = self.get(self.oldest_first())
-        return {"total_added": self.total_added, **{name: getattr(stored, name).cpu() for name in FIELDS}}
+        """The stored rows only (the ring fills rows 0, 1, ... before it wraps), so a checkpoint's size follows the
+        pairs collected, with the write head. They go into chunk files beside the checkpoint (`ChunkedRows`): a chunk
+        no pair was written into since the last checkpoint saved (its `on_saved`) is referenced, not written again, so
+        until the ring wraps a save writes the chunks of the new pairs only."""
+        pos, size, added = self.pos, self.size, self.total_added
+        saved = self._saved_chunks
+        chunk_rows = saved.chunk_rows if saved is not None else self._chunk_rows()
+        reuse = {} if saved is None else saved.unchanged(added, pos, self.capacity)
+
+        def on_saved(entries: list[dict]) -> None:
+            self._saved_chunks = _SavedPairChunks(added, pos, chunk_rows, entries)
+
+        tensors = {name: getattr(self, name) for name in FIELDS}
+        return {
+            "total_added": added,
+            "pos": pos,
+            "size": size,
+            "rows": ChunkedRows(tensors, size, chunk_rows, reuse, on_saved),
+        }
+
+    def _chunk_rows(self) -> int:
+        row_bytes = sum(getattr(self, name)[:1].nbytes for name in FIELDS)
+        return max(1, self.CHUNK_BYTES // row_bytes)
 
     def load_state_dict(self, state: dict) -> None:
+        """A state from `state_dict`, or (checkpoints before the pairs moved to chunk files) one with the stored pairs
+        inline, oldest first."""
         self.pos = self.size = 0
-        if len(state["labels"]):
-            self.add(PairBatch(*(state[name] for name in FIELDS)))
+        self._saved_chunks = None
+        rows = state.get("rows")
+        if rows is None:
+            if len(state["labels"]):
+                self.add(PairBatch(*(state[name] for name in FIELDS)))
+        else:
+            size, pos = int(state["size"]), int(state["pos"])
+            if size > self.capacity or pos >= self.capacity:
+                raise ValueError(
+                    f"the checkpoint's pair buffer holds {size} pairs with its head at {pos}; this run's holds "
+                    f"{self.capacity} (--pair-buffer)"
+                )
+            for index in range(len(rows)):
+                start, stop = rows.bounds(index)
+                for name, part in rows.chunk(index).items():
+                    getattr(self, name)[start:stop].copy_(part)
+            self.pos, self.size = pos, size
+            if rows.entries is not None:
+                self._saved_chunks = _SavedPairChunks(int(state["total_added"]), pos, rows.chunk_rows, rows.entries)
         self.total_added = int(state["total_added"])
+
+
+@dataclass
+class _SavedPairChunks:
+    """The pair rows' chunk files in the last checkpoint that saved them, and the buffer's count and head then."""
+
+    total_added: int
+    pos: int
+    chunk_rows: int
+    entries: list[dict]
+
+    def unchanged(self, total_added: int, pos: int, capacity: int) -> dict[int, dict]:
+        """The saved chunks (index -> entry) that no pair added since can have been written into: the adds since
+        wrote rows self.pos, self.pos + 1, ... (mod capacity). Anything unexpected (fewer pairs than then, a head not
+        where the adds put it) or a whole ring of adds reuses nothing."""
+        adds = total_added - self.total_added
+        if adds < 0 or adds >= capacity or (self.pos + adds) % capacity != pos:
+            return {}
+        dirty = ring_chunks(self.pos, adds, capacity, self.chunk_rows)
+        return {i: entry for i, entry in enumerate(self.entries) if i not in dirty}
 
 
 # What the pair buffer stores (and checkpoints): every field but the per-step rewards, which only the teacher sees.

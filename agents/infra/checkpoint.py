@@ -6,9 +6,9 @@ disk and renamed over the previous one, so a crash, SIGKILL or full disk while s
 checkpoint in place; temporary files of processes that died are removed at the next save. Loading checks the
 checksum, so a truncated or corrupted file is refused with one line instead of loading silently.
 
-Large row-wise state (the replay, up to 7 GB) is not in the main file: a state dict holds it as `ChunkedRows`, which
-`save_atomic` writes as chunk files beside the checkpoint, `checkpoint.chunks/<key path>/chunk-<index>-<sha>.pt`,
-each named by its SHA-256, and the main file records every chunk's name, size and SHA-256. A chunk a previous
+Large row-wise state (the replay, up to 7 GB, and the stored pairs, about 1.2 GB) is not in the main file: a state
+dict holds it as `ChunkedRows`, which `save_atomic` writes as chunk files beside the checkpoint,
+`checkpoint.chunks/<key path>/chunk-<index>-<sha>.pt`, each named by its SHA-256, and the main file records every chunk's name, size and SHA-256. A chunk a previous
 checkpoint already wrote (its rows unchanged since) is referenced again instead of rewritten. Order on save: new
 chunks are written under temporary names, fsynced and renamed to their (new, content-addressed) names; the main file
 is then replaced atomically; only once that is on disk are the chunks it no longer references deleted. A kill at any
@@ -34,7 +34,7 @@ from agents.infra.cli import UsageError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MAGIC = "sobirl-checkpoint"
-FORMAT_VERSION = 3  # 3: the replay in chunk files beside the main file (ChunkedRows); 2: the replay inline
+FORMAT_VERSION = 3  # 3: the replay (and, since 2026-12-07, the pairs) in chunk files (ChunkedRows); 2: inline
 READABLE_VERSIONS = (2, 3)  # a version-2 checkpoint still loads: its replay arrives as tensors in the payload
 HEADER_BYTES = 65536
 CHUNKS_SUFFIX = ".chunks"  # checkpoint.pt keeps its chunks in checkpoint.chunks/
@@ -137,6 +137,18 @@ class ChunkedRows:
             return {name: tensor[start:stop] for name, tensor in self.tensors.items()}
         assert self.entries is not None and self.directory is not None
         return _read_chunk(self.directory, self.entries[index], self.flag)
+
+
+def ring_chunks(first: int, count: int, slots: int, chunk_rows: int) -> set[int]:
+    """The chunks (of `chunk_rows` rows) holding rows first, first + 1, ..., first + count - 1 of a ring of `slots`
+    rows (mod slots; count < slots): the chunks a ring buffer's writes since its last checkpoint changed."""
+    if count <= 0:
+        return set()
+    first %= slots
+    spans = [(first, min(first + count, slots))]
+    if first + count > slots:
+        spans.append((0, first + count - slots))
+    return {index for start, stop in spans for index in range(start // chunk_rows, (stop - 1) // chunk_rows + 1)}
 
 
 def chunk_directory(path: Path) -> Path:

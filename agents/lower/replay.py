@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agents.infra.checkpoint import ChunkedRows
+from agents.infra.checkpoint import ChunkedRows, ring_chunks
 
 
 @dataclass
@@ -372,11 +372,7 @@ class _SavedChunks:
         touched = adds + 2 * stack
         if touched >= slots:
             return {}
-        first = (self.pos - stack) % slots  # touched: slots first, first + 1, ..., first + touched - 1 (mod slots)
-        spans = [(first, min(first + touched, slots))]
-        if first + touched > slots:
-            spans.append((0, first + touched - slots))
-        dirty = {i for start, stop in spans for i in range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1)}
+        dirty = ring_chunks(self.pos - stack, touched, slots, self.chunk_rows)
         return {i: entry for i, entry in enumerate(self.entries) if i not in dirty}
 
 
