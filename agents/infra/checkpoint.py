@@ -8,8 +8,9 @@ checksum, so a truncated or corrupted file is refused with one line instead of l
 
 Large row-wise state (the replay, up to 7 GB, and the stored pairs, about 1.2 GB) is not in the main file: a state
 dict holds it as `ChunkedRows`, which `save_atomic` writes as chunk files beside the checkpoint,
-`checkpoint.chunks/<key path>/chunk-<index>-<sha>.pt`, each named by its SHA-256, and the main file records every chunk's name, size and SHA-256. A chunk a previous
-checkpoint already wrote (its rows unchanged since) is referenced again instead of rewritten. Order on save: new
+`checkpoint.chunks/<key path>/chunk-<index>-<sha>.pt`, each named by its SHA-256, and the main file records every
+chunk's name, size and SHA-256. A chunk a previous checkpoint already wrote (its rows unchanged since) is referenced
+again instead of rewritten. Order on save: new
 chunks are written under temporary names, fsynced and renamed to their (new, content-addressed) names; the main file
 is then replaced atomically; only once that is on disk are the chunks it no longer references deleted. A kill at any
 point leaves the previous main file and every chunk it references in place. Loading verifies a chunk only when its
