@@ -3,6 +3,8 @@ game, the beta pilot's scale; and the declarations that follow them agree with w
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sobirl.harness.declarations import (
@@ -90,3 +92,61 @@ def test_headroom_runs_the_games_budgets_and_beta_the_committed_pilots_chose():
     assert {headroom.labels(arm) for arm in headroom.arms} == set(budgets.values())
     pooled_arms = [arm for arm in headroom.arms if "--implicit-pooling" in arm.flags]
     assert len(pooled_arms) == 3 and {headroom.flag(arm, "--implicit-scale") for arm in pooled_arms} == {HEADROOM_BETA}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# headroom's success rule, declared before its runs and applied by its page
+
+HEADROOM = BENCHMARKS["headroom"]
+
+
+def headroom_page(tmp_path, finals: dict[str, list[float]]) -> str:
+    """Random play 0 and SAC 10 on SpaceInvaders (from main); each headroom arm's finals over seeds 1.. ."""
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    write_finals(layout.results, "main", "SpaceInvaders", "random", [0.0] * 3)
+    write_finals(layout.results, "main", "SpaceInvaders", "sac", [10.0] * 3)
+    for arm, values in finals.items():
+        write_finals(layout.results, "headroom", "SpaceInvaders", arm, values)
+    return section(write_report(HEADROOM, layout, reps=200).read_text(), "### The success rule")
+
+
+def spread(center: float) -> list[float]:
+    return [center + 0.1 * k for k in range(10)]
+
+
+def test_the_success_rule_names_an_arm_only_where_it_beats_drlhf_and_its_placebo(tmp_path):
+    """The pooled term above DRLHF and its placebo helps; the latest-pairs arm above DRLHF helps (no placebo); the
+    corrected SoBiRL level with DRLHF does not; A-PARL below does not. Breaks if the placebo were not read."""
+    rule = headroom_page(
+        tmp_path,
+        {"drlhf": spread(5.0), "sobirl_corrected": spread(5.05), "sobirl_pooled": spread(8.0),
+         "sobirl_placebo": spread(5.0), "sobirl_latest": spread(7.0), "parl_fisher": spread(1.0)},
+    )  # fmt: skip
+    titles = ("SoBiRL, ratio-baseline correction", "SoBiRL, pooled and capped, beta 0.3",
+              "pooled, on the latest phase's pairs", "A-PARL, corrected (Fisher curvature)")  # fmt: skip
+    rows = {title: table_rows(rule, title)[0] for title in titles}
+    assert [rows[title][5] for title in titles] == ["no", "yes", "yes", "no"]
+    assert rows[titles[1]][1] == "1.00: every run above every run of DRLHF"
+    assert rows[titles[1]][3] == "1.00: every run above every run of its placebo"
+    assert rows[titles[3]][1] == "0.00: every run below every run of DRLHF"
+    assert "By the rule, SoBiRL, pooled and capped, beta 0.3 and pooled, on the latest phase's pairs helped." in rule
+
+
+def test_an_arm_level_with_its_placebo_does_not_help_and_the_rule_waits_for_every_run(tmp_path):
+    finals = {"drlhf": spread(5.0), "sobirl_corrected": spread(5.0), "sobirl_pooled": spread(8.0),
+              "sobirl_placebo": spread(8.0), "sobirl_latest": spread(5.0), "parl_fisher": spread(5.0)}  # fmt: skip
+    rule = headroom_page(tmp_path / "a", finals)
+    assert "By the rule, no arm helped." in rule
+    pooled = table_rows(rule, "SoBiRL, pooled and capped, beta 0.3")[0]
+    assert pooled[1].startswith("1.00: every run above") and pooled[3].startswith("0.5") and pooled[5] == "no"
+    rule = headroom_page(tmp_path / "b", {**finals, "parl_fisher": spread(5.0)[:9]})
+    assert "Not applied yet: 1 declared runs of the arms it reads are still missing." in rule
+
+
+def test_a_success_rule_must_read_declared_comparisons():
+    from sobirl.harness.declarations import Success
+
+    with pytest.raises(AssertionError, match="undeclared comparisons"):
+        dataclasses.replace(HEADROOM, comparisons=HEADROOM.comparisons[1:])
+    assert set(HEADROOM.success.comparisons()) <= set(HEADROOM.comparisons)
+    assert Success("r", "b", (("x", ""), ("y", "z"))).comparisons() == (("x", "b"), ("y", "b"), ("y", "z"))

@@ -41,6 +41,21 @@ class Choice:
 
 
 @dataclasses.dataclass(frozen=True)
+class Success:
+    """A benchmark's success rule, declared before its runs and applied by its report once every declared run of
+    the arms it names has finished: an arm helps where its probability of improvement over `baseline` has its 95%
+    interval above 0.5 and, where it has a placebo, its probability of improvement over the placebo has too."""
+
+    rule: str
+    baseline: str
+    arms: tuple[tuple[str, str], ...]  # (arm, its placebo or "")
+
+    def comparisons(self) -> tuple[tuple[str, str], ...]:
+        """The comparisons the rule reads, which the benchmark must declare (its Bonferroni count includes them)."""
+        return tuple(pair for arm, placebo in self.arms for pair in ((arm, self.baseline), (arm, placebo)) if pair[1])
+
+
+@dataclasses.dataclass(frozen=True)
 class Benchmark:
     name: str
     description: str
@@ -65,6 +80,13 @@ class Benchmark:
     seed_offset: int = 0
     # A pilot's rule, which its report applies (None: the benchmark chooses nothing).
     choice: Choice | None = None
+    # The rule by which the benchmark's question is answered, which its report applies (None: none declared).
+    success: Success | None = None
+
+    def __post_init__(self):
+        if self.success is not None:
+            undeclared = set(self.success.comparisons()) - set(self.comparisons)
+            assert not undeclared, f"{self.name}: the success rule reads undeclared comparisons {sorted(undeclared)}"
 
     @property
     def arm_names(self) -> tuple[str, ...]:
@@ -389,6 +411,16 @@ BENCHMARKS: dict[str, Benchmark] = {
                 ("parl_fisher", "drlhf"),
                 ("sobirl_pooled", "sobirl_placebo"),
                 ("sobirl_placebo", "drlhf"),
+            ),
+            success=Success(
+                HEADROOM_SUCCESS,
+                "drlhf",
+                (
+                    ("sobirl_corrected", ""),
+                    ("sobirl_pooled", "sobirl_placebo"),
+                    ("sobirl_latest", ""),
+                    ("parl_fisher", ""),
+                ),
             ),
         ),
         Benchmark(

@@ -352,8 +352,46 @@ def comparison_pairs(bench, cells, games: Sequence[str]):
     return out
 
 
-def improvement_table(bench, cells, base, reps: int) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class Improvement:
+    """One declared comparison's probability of improvement over the normalised games: its point, 95% interval and
+    Bonferroni-corrected interval (over the benchmark's comparisons), the runs per game it used and `dominance`
+    (stats.dominance); `point` is None where fewer than MIN_RUNS seeds are shared."""
+
+    name: str
+    titles: tuple[str, str]
+    runs: int
+    point: float | None = None
+    interval: tuple[float, float] = (float("nan"), float("nan"))
+    corrected: tuple[float, float] = (float("nan"), float("nan"))
+    dominance: int = 0
+
+
+def improvements(bench, cells, base, reps: int) -> dict[tuple[str, str], Improvement]:
+    """Every declared comparison's Improvement, keyed by (first arm, second arm), from one bootstrap of them all."""
     games = [g for g in bench.games if g in base]
+    level = stats.bonferroni_confidence(len(bench.comparisons))
+    out, pairs = {}, {}
+    for name, titles, seeds, x, y in comparison_pairs(bench, cells, games):
+        out[(x, y)] = Improvement(name, titles, len(seeds))
+        if len(seeds) >= MIN_RUNS:
+            pairs[name] = (score_matrix(cells, x, games, base, seeds), score_matrix(cells, y, games, base, seeds))
+    if pairs:
+        points, intervals = stats.probability_of_improvement(pairs, reps)
+        _, corrected = stats.probability_of_improvement(pairs, reps, confidence=level)
+        for key, found in out.items():
+            if found.name in pairs:
+                out[key] = dataclasses.replace(
+                    found,
+                    point=points[found.name],
+                    interval=tuple(intervals[found.name]),
+                    corrected=tuple(corrected[found.name]),
+                    dominance=stats.dominance(*pairs[found.name]),
+                )
+    return out
+
+
+def improvement_table(bench, found: dict[tuple[str, str], Improvement], games: int) -> list[str]:
     level = stats.bonferroni_confidence(len(bench.comparisons))
     lines = [
         "P(first > second): the probability that a run of the first arm scores above a run of the second on a game "
@@ -366,25 +404,71 @@ def improvement_table(bench, cells, base, reps: int) -> list[str]:
         f"[{level_text(level)} CI], Bonferroni |",
         "|---|---|---|---|---|",
     ]
-    pairs, counts, titles = {}, {}, {}
-    for name, titles[name], seeds, x, y in comparison_pairs(bench, cells, games):
-        if len(seeds) < MIN_RUNS:
-            lines.append(f"| {name} | {len(seeds)} | — (fewer than {MIN_RUNS} runs) | — | — |")
+    missing = [one for one in found.values() if one.point is None]
+    for one in missing:
+        lines.append(f"| {one.name} | {one.runs} | — (fewer than {MIN_RUNS} runs) | — | — |")
+    for one in found.values():
+        if one.point is None:
             continue
-        pairs[name] = (score_matrix(cells, x, games, base, seeds), score_matrix(cells, y, games, base, seeds))
-        counts[name] = len(seeds)
-    if pairs:
-        points, intervals = stats.probability_of_improvement(pairs, reps)
-        _, corrected = stats.probability_of_improvement(pairs, reps, confidence=level)
-        for name in pairs:
-            low, high = intervals[name]
-            above = stats.dominance(*pairs[name])
-            reading = improvement_reading(low, high, *titles[name], counts[name], above, len(games))
-            together = interval_text(points[name], *corrected[name])
-            lines.append(
-                f"| {name} | {counts[name]} | {interval_text(points[name], low, high)} | {reading} | {together} |"
-            )
+        reading = improvement_reading(*one.interval, *one.titles, one.runs, one.dominance, games)
+        lines.append(
+            f"| {one.name} | {one.runs} | {interval_text(one.point, *one.interval)} | {reading} | "
+            f"{interval_text(one.point, *one.corrected)} |"
+        )
     return lines
+
+
+def success_lines(bench, found: dict[tuple[str, str], Improvement], results: Sequence[dict]) -> list[str]:
+    """The declared success rule (bench.success) applied to the comparisons it reads, once every declared run of the
+    arms it names has finished."""
+    rule = bench.success
+    level = level_text(stats.bonferroni_confidence(len(bench.comparisons)))
+    named = {rule.baseline, *(arm for pair in rule.arms for arm in pair if arm)}
+    have = {(r["game"], r["arm"], int(r["seed"])) for r in results}
+    waiting = sum((job.game, job.arm.name, job.seed) not in have for job in select_jobs(bench) if job.arm.name in named)
+    lines = [f"The rule, written before the runs: {rule.rule}.", ""]
+    if waiting:
+        return [*lines, f"Not applied yet: {waiting} declared runs of the arms it reads are still missing."]
+
+    def cell(key: tuple[str, str]) -> tuple[str, str, bool]:
+        one = found[key]
+        if one.point is None:
+            return "—", "—", False
+        if one.dominance:  # the interval is then 1.00 [1.00, 1.00] or 0.00 [0.00, 0.00], which says nothing itself
+            text = "every run above every run" if one.dominance > 0 else "every run below every run"
+            return f"{fmt(one.point)}: {text} of {one.titles[1]}", "—", one.dominance > 0
+        return (
+            interval_text(one.point, *one.interval),
+            interval_text(one.point, *one.corrected),
+            round(one.interval[0], 2) > 0.5,
+        )
+
+    lines += [
+        f"| arm | P(arm > {arm_title(bench, rule.baseline)}) [95% CI] | [{level} CI], Bonferroni | "
+        f"P(arm > its placebo) [95% CI] | [{level} CI], Bonferroni | helps by the rule |",
+        "|---|---|---|---|---|---|",
+    ]
+    helped = []
+    for arm, placebo in rule.arms:
+        over_base, over_base_corrected, above_base = cell((arm, rule.baseline))
+        over_placebo, over_placebo_corrected, above_placebo = (
+            cell((arm, placebo)) if placebo else ("no placebo", "—", True)
+        )
+        helps = above_base and above_placebo
+        if helps:
+            helped.append(arm_title(bench, arm))
+        lines.append(
+            f"| {arm_title(bench, arm)} | {over_base} | {over_base_corrected} | {over_placebo} | "
+            f"{over_placebo_corrected} | {'yes' if helps else 'no'} |"
+        )
+    if helped:
+        return [*lines, "", f"By the rule, {' and '.join(helped)} helped."]
+    return [
+        *lines,
+        "",
+        "By the rule, no arm helped. The diagnostics that explain it are below: the extra / BCE gradient ratio and the "
+        "share of off-policy pairs under Reward diagnostics, the pooled term's split-half cosine in its own table.",
+    ]
 
 
 def per_game_improvement_table(bench, cells, base, reps: int) -> list[str]:
@@ -899,7 +983,15 @@ def write_report(bench, layout, reps: int = 2000, history: Path | None = None) -
                 f"{'s' * (len(bench.comparisons) != 1)} ({reps:,} resamples, at 95% and at the Bonferroni level), "
                 "then each on each game, then the difference of their IQMs"
             )
-            page += ["## Probability of improvement", "", *improvement_table(bench, joined, base, reps), ""]
+            found = improvements(bench, joined, base, reps)
+            page += [
+                "## Probability of improvement",
+                "",
+                *improvement_table(bench, found, len([g for g in bench.games if g in base])),
+                "",
+            ]
+            if bench.success is not None:
+                page += ["### The success rule", "", *success_lines(bench, found, results), ""]
             page += ["### Per game", "", *per_game_improvement_table(bench, joined, base, reps), ""]
             page += ["## Difference of IQMs", "", *iqm_difference_table(bench, joined, base, reps), ""]
         say(f"drawing {folder / 'aggregate.png'} (score over training and performance profiles, with bands)")
