@@ -428,3 +428,15 @@ def test_a_pair_checkpoint_larger_than_the_runs_pair_buffer_is_refused(tmp_path,
         assert "holds 30 pairs" in str(err) and "--pair-buffer" in str(err)
     else:
         raise AssertionError("a checkpoint of 30 pairs loaded into a buffer of 20")
+
+
+def test_the_checkpoint_benchmark_saves_the_replay_and_the_pairs(tmp_path, capsys):
+    """sobirl/bench_checkpoint.py at a tiny size (a smoke run of the measurement, not a timing)."""
+    from sobirl.bench_checkpoint import main
+
+    results = main(["--steps", "300", "--buffer-size", "200", "--save-every", "100", "--pairs-per-save", "5",
+                    "--pair-buffer", "12", "--directory", str(tmp_path), "--json"])  # fmt: skip
+    assert results["chunked_saves"] == results["whole_saves"] == 3
+    pair_bytes = 12 * (25 + 3) * 84 * 84 * 2  # the FIFO full at the last save (15 pairs added, 12 kept)
+    assert results["chunked_bytes_per_save_last"] > 200 * 84 * 84 + pair_bytes
+    assert '"chunked_saves": 3' in capsys.readouterr().out
