@@ -26,13 +26,14 @@ from sobirl.harness.jobs import (
     Layout,
     checkpoint_progress,
     job_state,
+    lock_held,
     parse_seed_list,
     select_jobs,
     split_list,
     with_lost_sources,
 )
 from sobirl.harness.report import write_report
-from sobirl.harness.runner import STOPPED, Runner, lock_held, progress_reader, progress_text
+from sobirl.harness.runner import STOPPED, Runner, progress_reader, progress_text
 from sobirl.harness.summaries import refresh_diagnostics
 
 
@@ -109,8 +110,8 @@ def command_diagnostics(jobs: Sequence[Job], layout: Layout) -> None:
     finished = [job for job in jobs if job.result_path(layout).is_file()]
     refreshed = sum(refresh_diagnostics(job, layout) for job in finished)
     print(f"diagnostics read again from the run folders under {layout.runs} into {refreshed} of {len(finished)} "
-          f"finished runs' summaries in {layout.results}" + (f"; {len(finished) - refreshed} have no run folder there"
-          if refreshed < len(finished) else ""))  # fmt: skip
+          f"finished runs' summaries in {layout.results}" + (f"; {len(finished) - refreshed} have no finished run "
+          "folder there (or a `run` holds it)" if refreshed < len(finished) else ""))  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None):

@@ -146,7 +146,20 @@ def test_an_arm_level_with_its_placebo_does_not_help_and_the_rule_waits_for_ever
 def test_a_success_rule_must_read_declared_comparisons():
     from sobirl.harness.declarations import Success
 
-    with pytest.raises(AssertionError, match="undeclared comparisons"):
+    with pytest.raises(ValueError, match="undeclared comparisons"):
         dataclasses.replace(HEADROOM, comparisons=HEADROOM.comparisons[1:])
     assert set(HEADROOM.success.comparisons()) <= set(HEADROOM.comparisons)
     assert Success("r", "b", (("x", ""), ("y", "z"))).comparisons() == (("x", "b"), ("y", "b"), ("y", "z"))
+
+
+def test_an_arm_the_benchmark_declares_is_never_filled_from_its_baselines_benchmark(tmp_path):
+    """main has 10 DRLHF runs on SpaceInvaders; headroom's own DRLHF has none yet: its comparisons wait (main's
+    runs, at another budget, are not headroom's DRLHF). Breaks if the page joined main's runs under that name."""
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    write_finals(layout.results, "main", "SpaceInvaders", "random", [0.0] * 3)
+    write_finals(layout.results, "main", "SpaceInvaders", "sac", [10.0] * 3)
+    write_finals(layout.results, "main", "SpaceInvaders", "drlhf", spread(1.0))
+    write_finals(layout.results, "headroom", "SpaceInvaders", "sobirl_pooled", spread(5.0)[:5])
+    page = write_report(HEADROOM, layout, reps=200).read_text()
+    row = table_rows(section(page, "## Probability of improvement"), "SoBiRL, pooled and capped, beta 0.3 vs DRLHF")
+    assert row[0][1:3] == ["0", "— (fewer than 5 runs)"]

@@ -4,6 +4,7 @@ again from its run folder into its summary (nothing else changes), and the page 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -25,6 +26,12 @@ def write_reward_events(run_dir, tags: dict[str, list[float]]) -> None:
     writer.close()
 
 
+def finished_checkpoint(run_dir, step: int) -> None:
+    from agents.infra.checkpoint import CHECKPOINT_NAME, save_atomic
+
+    save_atomic({"algo": "drlhf", "args": {"total_timesteps": 2000}, "global_step": step}, run_dir / CHECKPOINT_NAME)
+
+
 def test_diagnostics_are_read_again_into_finished_summaries_whose_run_folders_are_there(tmp_path, capsys):
     """Seed 1's folder logged the pooled term (20 phases: its last 10% are the last two); seed 2's folder is gone.
     Breaks if the refresh changed anything but the diagnostics, or touched a summary without its folder."""
@@ -33,8 +40,9 @@ def test_diagnostics_are_read_again_into_finished_summaries_whose_run_folders_ar
     job1, job2 = select_jobs(BENCHMARKS["smoke"], ["Breakout"], ["drlhf"], [1, 2])
     before = [json.loads(job.result_path(layout).read_text()) for job in (job1, job2)]
     for summary, job in zip(before, (job1, job2)):
-        summary["finished"] = "2026-12-07T10:00:00+00:00"
+        summary.update(finished="2026-12-07T10:00:00+00:00", global_step=2000)
         job.result_path(layout).write_text(json.dumps(summary))
+    finished_checkpoint(job1.run_dir(layout), 2000)
     ratios = [0.1 * k for k in range(20)]
     write_reward_events(
         job1.run_dir(layout),
@@ -89,3 +97,26 @@ def test_the_reward_diagnostics_give_the_share_of_off_policy_pairs():
     row = next(line for line in lines if line.startswith("| Breakout | drlhf |"))
     assert header.split("|")[-2].strip() == "off-policy pairs"
     assert row.split("|")[-2].strip() == "0.90 [0.80, 1.00]"
+
+
+def test_a_run_folder_that_does_not_hold_the_finished_run_is_left_alone(tmp_path):
+    """A folder whose checkpoint stops short of the summary's last step (a rerun part-way) or whose job a live
+    `run` holds: the summary keeps its diagnostics. Breaks if either check were dropped."""
+    from sobirl.harness.summaries import refresh_diagnostics
+
+    layout = Layout(tmp_path / "runs", tmp_path / "results")
+    write_fake_results(layout.results, {("drlhf", "Breakout"): 1.0}, seeds=(1,))
+    (job,) = select_jobs(BENCHMARKS["smoke"], ["Breakout"], ["drlhf"], [1])
+    summary = json.loads(job.result_path(layout).read_text())
+    job.result_path(layout).write_text(json.dumps({**summary, "global_step": 2000}))
+    write_reward_events(job.run_dir(layout), {"reward/bce": [9.0] * 3})
+    finished_checkpoint(job.run_dir(layout), 1000)
+    assert not refresh_diagnostics(job, layout)
+    finished_checkpoint(job.run_dir(layout), 2000)
+    job.lock_path(layout).parent.mkdir(parents=True, exist_ok=True)
+    job.lock_path(layout).write_text(str(os.getpid()))  # a live process holds the job
+    assert not refresh_diagnostics(job, layout)
+    assert json.loads(job.result_path(layout).read_text())["diagnostics"]["bce"] == 0.5
+    job.lock_path(layout).unlink()
+    assert refresh_diagnostics(job, layout)
+    assert json.loads(job.result_path(layout).read_text())["diagnostics"]["bce"] == 9.0

@@ -718,7 +718,7 @@ def test_a_corrupted_or_missing_replay_chunk_is_refused_with_one_line_naming_it(
     before = files_under(tmp_path)
     line = refused(capsys, "--resume", str(run_dir), "--total-timesteps", "300")
     assert f"--resume {chunk}" in line, line
-    assert "corrupted replay chunk" in line and "checksum" in line, line
+    assert "corrupted checkpoint chunk" in line and "checksum" in line, line
     assert files_under(tmp_path) == before
     chunk.unlink()
     line = refused(capsys, "--resume", str(run_dir), "--total-timesteps", "300")

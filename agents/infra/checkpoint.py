@@ -396,17 +396,17 @@ def _read_chunk(directory: Path, entry: dict[str, Any], flag: str) -> dict[str, 
     try:
         data = file.read_bytes()
     except FileNotFoundError:
-        raise UsageError(f"{flag} {file}: replay chunk missing (the checkpoint beside it needs it)") from None
+        raise UsageError(f"{flag} {file}: checkpoint chunk missing (the checkpoint beside it needs it)") from None
     except OSError as err:
-        raise UsageError(f"{flag} {file}: replay chunk unreadable ({err.strerror or err})") from None
+        raise UsageError(f"{flag} {file}: checkpoint chunk unreadable ({err.strerror or err})") from None
     if len(data) != entry["bytes"]:
-        raise UsageError(f"{flag} {file}: truncated replay chunk ({len(data)} of {entry['bytes']} bytes)")
+        raise UsageError(f"{flag} {file}: truncated checkpoint chunk ({len(data)} of {entry['bytes']} bytes)")
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise UsageError(f"{flag} {file}: corrupted replay chunk (checksum mismatch)")
+        raise UsageError(f"{flag} {file}: corrupted checkpoint chunk (checksum mismatch)")
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged archive
-        raise UsageError(f"{flag} {file}: not a readable replay chunk ({type(err).__name__})") from None
+        raise UsageError(f"{flag} {file}: not a readable checkpoint chunk ({type(err).__name__})") from None
 
 
 def rng_state(numpy_rng: np.random.Generator, torch_generator: torch.Generator) -> dict[str, Any]:

@@ -86,7 +86,8 @@ class Benchmark:
     def __post_init__(self):
         if self.success is not None:
             undeclared = set(self.success.comparisons()) - set(self.comparisons)
-            assert not undeclared, f"{self.name}: the success rule reads undeclared comparisons {sorted(undeclared)}"
+            if undeclared:
+                raise ValueError(f"{self.name}: the success rule reads undeclared comparisons {sorted(undeclared)}")
 
     @property
     def arm_names(self) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from agents.infra.checkpoint import CHECKPOINT_NAME, load_checkpoint_metadata
+from agents.infra.checkpoint import CHECKPOINT_NAME, load_checkpoint_metadata, process_alive
 from agents.infra.cli import UsageError, require
 from sobirl.harness.declarations import BENCHMARKS, Arm, Benchmark, env_id
 
@@ -139,6 +139,14 @@ def declared_jobs() -> Iterable[Job]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Where a job stands
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a live process holds this job lock file (see runner.claim)."""
+    try:
+        return process_alive(int(path.read_text().strip()))
+    except (OSError, ValueError):
+        return False
 
 
 def checkpoint_progress(run_dir: Path) -> tuple[int, int] | None:

@@ -935,8 +935,9 @@ def write_report(bench, layout, reps: int = 2000, history: Path | None = None) -
         text = f"{absent} of the {absent + len(results)} declared runs have no summary yet: {which}"
         say(text)
         gaps.append(f"- Missing: {text}.")
-    # Comparisons and label curves may name the baseline benchmark's arms (DRLHF in main): their runs join here.
-    joined = {**baseline_cells, **cells}
+    # Comparisons and label curves may name the baseline benchmark's arms (DRLHF in main): their runs join here. An
+    # arm this benchmark declares itself is never filled from there, even before it has runs of its own.
+    joined = {**{key: runs for key, runs in baseline_cells.items() if key[0] not in bench.arm_names}, **cells}
     base, missing = {}, {}
     if bench.random_arm and bench.reference_arm:
         base, missing = baselines(baseline_cells, bench.games, bench.random_arm, bench.reference_arm)

@@ -20,20 +20,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from agents.infra.checkpoint import process_alive
 from sobirl.harness.events import Progress, ProgressReader
-from sobirl.harness.jobs import REPO, Job, Layout, job_state, source_lost
+from sobirl.harness.jobs import REPO, Job, Layout, job_state, lock_held, source_lost
 from sobirl.harness.summaries import append_attempt, git_commit, machine, write_summary
 
 STOPPED = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-def lock_held(path: Path) -> bool:
-    """Whether a live process holds this lock file."""
-    try:
-        return process_alive(int(path.read_text().strip()))
-    except (OSError, ValueError):
-        return False
 
 
 def claim(path: Path) -> bool:

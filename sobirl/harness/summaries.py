@@ -23,7 +23,7 @@ from agents.infra.cli import UsageError
 from sobirl.harness.declarations import env_id
 from sobirl.harness.events import load_run
 from sobirl.harness.history import replaced_record
-from sobirl.harness.jobs import REPO, Job, Layout
+from sobirl.harness.jobs import REPO, Job, Layout, checkpoint_progress, lock_held
 
 RESULT_FORMAT = "sobirl-benchmark-result"
 RESULT_VERSION = 1
@@ -229,12 +229,17 @@ def write_summary(job: Job, layout: Layout) -> Path:
 def refresh_diagnostics(job: Job, layout: Layout) -> bool:
     """Read a finished run's diagnostics again from its run folder's event files into its summary (after a
     diagnostic was added to DIAGNOSTICS); nothing else in the summary changes, its `finished` time included, so the
-    report does not take it for a rerun. False when the summary or the run folder's event files are missing."""
+    report does not take it for a rerun. False, changing nothing, unless the summary is there and the run folder
+    holds that run finished: not while a `run` holds the job (a rerun of a lost folder writes into it) and not where
+    its checkpoint stops short of the summary's last step."""
     path = job.result_path(layout)
     run_dir = job.run_dir(layout)
-    if not path.is_file() or not any(run_dir.glob("events.out.tfevents.*")):
+    if not path.is_file() or lock_held(job.lock_path(layout)) or not any(run_dir.glob("events.out.tfevents.*")):
         return False
     summary = json.loads(path.read_text())
+    progress = checkpoint_progress(run_dir)
+    if "grid" not in summary or progress is None or progress[0] != summary.get("global_step"):
+        return False
     summary.update(event_diagnostics(load_run(run_dir), summary["grid"]))
     write_json_atomic(path, clean_json(summary))
     return True
