@@ -71,7 +71,11 @@ def test_the_pooled_table_gives_each_pooling_arms_medians_and_nothing_for_arms_w
     results.append(fake_result("smoke", "Breakout", "aihf", 1, 1.0))
     lines = pooled_table(BENCHMARKS["smoke"], by_cell(results))
     rows = [line for line in lines if line.startswith("| Breakout")]
-    assert rows == ["| Breakout | drlhf | 3 | 0.10 [0.00, 0.50] | 0.70 [0.50, 1.50] | 0.00 [0.00, 0.50] |"]
+    assert rows == ["| Breakout | drlhf | 3 | 0.10 [0.00, 0.50] | 0.70 [0.50, 1.50] | 0.00 [0.00, 0.50] | — |"]
+    for result, share in zip(results, (0.04, 0.05, 0.06)):  # --implicit-pairs latest: the term reads a few
+        result["diagnostics"]["implicit_pairs_share"] = share
+    rows = [line for line in pooled_table(BENCHMARKS["smoke"], by_cell(results)) if line.startswith("| Breakout")]
+    assert rows[0].endswith("| 0.05 [0.04, 0.06] |")
     assert pooled_table(BENCHMARKS["smoke"], by_cell(results[3:])) == []
 
 

@@ -754,6 +754,7 @@ def pooled_table(bench, cells) -> list[str]:
             ("split_half_cosine", "split-half cosine", 2),
             ("pooled_ratio", "pooled / cross-entropy gradient, before the cap", 2),
             ("pooled_capped", "share of phases capped", 2),
+            ("implicit_pairs_share", "share of stored pairs read", 2),
         ],
         "pooled_ratio",
     )
@@ -765,7 +766,9 @@ def pooled_table(bench, cells) -> list[str]:
         "gradients of the epoch's even and odd minibatches, near 0 where the pooled direction is noise and near 1 "
         "where the minibatches share it. Pooled / cross-entropy gradient: the norm of the pooled term, times beta, "
         "over the norm of that step's cross-entropy gradient, before the cap (--implicit-cap) shrinks it to at most "
-        "the cap; share capped: the share of those phases in which it did.",
+        "the cap; share capped: the share of those phases in which it did. Share of stored pairs read: the share "
+        "the term reads with --implicit-pairs latest (the pairs of the latest agent phase, on-policy for the "
+        "term's pi, where the off-policy share of the table above is the whole buffer's); — where it reads them all.",
         "",
         *rows,
     ]

@@ -122,6 +122,8 @@ DIAGNOSTICS = {
     "pooled_ratio": "reward/pooled_ratio",
     "pooled_capped": "reward/pooled_capped",
     "split_half_cosine": "reward/split_half_cosine",
+    # --implicit-pairs learned or latest: the share of the stored pairs the implicit term reads (none logged: all).
+    "implicit_pairs_share": "reward/implicit_pairs_share",
 }
 DIAGNOSTIC_CURVES = ("accuracy_fresh", "game_spearman", "bce")
 
