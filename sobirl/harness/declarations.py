@@ -321,7 +321,10 @@ BENCHMARKS: dict[str, Benchmark] = {
             "SAC seed-1 policy from main), the penalty method (PBRL, each agent half the steps) at sigma = 100, chosen "
             "by the sigma pilot's rule (sigma = 10 had the highest mean return, 6.60 against 6.31, but the two "
             "arms' ranges over their seeds overlapped, and sigma = 100's fresh-fragment Spearman was 0.71 against "
-            "0.25), 5 seeds; random play, SAC and DRLHF come from main.",
+            "0.25), 5 seeds; random play, SAC and DRLHF come from main. Two of them ran otherwise than their papers "
+            "intend: A-PARL uncorrected on the FIFO's mostly off-policy pairs, with a raw Hessian whose conjugate-"
+            "gradient solve stops at negative curvature and the mixed term on the unclamped reward, and the penalty "
+            "method with each agent at half of DRLHF's env steps; `peers_fair` runs both as their papers intend.",
             games=("SpaceInvaders", "Breakout", "Seaquest"),
             steps=100_000,
             common=PROVING_GROUND,
