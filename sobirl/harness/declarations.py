@@ -322,9 +322,10 @@ BENCHMARKS: dict[str, Benchmark] = {
             "by the sigma pilot's rule (sigma = 10 had the highest mean return, 6.60 against 6.31, but the two "
             "arms' ranges over their seeds overlapped, and sigma = 100's fresh-fragment Spearman was 0.71 against "
             "0.25), 5 seeds; random play, SAC and DRLHF come from main. Two of them ran otherwise than their papers "
-            "intend: A-PARL uncorrected on the FIFO's mostly off-policy pairs, with a raw Hessian whose conjugate-"
-            "gradient solve stops at negative curvature and the mixed term on the unclamped reward, and the penalty "
-            "method with each agent at half of DRLHF's env steps; `peers_fair` runs both as their papers intend.",
+            "intend: A-PARL uncorrected on the FIFO's mostly off-policy pairs, its Hessian damped by an absolute 0.1 "
+            "and solved by 10 conjugate-gradient steps that stop at negative curvature, on replay states, with the "
+            "mixed term on the unclamped reward and uncapped; the penalty method with each agent at half of DRLHF's "
+            "env steps. `peers_fair` runs both corrected (docs/algorithms.md 8.1).",
             games=("SpaceInvaders", "Breakout", "Seaquest"),
             steps=100_000,
             common=PROVING_GROUND,

@@ -767,8 +767,9 @@ def pooled_table(bench, cells) -> list[str]:
         "where the minibatches share it. Pooled / cross-entropy gradient: the norm of the pooled term, times beta, "
         "over the norm of that step's cross-entropy gradient, before the cap (--implicit-cap) shrinks it to at most "
         "the cap; share capped: the share of those phases in which it did. Share of stored pairs read: the share "
-        "the term reads with --implicit-pairs latest (the pairs of the latest agent phase, on-policy for the "
-        "term's pi, where the off-policy share of the table above is the whole buffer's); — where it reads them all.",
+        "of the stored pairs the term reads with --implicit-pairs latest (the latest agent phase's pairs, collected "
+        "by a policy close to the term's pi: with the default window, one minus the off-policy share above) or "
+        "learned; — where it reads them all.",
         "",
         *rows,
     ]
