@@ -430,10 +430,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         ),
         Benchmark(
             "peers_fair",
-            "The peers run as their papers intend, at main's games and budget (1,000 labels), 5 seeds: the "
+            "The peers run fairly, at main's games and budget (1,000 labels), 5 seeds: the "
             "corrected, Fisher-curvature A-PARL (untruncated, positive semi-definite curvature, damping relative to "
             "alpha, curvature on the pairs' own states, the mixed term through the clamp SAC sees, off-policy "
-            "corrected; docs/algorithms.md 8.1) and the penalty method with agent A at DRLHF's env steps and schedule "
+            "corrected, and its implicit part capped at the cross-entropy gradient's norm, which PARL does not do; "
+            "docs/algorithms.md 8.1) and the penalty method with agent A at DRLHF's env steps and schedule "
             "(agent B's steps on top; sigma = 100 as for peers). The peers page stays, labelled with what it ran; "
             "random play, SAC and DRLHF come from main.",
             games=("SpaceInvaders", "Breakout", "Seaquest"),
