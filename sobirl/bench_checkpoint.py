@@ -95,12 +95,20 @@ def run_saves(args: CheckpointBenchArgs, chunk_bytes: int, directory: Path) -> d
         "bytes_per_save_mean": int(np.mean(written)),
         "bytes_per_save_last": written[-1],
         "seconds_per_save_mean": round(float(np.mean(seconds)), 3),
-        "chunk_rows": buffer._saved_chunks.chunk_rows if buffer._saved_chunks else None,
+        # The whole-file layout's chunk is "as large as the replay": its nominal row count (2**62 bytes' worth) says
+        # nothing, so the replay's capacity is reported instead.
+        "chunk_rows": min(buffer._saved_chunks.chunk_rows, args.buffer_size) if buffer._saved_chunks else None,
     }
 
 
 def measure(args: CheckpointBenchArgs) -> dict:
-    results: dict = {"steps": args.steps, "buffer_size": args.buffer_size, "save_every": args.save_every}
+    results: dict = {
+        "steps": args.steps,
+        "buffer_size": args.buffer_size,
+        "save_every": args.save_every,
+        "pairs_per_save": args.pairs_per_save,
+        "pair_buffer": args.pair_buffer,
+    }
     with tempfile.TemporaryDirectory(dir=args.directory or None) as scratch:
         for name, chunk_bytes in (("chunked", FrameReplayBuffer.CHUNK_BYTES), ("whole", 1 << 62)):
             folder = Path(scratch) / name

@@ -437,6 +437,7 @@ def test_the_checkpoint_benchmark_saves_the_replay_and_the_pairs(tmp_path, capsy
     results = main(["--steps", "300", "--buffer-size", "200", "--save-every", "100", "--pairs-per-save", "5",
                     "--pair-buffer", "12", "--directory", str(tmp_path), "--json"])  # fmt: skip
     assert results["chunked_saves"] == results["whole_saves"] == 3
+    assert results["whole_chunk_rows"] == 200  # the whole layout: one chunk the size of the replay
     pair_bytes = 12 * (25 + 3) * 84 * 84 * 2  # the FIFO full at the last save (15 pairs added, 12 kept)
     assert results["chunked_bytes_per_save_last"] > 200 * 84 * 84 + pair_bytes
     assert '"chunked_saves": 3' in capsys.readouterr().out
