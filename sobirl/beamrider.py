@@ -30,7 +30,7 @@ DEFAULT_ALGO = "sobirl"
 
 
 def checkpoint_algo(resume: str) -> str:
-    from agents.infra.checkpoint import load_checkpoint_metadata
+    from agents.infra.checkpoint_header import load_checkpoint_metadata
 
     return load_checkpoint_metadata(resume)["algo"]
 

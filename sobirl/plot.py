@@ -178,7 +178,7 @@ def aggregate_curve(
 def recorded_flags(run_dir: Path) -> dict[str, str]:
     """The flags a run recorded: its checkpoint's header, else the hyperparameter table its first event file
     starts with (written before the first step); {} when neither is there."""
-    from agents.infra.checkpoint import CHECKPOINT_NAME, load_checkpoint_metadata
+    from agents.infra.checkpoint_header import CHECKPOINT_NAME, load_checkpoint_metadata
     from agents.infra.cli import UsageError
 
     if (run_dir / CHECKPOINT_NAME).is_file():

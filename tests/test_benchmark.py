@@ -75,6 +75,22 @@ def test_the_main_benchmark_lists_every_job_with_a_minatar_env_and_its_budget():
     assert all("--env-id MinAtar/" in c and "--total-timesteps 100000" in c for c in commands)
 
 
+def test_listing_a_benchmark_does_not_import_torch():
+    """`list` and the harness's bookkeeping read checkpoint headers only (agents/infra/checkpoint_header.py), so a
+    status check starts in under a second rather than after torch's import. Breaks if jobs.py or summaries.py took
+    the header reader from agents/infra/checkpoint.py again."""
+    code = (
+        "import sys, io, contextlib\n"
+        "from sobirl import benchmark\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    benchmark.main(['list', 'main'])\n"
+        "print(sorted(name for name in sys.modules if name == 'torch' or name.startswith('torch.'))[:3])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_jobs_are_seed_major_and_each_arm_runs_its_own_seeds():
     jobs = select_jobs(BENCHMARKS["main"])
     seeds = [job.seed for job in jobs]

@@ -31,13 +31,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from agents.infra.checkpoint_header import (  # noqa: F401 - CHECKPOINT_NAME and the readers, re-exported
+    CHECKPOINT_NAME,
+    HEADER_BYTES,
+    MAGIC,
+    load_checkpoint_metadata,
+    process_alive,
+    read_header,
+    resolve_checkpoint,
+)
 from agents.infra.cli import UsageError
 
-CHECKPOINT_NAME = "checkpoint.pt"
-MAGIC = "sobirl-checkpoint"
 FORMAT_VERSION = 3  # 3: the replay (and, since 2026-12-07, the pairs) in chunk files (ChunkedRows); 2: inline
-READABLE_VERSIONS = (2, 3)  # a version-2 checkpoint still loads: its replay arrives as tensors in the payload
-HEADER_BYTES = 65536
 CHUNKS_SUFFIX = ".chunks"  # checkpoint.pt keeps its chunks in checkpoint.chunks/
 _MANIFEST = "__sobirl_chunked_rows__"
 
@@ -88,17 +93,6 @@ def _remove_stale_temporaries(directory: Path, name: str) -> None:
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             tmp.unlink(missing_ok=True)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id exists (one of another user counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ChunkedRows:
@@ -331,41 +325,11 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def resolve_checkpoint(path: str | Path, flag: str = "--resume") -> Path:
-    """A checkpoint file, or a run directory holding one."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise UsageError(f"{flag} {path}: no checkpoint file there")
-    return path
-
-
-def _read_header(f, path: Path, flag: str = "--resume") -> dict[str, Any]:
-    raw = f.read(HEADER_BYTES)
-    try:
-        header = json.loads(raw.split(b"\n", 1)[0].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        header = None
-    if not isinstance(header, dict) or header.get("magic") != MAGIC:
-        raise UsageError(f"{flag} {path}: not a sobirl checkpoint")
-    if header.get("format_version") not in READABLE_VERSIONS:
-        raise UsageError(f"{flag} {path}: checkpoint format {header.get('format_version')}, expected {FORMAT_VERSION}")
-    return header
-
-
-def load_checkpoint_metadata(path: str | Path, flag: str = "--resume") -> dict[str, Any]:
-    """The header only (algo, args, global step): cheap, whatever the size of the checkpoint."""
-    path = resolve_checkpoint(path, flag)
-    with open(path, "rb") as f:
-        return _read_header(f, path, flag)
-
-
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", flag: str = "--resume") -> dict[str, Any]:
     """Load a checkpoint written by `save_atomic`; a truncated, corrupted or foreign file is a UsageError naming it."""
     path = resolve_checkpoint(path, flag)
     with open(path, "rb") as f:
-        header = _read_header(f, path, flag)
+        header = read_header(f, path, flag)
         size = os.fstat(f.fileno()).st_size - HEADER_BYTES
         if size != header["payload_bytes"]:
             raise UsageError(f"{flag} {path}: truncated checkpoint ({size} of {header['payload_bytes']} bytes)")

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from agents.infra.checkpoint import CHECKPOINT_NAME, load_checkpoint_metadata, process_alive
+from agents.infra.checkpoint_header import CHECKPOINT_NAME, load_checkpoint_metadata, process_alive
 from agents.infra.cli import UsageError, require
 from sobirl.harness.declarations import BENCHMARKS, Arm, Benchmark, env_id
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.infra.checkpoint import load_checkpoint_metadata
+from agents.infra.checkpoint_header import load_checkpoint_metadata
 from agents.infra.cli import UsageError
 from sobirl.harness.declarations import env_id
 from sobirl.harness.events import load_run
