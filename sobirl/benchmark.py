@@ -32,7 +32,6 @@ from sobirl.harness.jobs import (
     split_list,
     with_lost_sources,
 )
-from sobirl.harness.report import write_report
 from sobirl.harness.runner import STOPPED, Runner, progress_reader, progress_text
 from sobirl.harness.summaries import refresh_diagnostics
 
@@ -168,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "diagnostics":
         command_diagnostics(jobs, layout)
     else:
+        # Imported here: the pages' plotting (matplotlib) would add a third of a second to every other command.
+        from sobirl.harness.report import write_report
+
         write_report(bench, layout, reps=args.reps, history=Path(args.history_dir) if args.history_dir else None)
 
 

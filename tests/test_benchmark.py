@@ -75,16 +75,18 @@ def test_the_main_benchmark_lists_every_job_with_a_minatar_env_and_its_budget():
     assert all("--env-id MinAtar/" in c and "--total-timesteps 100000" in c for c in commands)
 
 
-def test_listing_a_benchmark_does_not_import_torch():
+def test_listing_a_benchmark_imports_neither_torch_nor_matplotlib():
     """`list` and the harness's bookkeeping read checkpoint headers only (agents/infra/checkpoint_header.py), so a
     status check starts in under a second rather than after torch's import. Breaks if jobs.py or summaries.py took
-    the header reader from agents/infra/checkpoint.py again."""
+    the header reader from agents/infra/checkpoint.py again, or if benchmark.py imported the report module (and
+    with it matplotlib) at its top."""
     code = (
         "import sys, io, contextlib\n"
         "from sobirl import benchmark\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    benchmark.main(['list', 'main'])\n"
-        "print(sorted(name for name in sys.modules if name == 'torch' or name.startswith('torch.'))[:3])\n"
+        "heavy = ('torch', 'matplotlib')\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] in heavy)[:3])\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
