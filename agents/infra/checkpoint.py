@@ -33,6 +33,7 @@ import torch
 
 from agents.infra.checkpoint_header import (  # noqa: F401 - CHECKPOINT_NAME and the readers, re-exported
     CHECKPOINT_NAME,
+    FORMAT_VERSION,
     HEADER_BYTES,
     MAGIC,
     load_checkpoint_metadata,
@@ -42,7 +43,6 @@ from agents.infra.checkpoint_header import (  # noqa: F401 - CHECKPOINT_NAME and
 )
 from agents.infra.cli import UsageError
 
-FORMAT_VERSION = 3  # 3: the replay (and, since 2026-12-07, the pairs) in chunk files (ChunkedRows); 2: inline
 CHUNKS_SUFFIX = ".chunks"  # checkpoint.pt keeps its chunks in checkpoint.chunks/
 _MANIFEST = "__sobirl_chunked_rows__"
 

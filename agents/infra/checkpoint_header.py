@@ -14,7 +14,8 @@ from agents.infra.cli import UsageError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MAGIC = "sobirl-checkpoint"
-READABLE_VERSIONS = (2, 3)  # a version-2 checkpoint still loads: its replay arrives as tensors in the payload
+FORMAT_VERSION = 3  # 3: the replay (and, since 2026-12-07, the pairs) in chunk files (ChunkedRows); 2: inline
+READABLE_VERSIONS = (2, FORMAT_VERSION)  # a version-2 checkpoint still loads: its replay arrives in the payload
 HEADER_BYTES = 65536
 
 
@@ -49,9 +50,7 @@ def read_header(f, path: Path, flag: str = "--resume") -> dict[str, Any]:
     if not isinstance(header, dict) or header.get("magic") != MAGIC:
         raise UsageError(f"{flag} {path}: not a sobirl checkpoint")
     if header.get("format_version") not in READABLE_VERSIONS:
-        raise UsageError(
-            f"{flag} {path}: checkpoint format {header.get('format_version')}, expected {READABLE_VERSIONS[-1]}"
-        )
+        raise UsageError(f"{flag} {path}: checkpoint format {header.get('format_version')}, expected {FORMAT_VERSION}")
     return header
 
 
